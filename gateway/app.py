@@ -1,0 +1,197 @@
+"""Builds the components and owns the lifecycle: start, reload, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from gateway import __version__, config, logs, metrics
+from gateway.checks.base import Check
+from gateway.checks.relay import RelayCheck
+from gateway.forward.backend import Backend, SmtpBackend
+from gateway.forward.maildir import MaildirBackend
+from gateway.http import HttpEndpoint
+from gateway.pipeline import policy as policy_mod
+from gateway.pipeline.runner import Runner
+from gateway.smtp import replies, tls
+from gateway.smtp.handler import ListenerState, Services, Session, ehlo_lines, network_matcher
+from gateway.stream import Stream
+
+log = logging.getLogger("gateway.app")
+
+
+def build_checks(settings: config.Settings) -> list[Check]:
+    return [RelayCheck(settings.local_domains)]
+
+
+def known_symbols(checks: list[Check]) -> set[str]:
+    out: set[str] = set()
+    for c in checks:
+        out |= set(c.symbols) | policy_mod.generic_symbols(c.name)
+    return out
+
+
+def all_known_symbols(settings: config.Settings) -> set[str]:
+    return known_symbols(build_checks(settings))
+
+
+def build_backend(settings: config.Settings) -> Backend:
+    urls = settings.backend.url
+    if urls[0].startswith("maildir:"):
+        return MaildirBackend(urls[0][len("maildir:") :])
+    return SmtpBackend(settings.backend, settings.hostname)
+
+
+class App:
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.checks = build_checks(settings)
+        self.symbols = known_symbols(self.checks)
+        pol = policy_mod.load(settings.policy, self.symbols)
+        self.runner = Runner(self.checks, pol)
+        self.backend = build_backend(settings)
+        self.listeners = [
+            ListenerState(
+                cfg=lc,
+                ssl_ctx=tls.server_context(lc),
+                ehlo_plain=ehlo_lines(settings, lc, False),
+                ehlo_tls=ehlo_lines(settings, lc, True),
+            )
+            for lc in settings.listeners
+        ]
+        self.svc = Services(
+            settings=settings,
+            runner=self.runner,
+            backend=self.backend,
+            is_trusted=network_matcher(settings.trusted_networks),
+            is_proxy=network_matcher(settings.proxy_networks),
+        )
+        self.http = HttpEndpoint(self.readiness)
+        self.stopping = asyncio.Event()
+        self.reuse_port = False
+        metrics.BUILD.info({"version": __version__})
+
+    # -- readiness ----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        details: dict[str, Any] = {
+            "draining": self.svc.draining,
+            "backend_available": self.backend.available,
+        }
+        return (not self.svc.draining and self.backend.available), details
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _factory(self, ls: ListenerState) -> Any:
+        svc = self.svc
+        loop = asyncio.get_running_loop()
+
+        def on_connect(stream: Stream) -> None:
+            if ls.active >= ls.cfg.max_connections:
+                metrics.CONNECTIONS.labels(ls.cfg.name, "refused_limit").inc()
+                stream.write(replies.TOO_MANY_CONNECTIONS.wire())
+                stream.close()
+                return
+            if svc.draining:
+                stream.write(replies.SHUTTING_DOWN.wire())
+                stream.close()
+                return
+            session = Session(svc, ls, stream)
+            session.task = loop.create_task(self._serve(ls, session))
+
+        def factory() -> Stream:
+            s = Stream()
+            s.on_connect = on_connect
+            return s
+
+        return factory
+
+    async def _serve(self, ls: ListenerState, session: Session) -> None:
+        ls.active += 1
+        metrics.ACTIVE_CONNECTIONS.labels(ls.cfg.name).inc()
+        self.svc.sessions.add(session)
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.svc.sessions.discard(session)
+            ls.active -= 1
+            metrics.ACTIVE_CONNECTIONS.labels(ls.cfg.name).dec()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ls in self.listeners:
+            c = ls.cfg
+            ssl_ctx = ls.ssl_ctx if c.tls is config.TlsMode.IMPLICIT else None
+            ls.server = await loop.create_server(
+                self._factory(ls),
+                c.address,
+                c.port,
+                ssl=ssl_ctx,
+                backlog=1024,
+                reuse_port=self.reuse_port or None,
+            )
+            sock = ls.server.sockets[0].getsockname()
+            logs.event(
+                "listening",
+                listener=c.name,
+                address=sock[0],
+                port=sock[1],
+                tls=c.tls.value,
+                proxy_protocol=c.proxy_protocol,
+            )
+        if self.settings.metrics.listen:
+            host, port = config.split_hostport(self.settings.metrics.listen)
+            await self.http.start(host, port, reuse_port=self.reuse_port)
+            logs.event("metrics_listening", address=host, port=port)
+        logs.event(
+            "ready",
+            version=__version__,
+            hostname=self.settings.hostname,
+            backend=",".join(self.settings.backend.url),
+        )
+
+    def reload(self) -> bool:
+        """Re-read the policy; a bad one is refused and the old one stays."""
+        try:
+            pol = policy_mod.load(self.settings.policy, self.symbols)
+        except config.ConfigError as e:
+            metrics.CONFIG_RELOADS.labels("failed").inc()
+            logs.event("reload_failed", error=str(e))
+            return False
+        self.runner.swap_policy(pol)
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        logs.event("reloaded", policy=self.settings.policy)
+        return True
+
+    async def drain(self) -> None:
+        """Stop accepting; let transactions finish; then 421 4.3.2 whatever is left."""
+        svc = self.svc
+        svc.draining = True
+        logs.event("draining", sessions=len(svc.sessions), timeout=self.settings.drain_timeout)
+        for ls in self.listeners:
+            if ls.server is not None:
+                ls.server.close()
+        for s in list(svc.sessions):
+            if s.idle and s.task is not None:
+                s.task.cancel()
+        pending = [s.task for s in svc.sessions if s.task is not None]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.settings.drain_timeout)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        await self.backend.close()
+        await self.http.close()
+        logs.event("stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.stopping.wait()
+        await self.drain()

@@ -1,0 +1,1 @@
+"""Protocol-free checks: a typed context in, outcome symbols out (never a reply)."""

@@ -1,0 +1,285 @@
+"""Typed settings, validated once at start; every error names the key path.
+
+Infrastructure lives here (listeners, backend, limits, networks); what to do
+about what the checks find lives in the policy file (see pipeline/policy.py),
+which reloads on SIGHUP without a restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A config problem, already worded for the operator (key path: problem)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsMode(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class BackendTls(StrEnum):
+    NONE = "none"
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+
+
+class BareLinefeed(StrEnum):
+    REJECT = "reject"
+    NORMALIZE = "normalize"
+
+
+def _networks(v: Any) -> list[IPNetwork]:
+    if not isinstance(v, list):
+        raise ValueError("must be a list of networks")
+    out = []
+    for item in v:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as e:
+            raise ValueError(f"{item!r} is not an IP network") from e
+    return out
+
+
+class Listener(_Strict):
+    name: str = "smtp"
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 2525
+    tls: TlsMode = TlsMode.NONE
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    require_tls: bool = False
+    proxy_protocol: bool = False
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not an IP address") from e
+        return v
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.tls is not TlsMode.NONE and (self.cert_file is None or self.key_file is None):
+            raise ValueError(f"tls: {self.tls.value} needs cert_file and key_file")
+        if self.require_tls and self.tls is TlsMode.NONE:
+            raise ValueError("require_tls: true needs tls: starttls or implicit")
+
+
+class Limits(_Strict):
+    max_message_size: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
+    max_recipients: Annotated[int, Field(ge=1)] = 100
+    max_command_line: Annotated[int, Field(ge=512)] = 2048
+    command_timeout: Annotated[float, Field(gt=0)] = 300.0
+    data_timeout: Annotated[float, Field(gt=0)] = 600.0
+    max_errors: Annotated[int, Field(ge=1)] = 20
+    bare_linefeed: BareLinefeed = BareLinefeed.REJECT
+    proxy_header_timeout: Annotated[float, Field(gt=0)] = 10.0
+
+
+class CircuitBreaker(_Strict):
+    failures: Annotated[int, Field(ge=1)] = 5
+    cooldown: Annotated[float, Field(gt=0)] = 30.0
+
+
+class Backend(_Strict):
+    url: list[str] = Field(default_factory=lambda: ["maildir:./mail"])
+    tls: BackendTls = BackendTls.NONE
+    ca_file: Path | None = None
+    server_name: str | None = None
+    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    command_timeout: Annotated[float, Field(gt=0)] = 60.0
+    data_timeout: Annotated[float, Field(gt=0)] = 600.0
+    pool_size: Annotated[int, Field(ge=0)] = 16
+    idle_timeout: Annotated[float, Field(gt=0)] = 30.0
+    xclient: bool = True
+    xforward: bool = True
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one backend URL is required")
+        kinds = {backend_kind(u) for u in v}
+        if "maildir" in kinds and len(v) > 1:
+            raise ValueError("maildir: cannot be combined with other backends")
+        return v
+
+
+def backend_kind(url: str) -> str:
+    if url.startswith("maildir:"):
+        if not url[len("maildir:") :]:
+            raise ValueError(f"{url!r}: maildir: needs a path")
+        return "maildir"
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "lmtp"):
+        raise ValueError(f"{url!r}: scheme must be smtp://, lmtp:// or maildir:")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: missing host")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as e:
+        raise ValueError(f"{url!r}: bad port") from e
+    return parts.scheme
+
+
+class Metrics(_Strict):
+    listen: str | None = "127.0.0.1:9125"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+
+class Logging(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "kv"] = "json"
+
+
+class Settings(_Strict):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    listeners: list[Listener] = Field(default_factory=lambda: [Listener()])
+    local_domains: list[str] = Field(default_factory=lambda: ["localhost"])
+    trusted_networks: list[IPNetwork] = Field(
+        default_factory=lambda: _networks(["127.0.0.0/8", "::1/128"])
+    )
+    proxy_networks: list[IPNetwork] = Field(default_factory=list)
+    limits: Limits = Limits()
+    backend: Backend = Backend()
+    metrics: Metrics = Metrics()
+    logging: Logging = Logging()
+    policy: str = "default"
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+
+    @field_validator("trusted_networks", "proxy_networks", mode="before")
+    @classmethod
+    def _nets(cls, v: Any) -> list[IPNetwork]:
+        return _networks(v)
+
+    @field_validator("local_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        out = []
+        for d in v:
+            d = d.strip().lower()
+            body = d[2:] if d.startswith("*.") else d
+            if not body or "*" in body or " " in body or body.endswith("."):
+                raise ValueError(f"{d!r} is not a domain or *.domain wildcard")
+            out.append(d)
+        return out
+
+    def model_post_init(self, _ctx: Any) -> None:
+        names = [x.name for x in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listener names must be unique")
+
+
+# Infrastructure keys a container may set from its environment.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "GATEWAY_LISTEN": ("listeners", "0", "address+port"),
+    "GATEWAY_BACKEND_URL": ("backend", "url"),
+    "GATEWAY_METRICS_LISTEN": ("metrics", "listen"),
+    "GATEWAY_HOSTNAME": ("hostname",),
+    "GATEWAY_POLICY": ("policy",),
+    "GATEWAY_LOG_FORMAT": ("logging", "format"),
+}
+
+
+def split_hostport(v: str) -> tuple[str, int]:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{v!r} must be HOST:PORT")
+    host = host.strip("[]")
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    for var, path in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        value = env[var]
+        if path[-1] == "address+port":
+            try:
+                host, port = split_hostport(value)
+            except ValueError as e:
+                raise ConfigError(f"{var}: {e}") from None
+            listeners = raw.setdefault("listeners", [{}])
+            if not listeners:
+                listeners.append({})
+            listeners[0]["address"], listeners[0]["port"] = host, port
+            continue
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        if path == ("backend", "url"):
+            node[path[-1]] = [u.strip() for u in value.split(",") if u.strip()]
+        elif path == ("metrics", "listen") and value.lower() in ("", "off", "none"):
+            node[path[-1]] = None
+        else:
+            node[path[-1]] = value
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load(path: str | Path | None, env: dict[str, str] | None = None) -> Settings:
+    """Read, merge environment overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "(embedded defaults)"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+        raw = data
+    _apply_env(raw, dict(os.environ) if env is None else env)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None

@@ -1,0 +1,224 @@
+"""The backend as the SMTP front end sees it: begin a transaction, pass RCPTs,
+hand over the message. Failover across targets with a circuit breaker, and
+XCLIENT/XFORWARD so the backend knows the real client.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from gateway import config, metrics
+from gateway.forward.client import (
+    BackendError,
+    BackendLost,
+    SmtpClient,
+    SmtpReply,
+)
+from gateway.forward.pool import Pool
+
+log = logging.getLogger("gateway.backend")
+
+
+class BackendUnavailable(Exception):
+    """No target could take the transaction; the client must get a 4xx."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """The real client, for XCLIENT/XFORWARD."""
+
+    addr: str
+    port: int
+    helo: str | None
+    esmtp: bool
+    tls: bool
+
+
+class Transaction(Protocol):
+    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply: ...
+
+    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]: ...
+
+    async def finish(self) -> None:
+        """The transaction completed; the session may be reused."""
+
+    async def abort(self) -> None:
+        """The client gave up (RSET, QUIT, error): undo at the backend."""
+
+
+class Backend(Protocol):
+    async def begin(
+        self, client: ClientInfo, sender: str, params: list[str]
+    ) -> tuple[SmtpReply, Transaction | None]: ...
+
+    @property
+    def available(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class Breaker:
+    """Open after `failures` consecutive failures; one probe after `cooldown`."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        return time.monotonic() - self.opened_at >= self.cooldown
+
+    @property
+    def open(self) -> bool:
+        return not self.allow()
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+class Target:
+    def __init__(self, url: str, cfg: config.Backend, helo: str) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.lmtp = parts.scheme == "lmtp"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (24 if self.lmtp else 25)
+        self.cfg = cfg
+        self.helo = helo
+        self.tls_ctx = client_tls_context(cfg)
+        self.breaker = Breaker(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown)
+        self.pool = Pool(self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout)
+
+    async def _connect(self) -> SmtpClient:
+        return await SmtpClient.connect(
+            self.host,
+            self.port,
+            helo=self.helo,
+            connect_timeout=self.cfg.connect_timeout,
+            command_timeout=self.cfg.command_timeout,
+            data_timeout=self.cfg.data_timeout,
+            lmtp=self.lmtp,
+            tls=self.tls_ctx,
+            tls_required=self.cfg.tls is config.BackendTls.REQUIRED,
+            server_name=self.cfg.server_name,
+        )
+
+
+def client_tls_context(cfg: config.Backend) -> ssl.SSLContext | None:
+    if cfg.tls is config.BackendTls.NONE:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.tls is config.BackendTls.OPPORTUNISTIC:
+        # Opportunistic TLS protects against passive listeners only; verifying
+        # would turn a backend's self-signed certificate into an outage.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SmtpTransaction:
+    def __init__(self, target: Target, client: SmtpClient) -> None:
+        self.target = target
+        self.client = client
+
+    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
+        return await self.client.rcpt(rcpt, params)
+
+    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]:
+        return await self.client.data(message, recipients)
+
+    async def finish(self) -> None:
+        self.target.pool.release(self.client)
+
+    async def abort(self) -> None:
+        if not self.client.closed and await self.client.rset():
+            self.target.pool.release(self.client)
+        else:
+            self.client.close()
+
+
+class SmtpBackend:
+    def __init__(self, cfg: config.Backend, helo: str) -> None:
+        self.cfg = cfg
+        self.targets = [Target(u, cfg, helo) for u in cfg.url]
+        self._update_gauge()
+
+    @property
+    def available(self) -> bool:
+        return any(t.breaker.allow() for t in self.targets)
+
+    def _update_gauge(self) -> None:
+        metrics.BACKEND_UP.set(1 if self.available else 0)
+
+    async def begin(
+        self, client: ClientInfo, sender: str, params: list[str]
+    ) -> tuple[SmtpReply, Transaction | None]:
+        last_error: Exception | None = None
+        for target in self.targets:
+            if not target.breaker.allow():
+                continue
+            try:
+                reply, session = await self._begin_on(target, client, sender, params)
+            except BackendError as e:
+                last_error = e
+                target.breaker.failure()
+                log.warning("backend %s failed: %s", target.url, e)
+                continue
+            if reply.code == 421:
+                target.breaker.failure()
+                session.close()
+                last_error = BackendLost(f"backend said {reply}")
+                continue
+            target.breaker.success()
+            self._update_gauge()
+            if reply.ok:
+                return reply, SmtpTransaction(target, session)
+            target.pool.release(session)
+            return reply, None
+        self._update_gauge()
+        raise BackendUnavailable(str(last_error or "every backend is in cooldown"))
+
+    async def _begin_on(
+        self, target: Target, client: ClientInfo, sender: str, params: list[str]
+    ) -> tuple[SmtpReply, SmtpClient]:
+        for attempt in (0, 1):
+            session, reused = await target.pool.acquire()
+            try:
+                if self.cfg.xclient and "XCLIENT" in session.extensions:
+                    await session.xclient(_xclient_attrs(client), target.helo)
+                elif self.cfg.xforward and "XFORWARD" in session.extensions:
+                    await session.xforward(_xclient_attrs(client))
+                return await session.mail(sender, params), session
+            except BackendLost:
+                session.close()
+                if reused and attempt == 0:
+                    continue  # a pooled session the backend had already dropped
+                raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for t in self.targets:
+            await t.pool.close_all()
+
+
+def _xclient_attrs(c: ClientInfo) -> dict[str, str]:
+    proto = "ESMTP" if c.esmtp else "SMTP"
+    attrs = {"ADDR": c.addr, "PORT": str(c.port), "NAME": "[UNAVAILABLE]", "PROTO": proto}
+    if c.helo:
+        attrs["HELO"] = c.helo
+    return attrs

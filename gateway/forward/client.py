@@ -1,0 +1,298 @@
+"""Our own asyncio SMTP/LMTP client for the backend hop.
+
+Why not aiosmtplib: measured on this kind of machine, its two regex passes per
+message, its lock and its address parsing cost about 4 ms of CPU per 100 KB
+message, ten times a whole message's budget. Here dot-stuffing is one
+`bytes.replace`, replies are parsed from one buffer, and every command has a
+deadline. Errors are typed so the caller can answer the client with a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+
+from gateway import metrics
+from gateway.stream import LineTooLong, Stream, StreamClosed
+
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 100
+
+
+class BackendError(Exception):
+    """Base: the backend hop failed; the client must get a 4xx."""
+
+
+class BackendLost(BackendError):
+    """Connection refused, reset or closed."""
+
+
+class BackendTimeout(BackendError):
+    """No (complete) reply within the deadline."""
+
+
+class BackendBadReply(BackendError):
+    """The bytes that came back are not an SMTP reply."""
+
+
+class BackendTlsError(BackendError):
+    """TLS was required and could not be established."""
+
+
+class SmtpReply:
+    __slots__ = ("code", "lines")
+
+    def __init__(self, code: int, lines: list[str]) -> None:
+        self.code = code
+        self.lines = lines
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def klass(self) -> str:
+        return f"{self.code // 100}xx"
+
+    def __repr__(self) -> str:
+        return f"SmtpReply({self.code}, {self.lines!r})"
+
+    def __str__(self) -> str:
+        return f"{self.code} {' / '.join(self.lines)}"
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, as XCLIENT/XFORWARD attribute values require."""
+    out = []
+    for ch in value.encode("utf-8", "surrogateescape"):
+        if 33 <= ch <= 126 and ch not in (43, 61):
+            out.append(chr(ch))
+        else:
+            out.append(f"+{ch:02X}")
+    return "".join(out)
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """Transparency (RFC 5321 4.5.2) in one pass, ending in CRLF.CRLF."""
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+class SmtpClient:
+    """One backend session. Not safe for concurrent use: one transaction at a time."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        command_timeout: float,
+        data_timeout: float,
+        lmtp: bool = False,
+    ) -> None:
+        self.stream = stream
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.lmtp = lmtp
+        self.extensions: dict[str, str] = {}
+        self.last_used = time.monotonic()
+        self.broken = False
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        helo: str,
+        connect_timeout: float,
+        command_timeout: float,
+        data_timeout: float,
+        lmtp: bool = False,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
+        server_name: str | None = None,
+    ) -> SmtpClient:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, stream = await loop.create_connection(Stream, host, port)
+        except TimeoutError:
+            metrics.BACKEND_CONNECTS.labels("timeout").inc()
+            raise BackendTimeout(f"connect to {host}:{port} timed out") from None
+        except OSError as e:
+            metrics.BACKEND_CONNECTS.labels("refused").inc()
+            raise BackendLost(f"connect to {host}:{port} failed: {e.strerror or e}") from None
+        client = cls(stream, command_timeout=command_timeout, data_timeout=data_timeout, lmtp=lmtp)
+        try:
+            greeting = await client._timed("greeting", client.read_reply())
+            if greeting.code != 220:
+                raise BackendLost(f"backend greeting: {greeting}")
+            await client.ehlo(helo)
+            if tls is not None:
+                if "STARTTLS" in client.extensions:
+                    await client.starttls(tls, server_name or host)
+                    await client.ehlo(helo)
+                elif tls_required:
+                    raise BackendTlsError("backend does not offer STARTTLS")
+        except BaseException:
+            client.close()
+            metrics.BACKEND_CONNECTS.labels("failed").inc()
+            raise
+        metrics.BACKEND_CONNECTS.labels("ok").inc()
+        return client
+
+    @property
+    def closed(self) -> bool:
+        t = self.stream.transport
+        return self.broken or t is None or t.is_closing() or self.stream.at_eof
+
+    @property
+    def tls_active(self) -> bool:
+        return self.stream.tls_object is not None
+
+    def close(self) -> None:
+        self.broken = True
+        self.stream.close()
+
+    # -- wire ---------------------------------------------------------------
+    async def read_reply(self) -> SmtpReply:
+        lines: list[str] = []
+        code = 0
+        while True:
+            try:
+                raw = await self.stream.readline(MAX_REPLY_LINE)
+            except LineTooLong:
+                self.broken = True
+                raise BackendBadReply("reply line too long") from None
+            except StreamClosed:
+                self.broken = True
+                raise BackendLost("backend closed the connection") from None
+            if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+                self.broken = True
+                raise BackendBadReply(f"malformed reply line {raw[:40]!r}")
+            this = int(raw[:3])
+            if lines and this != code:
+                self.broken = True
+                raise BackendBadReply("reply code changed inside a multi-line reply")
+            code = this
+            lines.append(raw[4:].decode("utf-8", "replace"))
+            if raw[3:4] != b"-":
+                return SmtpReply(code, lines)
+            if len(lines) > MAX_REPLY_LINES:
+                self.broken = True
+                raise BackendBadReply("reply has too many lines")
+
+    async def _timed(self, name: str, aw: object, limit: float | None = None) -> SmtpReply:
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(limit or self.command_timeout):
+                reply: SmtpReply = await aw  # type: ignore[misc]
+        except TimeoutError:
+            self.broken = True
+            self.stream.abort()
+            metrics.BACKEND_REPLIES.labels(name, "error").inc()
+            raise BackendTimeout(f"backend did not answer {name}") from None
+        except BackendError:
+            metrics.BACKEND_REPLIES.labels(name, "error").inc()
+            raise
+        metrics.BACKEND_LATENCY.labels(name).observe(time.perf_counter() - start)
+        metrics.BACKEND_REPLIES.labels(name, reply.klass).inc()
+        self.last_used = time.monotonic()
+        return reply
+
+    async def command(self, name: str, line: str) -> SmtpReply:
+        if self.closed:
+            raise BackendLost("backend connection is closed")
+        self.stream.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return await self._timed(name, self.read_reply())
+
+    # -- commands ---------------------------------------------------------------
+    async def ehlo(self, helo: str) -> None:
+        verb = "LHLO" if self.lmtp else "EHLO"
+        reply = await self.command("ehlo", f"{verb} {helo}")
+        if not reply.ok:
+            if self.lmtp:
+                raise BackendLost(f"backend refused LHLO: {reply}")
+            reply = await self.command("helo", f"HELO {helo}")
+            if not reply.ok:
+                raise BackendLost(f"backend refused HELO: {reply}")
+            self.extensions = {}
+            return
+        ext: dict[str, str] = {}
+        for line in reply.lines[1:]:
+            key, _, val = line.partition(" ")
+            ext[key.upper()] = val
+        self.extensions = ext
+
+    async def starttls(self, ctx: ssl.SSLContext, server_name: str) -> None:
+        reply = await self.command("starttls", "STARTTLS")
+        if reply.code != 220:
+            raise BackendTlsError(f"backend refused STARTTLS: {reply}")
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                await self.stream.start_tls(ctx, server_side=False, server_hostname=server_name)
+        except (OSError, ssl.SSLError, TimeoutError, StreamClosed) as e:
+            self.close()
+            raise BackendTlsError(f"TLS handshake with backend failed: {e}") from None
+
+    async def xclient(self, attrs: dict[str, str], helo: str) -> None:
+        """Pass the real client to the backend (Postfix XCLIENT); re-greets, so re-EHLO."""
+        offered = set(self.extensions.get("XCLIENT", "").upper().split())
+        args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
+        if not args:
+            return
+        reply = await self.command("xclient", f"XCLIENT {args}")
+        if reply.code != 220:
+            raise BackendLost(f"backend refused XCLIENT: {reply}")
+        await self.ehlo(helo)
+
+    async def xforward(self, attrs: dict[str, str]) -> None:
+        offered = set(self.extensions.get("XFORWARD", "").upper().split())
+        args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
+        if not args:
+            return
+        reply = await self.command("xforward", f"XFORWARD {args}")
+        if not reply.ok:
+            raise BackendLost(f"backend refused XFORWARD: {reply}")
+
+    async def mail(self, sender: str, params: list[str]) -> SmtpReply:
+        tail = (" " + " ".join(params)) if params else ""
+        return await self.command("mail", f"MAIL FROM:<{sender}>{tail}")
+
+    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
+        tail = (" " + " ".join(params)) if params else ""
+        return await self.command("rcpt", f"RCPT TO:<{rcpt}>{tail}")
+
+    async def data(self, content: bytes, recipients: int = 1) -> list[SmtpReply]:
+        """Send DATA and the message; one reply for SMTP, one per recipient for LMTP."""
+        reply = await self.command("data", "DATA")
+        if reply.code != 354:
+            return [reply]
+        self.stream.write(dot_stuff(content))
+        try:
+            await self.stream.drain()
+        except StreamClosed:
+            self.broken = True
+            raise BackendLost("backend closed the connection during DATA") from None
+        replies = [await self._timed("data_end", self.read_reply(), self.data_timeout)]
+        if self.lmtp:
+            for _ in range(recipients - 1):
+                replies.append(await self._timed("data_end", self.read_reply(), self.data_timeout))
+        return replies
+
+    async def rset(self) -> bool:
+        try:
+            return (await self.command("rset", "RSET")).ok
+        except BackendError:
+            return False
+
+    async def quit(self) -> None:
+        with contextlib.suppress(BackendError):
+            await self.command("quit", "QUIT")
+        self.close()

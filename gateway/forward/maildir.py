@@ -1,0 +1,97 @@
+"""The embedded backend: each accepted message lands atomically in a Maildir.
+
+One file per recipient in `PATH/<domain>/<local>/new/`, written in `tmp/` and
+renamed, so a reader never sees a half-written message. File I/O runs in a
+thread: a slow disk must not stall every other session on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+from gateway.forward.backend import ClientInfo, Transaction
+from gateway.forward.client import SmtpReply
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_+=-]")
+_counter = itertools.count()
+
+
+def _component(s: str) -> str:
+    """A recipient part as a safe single path component (no '/', no '..')."""
+    safe = _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", s)
+    return safe or "%00"
+
+
+def mailbox_dir(root: Path, rcpt: str) -> Path:
+    local, _, domain = rcpt.rpartition("@")
+    return root / _component(domain.lower()) / _component(local)
+
+
+class MaildirTransaction:
+    def __init__(self, backend: MaildirBackend, sender: str) -> None:
+        self.backend = backend
+        self.sender = sender
+        self.recipients: list[str] = []
+
+    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
+        self.recipients.append(rcpt)
+        return SmtpReply(250, ["2.1.5 Recipient OK"])
+
+    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]:
+        try:
+            name = await asyncio.to_thread(
+                self.backend.deliver, self.sender, self.recipients, message
+            )
+        except OSError as e:
+            return [SmtpReply(451, [f"4.3.0 Local delivery failed: {e.strerror}"])]
+        return [SmtpReply(250, [f"2.0.0 Delivered as {name}"])]
+
+    async def finish(self) -> None:
+        return None
+
+    async def abort(self) -> None:
+        return None
+
+
+class MaildirBackend:
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.host = socket.gethostname().replace("/", "_").replace(":", "_")
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    async def begin(
+        self, client: ClientInfo, sender: str, params: list[str]
+    ) -> tuple[SmtpReply, Transaction | None]:
+        return SmtpReply(250, ["2.1.0 Sender OK"]), MaildirTransaction(self, sender)
+
+    def deliver(self, sender: str, recipients: list[str], message: bytes) -> str:
+        now = time.time()
+        base = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(_counter)}.{self.host}"
+        for i, rcpt in enumerate(recipients):
+            box = mailbox_dir(self.root, rcpt)
+            for sub in ("tmp", "new", "cur"):
+                (box / sub).mkdir(parents=True, exist_ok=True)
+            head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode(
+                "utf-8", "surrogateescape"
+            )
+            name = f"{base}R{i}"
+            tmp = box / "tmp" / name
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.write(message)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, box / "new" / name)
+        return base
+
+    async def close(self) -> None:
+        return None

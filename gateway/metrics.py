@@ -1,0 +1,73 @@
+"""Every metric, defined once. Labels come from closed sets only: never an
+address, a domain or an IP (those belong in logs)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+P = "smtp_gateway_"
+
+BUILD = Info(P + "build", "Version of the running gateway")
+
+CONNECTIONS = Counter(
+    P + "connections_total",
+    "Client connections by listener and result (accepted, or refused and why)",
+    ["listener", "result"],
+)
+ACTIVE_CONNECTIONS = Gauge(
+    P + "active_connections",
+    "Client connections currently open",
+    ["listener"],
+    multiprocess_mode="livesum",
+)
+TRANSACTIONS = Counter(
+    P + "transactions_total",
+    "Mail transactions by outcome (delivered, rejected, tempfailed, aborted) and reason",
+    ["outcome", "reason"],
+)
+RECIPIENTS = Counter(
+    P + "recipients_total",
+    "RCPT commands by outcome (accepted, rejected, tempfailed) and reason",
+    ["outcome", "reason"],
+)
+COMMAND_ERRORS = Counter(
+    P + "command_errors_total",
+    "Client protocol errors by reason",
+    ["reason"],
+)
+MESSAGE_SIZE = Histogram(
+    P + "message_size_bytes",
+    "Size of messages received in DATA",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+)
+CHECK_RESULTS = Counter(
+    P + "check_results_total",
+    "Symbols emitted by checks",
+    ["check", "symbol"],
+)
+BACKEND_REPLIES = Counter(
+    P + "backend_replies_total",
+    "Replies from the backend by command and class (2xx, 4xx, 5xx, error)",
+    ["command", "class"],
+)
+BACKEND_LATENCY = Histogram(
+    P + "backend_reply_seconds",
+    "Time from sending a command to the backend until its reply",
+    ["command"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BACKEND_CONNECTS = Counter(
+    P + "backend_connects_total",
+    "Backend connection attempts by result",
+    ["result"],
+)
+BACKEND_UP = Gauge(
+    P + "backend_available",
+    "1 while at least one backend target is usable (circuit closed or half-open)",
+    multiprocess_mode="min",
+)
+CONFIG_RELOADS = Counter(
+    P + "config_reloads_total",
+    "Policy reloads by result",
+    ["result"],
+)

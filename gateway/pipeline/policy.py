@@ -1,0 +1,85 @@
+"""The policy file: which action each check symbol gets. Hot-reloadable.
+
+Presets ship in `policies/`; `policy:` in the config names a preset or a path.
+Unknown keys and unknown symbols are errors naming the key, so a typo in
+`relay.denid: reject` cannot silently leave a hole.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.config import ConfigError, format_validation_error
+from gateway.smtp.replies import Action
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TagSettings(_Strict):
+    header: str = "X-Gateway-Tag"
+
+
+class Policy(_Strict):
+    actions: dict[str, Action] = Field(default_factory=dict)
+    tag: TagSettings = TagSettings()
+    check_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # What a check that crashes or overruns its time budget means.
+    check_error_action: Action = Action.TEMPFAIL
+
+    def action_for(self, symbol: str) -> Action:
+        action = self.actions.get(symbol)
+        if action is not None:
+            return action
+        if symbol.endswith((".error", ".timeout")):
+            return self.check_error_action
+        return Action.ACCEPT
+
+
+def generic_symbols(check: str) -> set[str]:
+    """Symbols the runner itself may emit for any check."""
+    return {f"{check}.error", f"{check}.timeout"}
+
+
+def presets_dir() -> Path:
+    """Installed wheels carry the presets inside the package; a checkout has them at the top."""
+    packaged = resources.files("gateway") / "policies"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "policies"
+
+
+def resolve(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        return p
+    return presets_dir() / f"{name_or_path}.yaml"
+
+
+def load(name_or_path: str, known_symbols: set[str]) -> Policy:
+    path = resolve(name_or_path)
+    try:
+        data: Any = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read policy: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+    unknown = sorted(set(policy.actions) - known_symbols)
+    if unknown:
+        known = ", ".join(sorted(known_symbols))
+        raise ConfigError(f"{path}: actions.{unknown[0]}: unknown symbol (known: {known})")
+    return policy

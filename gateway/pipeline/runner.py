@@ -1,0 +1,67 @@
+"""Runs a stage's checks, owns their time budget and failures, records outcomes once."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Sequence
+
+from gateway import metrics
+from gateway.checks.base import Check
+from gateway.pipeline.policy import Policy
+from gateway.pipeline.stage import Context, Stage
+from gateway.pipeline.verdict import ACCEPT, Verdict, combine
+from gateway.smtp.replies import Action
+
+log = logging.getLogger("gateway.pipeline")
+
+
+class Runner:
+    def __init__(self, checks: Sequence[Check], policy: Policy) -> None:
+        self.checks = list(checks)
+        self.policy = policy
+        self._by_stage: dict[Stage, list[Check]] = {
+            s: [c for c in self.checks if s in c.stages] for s in Stage
+        }
+
+    def swap_policy(self, policy: Policy) -> None:
+        """Reload: new transactions see the new policy; running ones are unaffected."""
+        self.policy = policy
+
+    def has_checks(self, stage: Stage) -> bool:
+        return bool(self._by_stage[stage])
+
+    async def run(self, stage: Stage, ctx: Context) -> Verdict:
+        checks = self._by_stage[stage]
+        if not checks:
+            return ACCEPT
+        policy = self.policy
+        verdict = ACCEPT
+        for check in checks:
+            symbols = await self._run_one(check, stage, ctx, policy)
+            for sym in symbols:
+                metrics.CHECK_RESULTS.labels(check.name, sym).inc()
+                action = policy.action_for(sym)
+                if ctx.trusted and check.reputation and action is not Action.ACCEPT:
+                    action = Action.ACCEPT
+                verdict = combine(verdict, Verdict(action, sym, (sym,)))
+            if verdict.action is Action.REJECT:
+                break  # nothing can make a reject stronger; skip the rest
+        return verdict
+
+    async def _run_one(
+        self, check: Check, stage: Stage, ctx: Context, policy: Policy
+    ) -> Sequence[str]:
+        try:
+            res = check.run(stage, ctx)
+            if inspect.isawaitable(res):
+                async with asyncio.timeout(policy.check_timeout):
+                    return await res
+            return res
+        except TimeoutError:
+            log.warning("check %s timed out at %s", check.name, stage.value)
+            return (f"{check.name}.timeout",)
+        except Exception:
+            log.exception("check %s failed at %s", check.name, stage.value)
+            return (f"{check.name}.error",)

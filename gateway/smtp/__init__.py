@@ -1,0 +1,1 @@
+"""The client-facing SMTP front end: protocol plumbing only, no policy."""

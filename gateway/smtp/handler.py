@@ -1,0 +1,689 @@
+"""The SMTP server side: one coroutine per connection, command by command.
+
+This module is protocol plumbing. It asks the pipeline runner for a verdict at
+each stage, asks smtp/replies for wording, and relays the backend's own
+replies. The invariant it keeps: the client hears 250 for DATA only after the
+backend said 250; any backend failure becomes a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway import config, headers, logs, metrics
+from gateway.address import Address, AddressError, parse_path, split_path
+from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
+from gateway.forward.client import BackendError, BackendTimeout, SmtpReply
+from gateway.pipeline.runner import Runner
+from gateway.pipeline.stage import Context, Stage
+from gateway.pipeline.verdict import Verdict
+from gateway.smtp import replies, tls
+from gateway.smtp.data import DataRefused, read_message
+from gateway.smtp.proxy import ProxyError, read_header
+from gateway.smtp.replies import Action, Reply
+from gateway.stream import LineTooLong, Stream, StreamClosed
+
+log = logging.getLogger("gateway.smtp")
+
+_CTL = re.compile(rb"[\x00\r\n]")
+
+
+def new_session_id() -> str:
+    return os.urandom(6).hex()
+
+
+@dataclass
+class ListenerState:
+    """One configured listener at run time: its TLS context and live count."""
+
+    cfg: config.Listener
+    ssl_ctx: ssl.SSLContext | None
+    active: int = 0
+    server: asyncio.AbstractServer | None = None
+    ehlo_plain: bytes = b""
+    ehlo_tls: bytes = b""
+
+
+@dataclass
+class Services:
+    """What every session shares; owned and swapped by the app."""
+
+    settings: config.Settings
+    runner: Runner
+    backend: Backend
+    is_trusted: Callable[[str], bool]
+    is_proxy: Callable[[str], bool]
+    draining: bool = False
+    sessions: set[Session] = field(default_factory=set)
+
+
+def network_matcher(nets: list[config.IPNetwork]) -> Callable[[str], bool]:
+    def match(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in nets)
+
+    return match
+
+
+def ehlo_lines(settings: config.Settings, listener: config.Listener, tls_active: bool) -> bytes:
+    """The capability lines after the greeting line; computed once per listener."""
+    caps = [
+        "PIPELINING",
+        f"SIZE {settings.limits.max_message_size}",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+    ]
+    if listener.tls is config.TlsMode.STARTTLS and not tls_active:
+        caps.append("STARTTLS")
+    return b"".join(
+        f"250{' ' if i == len(caps) - 1 else '-'}{c}\r\n".encode() for i, c in enumerate(caps)
+    )
+
+
+class SessionEnd(Exception):
+    """Close the connection after what was already sent."""
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, svc: Services, listener: ListenerState, stream: Stream) -> None:
+        self.svc = svc
+        self.settings = svc.settings
+        self.limits = svc.settings.limits
+        self.listener = listener
+        self.stream = stream
+        self.id = new_session_id()
+        self.out: list[bytes] = []
+        self.errors = 0
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.txn_broken: Reply | None = None
+        self.txn_start = 0.0
+        self.txn_count = 0
+        self.rcpt_tried = 0
+        self.utf8_txn = False
+        self.idle = False
+        self.task: asyncio.Task[None] | None = None
+        peer = stream.peername or ("0.0.0.0", 0)
+        self.ctx = Context(
+            session_id=self.id,
+            client_ip=str(peer[0]),
+            client_port=int(peer[1]),
+            listener=listener.cfg.name,
+        )
+
+    # -- output -----------------------------------------------------------------
+    def send(self, r: Reply) -> None:
+        self.out.append(r.wire())
+        if r.code >= 500 and r.reason not in ("backend",):
+            self._count_error(r)
+
+    def send_raw(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def relay(self, reply: SmtpReply) -> None:
+        self.out.append(replies.from_backend(reply.code, reply.lines).wire())
+
+    def flush(self) -> None:
+        if self.out:
+            self.stream.write(b"".join(self.out))
+            self.out.clear()
+
+    def _count_error(self, r: Reply) -> None:
+        self.errors += 1
+        metrics.COMMAND_ERRORS.labels(r.reason or "other").inc()
+
+    # -- main loop ----------------------------------------------------------------
+    async def run(self) -> None:
+        cfg = self.listener.cfg
+        try:
+            if not await self._open():
+                return
+            await self._loop()
+        except asyncio.CancelledError:
+            # Drain: tell the client, so it retries elsewhere, and undo at the backend.
+            self.out.clear()
+            self.send(replies.SHUTTING_DOWN)
+            self.flush()
+            await self._abort_txn("shutdown")
+            raise
+        except (StreamClosed, ConnectionError):
+            await self._abort_txn("client_lost")
+        except SessionEnd:
+            self.flush()
+            await self._abort_txn("closed")
+        except Exception:
+            log.exception("session %s crashed", self.id)
+            self.out.clear()
+            self.send(replies.LOCAL_ERROR)
+            self.flush()
+            await self._abort_txn("local_error")
+        finally:
+            self.stream.close()
+            logs.event(
+                "disconnect",
+                session=self.id,
+                listener=cfg.name,
+                client=self.ctx.client_ip,
+                transactions=self.txn_count,
+            )
+
+    async def _open(self) -> bool:
+        cfg = self.listener.cfg
+        if cfg.proxy_protocol:
+            if not self.svc.is_proxy(self.ctx.client_ip):
+                metrics.CONNECTIONS.labels(cfg.name, "refused_proxy_untrusted").inc()
+                logs.event("proxy_refused", session=self.id, peer=self.ctx.client_ip)
+                self.stream.abort()
+                return False
+            try:
+                async with asyncio.timeout(self.limits.proxy_header_timeout):
+                    info = await read_header(self.stream)
+            except (ProxyError, TimeoutError, StreamClosed) as e:
+                metrics.CONNECTIONS.labels(cfg.name, "refused_proxy_header").inc()
+                logs.event(
+                    "proxy_refused",
+                    session=self.id,
+                    peer=self.ctx.client_ip,
+                    reason=str(e) or type(e).__name__,
+                )
+                self.stream.abort()
+                return False
+            if info.src_addr is not None:
+                self.ctx.client_ip, self.ctx.client_port = info.src_addr, info.src_port or 0
+        self.ctx.trusted = self.svc.is_trusted(self.ctx.client_ip)
+        self.ctx.tls_version, self.ctx.tls_cipher = tls.describe(self.stream.tls_object)
+        metrics.CONNECTIONS.labels(cfg.name, "accepted").inc()
+        if self.svc.runner.has_checks(Stage.CONNECT):
+            verdict = await self.svc.runner.run(Stage.CONNECT, self.ctx)
+            if verdict.refuses:
+                self.send(self._policy_reply(verdict, Stage.CONNECT))
+                self.flush()
+                return False
+        self.send_raw(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
+        self.flush()
+        return True
+
+    async def _loop(self) -> None:
+        limits = self.limits
+        stream = self.stream
+        while True:
+            if self.errors >= limits.max_errors:
+                self.send(replies.TOO_MANY_ERRORS)
+                raise SessionEnd
+            self.idle = self.txn is None
+            if self.idle and self.svc.draining:
+                self.send(replies.SHUTTING_DOWN)
+                raise SessionEnd
+            self.flush()
+            try:
+                async with asyncio.timeout(limits.command_timeout):
+                    line = await stream.readline(limits.max_command_line)
+            except TimeoutError:
+                self.send(replies.TIMEOUT)
+                raise SessionEnd from None
+            except LineTooLong:
+                self.send(replies.LINE_TOO_LONG)
+                continue
+            finally:
+                self.idle = False
+            if _CTL.search(line):
+                self.send(replies.CONTROL_CHARS)
+                continue
+            verb = line[:4].upper()
+            if len(line) > 4 and line[4:5] != b" ":
+                verb = line.split(b" ", 1)[0].upper()
+            handler = _COMMANDS.get(verb)
+            if handler is None:
+                self.send(replies.SYNTAX_UNRECOGNIZED)
+                continue
+            arg = line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" ")
+            await handler(self, arg)
+
+    # -- commands ------------------------------------------------------------------
+    async def cmd_ehlo(self, arg: str) -> None:
+        await self._helo(arg, esmtp=True)
+
+    async def cmd_helo(self, arg: str) -> None:
+        await self._helo(arg, esmtp=False)
+
+    async def _helo(self, arg: str, *, esmtp: bool) -> None:
+        if not arg:
+            self.send(replies.SYNTAX_HELO)
+            return
+        await self._abort_txn("helo")
+        self.ctx.helo = arg.split(" ", 1)[0][:255]
+        self.esmtp = esmtp
+        if self.svc.runner.has_checks(Stage.HELO):
+            verdict = await self.svc.runner.run(Stage.HELO, self.ctx)
+            if verdict.refuses:
+                self.send(self._policy_reply(verdict, Stage.HELO))
+                return
+        host = self.settings.hostname
+        if not esmtp:
+            self.send_raw(f"250 {host}\r\n".encode())
+            return
+        caps = self.listener.ehlo_tls if self.stream.tls_object else self.listener.ehlo_plain
+        self.send_raw(f"250-{host}\r\n".encode() + caps)
+
+    async def cmd_mail(self, arg: str) -> None:
+        if self.ctx.helo is None:
+            self.send(replies.NEED_HELO)
+            return
+        if self.listener.cfg.require_tls and self.stream.tls_object is None:
+            self.send(replies.TLS_REQUIRED)
+            return
+        if self.txn is not None or self.ctx.mail_from is not None:
+            self.send(replies.NESTED_MAIL)
+            return
+        if arg[:5].upper() != "FROM:":
+            self.send(replies.SYNTAX_MAIL)
+            return
+        parsed = self._parse_path_params(arg[5:].lstrip(" "), sender=True)
+        if parsed is None:
+            return
+        addr, params = parsed
+        fwd: list[str] = []
+        for key, val in params.items():
+            if key == "SIZE":
+                if val is None or not val.isdigit():
+                    self.send(replies.SYNTAX_ARGS)
+                    return
+                if int(val) > self.limits.max_message_size:
+                    self.send(replies.SIZE_EXCEEDED)
+                    return
+                fwd.append(f"SIZE={val}")
+            elif key == "BODY":
+                if val is None or val.upper() not in ("7BIT", "8BITMIME"):
+                    self.send(replies.SYNTAX_ARGS)
+                    return
+                fwd.append(f"BODY={val.upper()}")
+            elif key == "SMTPUTF8":
+                if val is not None:
+                    self.send(replies.SYNTAX_ARGS)
+                    return
+                fwd.append("SMTPUTF8")
+            else:
+                self.send(replies.PARAM_UNKNOWN)
+                return
+        self.ctx.new_transaction()
+        self.ctx.mail_from = addr
+        self.utf8_txn = "SMTPUTF8" in params
+        self.rcpt_tried = 0
+        self.txn_start = time.monotonic()
+        if self.svc.runner.has_checks(Stage.MAIL):
+            verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
+            if verdict.refuses:
+                self.ctx.new_transaction()
+                self.send(self._policy_reply(verdict, Stage.MAIL))
+                self._txn_outcome(verdict.action, verdict.symbol)
+                return
+        info = ClientInfo(
+            self.ctx.client_ip,
+            self.ctx.client_port,
+            self.ctx.helo,
+            self.esmtp,
+            self.stream.tls_object is not None,
+        )
+        try:
+            reply, txn = await self.svc.backend.begin(info, str(addr), fwd)
+        except BackendUnavailable as e:
+            self.ctx.new_transaction()
+            self.send(replies.BACKEND_UNAVAILABLE)
+            self._txn_outcome(Action.TEMPFAIL, "backend_unavailable", error=str(e))
+            return
+        if txn is None:
+            self.ctx.new_transaction()
+            self.relay(reply)
+            self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
+            return
+        self.txn = txn
+        self.txn_broken = None
+        self.relay(reply)
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        if self.ctx.mail_from is None:
+            self.send(replies.NEED_MAIL)
+            return
+        if arg[:3].upper() != "TO:":
+            self.send(replies.SYNTAX_RCPT)
+            return
+        parsed = self._parse_path_params(arg[3:].lstrip(" "), sender=False)
+        if parsed is None:
+            return
+        addr, params = parsed
+        if params:
+            self.send(replies.PARAM_UNKNOWN)
+            return
+        if len(self.ctx.recipients) >= self.limits.max_recipients:
+            self.send(replies.TOO_MANY_RECIPIENTS)
+            metrics.RECIPIENTS.labels("tempfailed", "too_many_recipients").inc()
+            return
+        self.rcpt_tried += 1
+        self.ctx.rcpt = addr
+        verdict = await self.svc.runner.run(Stage.RCPT, self.ctx)
+        if verdict.refuses:
+            reply = self._policy_reply(verdict, Stage.RCPT)
+            self.send(reply)
+            metrics.RECIPIENTS.labels(_outcome(verdict.action), verdict.symbol).inc()
+            logs.event(
+                "rcpt_refused",
+                session=self.id,
+                rcpt=str(addr),
+                reason=verdict.symbol,
+                reply=str(reply),
+            )
+            return
+        if self.txn_broken is not None or self.txn is None:
+            self.send(self.txn_broken or replies.BACKEND_LOST)
+            return
+        try:
+            reply_b = await self.txn.rcpt(str(addr), [])
+        except BackendError as e:
+            await self._backend_failed(e)
+            return
+        if reply_b.ok:
+            self.ctx.recipients.append(addr)
+            metrics.RECIPIENTS.labels("accepted", "backend").inc()
+        else:
+            metrics.RECIPIENTS.labels(_outcome_code(reply_b.code), "backend").inc()
+        self.relay(reply_b)
+
+    async def cmd_data(self, arg: str) -> None:
+        if arg:
+            self.send(replies.SYNTAX_ARGS)
+            return
+        if self.ctx.mail_from is None:
+            self.send(replies.NEED_MAIL)
+            return
+        if self.txn_broken is not None:
+            self.send(self.txn_broken)
+            return
+        if not self.ctx.recipients or self.txn is None:
+            self.send(replies.NO_VALID_RECIPIENTS if self.rcpt_tried else replies.NEED_RCPT)
+            return
+        self.send(replies.START_DATA)
+        self.flush()
+        self.stream.set_high_water(self.limits.max_message_size + 65536)
+        try:
+            async with asyncio.timeout(self.limits.data_timeout):
+                content = await read_message(
+                    self.stream, self.limits.max_message_size, self.limits.bare_linefeed
+                )
+        except TimeoutError:
+            self.send(replies.TIMEOUT)
+            await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
+            raise SessionEnd from None
+        except DataRefused as e:
+            self.send(e.reply)
+            await self._end_txn(Action.REJECT, e.reply.reason, abort=True)
+            return
+        finally:
+            self.stream.set_high_water(256 * 1024)
+        metrics.MESSAGE_SIZE.observe(len(content))
+        self.ctx.message = content
+        verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
+        if verdict.refuses:
+            self.send(self._policy_reply(verdict, Stage.DATA))
+            await self._end_txn(verdict.action, verdict.symbol, abort=True, size=len(content))
+            return
+        prefix = self._received()
+        if verdict.action in (Action.TAG, Action.QUARANTINE):
+            prefix += headers.tag(self.svc.runner.policy.tag.header, list(verdict.symbols))
+        txn = self.txn
+        try:
+            results = await txn.data(prefix + content, len(self.ctx.recipients))
+        except BackendError as e:
+            self.send(
+                replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
+            )
+            await self._end_txn(
+                Action.TEMPFAIL, "backend_lost", abort=True, size=len(content), error=str(e)
+            )
+            return
+        final = _combine_lmtp(results)
+        if isinstance(final, Reply):
+            self.send(final)
+        else:
+            self.relay(final)
+        code = final.code
+        action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
+        await self._end_txn(action, "backend", abort=False, size=len(content), backend=str(final))
+
+    async def cmd_rset(self, arg: str) -> None:
+        await self._abort_txn("rset")
+        self.send(replies.RESET_OK)
+
+    async def cmd_noop(self, arg: str) -> None:
+        self.send(replies.NOOP_OK)
+
+    async def cmd_quit(self, arg: str) -> None:
+        self.send(replies.BYE)
+        raise SessionEnd
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        self.send(replies.VRFY_CANNOT if arg else replies.SYNTAX_ARGS)
+
+    async def cmd_expn(self, arg: str) -> None:
+        self.send(replies.NOT_IMPLEMENTED)
+
+    async def cmd_help(self, arg: str) -> None:
+        self.send(replies.HELP)
+
+    async def cmd_auth(self, arg: str) -> None:
+        self.send(replies.AUTH_NOT_OFFERED)
+
+    async def cmd_bdat(self, arg: str) -> None:
+        self.send(replies.BDAT_NOT_OFFERED)
+
+    async def cmd_xcmd(self, arg: str) -> None:
+        self.send(replies.XCOMMAND_REFUSED)
+
+    async def cmd_starttls(self, arg: str) -> None:
+        ctx = self.listener.ssl_ctx
+        if self.listener.cfg.tls is not config.TlsMode.STARTTLS or ctx is None:
+            self.send(replies.TLS_NOT_OFFERED)
+            return
+        if self.stream.tls_object is not None:
+            self.send(replies.TLS_ALREADY)
+            return
+        if arg:
+            self.send(replies.SYNTAX_ARGS)
+            return
+        self.send(replies.START_TLS)
+        self.flush()
+        try:
+            await self.stream.start_tls(ctx, server_side=True)
+        except (OSError, ssl.SSLError, StreamClosed, ConnectionError) as e:
+            metrics.CONNECTIONS.labels(self.listener.cfg.name, "tls_failed").inc()
+            logs.event("tls_failed", session=self.id, client=self.ctx.client_ip, error=str(e))
+            self.stream.abort()
+            raise SessionEnd from None
+        # RFC 3207 4.2: forget everything learned before the handshake.
+        await self._abort_txn("starttls")
+        self.ctx.helo = None
+        self.esmtp = False
+        self.ctx.tls_version, self.ctx.tls_cipher = tls.describe(self.stream.tls_object)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _parse_path_params(
+        self, text: str, *, sender: bool
+    ) -> tuple[Address, dict[str, str | None]] | None:
+        bad = replies.BAD_SENDER_ADDRESS if sender else replies.BAD_ADDRESS
+        try:
+            path, rest = split_path(text)
+            if not sender and path.lower() == "<postmaster>":
+                addr = Address("postmaster", "")
+            else:
+                addr = parse_path(path, allow_null=sender)
+        except AddressError:
+            self.send(bad)
+            return None
+        params: dict[str, str | None] = {}
+        if rest and not rest.startswith(" "):
+            self.send(bad)
+            return None
+        for word in rest.split():
+            key, eq, val = word.partition("=")
+            key = key.upper()
+            if not key or key in params:
+                self.send(replies.PARAM_DUPLICATE if key else replies.SYNTAX_ARGS)
+                return None
+            params[key] = val if eq else None
+        if addr.utf8 and "SMTPUTF8" not in params and (sender or not self._utf8_mail()):
+            self.send(replies.SMTPUTF8_REQUIRED)
+            return None
+        return addr, params
+
+    def _utf8_mail(self) -> bool:
+        return self.utf8_txn
+
+    def _policy_reply(self, verdict: Verdict, stage: Stage) -> Reply:
+        reply = replies.for_action(verdict.action, verdict.symbol)
+        if stage is Stage.CONNECT and reply.code >= 500:
+            reply = Reply(554, reply.enhanced, reply.text, reply.reason)
+        return reply
+
+    def _received(self) -> bytes:
+        tls_desc = None
+        proto = "ESMTP" if self.esmtp else "SMTP"
+        if self.ctx.tls_version:
+            proto += "S"
+            tls_desc = (
+                f"version={self.ctx.tls_version.replace('v', '').replace('.', '_')} "
+                f"cipher={self.ctx.tls_cipher}"
+            )
+        rcpts = self.ctx.recipients
+        return headers.received(
+            helo=self.ctx.helo,
+            client_ip=self.ctx.client_ip,
+            hostname=self.settings.hostname,
+            proto=proto,
+            session_id=self.id,
+            tls=tls_desc,
+            recipient=str(rcpts[0]) if len(rcpts) == 1 else None,
+        )
+
+    async def _backend_failed(self, e: BackendError) -> None:
+        """The backend dropped mid-transaction: this transaction can only tempfail now."""
+        reply = replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
+        self.txn_broken = reply
+        self.send(reply)
+        logs.event("backend_error", session=self.id, error=str(e))
+        if self.txn is not None:
+            await self.txn.abort()
+            self.txn = None
+
+    async def _abort_txn(self, why: str) -> None:
+        if self.ctx.mail_from is None and self.txn is None:
+            return
+        await self._end_txn(
+            Action.TEMPFAIL if why == "shutdown" else Action.ACCEPT, why, abort=True, aborted=True
+        )
+
+    async def _end_txn(
+        self,
+        action: Action,
+        reason: str,
+        *,
+        abort: bool,
+        size: int = 0,
+        aborted: bool = False,
+        **extra: str,
+    ) -> None:
+        txn, self.txn = self.txn, None
+        self.txn_broken = None
+        if txn is not None:
+            if abort:
+                with contextlib.suppress(BackendError):
+                    await txn.abort()
+            else:
+                await txn.finish()
+        self._txn_outcome(action, reason, size=size, aborted=aborted, **extra)
+        self.ctx.new_transaction()
+
+    def _txn_outcome(
+        self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: str
+    ) -> None:
+        outcome = "aborted" if aborted else _outcome(action)
+        self.txn_count += 1
+        metrics.TRANSACTIONS.labels(outcome, reason or "none").inc()
+        mail_from = self.ctx.mail_from
+        logs.event(
+            "transaction",
+            session=self.id,
+            txn=self.txn_count,
+            client=self.ctx.client_ip,
+            helo=self.ctx.helo,
+            tls=self.ctx.tls_version,
+            mail_from=str(mail_from or ""),
+            rcpts=len(self.ctx.recipients),
+            size=size,
+            outcome=outcome,
+            reason=reason,
+            duration_ms=round((time.monotonic() - self.txn_start) * 1000, 1),
+            **extra,
+        )
+
+
+def _outcome(action: Action) -> str:
+    if action is Action.REJECT:
+        return "rejected"
+    if action is Action.TEMPFAIL:
+        return "tempfailed"
+    return "delivered"
+
+
+def _outcome_code(code: int) -> str:
+    return "rejected" if code >= 500 else "tempfailed"
+
+
+def _reply_action(r: SmtpReply) -> Action:
+    return Action.REJECT if r.code >= 500 else Action.TEMPFAIL
+
+
+def _combine_lmtp(results: list[SmtpReply]) -> SmtpReply | Reply:
+    """LMTP gives one reply per recipient; SMTP can only give one.
+
+    All the same class: relay the first. Mixed: a 4xx, so the client retries
+    every recipient; duplicates are possible, loss is not.
+    """
+    if len(results) == 1 or len({r.code // 100 for r in results}) == 1:
+        return results[0]
+    return replies.BACKEND_BAD_REPLY
+
+
+_COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
+    b"EHLO": Session.cmd_ehlo,
+    b"HELO": Session.cmd_helo,
+    b"MAIL": Session.cmd_mail,
+    b"RCPT": Session.cmd_rcpt,
+    b"DATA": Session.cmd_data,
+    b"RSET": Session.cmd_rset,
+    b"NOOP": Session.cmd_noop,
+    b"QUIT": Session.cmd_quit,
+    b"VRFY": Session.cmd_vrfy,
+    b"EXPN": Session.cmd_expn,
+    b"HELP": Session.cmd_help,
+    b"AUTH": Session.cmd_auth,
+    b"BDAT": Session.cmd_bdat,
+    b"XCLIENT": Session.cmd_xcmd,
+    b"XFORWARD": Session.cmd_xcmd,
+    b"STARTTLS": Session.cmd_starttls,
+}

@@ -1,0 +1,94 @@
+"""PROXY protocol v1 (text) and v2 (binary) headers, as HAProxy specifies them.
+
+Only the source address matters to us: it replaces the socket peer for every
+later check, log line and XCLIENT. The caller decides whether the peer may
+send a header at all (trusted proxy networks); this module only parses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from gateway.stream import Stream
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX = 107
+
+
+class ProxyError(ValueError):
+    """The header is malformed; the connection must be closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    version: int
+    src_addr: str | None  # None for LOCAL / UNKNOWN: keep the socket peer
+    src_port: int | None
+    dst_addr: str | None = None
+    dst_port: int | None = None
+
+
+async def read_header(stream: Stream) -> ProxyInfo:
+    head = await stream.peek(12)
+    if head == V2_SIGNATURE:
+        return await _read_v2(stream)
+    if head.startswith(b"PROXY "):
+        return await _read_v1(stream)
+    raise ProxyError("no PROXY header")
+
+
+async def _read_v1(stream: Stream) -> ProxyInfo:
+    try:
+        line = await stream.readline(V1_MAX - 2)
+    except ValueError as e:
+        raise ProxyError("PROXY v1 line too long") from e
+    parts = line.decode("ascii", "replace").split(" ")
+    if len(parts) >= 2 and parts[1] == "UNKNOWN":
+        return ProxyInfo(1, None, None)
+    if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
+        raise ProxyError("malformed PROXY v1 header")
+    try:
+        src = ipaddress.ip_address(parts[2])
+        dst = ipaddress.ip_address(parts[3])
+        sport, dport = int(parts[4]), int(parts[5])
+    except ValueError as e:
+        raise ProxyError("malformed PROXY v1 address") from e
+    want = 4 if parts[1] == "TCP4" else 6
+    if (
+        src.version != want
+        or dst.version != want
+        or not (0 <= sport < 65536 and 0 <= dport < 65536)
+    ):
+        raise ProxyError("malformed PROXY v1 address")
+    return ProxyInfo(1, str(src), sport, str(dst), dport)
+
+
+async def _read_v2(stream: Stream) -> ProxyInfo:
+    head = await stream.read_exactly(16)
+    ver_cmd, fam, length = head[12], head[13], struct.unpack("!H", head[14:16])[0]
+    if ver_cmd >> 4 != 2:
+        raise ProxyError("bad PROXY v2 version")
+    if length > 1024:
+        raise ProxyError("PROXY v2 header too long")
+    body = await stream.read_exactly(length)
+    cmd = ver_cmd & 0x0F
+    if cmd == 0x0:  # LOCAL: health check from the proxy itself
+        return ProxyInfo(2, None, None)
+    if cmd != 0x1:
+        raise ProxyError("bad PROXY v2 command")
+    family = fam >> 4
+    if family == 0x1 and len(body) >= 12:
+        src4 = ipaddress.IPv4Address(body[0:4])
+        dst4 = ipaddress.IPv4Address(body[4:8])
+        sport, dport = struct.unpack("!HH", body[8:12])
+        return ProxyInfo(2, str(src4), sport, str(dst4), dport)
+    if family == 0x2 and len(body) >= 36:
+        src6 = ipaddress.IPv6Address(body[0:16])
+        dst6 = ipaddress.IPv6Address(body[16:32])
+        sport, dport = struct.unpack("!HH", body[32:36])
+        return ProxyInfo(2, str(src6), sport, str(dst6), dport)
+    if family == 0x0:
+        return ProxyInfo(2, None, None)
+    raise ProxyError("unsupported PROXY v2 address family")

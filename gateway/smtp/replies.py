@@ -1,0 +1,162 @@
+"""The one table of every reply the gateway words itself.
+
+Checks emit symbols, the policy turns them into actions, and only this module
+turns an action or a protocol event into wire text with an RFC 3463 enhanced
+status code. Replies relayed from the backend are not ours and pass through
+`Reply.from_backend` untouched.
+
+Each entry's key doubles as the closed-set `reason` label in metrics and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+    reason: str = ""
+
+    def wire(self) -> bytes:
+        """Render as one or more reply lines (multi-line when the text has newlines)."""
+        lines = self.text.split("\n")
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8", "surrogateescape")
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+def r(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text)
+
+
+class Action(StrEnum):
+    """What the policy may decide; the order is the strength (reject strongest)."""
+
+    ACCEPT = "accept"
+    TAG = "tag"
+    QUARANTINE = "quarantine"
+    TEMPFAIL = "tempfail"
+    REJECT = "reject"
+
+    @property
+    def strength(self) -> int:
+        return _STRENGTH[self]
+
+
+_STRENGTH = {a: i for i, a in enumerate(Action)}
+
+
+# -- protocol replies (not policy decisions) ---------------------------------
+GREETING = "220 {host} ESMTP ready"
+OK = r(250, "2.0.0", "OK")
+SENDER_OK = r(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = r(250, "2.1.5", "Recipient OK")
+RESET_OK = r(250, "2.0.0", "Reset OK")
+NOOP_OK = r(250, "2.0.0", "OK")
+BYE = r(221, "2.0.0", "Bye")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+START_TLS = r(220, "2.0.0", "Ready to start TLS")
+VRFY_CANNOT = r(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = r(214, "2.0.0", "See RFC 5321")
+DELIVERED = r(250, "2.0.0", "Message accepted for delivery")
+
+SYNTAX_UNRECOGNIZED = r(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = r(500, "5.5.6", "Error: command line too long")
+SYNTAX_ARGS = r(501, "5.5.4", "Syntax error in parameters or arguments")
+SYNTAX_HELO = r(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_MAIL = r(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+SYNTAX_RCPT = r(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_ADDRESS = r(501, "5.1.3", "Bad address syntax")
+BAD_SENDER_ADDRESS = r(501, "5.1.7", "Bad sender address syntax")
+CONTROL_CHARS = r(501, "5.5.2", "Error: control characters are not allowed in commands")
+NOT_IMPLEMENTED = r(502, "5.5.1", "Error: command not implemented")
+AUTH_NOT_OFFERED = r(502, "5.5.1", "Error: authentication not enabled on this service")
+BDAT_NOT_OFFERED = r(502, "5.5.1", "Error: CHUNKING not offered")
+XCOMMAND_REFUSED = r(502, "5.5.1", "Error: command not available to this client")
+NEED_HELO = r(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = r(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = r(503, "5.5.1", "Error: need RCPT command")
+NESTED_MAIL = r(503, "5.5.1", "Error: nested MAIL command")
+TLS_ALREADY = r(503, "5.5.1", "Error: TLS already active")
+TLS_NOT_OFFERED = r(502, "5.5.1", "Error: STARTTLS not offered here")
+NO_VALID_RECIPIENTS = r(554, "5.5.1", "Error: no valid recipients")
+PARAM_UNKNOWN = r(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+PARAM_DUPLICATE = r(501, "5.5.4", "Duplicate MAIL/RCPT parameter")
+SMTPUTF8_REQUIRED = r(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+SMTPUTF8_UNSUPPORTED = r(555, "5.6.7", "SMTPUTF8 is not supported by the destination")
+TLS_REQUIRED = r(530, "5.7.0", "Must issue a STARTTLS command first")
+
+SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
+TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
+DATA_LINE_TOO_LONG = r(550, "5.6.0", "Message contains a line longer than 998 octets")
+BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
+NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")
+TOO_MANY_ERRORS = r(421, "4.7.0", "Error: too many errors, closing connection")
+TIMEOUT = r(421, "4.4.2", "Error: timeout exceeded, closing connection")
+TOO_MANY_CONNECTIONS = r(421, "4.7.0", "Error: too many connections, try again later")
+SHUTTING_DOWN = r(421, "4.3.2", "Service shutting down, closing connection")
+TLS_HANDSHAKE_FAILED = r(454, "4.7.0", "TLS not available due to temporary reason")
+
+BACKEND_UNAVAILABLE = r(451, "4.4.1", "Next hop unavailable, try again later")
+BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
+BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
+BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
+LOCAL_ERROR = r(451, "4.3.0", "Local error in processing, try again later")
+
+
+# -- policy replies: the wording of an action, by the symbol that caused it ----
+# A symbol missing here gets the action's generic reply below.
+SYMBOL_REPLIES: dict[str, dict[Action, Reply]] = {
+    "relay.denied": {
+        Action.REJECT: r(550, "5.7.1", "Relay access denied"),
+        Action.TEMPFAIL: r(450, "4.7.1", "Relay access denied"),
+    },
+    "relay.source_route": {
+        Action.REJECT: r(550, "5.7.1", "Relay access denied: source routes are not accepted"),
+    },
+}
+
+ACTION_REPLIES: dict[Action, Reply] = {
+    Action.REJECT: r(550, "5.7.1", "Message rejected by policy"),
+    Action.TEMPFAIL: r(451, "4.7.1", "Temporarily deferred by policy, try again later"),
+}
+
+
+def for_action(action: Action, symbol: str) -> Reply:
+    """The reply for a refusing action, worded by the symbol that decided it."""
+    base = SYMBOL_REPLIES.get(symbol, {}).get(action) or ACTION_REPLIES[action]
+    return Reply(base.code, base.enhanced, base.text, symbol)
+
+
+def from_backend(code: int, lines: list[str]) -> Reply:
+    """A backend reply relayed verbatim (its own enhanced code stays in the text)."""
+    return Reply(code, "", "\n".join(lines) if lines else "", "backend")
+
+
+def _name_reasons() -> None:
+    """Give every module-level reply its own name as its closed-set reason label."""
+    g = globals()
+    for name, val in list(g.items()):
+        if isinstance(val, Reply) and not val.reason:
+            g[name] = Reply(val.code, val.enhanced, val.text, name.lower())
+
+
+_name_reasons()

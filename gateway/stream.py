@@ -1,0 +1,273 @@
+"""One buffered byte stream for both SMTP sides (client-facing and backend).
+
+Why our own instead of asyncio streams: we need to (a) find the end-of-data
+marker in bulk across the whole buffer, (b) throw away pipelined plaintext at
+STARTTLS (the command-injection class), and (c) bound the buffer per state.
+asyncio's StreamReader hides its buffer and is line-oriented; this class keeps
+the buffer ours, with the same flow-control contract (pause reading past a
+high-water mark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+
+class StreamClosed(ConnectionError):
+    """The peer went away before the bytes we waited for arrived."""
+
+
+class LineTooLong(ValueError):
+    """A command line exceeded the limit; the excess up to CRLF was discarded."""
+
+
+class Stream(asyncio.Protocol):
+    """A protocol that buffers what arrives and lets one coroutine read it."""
+
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_drain_waiter",
+        "_eof",
+        "_high_water",
+        "_paused",
+        "_waiter",
+        "_write_paused",
+        "on_connect",
+        "peername",
+        "sockname",
+        "tls_object",
+        "transport",
+    )
+
+    def __init__(self, high_water: int = 256 * 1024) -> None:
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._closed: asyncio.Future[None] | None = None
+        self._high_water = high_water
+        self._paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.tls_object: ssl.SSLObject | None = None
+        # Server side: called once the connection exists, to start its session.
+        self.on_connect: Callable[[Stream], None] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.tls_object = transport.get_extra_info("ssl_object")
+        if self.on_connect is not None:
+            self.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > self._high_water and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        self.resume_writing()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- reading --------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _more(self) -> None:
+        """Wait until more bytes (or EOF) arrive."""
+        if self._eof:
+            raise StreamClosed("connection closed by peer")
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def set_high_water(self, n: int) -> None:
+        self._high_water = n
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    async def readline(self, limit: int) -> bytes:
+        """Return one CRLF-terminated line without the CRLF.
+
+        Only CRLF ends a line: a bare LF stays inside it, so the caller can
+        refuse it instead of treating it as a command boundary.
+        """
+        buf = self._buf
+        start = 0
+        while True:
+            i = buf.find(b"\r\n", start)
+            if i >= 0:
+                if i > limit:
+                    del buf[: i + 2]
+                    raise LineTooLong
+                line = bytes(buf[:i])
+                del buf[: i + 2]
+                return line
+            if len(buf) > limit + 1:
+                await self._discard_line()
+                raise LineTooLong
+            start = max(0, len(buf) - 1)
+            await self._more()
+
+    async def _discard_line(self) -> None:
+        buf = self._buf
+        while True:
+            i = buf.find(b"\r\n")
+            if i >= 0:
+                del buf[: i + 2]
+                return
+            keep = buf[-1:] if buf.endswith(b"\r") else b""
+            buf.clear()
+            buf += keep
+            await self._more()
+
+    async def read_until(self, marker: bytes, max_size: int) -> tuple[bytes | None, int]:
+        """Read up to and including `marker`; returns (bytes before marker, total size).
+
+        Past `max_size` bytes the content is discarded as it arrives (the marker
+        is still searched for, so the session stays in sync) and None is
+        returned: the caller then refuses with a size error without ever having
+        held more than max_size bytes.
+        """
+        buf = self._buf
+        mlen = len(marker)
+        start = 0
+        discarded = 0
+        while True:
+            i = buf.find(marker, start)
+            if i >= 0:
+                total = discarded + i
+                if discarded:
+                    del buf[: i + mlen]
+                    return None, total
+                data = bytes(buf[:i])
+                del buf[: i + mlen]
+                return (data if total <= max_size else None), total
+            if len(buf) > max_size or discarded:
+                keep = mlen - 1
+                drop = len(buf) - keep
+                if drop > 0:
+                    discarded += drop
+                    del buf[:drop]
+                start = 0
+            else:
+                start = max(0, len(buf) - mlen + 1)
+            await self._more()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            await self._more()
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def peek(self, n: int) -> bytes:
+        """At least min(n, what the peer sends before EOF) bytes, not consumed."""
+        while len(self._buf) < n and not self._eof:
+            await self._more()
+        return bytes(self._buf[:n])
+
+    def discard_buffer(self) -> int:
+        """Drop everything buffered (pipelined plaintext before a TLS upgrade)."""
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
+    # -- writing --------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    async def drain(self) -> None:
+        """Back-pressure for large writes, driven by the transport's watermarks."""
+        t = self.transport
+        if t is None or t.is_closing():
+            raise StreamClosed("connection closed")
+        if self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+            if t.is_closing():
+                raise StreamClosed("connection closed")
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    async def wait_closed(self) -> None:
+        if self.transport is None or (self._eof and self.transport.is_closing()):
+            return
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        await self._closed
+
+    async def start_tls(
+        self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """Upgrade in place; anything buffered before the handshake is discarded."""
+        self.discard_buffer()
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport,
+            self,
+            ctx,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=30.0,
+        )
+        if new is None:
+            raise StreamClosed("TLS upgrade failed")
+        self.transport = new
+        self._paused = False
+        self.tls_object = new.get_extra_info("ssl_object")
