@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import Backend, Gateway
+
+
+@pytest.fixture
+def backend_factory(tmp_path: Path) -> Iterator[Callable[..., Backend]]:
+    started: list[Backend] = []
+
+    def make(*args: str) -> Backend:
+        b = Backend(tmp_path / f"spool{len(started)}", *args)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def backend(backend_factory: Callable[..., Backend]) -> Backend:
+    return backend_factory("--xclient")
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(cfg: dict[str, Any], **kw: Any) -> Gateway:
+        g = Gateway(tmp_path / f"gw{len(started)}", cfg, **kw)
+        started.append(g)
+        return g
+
+    yield make
+    for g in started:
+        g.stop()

@@ -1,0 +1,225 @@
+"""Pass-through to a real backend process: envelopes, replies, failures."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable
+
+import pytest
+
+from tests.support.procs import Backend, Gateway, base_config, free_port
+from tests.support.smtp import RawClient
+
+MSG = b"From: a@sender.test\r\nTo: x@example.test\r\nSubject: hi\r\n\r\nbody line\r\n"
+
+
+def test_two_local_recipients_arrive_with_same_envelope_and_received(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<a@sender.test>") == (250, "250 2.1.0 backend sender ok")
+        assert c.cmd("RCPT TO:<x@example.test>") == (
+            250, "250 2.1.5 backend accepted <x@example.test>")
+        assert c.cmd("RCPT TO:<y@sub.corp.test>")[1].startswith("250 2.1.5 backend accepted")
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        assert c.reply() == (250, "250 2.0.0 backend queued as B1")
+        c.cmd("QUIT")
+    [m] = backend.messages()
+    assert m["mail_from"] == "a@sender.test"
+    assert m["rcpt_tos"] == ["x@example.test", "y@sub.corp.test"]
+    data: bytes = m["data"]
+    assert data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby gw.test (smtp-gateway)")
+    assert data.endswith(MSG)
+    # Exactly one header was added in front of the client's bytes.
+    head = data[: -len(MSG)]
+    assert head.count(b"Received:") == 1
+    # The session id in the Received header is the one in the transaction log line.
+    ev = gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("outcome") == "delivered")
+    assert f"id {ev['session']}".encode() in head
+    assert ev["rcpts"] == 2 and ev["size"] == len(MSG)
+
+
+def test_backend_rejects_one_recipient_other_delivered(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--reject-rcpt", "nobody@example.test")
+    gw = gateway_factory(base_config(be.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        code, msg = s.rcpt("nobody@example.test")
+        assert (code, msg) == (550, b"5.1.1 <nobody@example.test>: backend says user unknown")
+        assert s.rcpt("x@example.test")[0] == 250
+        code, msg = s.data(MSG)
+        assert code == 250
+    [m] = be.messages()
+    assert m["rcpt_tos"] == ["x@example.test"]
+
+
+def test_backend_down_at_mail_gives_451(gateway_factory: Callable[..., Gateway]) -> None:
+    gw = gateway_factory(base_config(f"smtp://127.0.0.1:{free_port()}"))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        code, msg = s.mail("a@sender.test")
+        assert code == 451 and msg.startswith(b"4.4.1")
+        assert s.rcpt("x@example.test")[0] == 503  # no transaction was opened
+
+
+def test_backend_drops_mid_data_gives_4xx_and_nothing_stored(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--drop-in-data")
+    gw = gateway_factory(base_config(be.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        code, msg = s.data(MSG)
+        assert 400 <= code < 500, (code, msg)
+        assert msg.startswith(b"4.4.2")
+    assert be.messages() == []
+    assert "DATA" in be.commands()  # the backend really was mid-DATA
+
+
+def test_backend_451_at_end_of_data_is_relayed(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--data-reply", "451 4.3.0 backend queue full")
+    gw = gateway_factory(base_config(be.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG) == (451, b"4.3.0 backend queue full")
+        # The session is still usable and the next transaction goes through the same way.
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 451
+    assert be.messages() == []
+    gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("outcome") == "tempfailed")
+
+
+def test_backend_slow_beyond_timeout_gives_4xx(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--data-delay", "5")
+    cfg = base_config(be.url, backend={"url": be.url, "data_timeout": 1})
+    gw = gateway_factory(cfg)
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=20) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        code, msg = s.data(MSG)
+        assert (code, msg[:5]) == (451, b"4.4.2")
+
+
+def test_failover_to_second_backend_and_pool_reuse(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dead = f"smtp://127.0.0.1:{free_port()}"
+    gw = gateway_factory(base_config([dead, backend.url]))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        for _ in range(3):
+            s.mail("a@sender.test")
+            s.rcpt("x@example.test")
+            assert s.data(MSG)[0] == 250
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client2.test")
+        s.mail("b@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 250
+    assert len(backend.messages()) == 4
+    # Four transactions from two client sessions used one backend connection.
+    assert sum(1 for c in backend.commands() if c.startswith("CONNECT")) == 1
+    # No RSET between completed transactions.
+    assert not any(c.startswith("RSET") for c in backend.commands())
+
+
+def test_xclient_passes_real_client(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("helo.client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 250
+    [m] = backend.messages()
+    assert m["xclient"]["ADDR"] == "127.0.0.1"
+    assert m["xclient"]["HELO"] == "helo.client.test"
+    assert m["xclient"]["PROTO"] == "ESMTP"
+
+
+def test_xforward_when_no_xclient(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--xforward")
+    gw = gateway_factory(base_config(be.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.helo("plain.client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 250
+    [m] = be.messages()
+    assert m["xclient"] == {}
+    assert m["xforward"]["HELO"] == "plain.client.test"
+    assert m["xforward"]["PROTO"] == "SMTP"
+
+
+def test_rset_aborts_backend_transaction(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.rset()[0] == 250
+        s.mail("b@sender.test")
+        s.rcpt("y@example.test")
+        assert s.data(MSG)[0] == 250
+    [m] = backend.messages()
+    assert m["mail_from"] == "b@sender.test" and m["rcpt_tos"] == ["y@example.test"]
+    assert "RSET" in "\n".join(backend.commands())
+
+
+@pytest.mark.parametrize("mode", ["opportunistic", "required"])
+def test_tls_to_backend(
+    mode: str, tmp_path, backend_factory: Callable[..., Backend],
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    from tests.support.certs import make_cert
+
+    cert, key = make_cert(tmp_path / "be", "127.0.0.1")
+    be = backend_factory("--tls-cert", str(cert), "--tls-key", str(key))
+    bcfg = {"url": be.url, "tls": mode, "ca_file": str(cert), "server_name": "127.0.0.1"}
+    gw = gateway_factory(base_config(be.url, backend=bcfg))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 250
+    [m] = be.messages()
+    assert m["tls"] is True
+
+
+def test_required_backend_tls_with_wrong_ca_never_delivers_plain(
+    tmp_path, backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    from tests.support.certs import make_cert
+
+    cert, key = make_cert(tmp_path / "be", "127.0.0.1")
+    other, _ = make_cert(tmp_path / "other", "other.test")
+    be = backend_factory("--tls-cert", str(cert), "--tls-key", str(key))
+    bcfg = {"url": be.url, "tls": "required", "ca_file": str(other)}
+    gw = gateway_factory(base_config(be.url, backend=bcfg))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        code, _ = s.mail("a@sender.test")
+        assert code == 451
+    assert be.messages() == []

@@ -1,0 +1,166 @@
+"""A real SMTP backend process for the tests (aiosmtpd), with failure modes.
+
+Every accepted message is written to the spool as JSON (envelope, raw bytes,
+XCLIENT/XFORWARD attributes, TLS) so tests can assert exactly what the
+backend holds. Every command it sees is appended to `commands.log`.
+
+Run: python tests/support/backend.py --port P --spool DIR [options]; prints
+READY on stdout once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class Backend:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.spool = Path(args.spool)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+        self.connections = 0
+        self.cmdlog = open(self.spool / "commands.log", "a", buffering=1)  # noqa: SIM115
+
+    def log(self, line: str) -> None:
+        self.cmdlog.write(line + "\n")
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        self.log(f"EHLO {hostname}")
+        out = [r for r in responses if "AUTH" not in r]
+        last = out[-1]
+        out[-1] = last.replace("250 ", "250-", 1)
+        extra = []
+        if self.args.xclient:
+            extra.append("250-XCLIENT ADDR NAME PORT HELO PROTO")
+        if self.args.xforward:
+            extra.append("250-XFORWARD ADDR NAME PORT HELO PROTO")
+        out += extra
+        out[-1] = out[-1].replace("250-", "250 ", 1)
+        return out
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.log(f"MAIL {address} {' '.join(options)}")
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 backend sender ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.log(f"RCPT {address}")
+        if address.lower() in self.args.reject_rcpt:
+            return f"550 5.1.1 <{address}>: backend says user unknown"
+        if address.lower() in self.args.tempfail_rcpt:
+            return f"450 4.2.0 <{address}>: backend greylisted"
+        envelope.rcpt_tos.append(address)
+        return f"250 2.1.5 backend accepted <{address}>"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.log("RSET")
+        return "250 2.0.0 backend reset"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.log("DATA")
+        if self.args.drop_in_data:
+            assert server.transport is not None
+            server.transport.abort()
+            return "451 4.0.0 never sent"
+        if self.args.data_delay:
+            await asyncio.sleep(self.args.data_delay)
+        if self.args.data_reply:
+            return str(self.args.data_reply)
+        self.count += 1
+        xclient: dict[str, Any] = getattr(session, "xclient", {})
+        record = {
+            "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
+            "rcpt_tos": envelope.rcpt_tos,
+            "data": base64.b64encode(envelope.original_content or b"").decode(),
+            "xclient": xclient,
+            "xforward": getattr(session, "xforward", {}),
+            "tls": session.ssl is not None,
+            "peer": list(session.peer) if session.peer else None,
+        }
+        tmp = self.spool / f".msg-{self.count}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.rename(self.spool / f"msg-{self.count:05d}.json")
+        return f"250 2.0.0 backend queued as B{self.count}"
+
+
+class BackendSMTP(SMTP):
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        attrs = dict(p.split("=", 1) for p in arg.split())
+        self.session.xclient = attrs  # type: ignore[attr-defined]
+        self.event_handler.log(f"XCLIENT {arg}")
+        await self.push("220 backend XCLIENT ok")
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        attrs = dict(p.split("=", 1) for p in arg.split())
+        self.session.xforward = attrs  # type: ignore[attr-defined]
+        self.event_handler.log(f"XFORWARD {arg}")
+        await self.push("250 2.0.0 backend XFORWARD ok")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.event_handler.connections += 1
+        self.event_handler.log(f"CONNECT {self.event_handler.connections}")
+        super().connection_made(transport)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--spool", required=True)
+    p.add_argument("--reject-rcpt", action="append", default=[])
+    p.add_argument("--tempfail-rcpt", action="append", default=[])
+    p.add_argument("--data-reply")
+    p.add_argument("--data-delay", type=float, default=0.0)
+    p.add_argument("--drop-in-data", action="store_true")
+    p.add_argument("--xclient", action="store_true")
+    p.add_argument("--xforward", action="store_true")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    args = p.parse_args()
+    args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
+    args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
+    handler = Backend(args)
+    tls_ctx = None
+    if args.tls_cert:
+        tls_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: BackendSMTP(
+            handler,
+            hostname="backend.test",
+            tls_context=tls_ctx,
+            enable_SMTPUTF8=True,
+            data_size_limit=64 * 1024 * 1024,
+        ),
+        "127.0.0.1",
+        args.port,
+    )
+    print("READY", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)
