@@ -108,6 +108,8 @@ def parse_path(path: str, *, allow_null: bool = False) -> Address:
         local, domain = m.group(1), m.group(2)
         if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:
             raise AddressError("address too long")
+        if len(domain) > 63 and any(len(label) > 63 for label in domain.split(".")):
+            raise AddressError("domain label too long")
         return Address(local, domain.lower())
     if _CONTROL.search(path):
         raise AddressError("control characters in address")

@@ -22,7 +22,9 @@ def test_two_local_recipients_arrive_with_same_envelope_and_received(
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.cmd("MAIL FROM:<a@sender.test>") == (250, "250 2.1.0 backend sender ok")
         assert c.cmd("RCPT TO:<x@example.test>") == (
-            250, "250 2.1.5 backend accepted <x@example.test>")
+            250,
+            "250 2.1.5 backend accepted <x@example.test>",
+        )
         assert c.cmd("RCPT TO:<y@sub.corp.test>")[1].startswith("250 2.1.5 backend accepted")
         assert c.cmd("DATA")[0] == 354
         c.send(MSG + b".\r\n")
@@ -32,7 +34,9 @@ def test_two_local_recipients_arrive_with_same_envelope_and_received(
     assert m["mail_from"] == "a@sender.test"
     assert m["rcpt_tos"] == ["x@example.test", "y@sub.corp.test"]
     data: bytes = m["data"]
-    assert data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby gw.test (smtp-gateway)")
+    assert data.startswith(
+        b"Received: from client.test ([127.0.0.1])\r\n\tby gw.test (smtp-gateway)"
+    )
     assert data.endswith(MSG)
     # Exactly one header was added in front of the client's bytes.
     head = data[: -len(MSG)]
@@ -190,7 +194,9 @@ def test_rset_aborts_backend_transaction(
 
 @pytest.mark.parametrize("mode", ["opportunistic", "required"])
 def test_tls_to_backend(
-    mode: str, tmp_path, backend_factory: Callable[..., Backend],
+    mode: str,
+    tmp_path,
+    backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
     from tests.support.certs import make_cert

@@ -51,8 +51,9 @@ def test_require_tls_listener(
 ) -> None:
     cert, key = make_cert(tmp_path)
     cfg = base_config(backend.url)
-    cfg["listeners"][0].update(tls="starttls", cert_file=str(cert), key_file=str(key),
-                               require_tls=True)
+    cfg["listeners"][0].update(
+        tls="starttls", cert_file=str(cert), key_file=str(key), require_tls=True
+    )
     gw = gateway_factory(cfg)
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("client.test")
@@ -72,8 +73,9 @@ def test_implicit_tls_listener(
 ) -> None:
     cert, key = make_cert(tmp_path)
     cfg = base_config(backend.url)
-    cfg["listeners"][0].update(tls="implicit", cert_file=str(cert), key_file=str(key),
-                               require_tls=True)
+    cfg["listeners"][0].update(
+        tls="implicit", cert_file=str(cert), key_file=str(key), require_tls=True
+    )
     gw = gateway_factory(cfg)
     with smtplib.SMTP_SSL("127.0.0.1", gw.port(), context=_client_ctx(cert)) as s:
         s.ehlo("client.test")
@@ -186,8 +188,11 @@ def test_proxy_protocol_from_trusted_network(
     cfg = base_config(backend.url, proxy_networks=["127.0.0.0/8"], trusted_networks=[])
     cfg["listeners"][0]["proxy_protocol"] = True
     gw = gateway_factory(cfg)
-    header = (b"PROXY TCP4 192.0.2.77 198.51.100.1 40001 25\r\n" if version == 1
-              else _proxy_v2("192.0.2.77", 40001))
+    header = (
+        b"PROXY TCP4 192.0.2.77 198.51.100.1 40001 25\r\n"
+        if version == 1
+        else _proxy_v2("192.0.2.77", 40001)
+    )
     with RawClient(gw.port()) as c:
         c.send(header)
         assert c.reply()[0] == 220
@@ -247,8 +252,10 @@ def test_smuggling_never_yields_two_messages(
     seq: bytes, mode: str, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     gw = gateway_factory(base_config(backend.url, limits={"bare_linefeed": mode}))
-    smuggled = (b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
-                b"Subject: smuggled\r\n\r\nevil\r\n")
+    smuggled = (
+        b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nevil\r\n"
+    )
     with RawClient(gw.port()) as c:
         c.reply()
         c.cmd("EHLO client.test")
@@ -365,8 +372,9 @@ def test_not_ready_when_every_backend_unavailable(gateway_factory: Callable[...,
     import urllib.request
 
     dead = f"smtp://127.0.0.1:{free_port()}"
-    cfg = base_config(dead, backend={"url": dead, "circuit_breaker": {"failures": 1,
-                                                                        "cooldown": 60}})
+    cfg = base_config(
+        dead, backend={"url": dead, "circuit_breaker": {"failures": 1, "cooldown": 60}}
+    )
     gw = gateway_factory(cfg)
     with urllib.request.urlopen(gw.metrics_url + "/healthz/ready") as r:
         assert r.status == 200

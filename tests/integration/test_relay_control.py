@@ -42,8 +42,13 @@ def test_relay_tricks_get_550_571_and_never_reach_backend(
 
 
 @pytest.mark.parametrize(
-    "rcpt", ["<user@EXAMPLE.test>", "<USER@example.test>", '<"quoted user"@example.test>',
-             "<user@deep.sub.corp.test>"]
+    "rcpt",
+    [
+        "<user@EXAMPLE.test>",
+        "<USER@example.test>",
+        '<"quoted user"@example.test>',
+        "<user@deep.sub.corp.test>",
+    ],
 )
 def test_local_variants_are_accepted(
     rcpt: str, backend: Backend, gateway_factory: Callable[..., Gateway]
@@ -59,8 +64,11 @@ def test_local_variants_are_accepted(
 
 @pytest.mark.parametrize(
     "line",
-    [b"RCPT TO:<user@example.test\x00@remote.test>", b"RCPT TO:<user@example.test>\nDATA",
-     b"RCPT TO:<a\rb@example.test>"],
+    [
+        b"RCPT TO:<user@example.test\x00@remote.test>",
+        b"RCPT TO:<user@example.test>\nDATA",
+        b"RCPT TO:<a\rb@example.test>",
+    ],
 )
 def test_control_characters_in_envelope_refused(
     line: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]

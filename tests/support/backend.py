@@ -35,7 +35,12 @@ class Backend:
         self.cmdlog.write(line + "\n")
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         self.log(f"EHLO {hostname}")

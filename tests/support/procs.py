@@ -39,9 +39,18 @@ class Backend:
         self.port = free_port()
         self.spool = spool
         self.proc = subprocess.Popen(
-            [PY, str(ROOT / "tests/support/backend.py"), "--port", str(self.port),
-             "--spool", str(spool), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                PY,
+                str(ROOT / "tests/support/backend.py"),
+                "--port",
+                str(self.port),
+                "--spool",
+                str(spool),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -77,8 +86,15 @@ class Backend:
 class Gateway:
     """`python -m gateway run --config FILE` as a subprocess."""
 
-    def __init__(self, workdir: Path, cfg: dict[str, Any], *, env: dict[str, str] | None = None,
-                 policy: str | None = None, ready: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cfg: dict[str, Any],
+        *,
+        env: dict[str, str] | None = None,
+        policy: str | None = None,
+        ready: bool = True,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         if policy is not None:
@@ -93,7 +109,10 @@ class Gateway:
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [PY, "-m", "gateway", "run", "--config", str(self.config_path)],
-            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
             env=full_env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -121,7 +140,9 @@ class Gateway:
                 out.append({"raw": line})
         return out
 
-    def wait_log(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+    def wait_log(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         seen = 0
         with self._cond:
@@ -170,8 +191,12 @@ def base_config(backend_url: str | list[str], **over: Any) -> dict[str, Any]:
         "hostname": "gw.test",
         "listeners": [{"name": "smtp", "address": "127.0.0.1", "port": free_port()}],
         "local_domains": ["example.test", "*.corp.test", "localhost"],
-        "backend": {"url": backend_url, "connect_timeout": 2, "command_timeout": 5,
-                    "data_timeout": 10},
+        "backend": {
+            "url": backend_url,
+            "connect_timeout": 2,
+            "command_timeout": 5,
+            "data_timeout": 10,
+        },
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "drain_timeout": 10,
     }

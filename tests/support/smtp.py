@@ -6,8 +6,15 @@ import socket
 
 
 class RawClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", *, timeout: float = 10,
-                 source: str | None = None, connect: bool = True) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        timeout: float = 10,
+        source: str | None = None,
+        connect: bool = True,
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.settimeout(timeout)
         if source:

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.address import NULL, Address, AddressError, parse_path, split_path
+from gateway.checks.relay import RelayCheck, relay_trick
+
+
+@pytest.mark.parametrize(
+    ("path", "local", "domain"),
+    [
+        ("<user@example.test>", "user", "example.test"),
+        ("<First.Last+tag@Example.TEST>", "First.Last+tag", "example.test"),
+        ('<"john doe"@example.test>', "john doe", "example.test"),
+        ('<"a\\"b"@example.test>', 'a"b', "example.test"),
+        ("<user@[192.0.2.1]>", "user", "[192.0.2.1]"),
+        ("<user@example.test.>", "user", "example.test."),
+        ("<jürgen@bücher.test>", "jürgen", "bücher.test"),
+    ],
+)
+def test_parse_valid(path: str, local: str, domain: str) -> None:
+    a = parse_path(path)
+    assert (a.local, a.domain) == (local, domain)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "user@example.test",
+        "<user>",
+        "<@example.test>",
+        "<user@>",
+        "<user@exa mple.test>",
+        "<.user@example.test>",
+        "<us..er@example.test>",
+        "<user@-bad.test>",
+        "<user@example.test",
+        '<"unterminated@example.test>',
+        "<user@[]>",
+        "<" + "a" * 65 + "@example.test>",
+        "<a@" + ("b" * 64) + ".test>",
+        "<@a.test:>",
+        "<a\x00@example.test>",
+    ],
+)
+def test_parse_invalid(path: str) -> None:
+    with pytest.raises(AddressError):
+        parse_path(path)
+
+
+def test_null_path_only_where_allowed() -> None:
+    assert parse_path("<>", allow_null=True) is NULL
+    with pytest.raises(AddressError):
+        parse_path("<>")
+
+
+def test_source_route_is_recorded_not_dropped() -> None:
+    a = parse_path("<@relay.test,@b.test:user@example.test>")
+    assert a.route == ("relay.test", "b.test")
+    assert str(a) == "user@example.test"
+
+
+def test_split_path_respects_quotes() -> None:
+    assert split_path('<"a>b"@example.test> SIZE=10') == ('<"a>b"@example.test>', " SIZE=10")
+    with pytest.raises(AddressError):
+        split_path("user@example.test")
+
+
+def test_quoted_local_round_trips_on_the_wire() -> None:
+    assert str(parse_path('<"john doe"@example.test>')) == '"john doe"@example.test'
+    assert str(Address("plain", "example.test")) == "plain@example.test"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "<user%remote.test@example.test>",
+        '<"user@remote.test"@example.test>',
+        "<@example.test:user@remote.test>",
+        "<remote.test!user@example.test>",
+        "<user@[127.0.0.1]>",
+    ],
+)
+def test_relay_tricks(path: str) -> None:
+    a = parse_path(path)
+    assert relay_trick(a)
+    assert not RelayCheck(["example.test"]).is_local(a)
+
+
+def test_local_domain_wildcards() -> None:
+    check = RelayCheck(["example.test", "*.corp.test"])
+    assert check.is_local(parse_path("<a@example.test>"))
+    assert check.is_local(parse_path("<a@x.y.corp.test>"))
+    assert not check.is_local(parse_path("<a@corp.test>"))
+    assert not check.is_local(parse_path("<a@evilcorp.test>"))
+    assert not check.is_local(parse_path("<a@example.test.>"))

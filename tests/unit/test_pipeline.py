@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+import pytest
+
+from gateway.config import ConfigError
+from gateway.forward.backend import Breaker
+from gateway.pipeline import policy as policy_mod
+from gateway.pipeline.policy import Policy
+from gateway.pipeline.runner import Runner
+from gateway.pipeline.stage import Context, Stage
+from gateway.smtp.replies import Action
+
+
+class FakeCheck:
+    name: ClassVar[str] = "fake"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
+    symbols: ClassVar[frozenset[str]] = frozenset({"fake.bad", "fake.meh"})
+    reputation: ClassVar[bool] = True
+
+    def __init__(self, out: tuple[str, ...] = (), fail: bool = False, slow: bool = False):
+        self.out, self.fail, self.slow = out, fail, slow
+
+    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        if self.fail:
+            raise RuntimeError("boom")
+        if self.slow:
+            await asyncio.sleep(10)
+        return self.out
+
+
+def ctx(trusted: bool = False) -> Context:
+    return Context("s", "192.0.2.1", 1, "smtp", trusted=trusted)
+
+
+POL = Policy(actions={"fake.bad": Action.REJECT, "fake.meh": Action.TAG}, check_timeout=0.05)
+
+
+def test_strongest_action_wins_and_symbols_are_kept() -> None:
+    r = Runner([FakeCheck(("fake.meh",)), FakeCheck(("fake.bad",))], POL)
+    v = asyncio.run(r.run(Stage.MAIL, ctx()))
+    assert v.action is Action.REJECT and v.symbol == "fake.bad"
+    assert v.symbols == ("fake.meh", "fake.bad")
+
+
+def test_trusted_clients_exempt_from_reputation_checks() -> None:
+    r = Runner([FakeCheck(("fake.bad",))], POL)
+    assert asyncio.run(r.run(Stage.MAIL, ctx(trusted=True))).action is Action.ACCEPT
+
+
+def test_check_failure_and_timeout_follow_error_action() -> None:
+    r = Runner([FakeCheck(fail=True)], POL)
+    v = asyncio.run(r.run(Stage.MAIL, ctx()))
+    assert (v.action, v.symbol) == (Action.TEMPFAIL, "fake.error")
+    r = Runner([FakeCheck(slow=True)], POL)
+    v = asyncio.run(r.run(Stage.MAIL, ctx()))
+    assert (v.action, v.symbol) == (Action.TEMPFAIL, "fake.timeout")
+
+
+def test_no_checks_at_stage_accepts() -> None:
+    r = Runner([FakeCheck(("fake.bad",))], POL)
+    assert not r.has_checks(Stage.RCPT)
+    assert asyncio.run(r.run(Stage.RCPT, ctx())).action is Action.ACCEPT
+
+
+def test_policy_rejects_unknown_symbol_and_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "p.yaml"
+    p.write_text("actions:\n  fake.bda: reject\n")
+    with pytest.raises(ConfigError, match=r"actions\.fake\.bda: unknown symbol"):
+        policy_mod.load(str(p), {"fake.bad"})
+    p.write_text("actoins: {}\n")
+    with pytest.raises(ConfigError, match="actoins: unknown key"):
+        policy_mod.load(str(p), {"fake.bad"})
+
+
+def test_breaker_opens_and_half_opens() -> None:
+    b = Breaker(failures=2, cooldown=0.0)
+    b.failure()
+    assert b.allow()
+    b.failure()
+    assert b.opened_at is not None
+    assert b.allow()  # cooldown 0: one probe allowed at once
+    b.success()
+    assert b.opened_at is None and b.failures == 0
+    b2 = Breaker(failures=1, cooldown=60)
+    b2.failure()
+    assert not b2.allow() and b2.open

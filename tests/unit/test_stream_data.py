@@ -1,0 +1,123 @@
+"""The byte stream and DATA rules, fed directly (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.config import BareLinefeed
+from gateway.forward.client import dot_stuff, xtext
+from gateway.smtp import replies
+from gateway.smtp.data import DataRefused, check_content, read_message
+from gateway.smtp.proxy import ProxyError, read_header
+from gateway.stream import LineTooLong, Stream, StreamClosed
+
+
+def fed(*chunks: bytes, eof: bool = True) -> Stream:
+    s = Stream()
+    for c in chunks:
+        s.data_received(c)
+    if eof:
+        s.eof_received()
+    return s
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_readline_only_crlf_ends_a_line() -> None:
+    s = fed(b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\nNOOP\r\n")
+    assert run(s.readline(100)) == b"MAIL FROM:<a@b>\nRCPT TO:<c@d>"
+    assert run(s.readline(100)) == b"NOOP"
+    with pytest.raises(StreamClosed):
+        run(s.readline(100))
+
+
+def test_readline_too_long_discards_to_next_line() -> None:
+    s = fed(b"x" * 300 + b"\r\nNOOP\r\n")
+    with pytest.raises(LineTooLong):
+        run(s.readline(100))
+    assert run(s.readline(100)) == b"NOOP"
+
+
+def test_read_message_in_chunks_split_across_marker() -> None:
+    async def go() -> bytes:
+        s = Stream()
+        task = asyncio.create_task(read_message(s, 10_000, BareLinefeed.REJECT))
+        for chunk in (b"Subject: x\r\n\r\nline1\r\n..dot\r", b"\n.", b"\r", b"\nNOOP\r\n"):
+            await asyncio.sleep(0)
+            s.data_received(chunk)
+        body = await task
+        assert await s.readline(100) == b"NOOP"
+        return body
+
+    assert run(go()) == b"Subject: x\r\n\r\nline1\r\n.dot\r\n"
+
+
+def test_empty_message_and_leading_dot() -> None:
+    assert run(read_message(fed(b".\r\n"), 100, BareLinefeed.REJECT)) == b""
+    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT)) == b".x\r\n"
+
+
+def test_oversize_is_drained_and_refused_with_session_in_sync() -> None:
+    s = fed(b"a" * 500 + b"\r\n" + b"b" * 500 + b"\r\n.\r\nNOOP\r\n")
+    with pytest.raises(DataRefused) as ei:
+        run(read_message(s, 600, BareLinefeed.REJECT))
+    assert ei.value.reply is replies.SIZE_EXCEEDED
+    assert run(s.readline(100)) == b"NOOP"
+
+
+@pytest.mark.parametrize("seq", [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\r\n.\n", b"\ra"])
+def test_bare_cr_lf_rejected_or_normalized(seq: bytes) -> None:
+    raw = b"Subject: x\r\n\r\nbody" + seq + b"MAIL FROM:<e@x>"
+    with pytest.raises(DataRefused) as ei:
+        check_content(raw, BareLinefeed.REJECT)
+    assert ei.value.reply is replies.BARE_LF
+    out = check_content(raw, BareLinefeed.NORMALIZE)
+    assert out.count(b"\n") == out.count(b"\r\n") == out.count(b"\r")
+
+
+def test_nul_and_long_lines_refused() -> None:
+    with pytest.raises(DataRefused):
+        check_content(b"a\x00b", BareLinefeed.REJECT)
+    check_content(b"x" * 998, BareLinefeed.REJECT)
+    with pytest.raises(DataRefused) as ei:
+        check_content(b"x" * 999, BareLinefeed.REJECT)
+    assert ei.value.reply is replies.DATA_LINE_TOO_LONG
+
+
+def test_dot_stuff_is_transparent() -> None:
+    assert dot_stuff(b".a\r\nb\r\n.\r\n") == b"..a\r\nb\r\n..\r\n.\r\n"
+    assert dot_stuff(b"no newline") == b"no newline\r\n.\r\n"
+    assert dot_stuff(b"") == b".\r\n"
+
+
+def test_xtext() -> None:
+    assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+
+
+def test_proxy_v1_and_errors() -> None:
+    info = run(read_header(fed(b"PROXY TCP6 2001:db8::1 2001:db8::2 1 25\r\n")))
+    assert (info.src_addr, info.src_port) == ("2001:db8::1", 1)
+    assert run(read_header(fed(b"PROXY UNKNOWN\r\n"))).src_addr is None
+    for bad in (
+        b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n",
+        b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n",
+        b"HELO x\r\n",
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 1 99999\r\n",
+    ):
+        with pytest.raises((ProxyError, StreamClosed)):
+            run(read_header(fed(bad)))
+
+
+def test_reply_wire_format() -> None:
+    assert replies.SIZE_EXCEEDED.wire() == (
+        b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    )
+    multi = replies.Reply(250, "2.0.0", "a\nb")
+    assert multi.wire() == b"250-2.0.0 a\r\n250 2.0.0 b\r\n"
+    assert replies.SIZE_EXCEEDED.reason == "size_exceeded"
+    r = replies.for_action(replies.Action.REJECT, "relay.denied")
+    assert (r.code, r.enhanced, r.reason) == (550, "5.7.1", "relay.denied")
