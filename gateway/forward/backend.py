@@ -199,11 +199,12 @@ class SmtpBackend:
         for attempt in (0, 1):
             session, reused = await target.pool.acquire()
             try:
+                xforward = None
                 if self.cfg.xclient and "XCLIENT" in session.extensions:
                     await session.xclient(_xclient_attrs(client), target.helo)
                 elif self.cfg.xforward and "XFORWARD" in session.extensions:
-                    await session.xforward(_xclient_attrs(client))
-                return await session.mail(sender, params), session
+                    xforward = _xclient_attrs(client)
+                return await session.mail(sender, params, xforward), session
             except BackendLost:
                 session.close()
                 if reused and attempt == 0:

@@ -252,18 +252,42 @@ class SmtpClient:
             raise BackendLost(f"backend refused XCLIENT: {reply}")
         await self.ehlo(helo)
 
-    async def xforward(self, attrs: dict[str, str]) -> None:
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    async def pipeline(self, commands: list[tuple[str, str]]) -> list[SmtpReply]:
+        """Send several commands in one write and read their replies in order.
+
+        Only when the backend offers PIPELINING (RFC 2920); otherwise one by one.
+        """
+        if not self.pipelining or len(commands) == 1:
+            return [await self.command(name, line) for name, line in commands]
+        if self.closed:
+            raise BackendLost("backend connection is closed")
+        self.stream.write(
+            b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for _, line in commands)
+        )
+        return [await self._timed(name, self.read_reply()) for name, _ in commands]
+
+    def xforward_line(self, attrs: dict[str, str]) -> str | None:
         offered = set(self.extensions.get("XFORWARD", "").upper().split())
         args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
-        if not args:
-            return
-        reply = await self.command("xforward", f"XFORWARD {args}")
-        if not reply.ok:
-            raise BackendLost(f"backend refused XFORWARD: {reply}")
+        return f"XFORWARD {args}" if args else None
 
-    async def mail(self, sender: str, params: list[str]) -> SmtpReply:
+    async def mail(
+        self, sender: str, params: list[str], xforward: dict[str, str] | None = None
+    ) -> SmtpReply:
+        """MAIL, preceded by XFORWARD when given (pipelined together when offered)."""
         tail = (" " + " ".join(params)) if params else ""
-        return await self.command("mail", f"MAIL FROM:<{sender}>{tail}")
+        mail = ("mail", f"MAIL FROM:<{sender}>{tail}")
+        xf = self.xforward_line(xforward) if xforward else None
+        if xf is None:
+            return await self.command(*mail)
+        xf_reply, reply = await self.pipeline([("xforward", xf), mail])
+        if not xf_reply.ok:
+            raise BackendLost(f"backend refused XFORWARD: {xf_reply}")
+        return reply
 
     async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
         tail = (" " + " ".join(params)) if params else ""

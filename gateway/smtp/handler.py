@@ -666,7 +666,7 @@ def _combine_lmtp(results: list[SmtpReply]) -> SmtpReply | Reply:
     """
     if len(results) == 1 or len({r.code // 100 for r in results}) == 1:
         return results[0]
-    return replies.BACKEND_BAD_REPLY
+    return replies.BACKEND_PARTIAL
 
 
 _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {

@@ -119,6 +119,7 @@ BACKEND_UNAVAILABLE = r(451, "4.4.1", "Next hop unavailable, try again later")
 BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
+BACKEND_PARTIAL = r(451, "4.3.0", "Delivery incomplete at next hop, try again later")
 LOCAL_ERROR = r(451, "4.3.0", "Local error in processing, try again later")
 
 

@@ -229,3 +229,41 @@ def test_required_backend_tls_with_wrong_ca_never_delivers_plain(
         code, _ = s.mail("a@sender.test")
         assert code == 451
     assert be.messages() == []
+
+
+def test_lmtp_backend_per_recipient_replies(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--lmtp", "--lmtp-fail", "full@example.test")
+    gw = gateway_factory(base_config(f"lmtp://127.0.0.1:{be.port}"))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        s.rcpt("y@example.test")
+        code, msg = s.data(MSG)
+        assert code == 250 and b"backend delivered" in msg
+        # One recipient fails at DATA, one succeeds: SMTP can carry one answer only,
+        # so the client gets a 4xx and retries; duplicates are possible, loss is not.
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        s.rcpt("full@example.test")
+        code, msg = s.data(MSG)
+        assert code == 451 and msg.startswith(b"4.3.0")
+    assert [m["rcpt_tos"] for m in be.messages()] == [["x@example.test", "y@example.test"]]
+    assert be.commands()[1].startswith("EHLO")  # LHLO, logged by the shared handler
+
+
+def test_data_timeout_gives_421(backend: Backend, gateway_factory: Callable[..., Gateway]) -> None:
+    gw = gateway_factory(base_config(backend.url, limits={"data_timeout": 0.5}))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        c.cmd("RCPT TO:<x@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: never finished\r\n")
+        code, text = c.reply()
+        assert code == 421 and "4.4.2" in text
+        assert c.closed()
+    assert backend.messages() == []

@@ -167,12 +167,26 @@ def test_swaks_against_embedded_defaults(tmp_path: Path) -> None:
     swaks = shutil.which("swaks")
     assert swaks, "swaks is required (apt-get install swaks; .ci/run installs it)"
     port = free_port()
-    gw = Gateway(tmp_path, {}, env={"GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                                    "GATEWAY_METRICS_LISTEN": "off"})
+    gw = Gateway(
+        tmp_path, {}, env={"GATEWAY_LISTEN": f"127.0.0.1:{port}", "GATEWAY_METRICS_LISTEN": "off"}
+    )
     try:
-        r = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", "--to", "postmaster@localhost",
-                            "--from", "someone@sender.test", "--header", "Subject: swaks test"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                swaks,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--to",
+                "postmaster@localhost",
+                "--from",
+                "someone@sender.test",
+                "--header",
+                "Subject: swaks test",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "<-  250 2.0.0 Delivered as" in r.stdout
     finally:

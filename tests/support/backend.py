@@ -89,6 +89,21 @@ class Backend:
             await asyncio.sleep(self.args.data_delay)
         if self.args.data_reply:
             return str(self.args.data_reply)
+        if self.args.lmtp:
+            # LMTP: one reply per accepted recipient (RFC 2033 4.2).
+            per = []
+            for rcpt in envelope.rcpt_tos:
+                if rcpt.lower() in self.args.lmtp_fail:
+                    per.append(f"452 4.2.2 <{rcpt}> backend mailbox full")
+                else:
+                    per.append(f"250 2.0.0 <{rcpt}> backend delivered")
+            if any(p.startswith("4") for p in per):
+                return "\r\n".join(per)
+            self._store(session, envelope)
+            return "\r\n".join(per)
+        return self._store(session, envelope)
+
+    def _store(self, session: Session, envelope: Envelope) -> str:
         self.count += 1
         xclient: dict[str, Any] = getattr(session, "xclient", {})
         record = {
@@ -126,6 +141,16 @@ class BackendSMTP(SMTP):
         super().connection_made(transport)
 
 
+class BackendLMTP(BackendSMTP):
+    """LHLO instead of EHLO; otherwise the same recording backend."""
+
+    async def smtp_LHLO(self, arg: str) -> None:
+        await self.smtp_EHLO(arg)
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        await super().smtp_EHLO(arg)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
@@ -139,17 +164,21 @@ async def main() -> None:
     p.add_argument("--xforward", action="store_true")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
+    p.add_argument("--lmtp", action="store_true")
+    p.add_argument("--lmtp-fail", action="append", default=[])
     args = p.parse_args()
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
     args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
+    args.lmtp_fail = [a.lower() for a in args.lmtp_fail]
     handler = Backend(args)
+    server_cls = BackendLMTP if args.lmtp else BackendSMTP
     tls_ctx = None
     if args.tls_cert:
         tls_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls_ctx.load_cert_chain(args.tls_cert, args.tls_key)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: BackendSMTP(
+        lambda: server_cls(
             handler,
             hostname="backend.test",
             tls_context=tls_ctx,
