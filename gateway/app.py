@@ -8,33 +8,24 @@ import signal
 from typing import Any
 
 from gateway import __version__, config, logs, metrics
-from gateway.checks.base import Check
-from gateway.checks.relay import RelayCheck
+from gateway.checks.registry import build_checks, known_symbols
 from gateway.forward.backend import Backend, SmtpBackend
 from gateway.forward.maildir import MaildirBackend
 from gateway.http import HttpEndpoint
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner
 from gateway.smtp import replies, tls
-from gateway.smtp.handler import ListenerState, Services, Session, ehlo_lines, network_matcher
+from gateway.smtp.handler import (
+    ListenerState,
+    Services,
+    Session,
+    ehlo_lines,
+    network_matcher,
+    reseed_session_ids,
+)
 from gateway.stream import Stream
 
 log = logging.getLogger("gateway.app")
-
-
-def build_checks(settings: config.Settings) -> list[Check]:
-    return [RelayCheck(settings.local_domains)]
-
-
-def known_symbols(checks: list[Check]) -> set[str]:
-    out: set[str] = set()
-    for c in checks:
-        out |= set(c.symbols) | policy_mod.generic_symbols(c.name)
-    return out
-
-
-def all_known_symbols(settings: config.Settings) -> set[str]:
-    return known_symbols(build_checks(settings))
 
 
 def build_backend(settings: config.Settings) -> Backend:
@@ -46,6 +37,7 @@ def build_backend(settings: config.Settings) -> Backend:
 
 class App:
     def __init__(self, settings: config.Settings) -> None:
+        reseed_session_ids()
         self.settings = settings
         self.checks = build_checks(settings)
         self.symbols = known_symbols(self.checks)
@@ -71,7 +63,7 @@ class App:
         self.http = HttpEndpoint(self.readiness)
         self.stopping = asyncio.Event()
         self.reuse_port = False
-        metrics.BUILD.info({"version": __version__})
+        metrics.child(metrics.BUILD, __version__).set(1)
 
     # -- readiness ----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -88,7 +80,7 @@ class App:
 
         def on_connect(stream: Stream) -> None:
             if ls.active >= ls.cfg.max_connections:
-                metrics.CONNECTIONS.labels(ls.cfg.name, "refused_limit").inc()
+                metrics.child(metrics.CONNECTIONS, ls.cfg.name, "refused_limit").inc()
                 stream.write(replies.TOO_MANY_CONNECTIONS.wire())
                 stream.close()
                 return
@@ -108,7 +100,7 @@ class App:
 
     async def _serve(self, ls: ListenerState, session: Session) -> None:
         ls.active += 1
-        metrics.ACTIVE_CONNECTIONS.labels(ls.cfg.name).inc()
+        metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).inc()
         self.svc.sessions.add(session)
         try:
             await session.run()
@@ -117,7 +109,7 @@ class App:
         finally:
             self.svc.sessions.discard(session)
             ls.active -= 1
-            metrics.ACTIVE_CONNECTIONS.labels(ls.cfg.name).dec()
+            metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).dec()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -157,11 +149,11 @@ class App:
         try:
             pol = policy_mod.load(self.settings.policy, self.symbols)
         except config.ConfigError as e:
-            metrics.CONFIG_RELOADS.labels("failed").inc()
+            metrics.child(metrics.CONFIG_RELOADS, "failed").inc()
             logs.event("reload_failed", error=str(e))
             return False
         self.runner.swap_policy(pol)
-        metrics.CONFIG_RELOADS.labels("ok").inc()
+        metrics.child(metrics.CONFIG_RELOADS, "ok").inc()
         logs.event("reloaded", policy=self.settings.policy)
         return True
 

@@ -27,38 +27,56 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(path: str | None) -> config.Settings:
-    return config.load(path)
+def cmd_validate(settings: config.Settings) -> None:
+    """Everything that can be checked without binding a port; raises ConfigError."""
+    from gateway.checks.registry import all_known_symbols
+    from gateway.smtp import tls
+
+    policy_mod.load(settings.policy, all_known_symbols(settings))
+    for lc in settings.listeners:
+        tls.server_context(lc)
 
 
 def cmd_config_check(path: str) -> int:
-    from gateway.app import all_known_symbols
-
-    settings = _load(path)
-    policy_mod.load(settings.policy, all_known_symbols(settings))
-    from gateway.smtp import tls
-
-    for lc in settings.listeners:
-        tls.server_context(lc)
+    settings = config.load(path)
+    cmd_validate(settings)
     print(f"{path}: OK ({len(settings.listeners)} listener(s), policy {settings.policy})")
     return 0
 
 
 def cmd_run(path: str | None) -> int:
-    settings = _load(path)
+    settings = config.load(path)
     logs.setup(settings.logging.level, settings.logging.format)
+    from gateway import workers
+
+    workers.raise_fd_limit()
+    count = settings.workers or workers.available_cpus()
+    if count == 1:
+        cmd_validate(settings)
+        return _serve(settings, reuse_port=False)
+    # Before anything imports prometheus_client (multiprocess mode is chosen at import).
+    mp_dir, created = workers.prepare_multiproc(settings.metrics.multiproc_dir)
+    try:
+        cmd_validate(settings)  # policy and TLS errors stop the master, not every worker
+        return workers.supervise(count, lambda _i: _serve(settings, reuse_port=True))
+    finally:
+        workers.cleanup(mp_dir, created)
+
+
+def _serve(settings: config.Settings, *, reuse_port: bool) -> int:
     from gateway.app import App
 
-    async def main() -> None:
+    async def serve() -> None:
         app = App(settings)
+        app.reuse_port = reuse_port
         await app.run()
 
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:
-        asyncio.run(main())
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
     return 0
 
 

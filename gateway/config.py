@@ -150,6 +150,8 @@ def backend_kind(url: str) -> str:
 
 class Metrics(_Strict):
     listen: str | None = "127.0.0.1:9125"
+    # Where worker processes share metric values (workers > 1); default: a temp dir.
+    multiproc_dir: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -178,6 +180,8 @@ class Settings(_Strict):
     logging: Logging = Logging()
     policy: str = "default"
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    # Worker processes sharing the listeners; null: one per CPU available to us.
+    workers: Annotated[int, Field(ge=1, le=256)] | None = None
 
     @field_validator("trusted_networks", "proxy_networks", mode="before")
     @classmethod
@@ -210,6 +214,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_HOSTNAME": ("hostname",),
     "GATEWAY_POLICY": ("policy",),
     "GATEWAY_LOG_FORMAT": ("logging", "format"),
+    "GATEWAY_WORKERS": ("workers",),
 }
 
 

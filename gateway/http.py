@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 MAX_REQUEST = 8192
 
@@ -20,10 +22,13 @@ class HttpEndpoint:
     def __init__(
         self,
         ready: Callable[[], tuple[bool, dict[str, object]]],
-        registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.ready = ready
-        self.registry = registry
+        self.registry = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Workers: any of them answers with the sum over all of them.
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:

@@ -17,6 +17,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if fields:
@@ -30,7 +31,10 @@ class JsonFormatter(logging.Formatter):
 
 class KvFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        head = f"ts={record.created:.3f} level={record.levelname.lower()} logger={record.name}"
+        head = (
+            f"ts={record.created:.3f} level={record.levelname.lower()} logger={record.name} "
+            f"pid={record.process}"
+        )
         fields = getattr(record, "fields", None)
         if fields:
             body = " ".join(f"{k}={_kv(v)}" for k, v in fields.items())

@@ -30,9 +30,11 @@ class Stream(asyncio.Protocol):
     __slots__ = (
         "_buf",
         "_closed",
+        "_deadline",
         "_drain_waiter",
         "_eof",
         "_high_water",
+        "_loop",
         "_paused",
         "_waiter",
         "_write_paused",
@@ -45,6 +47,9 @@ class Stream(asyncio.Protocol):
 
     def __init__(self, high_water: int = 256 * 1024) -> None:
         self._buf = bytearray()
+        # Cached: every asyncio.get_running_loop() costs a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: float | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._closed: asyncio.Future[None] | None = None
@@ -61,6 +66,7 @@ class Stream(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
@@ -103,18 +109,47 @@ class Stream(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def set_deadline(self, seconds: float | None) -> None:
+        """Every read until the next call must finish within `seconds` from now.
+
+        One timer per wait instead of an asyncio.timeout() context per read:
+        the context manager costs several system calls per command.
+        """
+        self._deadline = None if seconds is None else self.loop.time() + seconds
+
+    def _expire(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(TimeoutError())
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     async def _more(self) -> None:
-        """Wait until more bytes (or EOF) arrive."""
+        """Wait until more bytes (or EOF) arrive; TimeoutError past the deadline."""
         if self._eof:
             raise StreamClosed("connection closed by peer")
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        self._waiter = waiter = loop.create_future()
+        timer = None
+        if self._deadline is not None:
+            if loop.time() >= self._deadline:
+                self._waiter = None
+                raise TimeoutError
+            timer = loop.call_at(self._deadline, self._expire)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def set_high_water(self, n: int) -> None:
         self._high_water = n
@@ -141,7 +176,7 @@ class Stream(asyncio.Protocol):
                 if i > limit:
                     del buf[: i + 2]
                     raise LineTooLong
-                line = bytes(buf[:i])
+                line = bytes(memoryview(buf)[:i])
                 del buf[: i + 2]
                 return line
             if len(buf) > limit + 1:
@@ -181,7 +216,7 @@ class Stream(asyncio.Protocol):
                 if discarded:
                     del buf[: i + mlen]
                     return None, total
-                data = bytes(buf[:i])
+                data = bytes(memoryview(buf)[:i])  # one copy, not two
                 del buf[: i + mlen]
                 return (data if total <= max_size else None), total
             if len(buf) > max_size or discarded:
@@ -226,7 +261,7 @@ class Stream(asyncio.Protocol):
         if t is None or t.is_closing():
             raise StreamClosed("connection closed")
         if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self.loop.create_future()
             try:
                 await self._drain_waiter
             finally:
@@ -248,7 +283,7 @@ class Stream(asyncio.Protocol):
         if self.transport is None or (self._eof and self.transport.is_closing()):
             return
         if self._closed is None:
-            self._closed = asyncio.get_running_loop().create_future()
+            self._closed = self.loop.create_future()
         await self._closed
 
     async def start_tls(
@@ -257,8 +292,7 @@ class Stream(asyncio.Protocol):
         """Upgrade in place; anything buffered before the handshake is discarded."""
         self.discard_buffer()
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        new = await loop.start_tls(
+        new = await self.loop.start_tls(
             self.transport,
             self,
             ctx,

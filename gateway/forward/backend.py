@@ -42,7 +42,8 @@ class ClientInfo:
 class Transaction(Protocol):
     async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply: ...
 
-    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]: ...
+    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
+        """`wire`: dot-stuffed, CRLF-terminated lines, without the final dot."""
 
     async def finish(self) -> None:
         """The transaction completed; the session may be reused."""
@@ -101,6 +102,9 @@ class Target:
         self.helo = helo
         self.tls_ctx = client_tls_context(cfg)
         self.breaker = Breaker(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown)
+        # Turned off for this target if the backend refuses it (not authorised):
+        # mail keeps flowing, the backend just sees the gateway as the client.
+        self.use_xclient = cfg.xclient
         self.pool = Pool(self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout)
 
     async def _connect(self) -> SmtpClient:
@@ -139,8 +143,8 @@ class SmtpTransaction:
     async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
         return await self.client.rcpt(rcpt, params)
 
-    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]:
-        return await self.client.data(message, recipients)
+    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
+        return await self.client.data(wire, recipients)
 
     async def finish(self) -> None:
         self.target.pool.release(self.client)
@@ -200,8 +204,14 @@ class SmtpBackend:
             session, reused = await target.pool.acquire()
             try:
                 xforward = None
-                if self.cfg.xclient and "XCLIENT" in session.extensions:
-                    await session.xclient(_xclient_attrs(client), target.helo)
+                if target.use_xclient and "XCLIENT" in session.extensions:
+                    if not await session.xclient(_xclient_attrs(client), target.helo):
+                        target.use_xclient = False
+                        log.warning(
+                            "backend %s refused XCLIENT; not using it (authorise "
+                            "this gateway, e.g. smtpd_authorized_xclient_hosts)",
+                            target.url,
+                        )
                 elif self.cfg.xforward and "XFORWARD" in session.extensions:
                     xforward = _xclient_attrs(client)
                 return await session.mail(sender, params, xforward), session

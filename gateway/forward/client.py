@@ -74,16 +74,6 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
-def dot_stuff(content: bytes) -> bytes:
-    """Transparency (RFC 5321 4.5.2) in one pass, ending in CRLF.CRLF."""
-    stuffed = content.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
-
-
 class SmtpClient:
     """One backend session. Not safe for concurrent use: one transaction at a time."""
 
@@ -102,6 +92,7 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.last_used = time.monotonic()
         self.broken = False
+        self.xclient_args: str | None = None
 
     @classmethod
     async def connect(
@@ -123,14 +114,14 @@ class SmtpClient:
             async with asyncio.timeout(connect_timeout):
                 _, stream = await loop.create_connection(Stream, host, port)
         except TimeoutError:
-            metrics.BACKEND_CONNECTS.labels("timeout").inc()
+            metrics.child(metrics.BACKEND_CONNECTS, "timeout").inc()
             raise BackendTimeout(f"connect to {host}:{port} timed out") from None
         except OSError as e:
-            metrics.BACKEND_CONNECTS.labels("refused").inc()
+            metrics.child(metrics.BACKEND_CONNECTS, "refused").inc()
             raise BackendLost(f"connect to {host}:{port} failed: {e.strerror or e}") from None
         client = cls(stream, command_timeout=command_timeout, data_timeout=data_timeout, lmtp=lmtp)
         try:
-            greeting = await client._timed("greeting", client.read_reply())
+            greeting = await client._timed("greeting")
             if greeting.code != 220:
                 raise BackendLost(f"backend greeting: {greeting}")
             await client.ehlo(helo)
@@ -142,9 +133,9 @@ class SmtpClient:
                     raise BackendTlsError("backend does not offer STARTTLS")
         except BaseException:
             client.close()
-            metrics.BACKEND_CONNECTS.labels("failed").inc()
+            metrics.child(metrics.BACKEND_CONNECTS, "failed").inc()
             raise
-        metrics.BACKEND_CONNECTS.labels("ok").inc()
+        metrics.child(metrics.BACKEND_CONNECTS, "ok").inc()
         return client
 
     @property
@@ -188,21 +179,24 @@ class SmtpClient:
                 self.broken = True
                 raise BackendBadReply("reply has too many lines")
 
-    async def _timed(self, name: str, aw: object, limit: float | None = None) -> SmtpReply:
+    async def _timed(self, name: str, limit: float | None = None) -> SmtpReply:
+        """Read one reply within the deadline; count and time it."""
         start = time.perf_counter()
+        self.stream.set_deadline(limit or self.command_timeout)
         try:
-            async with asyncio.timeout(limit or self.command_timeout):
-                reply: SmtpReply = await aw  # type: ignore[misc]
+            reply = await self.read_reply()
         except TimeoutError:
             self.broken = True
             self.stream.abort()
-            metrics.BACKEND_REPLIES.labels(name, "error").inc()
+            metrics.child(metrics.BACKEND_REPLIES, name, "error").inc()
             raise BackendTimeout(f"backend did not answer {name}") from None
         except BackendError:
-            metrics.BACKEND_REPLIES.labels(name, "error").inc()
+            metrics.child(metrics.BACKEND_REPLIES, name, "error").inc()
             raise
-        metrics.BACKEND_LATENCY.labels(name).observe(time.perf_counter() - start)
-        metrics.BACKEND_REPLIES.labels(name, reply.klass).inc()
+        finally:
+            self.stream.set_deadline(None)
+        metrics.child(metrics.BACKEND_LATENCY, name).observe(time.perf_counter() - start)
+        metrics.child(metrics.BACKEND_REPLIES, name, reply.klass).inc()
         self.last_used = time.monotonic()
         return reply
 
@@ -210,7 +204,7 @@ class SmtpClient:
         if self.closed:
             raise BackendLost("backend connection is closed")
         self.stream.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        return await self._timed(name, self.read_reply())
+        return await self._timed(name)
 
     # -- commands ---------------------------------------------------------------
     async def ehlo(self, helo: str) -> None:
@@ -241,16 +235,22 @@ class SmtpClient:
             self.close()
             raise BackendTlsError(f"TLS handshake with backend failed: {e}") from None
 
-    async def xclient(self, attrs: dict[str, str], helo: str) -> None:
-        """Pass the real client to the backend (Postfix XCLIENT); re-greets, so re-EHLO."""
+    async def xclient(self, attrs: dict[str, str], helo: str) -> bool:
+        """Pass the real client to the backend (Postfix XCLIENT); False if refused.
+
+        Postfix answers with a new 220 greeting, some servers with 250; either
+        way the session is reset, so EHLO again.
+        """
         offered = set(self.extensions.get("XCLIENT", "").upper().split())
         args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
-        if not args:
-            return
+        if not args or args == self.xclient_args:
+            return True  # this pooled session already speaks for that client
         reply = await self.command("xclient", f"XCLIENT {args}")
-        if reply.code != 220:
-            raise BackendLost(f"backend refused XCLIENT: {reply}")
+        if not reply.ok:
+            return False
         await self.ehlo(helo)
+        self.xclient_args = args
+        return True
 
     @property
     def pipelining(self) -> bool:
@@ -268,7 +268,7 @@ class SmtpClient:
         self.stream.write(
             b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for _, line in commands)
         )
-        return [await self._timed(name, self.read_reply()) for name, _ in commands]
+        return [await self._timed(name) for name, _ in commands]
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
         offered = set(self.extensions.get("XFORWARD", "").upper().split())
@@ -293,21 +293,25 @@ class SmtpClient:
         tail = (" " + " ".join(params)) if params else ""
         return await self.command("rcpt", f"RCPT TO:<{rcpt}>{tail}")
 
-    async def data(self, content: bytes, recipients: int = 1) -> list[SmtpReply]:
-        """Send DATA and the message; one reply for SMTP, one per recipient for LMTP."""
+    async def data(self, wire: bytes, recipients: int = 1) -> list[SmtpReply]:
+        """Send DATA and the message; one reply for SMTP, one per recipient for LMTP.
+
+        `wire` is already dot-stuffed with CRLF line ends (see smtp/data.py);
+        only the terminating dot is added here.
+        """
         reply = await self.command("data", "DATA")
         if reply.code != 354:
             return [reply]
-        self.stream.write(dot_stuff(content))
+        self.stream.write(wire + b".\r\n")
         try:
             await self.stream.drain()
         except StreamClosed:
             self.broken = True
             raise BackendLost("backend closed the connection during DATA") from None
-        replies = [await self._timed("data_end", self.read_reply(), self.data_timeout)]
+        replies = [await self._timed("data_end", self.data_timeout)]
         if self.lmtp:
             for _ in range(recipients - 1):
-                replies.append(await self._timed("data_end", self.read_reply(), self.data_timeout))
+                replies.append(await self._timed("data_end", self.data_timeout))
         return replies
 
     async def rset(self) -> bool:

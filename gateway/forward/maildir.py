@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gateway.forward.backend import ClientInfo, Transaction
 from gateway.forward.client import SmtpReply
+from gateway.smtp.data import unstuff
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+=-]")
 _counter = itertools.count()
@@ -43,7 +44,8 @@ class MaildirTransaction:
         self.recipients.append(rcpt)
         return SmtpReply(250, ["2.1.5 Recipient OK"])
 
-    async def data(self, message: bytes, recipients: int) -> list[SmtpReply]:
+    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
+        message = unstuff(wire)
         try:
             name = await asyncio.to_thread(
                 self.backend.deliver, self.sender, self.recipients, message

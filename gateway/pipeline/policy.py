@@ -26,6 +26,12 @@ class TagSettings(_Strict):
     header: str = "X-Gateway-Tag"
 
 
+# Actions that hold unless the policy names the symbol (and for relay control,
+# a floor the policy cannot go below: an inbound gateway must never relay).
+DEFAULT_ACTIONS: dict[str, Action] = {"relay.denied": Action.REJECT}
+REFUSE_ONLY = {"relay.denied"}
+
+
 class Policy(_Strict):
     actions: dict[str, Action] = Field(default_factory=dict)
     tag: TagSettings = TagSettings()
@@ -33,8 +39,14 @@ class Policy(_Strict):
     # What a check that crashes or overruns its time budget means.
     check_error_action: Action = Action.TEMPFAIL
 
+    def model_post_init(self, _ctx: Any) -> None:
+        for sym in REFUSE_ONLY:
+            act = self.actions.get(sym)
+            if act is not None and act not in (Action.REJECT, Action.TEMPFAIL):
+                raise ValueError(f"actions.{sym}: must be reject or tempfail (no open relay)")
+
     def action_for(self, symbol: str) -> Action:
-        action = self.actions.get(symbol)
+        action = self.actions.get(symbol) or DEFAULT_ACTIONS.get(symbol)
         if action is not None:
             return action
         if symbol.endswith((".error", ".timeout")):

@@ -41,7 +41,7 @@ class Runner:
         for check in checks:
             symbols = await self._run_one(check, stage, ctx, policy)
             for sym in symbols:
-                metrics.CHECK_RESULTS.labels(check.name, sym).inc()
+                metrics.child(metrics.CHECK_RESULTS, check.name, sym).inc()
                 action = policy.action_for(sym)
                 if ctx.trusted and check.reputation and action is not Action.ACCEPT:
                     action = Action.ACCEPT

@@ -36,10 +36,22 @@ class Context:
     mail_from: Address | None = None
     rcpt: Address | None = None
     recipients: list[Address] = field(default_factory=list)
-    message: bytes | None = None
+    # The message as received: dot-stuffed, CRLF lines (see smtp/data.py).
+    wire: bytes | None = None
+    _message: bytes | None = None
 
     def new_transaction(self) -> None:
         self.mail_from = None
         self.rcpt = None
         self.recipients = []
-        self.message = None
+        self.wire = None
+        self._message = None
+
+    @property
+    def message(self) -> bytes | None:
+        """The message content (unstuffed), computed once and only if a check asks."""
+        if self._message is None and self.wire is not None:
+            from gateway.smtp.data import unstuff
+
+            self._message = unstuff(self.wire)
+        return self._message

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -37,8 +39,20 @@ log = logging.getLogger("gateway.smtp")
 _CTL = re.compile(rb"[\x00\r\n]")
 
 
+_ID_PREFIX = os.urandom(3).hex()
+_id_counter = itertools.count(1)
+
+
 def new_session_id() -> str:
-    return os.urandom(6).hex()
+    """Unique across restarts and workers (random per-process prefix) without a
+    getrandom() system call per connection."""
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFF:06x}"
+
+
+def reseed_session_ids() -> None:
+    """After fork: each worker gets its own prefix."""
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(3).hex()
 
 
 @dataclass
@@ -67,6 +81,7 @@ class Services:
 
 
 def network_matcher(nets: list[config.IPNetwork]) -> Callable[[str], bool]:
+    @functools.lru_cache(maxsize=4096)
     def match(ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
@@ -147,7 +162,7 @@ class Session:
 
     def _count_error(self, r: Reply) -> None:
         self.errors += 1
-        metrics.COMMAND_ERRORS.labels(r.reason or "other").inc()
+        metrics.child(metrics.COMMAND_ERRORS, r.reason or "other").inc()
 
     # -- main loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -188,7 +203,7 @@ class Session:
         cfg = self.listener.cfg
         if cfg.proxy_protocol:
             if not self.svc.is_proxy(self.ctx.client_ip):
-                metrics.CONNECTIONS.labels(cfg.name, "refused_proxy_untrusted").inc()
+                metrics.child(metrics.CONNECTIONS, cfg.name, "refused_proxy_untrusted").inc()
                 logs.event("proxy_refused", session=self.id, peer=self.ctx.client_ip)
                 self.stream.abort()
                 return False
@@ -196,7 +211,7 @@ class Session:
                 async with asyncio.timeout(self.limits.proxy_header_timeout):
                     info = await read_header(self.stream)
             except (ProxyError, TimeoutError, StreamClosed) as e:
-                metrics.CONNECTIONS.labels(cfg.name, "refused_proxy_header").inc()
+                metrics.child(metrics.CONNECTIONS, cfg.name, "refused_proxy_header").inc()
                 logs.event(
                     "proxy_refused",
                     session=self.id,
@@ -209,7 +224,7 @@ class Session:
                 self.ctx.client_ip, self.ctx.client_port = info.src_addr, info.src_port or 0
         self.ctx.trusted = self.svc.is_trusted(self.ctx.client_ip)
         self.ctx.tls_version, self.ctx.tls_cipher = tls.describe(self.stream.tls_object)
-        metrics.CONNECTIONS.labels(cfg.name, "accepted").inc()
+        metrics.child(metrics.CONNECTIONS, cfg.name, "accepted").inc()
         if self.svc.runner.has_checks(Stage.CONNECT):
             verdict = await self.svc.runner.run(Stage.CONNECT, self.ctx)
             if verdict.refuses:
@@ -232,9 +247,9 @@ class Session:
                 self.send(replies.SHUTTING_DOWN)
                 raise SessionEnd
             self.flush()
+            stream.set_deadline(limits.command_timeout)
             try:
-                async with asyncio.timeout(limits.command_timeout):
-                    line = await stream.readline(limits.max_command_line)
+                line = await stream.readline(limits.max_command_line)
             except TimeoutError:
                 self.send(replies.TIMEOUT)
                 raise SessionEnd from None
@@ -373,7 +388,7 @@ class Session:
             return
         if len(self.ctx.recipients) >= self.limits.max_recipients:
             self.send(replies.TOO_MANY_RECIPIENTS)
-            metrics.RECIPIENTS.labels("tempfailed", "too_many_recipients").inc()
+            metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
             return
         self.rcpt_tried += 1
         self.ctx.rcpt = addr
@@ -381,7 +396,7 @@ class Session:
         if verdict.refuses:
             reply = self._policy_reply(verdict, Stage.RCPT)
             self.send(reply)
-            metrics.RECIPIENTS.labels(_outcome(verdict.action), verdict.symbol).inc()
+            metrics.child(metrics.RECIPIENTS, _outcome(verdict.action), verdict.symbol).inc()
             logs.event(
                 "rcpt_refused",
                 session=self.id,
@@ -400,9 +415,9 @@ class Session:
             return
         if reply_b.ok:
             self.ctx.recipients.append(addr)
-            metrics.RECIPIENTS.labels("accepted", "backend").inc()
+            metrics.child(metrics.RECIPIENTS, "accepted", "backend").inc()
         else:
-            metrics.RECIPIENTS.labels(_outcome_code(reply_b.code), "backend").inc()
+            metrics.child(metrics.RECIPIENTS, _outcome_code(reply_b.code), "backend").inc()
         self.relay(reply_b)
 
     async def cmd_data(self, arg: str) -> None:
@@ -421,11 +436,11 @@ class Session:
         self.send(replies.START_DATA)
         self.flush()
         self.stream.set_high_water(self.limits.max_message_size + 65536)
+        self.stream.set_deadline(self.limits.data_timeout)
         try:
-            async with asyncio.timeout(self.limits.data_timeout):
-                content = await read_message(
-                    self.stream, self.limits.max_message_size, self.limits.bare_linefeed
-                )
+            wire = await read_message(
+                self.stream, self.limits.max_message_size, self.limits.bare_linefeed
+            )
         except TimeoutError:
             self.send(replies.TIMEOUT)
             await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
@@ -436,25 +451,26 @@ class Session:
             return
         finally:
             self.stream.set_high_water(256 * 1024)
-        metrics.MESSAGE_SIZE.observe(len(content))
-        self.ctx.message = content
+        size = len(wire)
+        metrics.MESSAGE_SIZE.observe(size)
+        self.ctx.wire = wire
         verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
         if verdict.refuses:
             self.send(self._policy_reply(verdict, Stage.DATA))
-            await self._end_txn(verdict.action, verdict.symbol, abort=True, size=len(content))
+            await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
         prefix = self._received()
         if verdict.action in (Action.TAG, Action.QUARANTINE):
             prefix += headers.tag(self.svc.runner.policy.tag.header, list(verdict.symbols))
         txn = self.txn
         try:
-            results = await txn.data(prefix + content, len(self.ctx.recipients))
+            results = await txn.data(prefix + wire, len(self.ctx.recipients))
         except BackendError as e:
             self.send(
                 replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
             )
             await self._end_txn(
-                Action.TEMPFAIL, "backend_lost", abort=True, size=len(content), error=str(e)
+                Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
             )
             return
         final = _combine_lmtp(results)
@@ -464,7 +480,7 @@ class Session:
             self.relay(final)
         code = final.code
         action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
-        await self._end_txn(action, "backend", abort=False, size=len(content), backend=str(final))
+        await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
 
     async def cmd_rset(self, arg: str) -> None:
         await self._abort_txn("rset")
@@ -511,7 +527,7 @@ class Session:
         try:
             await self.stream.start_tls(ctx, server_side=True)
         except (OSError, ssl.SSLError, StreamClosed, ConnectionError) as e:
-            metrics.CONNECTIONS.labels(self.listener.cfg.name, "tls_failed").inc()
+            metrics.child(metrics.CONNECTIONS, self.listener.cfg.name, "tls_failed").inc()
             logs.event("tls_failed", session=self.id, client=self.ctx.client_ip, error=str(e))
             self.stream.abort()
             raise SessionEnd from None
@@ -623,7 +639,7 @@ class Session:
     ) -> None:
         outcome = "aborted" if aborted else _outcome(action)
         self.txn_count += 1
-        metrics.TRANSACTIONS.labels(outcome, reason or "none").inc()
+        metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
         mail_from = self.ctx.mail_from
         logs.event(
             "transaction",

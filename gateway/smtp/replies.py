@@ -106,7 +106,6 @@ TLS_REQUIRED = r(530, "5.7.0", "Must issue a STARTTLS command first")
 
 SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
-DATA_LINE_TOO_LONG = r(550, "5.6.0", "Message contains a line longer than 998 octets")
 BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
 NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")
 TOO_MANY_ERRORS = r(421, "4.7.0", "Error: too many errors, closing connection")

@@ -267,3 +267,34 @@ def test_data_timeout_gives_421(backend: Backend, gateway_factory: Callable[...,
         assert code == 421 and "4.4.2" in text
         assert c.closed()
     assert backend.messages() == []
+
+
+def test_dot_lines_are_transparent_end_to_end(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    content = b"Subject: dots\r\n\r\n.\r\n..two\r\n.three\r\nlast\r\n"
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(content)[0] == 250  # smtplib dot-stuffs on the wire
+    [m] = backend.messages()
+    assert m["data"].endswith(content)
+
+
+def test_backend_refusing_xclient_does_not_stop_mail(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    be = backend_factory("--xclient", "--refuse-xclient")
+    gw = gateway_factory(base_config(be.url))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        for _ in range(2):
+            s.mail("a@sender.test")
+            s.rcpt("x@example.test")
+            assert s.data(MSG)[0] == 250
+    assert len(be.messages()) == 2
+    # Asked once, then no longer: the refusal is remembered for the target.
+    assert sum(1 for c in be.commands() if c.startswith("XCLIENT-REFUSED")) == 1
+    gw.wait_log(lambda e: "refused XCLIENT" in e.get("msg", ""))

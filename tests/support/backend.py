@@ -124,6 +124,10 @@ class Backend:
 
 class BackendSMTP(SMTP):
     async def smtp_XCLIENT(self, arg: str) -> None:
+        if self.event_handler.args.refuse_xclient:
+            self.event_handler.log(f"XCLIENT-REFUSED {arg}")
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
         attrs = dict(p.split("=", 1) for p in arg.split())
         self.session.xclient = attrs  # type: ignore[attr-defined]
         self.event_handler.log(f"XCLIENT {arg}")
@@ -162,6 +166,7 @@ async def main() -> None:
     p.add_argument("--drop-in-data", action="store_true")
     p.add_argument("--xclient", action="store_true")
     p.add_argument("--xforward", action="store_true")
+    p.add_argument("--refuse-xclient", action="store_true")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--lmtp", action="store_true")

@@ -199,6 +199,7 @@ def base_config(backend_url: str | list[str], **over: Any) -> dict[str, Any]:
         },
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "drain_timeout": 10,
+        "workers": 1,
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):

@@ -87,3 +87,12 @@ def test_breaker_opens_and_half_opens() -> None:
     b2 = Breaker(failures=1, cooldown=60)
     b2.failure()
     assert not b2.allow() and b2.open
+
+
+def test_relay_control_cannot_be_turned_into_an_open_relay(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "p.yaml"
+    p.write_text("actions:\n  relay.denied: accept\n")
+    with pytest.raises(ConfigError, match="no open relay"):
+        policy_mod.load(str(p), {"relay.denied"})
+    p.write_text("actions: {}\n")
+    assert policy_mod.load(str(p), {"relay.denied"}).action_for("relay.denied") is Action.REJECT

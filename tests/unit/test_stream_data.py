@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from gateway.config import BareLinefeed
-from gateway.forward.client import dot_stuff, xtext
+from gateway.forward.client import xtext
 from gateway.smtp import replies
-from gateway.smtp.data import DataRefused, check_content, read_message
+from gateway.smtp.data import DataRefused, check_wire, read_message, stuff, unstuff
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
@@ -53,12 +53,14 @@ def test_read_message_in_chunks_split_across_marker() -> None:
         assert await s.readline(100) == b"NOOP"
         return body
 
-    assert run(go()) == b"Subject: x\r\n\r\nline1\r\n.dot\r\n"
+    wire = run(go())
+    assert wire == b"Subject: x\r\n\r\nline1\r\n..dot\r\n"
+    assert unstuff(wire) == b"Subject: x\r\n\r\nline1\r\n.dot\r\n"
 
 
 def test_empty_message_and_leading_dot() -> None:
     assert run(read_message(fed(b".\r\n"), 100, BareLinefeed.REJECT)) == b""
-    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT)) == b".x\r\n"
+    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT)) == b"..x\r\n"
 
 
 def test_oversize_is_drained_and_refused_with_session_in_sync() -> None:
@@ -71,27 +73,30 @@ def test_oversize_is_drained_and_refused_with_session_in_sync() -> None:
 
 @pytest.mark.parametrize("seq", [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\r\n.\n", b"\ra"])
 def test_bare_cr_lf_rejected_or_normalized(seq: bytes) -> None:
-    raw = b"Subject: x\r\n\r\nbody" + seq + b"MAIL FROM:<e@x>"
+    raw = b"Subject: x\r\n\r\nbody" + seq + b"MAIL FROM:<e@x>\r\n"
     with pytest.raises(DataRefused) as ei:
-        check_content(raw, BareLinefeed.REJECT)
+        check_wire(raw, BareLinefeed.REJECT)
     assert ei.value.reply is replies.BARE_LF
-    out = check_content(raw, BareLinefeed.NORMALIZE)
+    out = check_wire(raw, BareLinefeed.NORMALIZE)
     assert out.count(b"\n") == out.count(b"\r\n") == out.count(b"\r")
+    # Whatever became a lone "." line is stuffed: no end-of-data inside the relay.
+    assert b"\r\n.\r\n" not in out
 
 
-def test_nul_and_long_lines_refused() -> None:
-    with pytest.raises(DataRefused):
-        check_content(b"a\x00b", BareLinefeed.REJECT)
-    check_content(b"x" * 998, BareLinefeed.REJECT)
+def test_nul_refused_long_lines_relayed() -> None:
     with pytest.raises(DataRefused) as ei:
-        check_content(b"x" * 999, BareLinefeed.REJECT)
-    assert ei.value.reply is replies.DATA_LINE_TOO_LONG
+        check_wire(b"a\x00b\r\n", BareLinefeed.NORMALIZE)
+    assert ei.value.reply is replies.NUL_IN_DATA
+    long = b"x" * 5000 + b"\r\n"
+    assert check_wire(long, BareLinefeed.REJECT) == long
 
 
-def test_dot_stuff_is_transparent() -> None:
-    assert dot_stuff(b".a\r\nb\r\n.\r\n") == b"..a\r\nb\r\n..\r\n.\r\n"
-    assert dot_stuff(b"no newline") == b"no newline\r\n.\r\n"
-    assert dot_stuff(b"") == b".\r\n"
+def test_stuff_and_unstuff_are_inverse() -> None:
+    content = b".a\r\nb\r\n.\r\n..c\r\n"
+    assert stuff(content) == b"..a\r\nb\r\n..\r\n...c\r\n"
+    assert unstuff(stuff(content)) == content
+    assert stuff(b"no newline") == b"no newline\r\n"
+    assert stuff(b"") == b""
 
 
 def test_xtext() -> None:

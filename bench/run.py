@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""The benchmark: smtp-source -> (gateway) -> smtp-sink over loopback.
+
+Modes, measured in the same run so the ratios are meaningful on a noisy machine:
+  direct   smtp-source -> smtp-sink (the ceiling on this machine)
+  proxy    through the gateway, policy `bench/proxy-policy.yaml` (no optional checks)
+  policy   through the gateway with the default preset (every check that exists)
+
+Shapes: small (4 KB, 1 rcpt, 20 sessions, new connection per message), large
+(100 KB, 5 rcpts), persistent (4 KB, many messages per connection: -d).
+
+For each: messages/s (median of --repeat), ratio to direct (median of the
+per-repeat ratios), CPU ms per message of the gateway processes (user+sys from
+/proc), peak resident memory. Then the latency and idle-session figures.
+
+Usage: python bench/run.py [--repeat 3] [--scale 1.0] [--workers 1] [--json FILE]
+Needs Debian's `postfix` package for smtp-source and smtp-sink (no Postfix runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": {"args": ["-s", "20", "-l", "4096"], "messages": 12000},
+    "large": {"args": ["-s", "20", "-l", "102400", "-r", "5"], "messages": 3000},
+    "persistent": {"args": ["-d", "-s", "20", "-l", "4096"], "messages": 20000},
+}
+# The checks the `policy` mode runs are those the default preset enables;
+# adding a check to the benchmark is adding it to policies/default.yaml.
+MODES = {"proxy": str(HERE / "proxy-policy.yaml"), "policy": "default"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if not path:
+        sys.exit(
+            f"{name} not found: apt-get install postfix (see bench/README section in README.md)"
+        )
+    return path
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (the gateway's workers)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def memory_kb(pids: list[int], key: str) -> int:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class GatewayProc:
+    def __init__(
+        self, workdir: Path, sink_port: int, policy: str, workers: int, max_connections: int = 20000
+    ) -> None:
+        self.port = free_port()
+        cfg = {
+            "hostname": "gw.bench",
+            "listeners": [
+                {
+                    "name": "smtp",
+                    "address": "127.0.0.1",
+                    "port": self.port,
+                    "max_connections": max_connections,
+                }
+            ],
+            "local_domains": ["bench.test"],
+            "trusted_networks": [],
+            "backend": {"url": f"smtp://127.0.0.1:{sink_port}", "pool_size": 64},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            "logging": {"level": "WARNING"},
+            "policy": policy,
+            "workers": workers,
+        }
+        import yaml
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "gateway.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.log = open(workdir / "gateway.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit(f"gateway did not start; see {workdir / 'gateway.log'}")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_source(port: int, shape: dict[str, Any], messages: int) -> float:
+    args = [
+        tool("smtp-source"),
+        *shape["args"],
+        "-m",
+        str(messages),
+        "-f",
+        "sender@src.test",
+        "-t",
+        "user@bench.test",
+        "-M",
+        "client.bench",
+        f"127.0.0.1:{port}",
+    ]
+    start = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    elapsed = time.perf_counter() - start
+    if r.returncode != 0:
+        sys.exit(f"smtp-source failed: {r.stderr}")
+    return elapsed
+
+
+def throughput(
+    args: argparse.Namespace, sink_port: int, gateways: dict[str, GatewayProc]
+) -> list[dict[str, Any]]:
+    rows = []
+    for shape_name, shape in SHAPES.items():
+        if shape_name not in args.shapes:
+            continue
+        n = max(200, int(shape["messages"] * args.scale))
+        samples: dict[str, list[dict[str, float]]] = {m: [] for m in ["direct", *gateways]}
+        for g in gateways.values():  # warm the pools and caches
+            run_source(g.port, shape, 200)
+        for _rep in range(args.repeat):
+            for mode in samples:
+                port = sink_port if mode == "direct" else gateways[mode].port
+                pids = gateways[mode].pids if mode != "direct" else []
+                cpu0 = cpu_seconds(pids)
+                t = run_source(port, shape, n)
+                cpu = cpu_seconds(pids) - cpu0
+                samples[mode].append({"rate": n / t, "cpu_ms": 1000 * cpu / n})
+        direct = samples["direct"]
+        for mode, s in samples.items():
+            ratios = [x["rate"] / d["rate"] for x, d in zip(s, direct, strict=True)]
+            rows.append(
+                {
+                    "shape": shape_name,
+                    "mode": mode,
+                    "messages": n,
+                    "rate": statistics.median(x["rate"] for x in s),
+                    "ratio": statistics.median(ratios),
+                    "cpu_ms": statistics.median(x["cpu_ms"] for x in s)
+                    if mode != "direct"
+                    else None,
+                    "peak_mb": (
+                        memory_kb(gateways[mode].pids, "VmHWM") / 1024 if mode != "direct" else None
+                    ),
+                }
+            )
+            print(_fmt_row(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt_row(r: dict[str, Any]) -> str:
+    cpu = f"{r['cpu_ms']:.3f}" if r["cpu_ms"] is not None else "-"
+    mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+    return f"| {r['shape']} | {r['mode']} | {r['rate']:.0f} | {r['ratio']:.2f} | {cpu} | {mem} |"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    p.add_argument("--shapes", default="small,large,persistent")
+    p.add_argument("--modes", default="proxy,policy")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--no-idle", action="store_true")
+    p.add_argument("--idle-sessions", type=int, default=10000)
+    p.add_argument("--json", help="write the results here as JSON")
+    args = p.parse_args()
+    args.shapes = args.shapes.split(",")
+
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    sink_port = free_port()
+    sink_cmd = [tool("smtp-sink"), "-m", "4096", f"127.0.0.1:{sink_port}", "1024"]
+    if os.geteuid() == 0:
+        sink_cmd[1:1] = ["-u", "nobody"]
+    sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateways: dict[str, GatewayProc] = {}
+    results: dict[str, Any] = {
+        "workers": args.workers,
+        "repeat": args.repeat,
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    try:
+        time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
+        for mode in args.modes.split(","):
+            gateways[mode] = GatewayProc(tmp / mode, sink_port, MODES[mode], args.workers)
+        print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
+        print("|---|---|---|---|---|---|")
+        results["throughput"] = throughput(args, sink_port, gateways)
+        first = next(iter(gateways.values()))
+        if not args.no_latency:
+            from latency import measure
+
+            results["latency"] = measure(sink_port, first.port)
+            lat = results["latency"]
+            print(
+                f"\nlatency at {lat['rate']}/s, new connection per message (ms): "
+                f"direct p50 {lat['direct']['p50']:.2f} p99 {lat['direct']['p99']:.2f}; "
+                f"gateway p50 {lat['gateway']['p50']:.2f} p99 {lat['gateway']['p99']:.2f}; "
+                f"added p50 {lat['added_p50']:.2f} p99 {lat['added_p99']:.2f}"
+            )
+        for g in gateways.values():
+            g.stop()
+        gateways.clear()
+        if not args.no_idle:
+            from idle import measure_idle
+
+            g = GatewayProc(
+                tmp / "idle", sink_port, MODES["proxy"], 1, max_connections=args.idle_sessions + 100
+            )
+            gateways["idle"] = g
+            results["idle"] = measure_idle(g.port, g.pids[0], args.idle_sessions)
+            i = results["idle"]
+            print(
+                f"\nidle sessions: {i['sessions']} held by one process, RSS "
+                f"{i['rss_before_mb']:.0f} -> {i['rss_after_mb']:.0f} MB, "
+                f"{i['kb_per_session']:.1f} KB per session"
+            )
+    finally:
+        for g in gateways.values():
+            g.stop()
+        sink.terminate()
+        sink.wait(10)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

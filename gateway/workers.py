@@ -1,0 +1,139 @@
+"""N worker processes sharing each listener (SO_REUSEPORT), one master.
+
+Why processes: one Python process is one core; the kernel spreads new
+connections across the workers' sockets. The master only forks, forwards
+signals (one SIGTERM drains every worker), and restarts a worker that died
+unexpectedly. Metrics use prometheus-client's multiprocess mode so that any
+worker's /metrics reports the sum; the directory must be set before
+prometheus_client is first imported, which is why this module imports the
+rest of the gateway only after choosing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use, honouring affinity and a cgroup CPU quota (containers)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if q > 0 and p > 0:
+                n = min(n, max(1, math.ceil(q / p)))
+        except (OSError, ValueError):
+            pass
+    return max(1, n)
+
+
+def raise_fd_limit() -> int:
+    """Idle sessions cost a descriptor each: take the hard limit, not the default soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def prepare_multiproc(directory: str | None) -> tuple[str, bool]:
+    """Choose and empty the metrics directory; returns (path, created_by_us)."""
+    created = directory is None
+    path = directory or tempfile.mkdtemp(prefix="smtp-gateway-metrics-")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for f in Path(path).glob("*.db"):
+        f.unlink()
+    os.environ[ENV_MULTIPROC] = path
+    return path, created
+
+
+def supervise(count: int, run_worker: Callable[[int], int]) -> int:
+    """Fork `count` workers running `run_worker(index)`; return the exit code."""
+    from prometheus_client import multiprocess
+
+    from gateway import logs, metrics
+
+    children: dict[int, tuple[int, float]] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(index)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            sig = signal.SIGTERM
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(count):
+        spawn(i)
+    logs.event("workers_started", workers=count, pids=sorted(children))
+    worst = 0
+    fast_failures = 0
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        index, started = children.pop(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            worst = max(worst, abs(code))
+            continue
+        metrics.WORKER_RESTARTS.inc()
+        logs.event("worker_died", worker=index, pid=pid, exit=code)
+        # A worker that dies at once (a bind error, say) must not spin the CPU.
+        fast_failures = fast_failures + 1 if time.monotonic() - started < 2 else 0
+        if fast_failures:
+            time.sleep(min(10.0, 0.2 * 2**fast_failures))
+        spawn(index)
+    return worst
+
+
+def cleanup(path: str, created: bool) -> None:
+    if created:
+        shutil.rmtree(path, ignore_errors=True)

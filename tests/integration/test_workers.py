@@ -1,0 +1,92 @@
+"""workers: N processes share the listeners; metrics add up; one drain; restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import urllib.request
+from collections.abc import Callable
+
+from tests.support.procs import Backend, Gateway, base_config
+
+MSG = b"Subject: w\r\n\r\nhello\r\n"
+
+
+def _scrape(gw: Gateway) -> str:
+    with urllib.request.urlopen(gw.metrics_url + "/metrics") as r:
+        return str(r.read().decode())
+
+
+def _value(text: str, prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _send(port: int, n: int) -> None:
+    for _ in range(n):
+        with smtplib.SMTP("127.0.0.1", port) as s:
+            s.ehlo("c.test")
+            s.mail("a@sender.test")
+            s.rcpt("x@example.test")
+            assert s.data(MSG)[0] == 250
+
+
+def _ready_pids(gw: Gateway, n: int) -> set[int]:
+    gw.wait_log(
+        lambda e: len({x["pid"] for x in gw.events() if x.get("event") == "ready"}) >= n, timeout=20
+    )
+    return {x["pid"] for x in gw.events() if x.get("event") == "ready"}
+
+
+def test_two_workers_share_sessions_metrics_and_drain(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, workers=2), ready=False)
+    pids = _ready_pids(gw, 2)
+    assert len(pids) == 2 and gw.proc.pid not in pids
+    _send(gw.port(), 30)
+    served = {
+        e["pid"]
+        for e in gw.events()
+        if e.get("event") == "transaction" and e.get("outcome") == "delivered"
+    }
+    assert served == pids  # both workers took sessions
+    # Whichever worker answers the scrape, the totals are the sum over both.
+    for _ in range(6):
+        text = _scrape(gw)
+        assert _value(text, 'smtp_gateway_transactions_total{outcome="delivered"') == 30
+        accepted = 'smtp_gateway_connections_total{listener="smtp",result="accepted"'
+        assert _value(text, accepted) == 30
+    assert len(backend.messages()) == 30
+    gw.signal(signal.SIGTERM)
+    assert gw.proc.wait(30) == 0
+    stopped = {e["pid"] for e in gw.events() if e.get("event") == "stopped"}
+    assert stopped == pids
+
+
+def test_crashed_worker_is_restarted_and_counted(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, workers=2), ready=False)
+    pids = _ready_pids(gw, 2)
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    ev = gw.wait_log(lambda e: e.get("event") == "worker_died")
+    assert ev["pid"] == victim
+    new = _ready_pids(gw, 3) - pids
+    assert len(new) == 1
+    _send(gw.port(), 10)
+    text = _scrape(gw)
+    assert _value(text, "smtp_gateway_worker_restarts_total") == 1
+    assert _value(text, 'smtp_gateway_transactions_total{outcome="delivered"') == 10
+    assert len(backend.messages()) == 10
+
+
+def test_available_cpus_and_default_worker_count() -> None:
+    from gateway import workers
+
+    n = workers.available_cpus()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
