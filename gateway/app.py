@@ -92,7 +92,7 @@ class App:
             session.task = loop.create_task(self._serve(ls, session))
 
         def factory() -> Stream:
-            s = Stream()
+            s = Stream(loop=loop)
             s.on_connect = on_connect
             return s
 

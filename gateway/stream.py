@@ -40,15 +40,16 @@ class Stream(asyncio.Protocol):
         "_write_paused",
         "on_connect",
         "peername",
-        "sockname",
         "tls_object",
         "transport",
     )
 
-    def __init__(self, high_water: int = 256 * 1024) -> None:
+    def __init__(
+        self, high_water: int = 256 * 1024, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._buf = bytearray()
         # Cached: every asyncio.get_running_loop() costs a getpid() system call.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = loop
         self._deadline: float | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -59,18 +60,15 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.peername: Any = None
-        self.sockname: Any = None
         self.tls_object: ssl.SSLObject | None = None
         # Server side: called once the connection exists, to start its session.
         self.on_connect: Callable[[Stream], None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._loop = asyncio.get_running_loop()
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
-        self.sockname = transport.get_extra_info("sockname")
         self.tls_object = transport.get_extra_info("ssl_object")
         if self.on_connect is not None:
             self.on_connect(self)
