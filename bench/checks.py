@@ -19,8 +19,10 @@ from gateway.address import parse_path
 from gateway.checks.registry import build_checks
 from gateway.pipeline.stage import Context, Stage
 
-MESSAGE = (b"From: Sender <sender@src.test>\r\nTo: user@bench.test\r\nSubject: bench\r\n"
-           b"Message-ID: <1@src.test>\r\n\r\n" + b"x" * 70 + b"\r\n") * 1
+MESSAGE = (
+    b"From: Sender <sender@src.test>\r\nTo: user@bench.test\r\nSubject: bench\r\n"
+    b"Message-ID: <1@src.test>\r\n\r\n" + b"x" * 70 + b"\r\n"
+) * 1
 
 
 def context() -> Context:

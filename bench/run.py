@@ -125,8 +125,7 @@ class GatewayProc:
             "trusted_networks": [],
             # XFORWARD (pipelined with MAIL) as Postfix's own before-queue proxy does;
             # XCLIENT costs a round trip and a re-EHLO per new client.
-            "backend": {"url": f"smtp://127.0.0.1:{sink_port}", "pool_size": 64,
-                        "xclient": False},
+            "backend": {"url": f"smtp://127.0.0.1:{sink_port}", "pool_size": 64, "xclient": False},
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "logging": {"level": "WARNING"},
             "policy": policy,

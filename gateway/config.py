@@ -265,24 +265,25 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: empty mapping)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
 def load(path: str | Path | None, env: dict[str, str] | None = None) -> Settings:
     """Read, merge environment overrides, validate. Raises ConfigError."""
-    raw: dict[str, Any] = {}
     source = str(path) if path else "(embedded defaults)"
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping")
-        raw = data
+    raw = read_yaml_mapping(Path(path)) if path is not None else {}
     _apply_env(raw, dict(os.environ) if env is None else env)
     try:
         return Settings.model_validate(raw)

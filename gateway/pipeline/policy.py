@@ -11,10 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.config import ConfigError, format_validation_error
+from gateway.config import ConfigError, format_validation_error, read_yaml_mapping
 from gateway.smtp.replies import Action
 
 
@@ -76,16 +75,7 @@ def resolve(name_or_path: str) -> Path:
 
 def load(name_or_path: str, known_symbols: set[str]) -> Policy:
     path = resolve(name_or_path)
-    try:
-        data: Any = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read policy: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:

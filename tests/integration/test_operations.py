@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.support.procs import PY, ROOT, Backend, Gateway, base_config, free_port
+from tests.support.smtp import deliver
 
 MSG = b"Subject: t\r\n\r\nhello\r\n"
 
@@ -92,11 +93,7 @@ def test_env_overrides_infrastructure_keys(
             "GATEWAY_METRICS_LISTEN": f"127.0.0.1:{mport}",
         },
     )
-    with smtplib.SMTP("127.0.0.1", port) as s:
-        s.ehlo("c.test")
-        s.mail("a@sender.test")
-        s.rcpt("x@example.test")
-        assert s.data(MSG)[0] == 250
+    assert deliver(port, MSG, helo="c.test")[0] == 250
     assert len(backend.messages()) == 1
     ev = gw.wait_log(lambda e: e.get("event") == "metrics_listening")
     assert ev["port"] == mport

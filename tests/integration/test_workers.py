@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import smtplib
 import urllib.request
 from collections.abc import Callable
 
 from tests.support.procs import Backend, Gateway, base_config
+from tests.support.smtp import deliver
 
 MSG = b"Subject: w\r\n\r\nhello\r\n"
 
@@ -27,11 +27,7 @@ def _value(text: str, prefix: str) -> float:
 
 def _send(port: int, n: int) -> None:
     for _ in range(n):
-        with smtplib.SMTP("127.0.0.1", port) as s:
-            s.ehlo("c.test")
-            s.mail("a@sender.test")
-            s.rcpt("x@example.test")
-            assert s.data(MSG)[0] == 250
+        assert deliver(port, MSG, helo="c.test")[0] == 250
 
 
 def _ready_pids(gw: Gateway, n: int) -> set[int]:

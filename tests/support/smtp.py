@@ -66,3 +66,22 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def deliver(
+    port: int,
+    msg: bytes,
+    *,
+    rcpts: tuple[str, ...] = ("x@example.test",),
+    sender: str = "a@sender.test",
+    helo: str = "client.test",
+) -> tuple[int, bytes]:
+    """One whole transaction with smtplib; returns the reply to DATA."""
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo(helo)
+        s.mail(sender)
+        for r in rcpts:
+            s.rcpt(r)
+        return s.data(msg)

@@ -130,9 +130,20 @@ def test_reply_wire_format() -> None:
 
 @pytest.mark.parametrize(
     ("data", "bare"),
-    [(b"a\r\nb\r\n", False), (b"", False), (b"a", False), (b"\r\n\r\n", False),
-     (b"a\nb\r\n", True), (b"a\rb\r\n", True), (b"a\r\r\n", True), (b"a\n\r", True),
-     (b"\r", True), (b"\n", True), (b"a\r\nb", False), (b"x\ry\nz\r\n", True)],
+    [
+        (b"a\r\nb\r\n", False),
+        (b"", False),
+        (b"a", False),
+        (b"\r\n\r\n", False),
+        (b"a\nb\r\n", True),
+        (b"a\rb\r\n", True),
+        (b"a\r\r\n", True),
+        (b"a\n\r", True),
+        (b"\r", True),
+        (b"\n", True),
+        (b"a\r\nb", False),
+        (b"x\ry\nz\r\n", True),
+    ],
 )
 def test_has_bare_cr_lf(data: bytes, bare: bool) -> None:
     from gateway.smtp.data import has_bare_cr_lf

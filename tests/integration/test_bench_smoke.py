@@ -1,0 +1,53 @@
+"""The benchmark harness itself runs (tiny scale). It asserts the harness's output,
+never speed: speed is measured by `python bench/run.py`, not by tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.procs import ROOT
+
+
+def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
+    for tool in ("smtp-source", "smtp-sink"):
+        assert shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists(), (
+            f"{tool} is required (apt-get install postfix; .ci/run installs it)"
+        )
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/run.py"),
+            "--repeat",
+            "1",
+            "--scale",
+            "0.02",
+            "--workers",
+            "1",
+            "--idle-sessions",
+            "300",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    seen = {(row["shape"], row["mode"]) for row in res["throughput"]}
+    for shape in ("small", "large", "persistent"):
+        for mode in ("direct", "proxy", "policy"):
+            assert (shape, mode) in seen
+    for row in res["throughput"]:
+        assert row["rate"] > 0 and row["ratio"] > 0
+        if row["mode"] != "direct":
+            assert row["cpu_ms"] > 0 and row["peak_mb"] > 0
+    assert res["latency"]["gateway"]["p99"] >= res["latency"]["gateway"]["p50"] > 0
+    assert res["idle"]["sessions"] == 300 and res["idle"]["rss_after_mb"] > 0
+    assert {c["check"] for c in res["checks"]} >= {"relay"}
