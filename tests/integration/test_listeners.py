@@ -326,7 +326,7 @@ def test_drain_timeout_closes_stuck_transaction_with_421(
 ) -> None:
     import signal
 
-    gw = gateway_factory(base_config(backend.url, drain_timeout=0.5))
+    gw = gateway_factory(base_config(backend.url, drain_timeout=2))
     with RawClient(gw.port()) as c:
         c.reply()
         c.cmd("EHLO c.test")
@@ -334,6 +334,15 @@ def test_drain_timeout_closes_stuck_transaction_with_421(
         c.cmd("RCPT TO:<x@example.test>")
         start = time.monotonic()
         gw.signal(signal.SIGTERM)
+        gw.wait_log(lambda e: e.get("event") == "draining")
+        # While draining, the orchestrator is told to send no new traffic.
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(gw.metrics_url + "/healthz/ready")
+        assert ei.value.code == 503 and b'"draining": true' in ei.value.read()
+        ei.value.close()
         code, text = c.reply()
         assert code == 421 and "4.3.2" in text
         assert time.monotonic() - start < 8
