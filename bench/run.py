@@ -44,7 +44,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # The checks the `policy` mode runs are those the default preset enables;
 # adding a check to the benchmark is adding it to policies/default.yaml.
-MODES = {"proxy": str(HERE / "proxy-policy.yaml"), "policy": "default"}
+MODES = {"proxy": str(HERE / "proxy-policy.yaml"), "policy": "default",
+         "policy-cold": str(HERE / "cold-policy.yaml")}
+# DNS for the bench domains, served on loopback (the sender is smtp-source's -f).
+BENCH_ZONE = {"src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+              "client.bench": [("A", "127.0.0.1")]}
 
 
 def free_port() -> int:
@@ -131,6 +135,9 @@ class GatewayProc:
             "policy": policy,
             "workers": workers,
         }
+        if dns:
+            cold = policy.endswith("cold-policy.yaml")
+            cfg["dns"] = {"nameservers": [dns], "cache_size": 0 if cold else 50000}
         import yaml
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +250,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--shapes", default="small,large,persistent")
-    p.add_argument("--modes", default="proxy,policy")
+    p.add_argument("--modes", default="proxy,policy,policy-cold")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-idle", action="store_true")
     p.add_argument("--idle-sessions", type=int, default=10000)
@@ -258,6 +265,9 @@ def main() -> None:
         sink_cmd[1:1] = ["-u", "nobody"]
     sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gateways: dict[str, GatewayProc] = {}
+    from tests.support.dnsserver import DnsServer
+
+    dns = DnsServer(BENCH_ZONE)
     results: dict[str, Any] = {
         "workers": args.workers,
         "repeat": args.repeat,
@@ -267,13 +277,14 @@ def main() -> None:
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
         for mode in args.modes.split(","):
-            gateways[mode] = GatewayProc(tmp / mode, sink_port, MODES[mode], args.workers)
+            gateways[mode] = GatewayProc(tmp / mode, sink_port, MODES[mode], args.workers,
+                                         dns=dns.address)
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")
         results["throughput"] = throughput(args, sink_port, gateways)
         from checks import measure as measure_checks
 
-        results["checks"] = measure_checks()
+        results["checks"] = measure_checks(dns.address)
         print("\n| check | stage | CPU µs per call |\n|---|---|---|")
         for row in results["checks"]:
             print(f"| {row['check']} | {row['stage']} | {row['us_per_call']:.2f} |")
@@ -311,10 +322,12 @@ def main() -> None:
             g.stop()
         sink.terminate()
         sink.wait(10)
+        dns.close()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT))
     main()

@@ -8,7 +8,8 @@ import signal
 from typing import Any
 
 from gateway import __version__, config, logs, metrics
-from gateway.checks.registry import build_checks, known_symbols
+from gateway.checks.registry import all_known_symbols, build_checks
+from gateway.dns import Resolver
 from gateway.forward.backend import Backend, SmtpBackend
 from gateway.forward.maildir import MaildirBackend
 from gateway.http import HttpEndpoint
@@ -39,8 +40,9 @@ class App:
     def __init__(self, settings: config.Settings) -> None:
         reseed_session_ids()
         self.settings = settings
-        self.checks = build_checks(settings)
-        self.symbols = known_symbols(self.checks)
+        self.resolver = Resolver(settings.dns)
+        self.checks = build_checks(settings, self.resolver)
+        self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)
         self.runner = Runner(self.checks, pol)
         self.backend = build_backend(settings)

@@ -32,7 +32,7 @@ def cmd_validate(settings: config.Settings) -> None:
     from gateway.checks.registry import all_known_symbols
     from gateway.smtp import tls
 
-    policy_mod.load(settings.policy, all_known_symbols(settings))
+    policy_mod.load(settings.policy, all_known_symbols())
     for lc in settings.listeners:
         tls.server_context(lc)
 

@@ -161,6 +161,27 @@ class Metrics(_Strict):
         return v
 
 
+class Dns(_Strict):
+    # "ip" or "ip:port" ("[v6]:port"); empty: the system's resolv.conf.
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: Annotated[float, Field(gt=0)] = 2.0  # per query, retries included
+    cache_size: Annotated[int, Field(ge=0)] = 50_000
+    negative_ttl: Annotated[float, Field(ge=0)] = 60.0
+    max_ttl: Annotated[float, Field(gt=0)] = 3600.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        from gateway.dns import parse_nameserver
+
+        for s in v:
+            try:
+                parse_nameserver(s)
+            except ValueError:
+                raise ValueError(f"{s!r} is not ip, ip:port or [ipv6]:port") from None
+        return v
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "kv"] = "json"
@@ -178,6 +199,9 @@ class Settings(_Strict):
     backend: Backend = Backend()
     metrics: Metrics = Metrics()
     logging: Logging = Logging()
+    dns: Dns = Dns()
+    # Our name in Authentication-Results (RFC 8601); default: hostname.
+    authserv_id: str | None = None
     policy: str = "default"
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     # Worker processes sharing the listeners; null: one per CPU available to us.
@@ -215,6 +239,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_POLICY": ("policy",),
     "GATEWAY_LOG_FORMAT": ("logging", "format"),
     "GATEWAY_WORKERS": ("workers",),
+    "GATEWAY_DNS_NAMESERVERS": ("dns", "nameservers"),
 }
 
 
@@ -245,7 +270,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
         node = raw
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        if path == ("backend", "url"):
+        if path in (("backend", "url"), ("dns", "nameservers")):
             node[path[-1]] = [u.strip() for u in value.split(",") if u.strip()]
         elif path == ("metrics", "listen") and value.lower() in ("", "off", "none"):
             node[path[-1]] = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import time
 from email.utils import formatdate
+from typing import Any
+
+from gateway.pipeline.results import AuthResult
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
@@ -59,3 +62,86 @@ def received(
 
 def tag(name: str, symbols: list[str]) -> bytes:
     return f"{name}: {', '.join(symbols)}\r\n".encode("ascii", "replace")
+
+
+_AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
+def _authserv_id(value: str) -> str:
+    """The authserv-id of an A-R value: first token, comments and folding removed."""
+    v = value
+    for _ in range(3):  # nested comments, a few levels
+        v = _COMMENT.sub(" ", v)
+    return v.split(";", 1)[0].strip().split()[0].lower() if v.strip() else ""
+
+
+def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
+    """Remove Authentication-Results header fields that claim our authserv-id.
+
+    Works on the wire form (stuffed) of the header section only; the body is
+    never touched. Returns the new bytes and how many fields were removed.
+    """
+    end = wire.find(b"\r\n\r\n")
+    head_end = len(wire) if end < 0 else end + 2
+    head = wire[:head_end]
+    if b"uthentication-" not in head and b"UTHENTICATION-" not in head:
+        return wire, 0  # the common case costs one search
+    ours = authserv_id.lower()
+    fields: list[list[bytes]] = []
+    for line in head.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    kept, removed = [], 0
+    for f in fields:
+        if _AR_NAME.match(f[0]):
+            value = b" ".join(x.strip() for x in f).split(b":", 1)[1]
+            if _authserv_id(value.decode("utf-8", "replace")) == ours:
+                removed += 1
+                continue
+        kept.append(b"\r\n".join(f) + b"\r\n")
+    if not removed:
+        return wire, 0
+    return b"".join(kept) + wire[head_end:], removed
+
+
+def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes:
+    """Our Authentication-Results header (RFC 8601), folded, via authres."""
+    import authres
+
+    items: list[Any] = []
+    for r in results:
+        kw = {k.replace(".", "_"): v for k, v in r.props.items()}
+        comment = _UNSAFE_COMMENT.sub(" ", r.reason)[:120] if r.reason else None
+        if r.method == "spf":
+            items.append(
+                authres.SPFAuthenticationResult(result=r.result, result_comment=comment, **kw)
+            )
+        else:
+            items.append(
+                authres.AuthenticationResult(
+                    method=r.method, result=r.result, result_comment=comment
+                )
+            )
+    if not items:
+        items = [authres.NoneAuthenticationResult()]
+    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=items))
+    return _fold(text).encode("utf-8", "replace") + b"\r\n"
+
+
+_UNSAFE_COMMENT = re.compile(r"[()\\\r\n\x00-\x1f\x7f]")
+
+
+def _fold(text: str, width: int = 78) -> str:
+    """Fold at '; ' and spaces so no line exceeds the RFC 5322 recommendation."""
+    out, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = "\t" + word
+        else:
+            line = f"{line} {word}" if line else word
+    out.append(line)
+    return "\r\n".join(out)

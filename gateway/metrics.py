@@ -96,3 +96,19 @@ CONFIG_RELOADS = Counter(
     "Policy reloads by result",
     ["result"],
 )
+DNS_QUERIES = Counter(
+    P + "dns_queries_total",
+    "DNS queries sent, by record type and outcome (ok, nxdomain, nodata, servfail, timeout)",
+    ["type", "outcome"],
+)
+DNS_CACHE = Counter(
+    P + "dns_cache_total",
+    "DNS cache lookups by result (hit, miss)",
+    ["result"],
+)
+DNS_LATENCY = Histogram(
+    P + "dns_query_seconds",
+    "Time to a DNS answer (cache misses only)",
+    ["type"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)

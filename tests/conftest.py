@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway
 
 
@@ -40,3 +41,10 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield make
     for g in started:
         g.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer()
+    yield server
+    server.close()

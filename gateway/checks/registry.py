@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway import config
 from gateway.checks.base import Check
 from gateway.checks.relay import RelayCheck
+from gateway.checks.spf import SpfCheck
+from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
 
+# Every check class, in the order they run within a stage.
+CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck)
 
-def build_checks(settings: config.Settings) -> list[Check]:
-    return [RelayCheck(settings.local_domains)]
+
+def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
+    return [RelayCheck(settings.local_domains), SpfCheck(resolver)]
 
 
-def known_symbols(checks: list[Check]) -> set[str]:
+def all_known_symbols() -> set[str]:
     out: set[str] = set()
-    for c in checks:
-        out |= set(c.symbols) | generic_symbols(c.name)
+    for cls in CHECK_CLASSES:
+        out |= set(cls.symbols) | generic_symbols(cls.name)
     return out
-
-
-def all_known_symbols(settings: config.Settings) -> set[str]:
-    return known_symbols(build_checks(settings))

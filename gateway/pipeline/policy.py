@@ -25,6 +25,20 @@ class TagSettings(_Strict):
     header: str = "X-Gateway-Tag"
 
 
+class SpfOptions(_Strict):
+    enabled: bool = True
+    # Seconds a verdict is reused for the same client IP and identity.
+    result_cache_ttl: Annotated[float, Field(ge=0)] = 60.0
+    # Overall DNS time for one evaluation (RFC 7208 4.6.4 suggests at least 20).
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+
+
+class CheckOptions(_Strict):
+    """Per-check switches and options; a check absent here has none (always on)."""
+
+    spf: SpfOptions = SpfOptions()
+
+
 # Actions that hold unless the policy names the symbol (and for relay control,
 # a floor the policy cannot go below: an inbound gateway must never relay).
 DEFAULT_ACTIONS: dict[str, Action] = {"relay.denied": Action.REJECT}
@@ -33,6 +47,7 @@ REFUSE_ONLY = {"relay.denied"}
 
 class Policy(_Strict):
     actions: dict[str, Action] = Field(default_factory=dict)
+    checks: CheckOptions = CheckOptions()
     tag: TagSettings = TagSettings()
     check_timeout: Annotated[float, Field(gt=0)] = 10.0
     # What a check that crashes or overruns its time budget means.
@@ -43,6 +58,13 @@ class Policy(_Strict):
             act = self.actions.get(sym)
             if act is not None and act not in (Action.REJECT, Action.TEMPFAIL):
                 raise ValueError(f"actions.{sym}: must be reject or tempfail (no open relay)")
+
+    def options(self, check: str) -> Any:
+        return getattr(self.checks, check, None)
+
+    def enabled(self, check: str) -> bool:
+        opts = self.options(check)
+        return opts is None or bool(opts.enabled)
 
     def action_for(self, symbol: str) -> Action:
         action = self.actions.get(symbol) or DEFAULT_ACTIONS.get(symbol)

@@ -21,12 +21,18 @@ class Runner:
     def __init__(self, checks: Sequence[Check], policy: Policy) -> None:
         self.checks = list(checks)
         self.policy = policy
-        self._by_stage: dict[Stage, list[Check]] = {
-            s: [c for c in self.checks if s in c.stages] for s in Stage
-        }
+        self._by_stage: dict[Stage, list[Check]] = {}
+        self.swap_policy(policy)
 
     def swap_policy(self, policy: Policy) -> None:
         """Reload: new transactions see the new policy; running ones are unaffected."""
+        active = [c for c in self.checks if policy.enabled(c.name)]
+        for c in active:
+            opts = policy.options(c.name)
+            configure = getattr(c, "configure", None)
+            if opts is not None and configure is not None:
+                configure(opts)
+        self._by_stage = {s: [c for c in active if s in c.stages] for s in Stage}
         self.policy = policy
 
     def has_checks(self, stage: Stage) -> bool:
@@ -39,12 +45,14 @@ class Runner:
         policy = self.policy
         verdict = ACCEPT
         for check in checks:
+            if ctx.trusted and check.reputation:
+                continue  # trusted networks: no reputation/authentication checks at all
             symbols = await self._run_one(check, stage, ctx, policy)
             for sym in symbols:
                 metrics.child(metrics.CHECK_RESULTS, check.name, sym).inc()
                 action = policy.action_for(sym)
-                if ctx.trusted and check.reputation and action is not Action.ACCEPT:
-                    action = Action.ACCEPT
+                if action is Action.TAG or action is Action.QUARANTINE:
+                    ctx.tags.append(sym)
                 verdict = combine(verdict, Verdict(action, sym, (sym,)))
             if verdict.action is Action.REJECT:
                 break  # nothing can make a reject stronger; skip the rest

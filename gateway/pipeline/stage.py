@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gateway.address import Address
+from gateway.pipeline.results import AuthResult
 
 
 class Stage(StrEnum):
@@ -39,6 +40,12 @@ class Context:
     # The message as received: dot-stuffed, CRLF lines (see smtp/data.py).
     wire: bytes | None = None
     _message: bytes | None = None
+    # What the authentication checks found (for Authentication-Results and DMARC).
+    auth: list[AuthResult] = field(default_factory=list)
+    spf_domain: str | None = None
+    spf_result: str | None = None
+    # Symbols whose action was tag or quarantine, at any stage of the transaction.
+    tags: list[str] = field(default_factory=list)
 
     def new_transaction(self) -> None:
         self.mail_from = None
@@ -46,6 +53,10 @@ class Context:
         self.recipients = []
         self.wire = None
         self._message = None
+        self.auth = []
+        self.spf_domain = None
+        self.spf_result = None
+        self.tags = []
 
     @property
     def message(self) -> bytes | None:

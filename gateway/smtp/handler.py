@@ -121,6 +121,7 @@ class Session:
         self.svc = svc
         self.settings = svc.settings
         self.limits = svc.settings.limits
+        self.authserv_id = svc.settings.authserv_id or svc.settings.hostname
         self.listener = listener
         self.stream = stream
         self.id = new_session_id()
@@ -460,8 +461,13 @@ class Session:
             await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
         prefix = self._received()
-        if verdict.action in (Action.TAG, Action.QUARANTINE):
-            prefix += headers.tag(self.svc.runner.policy.tag.header, list(verdict.symbols))
+        # Only we speak for our authserv-id, whoever the client is (trusted or not).
+        wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
+        if forged:
+            logs.event("forged_ar_removed", session=self.id, count=forged)
+        prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
+        if self.ctx.tags:
+            prefix += headers.tag(self.svc.runner.policy.tag.header, self.ctx.tags)
         txn = self.txn
         try:
             results = await txn.data(prefix + wire, len(self.ctx.recipients))

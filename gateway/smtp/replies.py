@@ -134,6 +134,21 @@ SYMBOL_REPLIES: dict[str, dict[Action, Reply]] = {
     },
 }
 
+SYMBOL_REPLIES.update(
+    {
+        # RFC 7372: 5.7.23 SPF validation failed, x.7.24 SPF validation error.
+        "spf.fail": {
+            Action.REJECT: r(550, "5.7.23", "SPF validation failed"),
+            Action.TEMPFAIL: r(451, "4.7.23", "SPF validation failed"),
+        },
+        "spf.softfail": {Action.REJECT: r(550, "5.7.23", "SPF validation failed (softfail)")},
+        "spf.permerror": {Action.REJECT: r(550, "5.7.24", "SPF validation error")},
+        "spf.temperror": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
+        "spf.timeout": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
+        "spf.error": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
+    }
+)
+
 ACTION_REPLIES: dict[Action, Reply] = {
     Action.REJECT: r(550, "5.7.1", "Message rejected by policy"),
     Action.TEMPFAIL: r(451, "4.7.1", "Temporarily deferred by policy, try again later"),

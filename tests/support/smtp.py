@@ -21,7 +21,11 @@ class RawClient:
             self.sock.bind((source, 0))
         self.buf = b""
         if connect:
-            self.sock.connect((host, port))
+            try:
+                self.sock.connect((host, port))
+            except OSError:
+                self.sock.close()
+                raise
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

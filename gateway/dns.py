@@ -1,0 +1,179 @@
+"""One async resolver for every check: cache within TTL, deadline, metrics.
+
+Timeout and SERVFAIL are never confused with NXDOMAIN: a check that sees
+`temporary` must report a temperror, and the policy decides (DNS failure is
+never a pass). Answers are cached per (name, type) for their TTL, negative
+answers for the SOA minimum (bounded), failures not at all. Concurrent asks
+for the same key share one query.
+
+The cache may be read from worker threads (pyspf runs off the loop) through
+`peek`, which only does dictionary reads; all writes happen on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from gateway import config, metrics
+
+
+class DnsStatus(StrEnum):
+    OK = "ok"
+    NXDOMAIN = "nxdomain"
+    NODATA = "nodata"
+    SERVFAIL = "servfail"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    """Records in simple form: A/AAAA and names as text, TXT as a tuple of byte
+    strings (one per character-string), MX as (preference, exchange)."""
+
+    status: DnsStatus
+    records: tuple[Any, ...] = ()
+    ttl: float = 0.0
+
+    @property
+    def temporary(self) -> bool:
+        return self.status in (DnsStatus.SERVFAIL, DnsStatus.TIMEOUT)
+
+    @property
+    def exists(self) -> bool:
+        return self.status is not DnsStatus.NXDOMAIN and not self.temporary
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """'192.0.2.53', '192.0.2.53:5353', '[2001:db8::53]:53' or '2001:db8::53'."""
+    if spec.startswith("["):
+        host, _, port = spec[1:].partition("]")
+        return str(ipaddress.ip_address(host)), int(port.lstrip(":") or 53)
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        return str(ipaddress.ip_address(host)), int(port)
+    return str(ipaddress.ip_address(spec)), 53
+
+
+def _simple(rdtype: str, rdata: Any) -> Any:
+    if rdtype in ("A", "AAAA"):
+        return rdata.address
+    if rdtype in ("TXT", "SPF"):
+        return tuple(rdata.strings)
+    if rdtype == "MX":
+        return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))
+    if rdtype in ("PTR", "CNAME", "NS"):
+        return rdata.target.to_text(omit_final_dot=True)
+    return rdata.to_text()
+
+
+class Resolver:
+    def __init__(self, cfg: config.Dns) -> None:
+        self.cfg = cfg
+        r = dns.asyncresolver.Resolver(configure=not cfg.nameservers)
+        if cfg.nameservers:
+            r.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port)
+                for host, port in (parse_nameserver(s) for s in cfg.nameservers)
+            ]
+        r.timeout = cfg.timeout
+        r.lifetime = cfg.timeout
+        r.cache = None  # ours below: bounded, negative-aware, readable from threads
+        self._r = r
+        self._cache: dict[tuple[str, str], tuple[float, DnsAnswer]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+
+    @staticmethod
+    def _key(name: str, rdtype: str) -> tuple[str, str]:
+        return (name.lower().rstrip("."), rdtype.upper())
+
+    def peek(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """A cached, unexpired answer, or None. Safe from other threads."""
+        hit = self._cache.get(self._key(name, rdtype))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def _store(self, key: tuple[str, str], ans: DnsAnswer) -> None:
+        if ans.temporary or ans.ttl <= 0:
+            return
+        cache = self._cache
+        if len(cache) >= self.cfg.cache_size:
+            # Insertion order: drop the oldest tenth in one go, cheaply.
+            for k in list(cache)[: max(1, len(cache) // 10)]:
+                del cache[k]
+        cache[key] = (time.monotonic() + ans.ttl, ans)
+
+    async def query(self, name: str, rdtype: str) -> DnsAnswer:
+        key = self._key(name, rdtype)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] >= time.monotonic():
+            metrics.child(metrics.DNS_CACHE, "hit").inc()
+            return hit[1]
+        metrics.child(metrics.DNS_CACHE, "miss").inc()
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            ans = await self._ask(*key)
+            self._store(key, ans)
+            fut.set_result(ans)
+            return ans
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # consumed: the waiters re-raise it
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _ask(self, name: str, rdtype: str) -> DnsAnswer:
+        start = time.perf_counter()
+        status = DnsStatus.OK
+        try:
+            answer = await self._r.resolve(name, rdtype, raise_on_no_answer=False, search=False)
+            if answer.rrset is None:
+                status = DnsStatus.NODATA
+                result = DnsAnswer(status, (), self._negative_ttl(answer.response))
+            else:
+                ttl = min(float(answer.rrset.ttl), self.cfg.max_ttl)
+                result = DnsAnswer(status, tuple(_simple(rdtype, rd) for rd in answer.rrset), ttl)
+        except dns.resolver.NXDOMAIN as e:
+            status = DnsStatus.NXDOMAIN
+            responses = e.responses()  # type: ignore[no-untyped-call]
+            resp = responses.get(dns.name.from_text(name)) if responses else None
+            result = DnsAnswer(status, (), self._negative_ttl(resp))
+        except (dns.resolver.NoNameservers, dns.resolver.YXDOMAIN, dns.resolver.NoRootSOA):
+            status = DnsStatus.SERVFAIL
+            result = DnsAnswer(status)
+        except dns.exception.Timeout:
+            status = DnsStatus.TIMEOUT
+            result = DnsAnswer(status)
+        except dns.exception.DNSException:
+            status = DnsStatus.SERVFAIL
+            result = DnsAnswer(status)
+        metrics.child(metrics.DNS_QUERIES, rdtype, status.value).inc()
+        metrics.child(metrics.DNS_LATENCY, rdtype).observe(time.perf_counter() - start)
+        return result
+
+    def _negative_ttl(self, response: dns.message.Message | None) -> float:
+        """RFC 2308: the SOA minimum, bounded by our configured negative TTL."""
+        ttl = self.cfg.negative_ttl
+        if response is not None:
+            for rrset in response.authority:
+                if rrset.rdtype == dns.rdatatype.SOA:
+                    ttl = min(ttl, float(rrset.ttl), float(rrset[0].minimum))
+        return ttl

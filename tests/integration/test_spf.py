@@ -1,0 +1,175 @@
+"""SPF through real SMTP sessions, with a real DNS server on loopback."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+from collections.abc import Callable
+
+import authres
+
+from tests.support.dnsserver import DnsServer
+from tests.support.procs import Backend, Gateway, base_config
+from tests.support.smtp import RawClient
+
+MSG = b"From: a@pass.test\r\nSubject: spf\r\n\r\nhello\r\n"
+
+ZONE = {
+    "pass.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+    "fail.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+    "soft.test": [("TXT", "v=spf1 ~all")],
+    "broken.test": [("SERVFAIL", "")],
+    "slowdns.test": [("TIMEOUT", "")],
+    "slow.test": [("DELAY", "0.6"), ("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+}
+
+
+def spf_config(
+    backend: Backend,
+    dns: DnsServer,
+    policy: str = "strict",
+    dns_timeout: float = 0.5,
+    **over: object,
+) -> dict:
+    return base_config(
+        backend.url,
+        trusted_networks=[],
+        policy=policy,
+        dns={"nameservers": [dns.address], "timeout": dns_timeout},
+        **over,
+    )
+
+
+def test_spf_fail_rejected_with_5723_and_nothing_delivered(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        code, msg = s.mail("a@fail.test")
+        assert (code, msg) == (550, b"5.7.23 SPF validation failed")
+        assert s.rcpt("x@example.test")[0] == 503
+    assert backend.messages() == [] and not any(c.startswith("MAIL") for c in backend.commands())
+
+
+def test_spf_pass_delivered_with_our_authentication_results(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server, authserv_id="mx.gw.test"))
+    forged = (
+        b"Authentication-Results: MX.GW.TEST (forged);\r\n\tspf=pass smtp.mailfrom=x\r\n"
+        b"Authentication-Results: other.example; spf=fail smtp.mailfrom=y\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        assert s.mail("a@pass.test")[0] == 250
+        s.rcpt("x@example.test")
+        assert s.data(forged + MSG)[0] == 250
+    [m] = backend.messages()
+    head = m["data"].split(b"\r\n\r\n", 1)[0].decode()
+    ars = [
+        h
+        for h in head.replace("\r\n\t", " ").split("\r\n")
+        if h.lower().startswith("authentication-results:")
+    ]
+    # Ours is first, the forged one claiming our id is gone, the other one stays.
+    assert len(ars) == 2
+    ours = authres.AuthenticationResultsHeader.parse(ars[0])
+    assert ours.authserv_id == "mx.gw.test"
+    assert [(r.method, r.result) for r in ours.results] == [("spf", "pass")]
+    assert ours.results[0].smtp_mailfrom == "pass.test"
+    assert "other.example" in ars[1]
+    assert m["data"].endswith(MSG)
+
+
+def test_spf_softfail_tagged_by_default_policy(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server, policy="default"))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        assert s.mail("a@soft.test")[0] == 250
+        s.rcpt("x@example.test")
+        assert s.data(MSG)[0] == 250
+    [m] = backend.messages()
+    assert b"X-Gateway-Tag: spf.softfail\r\n" in m["data"]
+    assert b"spf=softfail" in m["data"]
+
+
+def test_dns_failure_is_never_a_pass(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server, policy="default"))
+    for domain in ("broken.test", "slowdns.test"):
+        with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as s:
+            s.ehlo("client.test")
+            code, msg = s.mail(f"a@{domain}")
+            assert (code, msg) == (451, b"4.7.24 SPF validation error, try again"), domain
+    assert backend.messages() == []
+
+
+def test_null_sender_checks_helo(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add({"mta.fail.test": [("TXT", "v=spf1 -all")]})
+    gw = gateway_factory(spf_config(backend, dns_server))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("mta.fail.test")
+        assert s.mail("<>")[0] == 550
+    assert dns_server.asked("mta.fail.test", "TXT") == 1
+
+
+def test_trusted_clients_skip_spf(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    cfg = spf_config(backend, dns_server)
+    cfg["trusted_networks"] = ["127.0.0.0/8"]
+    gw = gateway_factory(cfg)
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        assert s.mail("a@fail.test")[0] == 250
+    assert dns_server.asked("fail.test") == 0
+
+
+def test_verdict_cache_spares_dns_on_repeat_senders(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server))
+    for _ in range(5):
+        with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+            s.ehlo("client.test")
+            assert s.mail("a@pass.test")[0] == 250
+    assert dns_server.asked("pass.test", "TXT") == 1
+
+
+def test_slow_dns_does_not_stall_other_sessions(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """One session waits 600 ms on DNS; another completes a whole message meanwhile."""
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server, dns_timeout=3))
+    slow = RawClient(gw.port())
+    try:
+        slow.reply()
+        slow.cmd("EHLO slow.client.test")
+        slow.send(b"MAIL FROM:<a@slow.test>\r\n")
+        fast_done = threading.Event()
+        with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+            s.ehlo("fast.client.test")
+            s.mail("a@pass.test")
+            s.rcpt("x@example.test")
+            assert s.data(MSG)[0] == 250
+            fast_done.set()
+        # The slow session's answer comes only now, after the fast message was delivered.
+        code, _ = slow.reply()
+        assert code == 250 and fast_done.is_set()
+    finally:
+        slow.close()
+    events = [e for e in gw.events() if e.get("event") == "transaction"]
+    assert events and events[0]["outcome"] == "delivered"
