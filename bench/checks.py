@@ -54,10 +54,12 @@ def measure(dns_address: str, n: int = 5000) -> list[dict[str, Any]]:
     from gateway.dns import Resolver
 
     settings = config.load(None, env={})
-    settings = settings.model_copy(update={
-        "local_domains": ["bench.test"],
-        "dns": config.Dns(nameservers=[dns_address]),
-    })
+    settings = settings.model_copy(
+        update={
+            "local_domains": ["bench.test"],
+            "dns": config.Dns(nameservers=[dns_address]),
+        }
+    )
     rows = []
     for check in build_checks(settings, Resolver(settings.dns)):
         variants = [("", None)]
@@ -69,8 +71,7 @@ def measure(dns_address: str, n: int = 5000) -> list[dict[str, Any]]:
                 check._cache.clear()  # type: ignore[attr-defined]
             for stage in sorted(check.stages, key=list(Stage).index):
                 us = asyncio.run(_time_check(check, stage, n if ttl != 0.0 else n // 10))
-                rows.append({"check": check.name + label, "stage": stage.value,
-                             "us_per_call": us})
+                rows.append({"check": check.name + label, "stage": stage.value, "us_per_call": us})
     return rows
 
 

@@ -44,11 +44,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # The checks the `policy` mode runs are those the default preset enables;
 # adding a check to the benchmark is adding it to policies/default.yaml.
-MODES = {"proxy": str(HERE / "proxy-policy.yaml"), "policy": "default",
-         "policy-cold": str(HERE / "cold-policy.yaml")}
+MODES = {
+    "proxy": str(HERE / "proxy-policy.yaml"),
+    "policy": "default",
+    "policy-cold": str(HERE / "cold-policy.yaml"),
+}
 # DNS for the bench domains, served on loopback (the sender is smtp-source's -f).
-BENCH_ZONE = {"src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
-              "client.bench": [("A", "127.0.0.1")]}
+BENCH_ZONE = {
+    "src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+    "client.bench": [("A", "127.0.0.1")],
+}
 
 
 def free_port() -> int:
@@ -112,7 +117,13 @@ def memory_kb(pids: list[int], key: str) -> int:
 
 class GatewayProc:
     def __init__(
-        self, workdir: Path, sink_port: int, policy: str, workers: int, max_connections: int = 20000
+        self,
+        workdir: Path,
+        sink_port: int,
+        policy: str,
+        workers: int,
+        max_connections: int = 20000,
+        dns: str | None = None,
     ) -> None:
         self.port = free_port()
         cfg = {
@@ -277,8 +288,9 @@ def main() -> None:
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
         for mode in args.modes.split(","):
-            gateways[mode] = GatewayProc(tmp / mode, sink_port, MODES[mode], args.workers,
-                                         dns=dns.address)
+            gateways[mode] = GatewayProc(
+                tmp / mode, sink_port, MODES[mode], args.workers, dns=dns.address
+            )
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")
         results["throughput"] = throughput(args, sink_port, gateways)
