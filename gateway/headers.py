@@ -110,6 +110,7 @@ def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
 def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes:
     """Our Authentication-Results header (RFC 8601), folded, via authres."""
     import authres
+    import authres.dmarc
 
     items: list[Any] = []
     for r in results:
@@ -118,6 +119,25 @@ def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes
         if r.method == "spf":
             items.append(
                 authres.SPFAuthenticationResult(result=r.result, result_comment=comment, **kw)
+            )
+        elif r.method == "dkim":
+            items.append(
+                authres.DKIMAuthenticationResult(
+                    result=r.result,
+                    result_comment=comment,
+                    header_d=kw.get("header_d"),
+                    header_s=kw.get("header_s"),
+                    header_a=kw.get("header_a"),
+                )
+            )
+        elif r.method == "dmarc":
+            items.append(
+                authres.dmarc.DMARCAuthenticationResult(
+                    result=r.result,
+                    result_comment=comment,
+                    header_from=kw.get("header_from"),
+                    policy=kw.get("policy_dmarc"),
+                )
             )
         else:
             items.append(

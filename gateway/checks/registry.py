@@ -6,17 +6,25 @@ from typing import Any
 
 from gateway import config
 from gateway.checks.base import Check
+from gateway.checks.dkim import DkimCheck
+from gateway.checks.dmarc import DmarcCheck
 from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
 from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
 
 # Every check class, in the order they run within a stage.
-CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck)
+# DMARC reads what SPF (at MAIL) and DKIM (earlier at DATA) found.
+CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck, DkimCheck, DmarcCheck)
 
 
 def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
-    return [RelayCheck(settings.local_domains), SpfCheck(resolver)]
+    return [
+        RelayCheck(settings.local_domains),
+        SpfCheck(resolver),
+        DkimCheck(resolver),
+        DmarcCheck(resolver),
+    ]
 
 
 def all_known_symbols() -> set[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,10 +33,25 @@ class SpfOptions(_Strict):
     timeout: Annotated[float, Field(gt=0)] = 10.0
 
 
+class DkimOptions(_Strict):
+    enabled: bool = True
+    # Signatures verified per message; more are ignored (a cheap DoS otherwise).
+    max_signatures: Annotated[int, Field(ge=1, le=50)] = 5
+
+
+class DmarcOptions(_Strict):
+    enabled: bool = True
+    # psl: RFC 7489 with the Public Suffix List (offline, from the publicsuffixlist
+    # package); tree-walk: the DMARCbis DNS tree walk.
+    organizational_domain: Literal["psl", "tree-walk"] = "psl"
+
+
 class CheckOptions(_Strict):
     """Per-check switches and options; a check absent here has none (always on)."""
 
     spf: SpfOptions = SpfOptions()
+    dkim: DkimOptions = DkimOptions()
+    dmarc: DmarcOptions = DmarcOptions()
 
 
 # Actions that hold unless the policy names the symbol (and for relay control,

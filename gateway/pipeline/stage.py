@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from gateway.address import Address
 from gateway.pipeline.results import AuthResult
@@ -46,6 +47,8 @@ class Context:
     spf_result: str | None = None
     # Symbols whose action was tag or quarantine, at any stage of the transaction.
     tags: list[str] = field(default_factory=list)
+    dkim: list[Any] = field(default_factory=list)  # checks.dkim.DkimSignature
+    dmarc: Any = None  # checks.dmarc.DmarcOutcome
 
     def new_transaction(self) -> None:
         self.mail_from = None
@@ -57,6 +60,8 @@ class Context:
         self.spf_domain = None
         self.spf_result = None
         self.tags = []
+        self.dkim = []
+        self.dmarc = None
 
     @property
     def message(self) -> bytes | None:

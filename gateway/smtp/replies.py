@@ -146,6 +146,26 @@ SYMBOL_REPLIES.update(
         "spf.temperror": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
         "spf.timeout": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
         "spf.error": {Action.TEMPFAIL: r(451, "4.7.24", "SPF validation error, try again")},
+        # RFC 7372: 5.7.20 no passing DKIM signature, 5.7.21 no acceptable one,
+        # 5.7.22 no valid author-matched one.
+        "dkim.fail": {Action.REJECT: r(550, "5.7.20", "No passing DKIM signature found")},
+        "dkim.permerror": {Action.REJECT: r(550, "5.7.21", "No acceptable DKIM signature")},
+        "dkim.temperror": {Action.TEMPFAIL: r(451, "4.7.20", "DKIM key lookup failed, try again")},
+        "dmarc.reject": {
+            Action.REJECT: r(550, "5.7.1", "Rejected by the DMARC policy of the sender's domain"),
+        },
+        "dmarc.quarantine": {
+            Action.REJECT: r(550, "5.7.1", "Rejected by the DMARC policy of the sender's domain"),
+        },
+        "dmarc.fail": {
+            Action.REJECT: r(550, "5.7.1", "DMARC validation failed"),
+        },
+        "dmarc.temperror": {
+            Action.TEMPFAIL: r(451, "4.7.1", "DMARC policy lookup failed, try again"),
+        },
+        "dmarc.malformed": {
+            Action.REJECT: r(550, "5.6.0", "Message must have exactly one From address"),
+        },
     }
 )
 

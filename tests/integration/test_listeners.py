@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import make_cert
-from tests.support.procs import Backend, Gateway, base_config, free_port
+from tests.support.procs import ROOT, Backend, Gateway, base_config, free_port
 from tests.support.smtp import RawClient
 
 MSG = b"Subject: t\r\n\r\nhello\r\n"
@@ -185,7 +185,13 @@ def _proxy_v2(src: str, sport: int, dst: str = "198.51.100.1", dport: int = 25) 
 def test_proxy_protocol_from_trusted_network(
     version: int, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    cfg = base_config(backend.url, proxy_networks=["127.0.0.0/8"], trusted_networks=[])
+    # This test is about PROXY; it has no DNS server, so sender-authentication checks are off.
+    cfg = base_config(
+        backend.url,
+        proxy_networks=["127.0.0.0/8"],
+        trusted_networks=[],
+        policy=str(ROOT / "bench/proxy-policy.yaml"),
+    )
     cfg["listeners"][0]["proxy_protocol"] = True
     gw = gateway_factory(cfg)
     header = (
@@ -200,7 +206,7 @@ def test_proxy_protocol_from_trusted_network(
         c.cmd("MAIL FROM:<a@sender.test>")
         c.cmd("RCPT TO:<x@example.test>")
         c.cmd("DATA")
-        c.send(MSG + b".\r\n")
+        c.send(b"From: a@sender.test\r\n" + MSG + b".\r\n")
         assert c.reply()[0] == 250
     [m] = backend.messages()
     assert m["xclient"]["ADDR"] == "192.0.2.77"

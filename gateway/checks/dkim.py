@@ -1,0 +1,185 @@
+"""DKIM (RFC 6376; ed25519 per RFC 8463) with dkimpy: every signature, not only the first.
+
+Keys are fetched through our resolver first (so they are cached within TTL
+and a DNS failure is a temperror, never a fail), then dkimpy verifies with a
+dictionary-backed DNS function in a worker thread: hashing and RSA are
+CPU-bound and must not hold the event loop for a large message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import dkim
+
+from gateway.dns import DnsStatus, Resolver
+from gateway.pipeline.results import AuthResult
+from gateway.pipeline.stage import Context, Stage
+
+RESULTS = ("pass", "fail", "none", "temperror", "permerror")
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSignature:
+    domain: str
+    selector: str
+    algorithm: str
+    result: str
+    reason: str = ""
+    body_length: int | None = None
+    b: str = ""
+
+    def auth_result(self) -> AuthResult:
+        props = {"header.d": self.domain, "header.s": self.selector, "header.a": self.algorithm}
+        if self.b:
+            props["header.b"] = self.b[:8]
+        reason = self.reason
+        if self.body_length is not None:
+            reason = f"{reason}; l={self.body_length}".lstrip("; ")
+        return AuthResult("dkim", self.result, props, reason)
+
+
+def _text(v: Any) -> str:
+    return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v or "")
+
+
+class DkimCheck:
+    name: ClassVar[str] = "dkim"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+    symbols: ClassVar[frozenset[str]] = frozenset(f"dkim.{r}" for r in RESULTS)
+    reputation: ClassVar[bool] = True
+
+    def __init__(self, resolver: Resolver, *, threads: int = 4) -> None:
+        self.resolver = resolver
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dkim")
+        self.max_signatures = 5
+
+    def configure(self, options: Any) -> None:
+        self.max_signatures = options.max_signatures
+
+    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        message = ctx.message
+        if not message:
+            return ("dkim.none",)
+        sigs = await self.verify(message)
+        ctx.dkim = sigs
+        ctx.auth.extend(s.auth_result() for s in sigs)
+        return (f"dkim.{aggregate(sigs)}",)
+
+    async def verify(self, message: bytes) -> list[DkimSignature]:
+        """One result per DKIM-Signature (up to max_signatures); the tested entry point."""
+        d = dkim.DKIM(message)
+        count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+        count = min(count, self.max_signatures)
+        if count == 0:
+            return []
+        preps: list[dict[bytes, bytes] | str] = []
+        names: set[str] = set()
+        for idx in range(count):
+            try:
+                prep = d.verify_headerprep(idx)
+            except dkim.DKIMException as e:
+                preps.append(f"permerror: {e}")
+                continue
+            if not prep:
+                preps.append("permerror: unparsable signature")
+                continue
+            sig = prep[0]
+            preps.append(sig)
+            names.add(f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}")
+        keys: dict[str, bytes | None] = {}
+        failed: dict[str, str] = {}
+        answers = await asyncio.gather(*(self.resolver.query(n, "TXT") for n in names))
+        for n, ans in zip(names, answers, strict=True):
+            if ans.temporary:
+                failed[n] = f"key lookup {ans.status.value}"
+            elif ans.status is not DnsStatus.OK or not ans.records:
+                keys[n] = None  # dkimpy: "missing public key" -> permerror
+            else:
+                keys[n] = b"".join(ans.records[0])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._verify_all, message, preps, keys, failed)
+
+    def _verify_all(
+        self,
+        message: bytes,
+        preps: list[dict[bytes, bytes] | str],
+        keys: dict[str, bytes | None],
+        failed: dict[str, str],
+    ) -> list[DkimSignature]:
+        lowered = {k.lower(): v for k, v in keys.items()}
+
+        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+            return lowered.get(_text(name).lower().rstrip("."))
+
+        out = []
+        d = dkim.DKIM(message)
+        for idx, prep in enumerate(preps):
+            if isinstance(prep, str):
+                out.append(DkimSignature("", "", "", "permerror", prep.split(": ", 1)[1]))
+                continue
+            domain, selector = _text(prep.get(b"d")).lower(), _text(prep.get(b"s"))
+            algo = _text(prep.get(b"a"))
+            length = int(prep[b"l"]) if prep.get(b"l", b"").isdigit() else None
+            b = _text(prep.get(b"b")).replace(" ", "")
+            keyname = f"{selector}._domainkey.{domain}"
+            if keyname in failed:
+                result, reason = "temperror", failed[keyname]
+            else:
+                problem = _key_problem(keyname, lowered.get(keyname))
+                result, reason = problem or _verify_one(d, idx, dnsfunc)
+            out.append(DkimSignature(domain, selector, algo, result, reason[:200], length, b))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_REVOKED = re.compile(rb"(?:^|;)\s*p\s*=\s*(?:;|$)")
+
+
+def _key_problem(name: str, key: bytes | None) -> tuple[str, str] | None:
+    """RFC 6376 6.1.2 outcomes for the key itself (dkimpy folds them all into False)."""
+    if key is None:
+        return "permerror", "no key for signature"
+    if _REVOKED.search(key):
+        return "fail", "key revoked"
+    try:
+        dkim.evaluate_pk(name.encode(), key)
+    except dkim.KeyFormatError as e:
+        return "permerror", f"bad key: {e}"
+    except Exception as e:
+        return "permerror", f"bad key: {e}"
+    return None
+
+
+def _verify_one(d: Any, idx: int, dnsfunc: Any) -> tuple[str, str]:
+    """(result, reason) for one signature, per RFC 6376 6.1 and RFC 8601 2.7.1."""
+    try:
+        ok = d.verify(idx=idx, dnsfunc=dnsfunc)
+    except dkim.KeyFormatError as e:
+        msg = str(e)
+        # An empty p= is a revoked key: a permanent failure of the signature (6.1.2).
+        return ("fail", msg) if "revoked" in msg else ("permerror", msg)
+    except dkim.ValidationError as e:
+        return "fail", str(e)
+    except dkim.DKIMException as e:
+        return "permerror", str(e)
+    except Exception as e:  # dkimpy on input it did not expect
+        return "permerror", f"verification error: {e}"
+    return ("pass", "") if ok else ("fail", "signature did not verify")
+
+
+def aggregate(sigs: list[DkimSignature]) -> str:
+    """One symbol for the message: any pass wins; then temperror, fail, permerror."""
+    if not sigs:
+        return "none"
+    results = {s.result for s in sigs}
+    for r in ("pass", "temperror", "fail", "permerror"):
+        if r in results:
+            return r
+    return "none"

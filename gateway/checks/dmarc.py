@@ -1,0 +1,271 @@
+"""DMARC: our own evaluator (RFC 7489, and DMARCbis's np / t / psd / tree walk).
+
+The existing Python DMARC libraries are dated or wrong (see the project's
+library notes), and the logic is small: find the policy record, decide the
+organizational domain (Public Suffix List, offline, or the DMARCbis DNS tree
+walk), check SPF and DKIM alignment, then apply p / sp / np, pct and t=y.
+A DNS failure during discovery is a temperror, never "no policy".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from typing import Any, ClassVar
+
+from publicsuffixlist import PublicSuffixList
+
+from gateway.dns import DnsStatus, Resolver
+from gateway.pipeline.results import AuthResult
+from gateway.pipeline.stage import Context, Stage
+
+SYMBOLS = ("pass", "fail", "none", "reject", "quarantine", "temperror", "permerror", "malformed")
+_psl: PublicSuffixList | None = None
+
+
+def psl() -> PublicSuffixList:
+    global _psl
+    if _psl is None:
+        _psl = PublicSuffixList()  # the bundled list: offline, loaded once
+    return _psl
+
+
+class DmarcTempError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcRecord:
+    domain: str
+    p: str
+    sp: str | None = None
+    np: str | None = None
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+    testing: bool = False
+    psd: str = "u"
+
+
+def parse_record(domain: str, text: str) -> DmarcRecord | None:
+    """A valid DMARC record, or None (RFC 7489 6.6.3: invalid records are ignored)."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if not sep:
+            if part.strip():
+                return None
+            continue
+        tags.setdefault(k.strip().lower(), v.strip())
+    if text.strip().split(";")[0].replace(" ", "").lower() != "v=dmarc1":
+        return None
+    policies = ("none", "quarantine", "reject")
+    p = tags.get("p", "").lower()
+    if p not in policies:
+        if "rua" in tags and not p:
+            p = "none"  # RFC 7489 6.6.3: a record with rua but no p is p=none
+        elif tags.get("psd", "").lower() != "y" or p:
+            return None
+        else:
+            p = "none"
+    sp, np = tags.get("sp", "").lower() or None, tags.get("np", "").lower() or None
+    if (sp and sp not in policies) or (np and np not in policies):
+        sp = sp if sp in policies else None
+        np = np if np in policies else None
+    try:
+        pct = max(0, min(100, int(tags.get("pct", "100"))))
+    except ValueError:
+        pct = 100
+    return DmarcRecord(
+        domain=domain,
+        p=p,
+        sp=sp,
+        np=np,
+        adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
+        aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
+        pct=pct,
+        testing=tags.get("t", "n").lower() == "y",
+        psd=tags.get("psd", "u").lower() if tags.get("psd", "u").lower() in "ynu" else "u",
+    )
+
+
+def from_domains(message: bytes) -> list[str] | None:
+    """Domains of the From header's addresses; None if there is not exactly one From field."""
+    head = message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    fields = msg.get_all("From") or []
+    if len(fields) != 1:
+        return None
+    addrs = getaddresses([str(fields[0])])
+    domains = [a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in addrs if "@" in a]
+    return domains if len(domains) == len(addrs) else []
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcOutcome:
+    result: str  # pass, fail, none, temperror, permerror
+    disposition: str = "none"  # none, quarantine, reject (what the policy asks, after pct/t)
+    from_domain: str = ""
+    policy: str = ""  # the applicable p/sp/np value before sampling
+    reason: str = ""
+
+
+class DmarcCheck:
+    name: ClassVar[str] = "dmarc"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+    symbols: ClassVar[frozenset[str]] = frozenset(f"dmarc.{s}" for s in SYMBOLS)
+    reputation: ClassVar[bool] = True
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.org_method = "psl"
+        self.rand = random.random
+
+    def configure(self, options: Any) -> None:
+        self.org_method = options.organizational_domain
+
+    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        message = ctx.message
+        domains = from_domains(message or b"")
+        if not domains or len(set(domains)) != 1:
+            ctx.auth.append(AuthResult("dmarc", "permerror", {}, "not exactly one From domain"))
+            return ("dmarc.malformed",)
+        from_domain = domains[0]
+        dkim_pass = [s.domain for s in getattr(ctx, "dkim", []) if s.result == "pass"]
+        spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
+        out = await self.evaluate(from_domain, spf_domain, dkim_pass)
+        ctx.dmarc = out
+        props = {"header.from": from_domain}
+        if out.policy:
+            props["policy.dmarc"] = out.policy
+        ctx.auth.append(AuthResult("dmarc", out.result, props, out.reason))
+        symbols = [f"dmarc.{out.result}"]
+        if out.result == "fail" and out.disposition in ("reject", "quarantine"):
+            symbols.append(f"dmarc.{out.disposition}")
+        return tuple(symbols)
+
+    # -- evaluation (the tested entry point) -------------------------------------
+    async def evaluate(
+        self, from_domain: str, spf_domain: str | None, dkim_domains: list[str]
+    ) -> DmarcOutcome:
+        try:
+            record, org = await self.discover(from_domain)
+        except DmarcTempError as e:
+            return DmarcOutcome("temperror", from_domain=from_domain, reason=str(e))
+        if record is None:
+            return DmarcOutcome("none", from_domain=from_domain, reason="no DMARC record")
+        try:
+            spf_ok = spf_domain is not None and await self.aligned(
+                spf_domain, from_domain, org, record.aspf
+            )
+            dkim_ok = False
+            for d in dkim_domains:
+                if await self.aligned(d, from_domain, org, record.adkim):
+                    dkim_ok = True
+                    break
+        except DmarcTempError as e:
+            return DmarcOutcome("temperror", from_domain=from_domain, reason=str(e))
+        if spf_ok or dkim_ok:
+            why = "aligned " + " and ".join(
+                x for x, ok in (("spf", spf_ok), ("dkim", dkim_ok)) if ok
+            )
+            return DmarcOutcome("pass", "none", from_domain, record.p, why)
+        applicable = record.p
+        if from_domain != record.domain:
+            applicable = record.sp or record.p
+            if record.np and not await self.exists(from_domain):
+                applicable = record.np
+        disposition = applicable
+        if record.pct < 100 and self.rand() * 100 >= record.pct:
+            disposition = _downgrade(disposition)
+        if record.testing:
+            disposition = _downgrade(disposition)
+        return DmarcOutcome(
+            "fail", disposition, from_domain, applicable, "neither SPF nor DKIM aligned with a pass"
+        )
+
+    async def aligned(self, domain: str, from_domain: str, org: str, mode: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if mode == "s":
+            return domain == from_domain
+        if domain == from_domain:
+            return True
+        return await self.org_domain(domain) == org
+
+    async def org_domain(self, domain: str) -> str:
+        if self.org_method == "psl":
+            return psl().privatesuffix(domain) or domain
+        _, org = await self._tree_walk(domain)
+        return org
+
+    async def discover(self, from_domain: str) -> tuple[DmarcRecord | None, str]:
+        """The policy record and the From domain's organizational domain."""
+        if self.org_method == "tree-walk":
+            return await self._tree_walk(from_domain)
+        org = psl().privatesuffix(from_domain) or from_domain
+        rec = await self._record(from_domain)
+        if rec is None and org != from_domain:
+            rec = await self._record(org)
+        return rec, org
+
+    async def _tree_walk(self, domain: str) -> tuple[DmarcRecord | None, str]:
+        """DMARCbis DNS tree walk: at most 8 queries, from the domain towards the root.
+
+        Policy: the first record found. Organizational domain: where psd=n, or
+        one label below a psd=y record, else the highest domain with a record,
+        else the domain itself.
+        """
+        labels = domain.split(".")
+        names = [".".join(labels[i:]) for i in range(len(labels))]
+        if len(names) > 8:
+            names = names[:1] + names[-7:]
+        policy: DmarcRecord | None = None
+        org: str | None = None
+        highest: str | None = None
+        previous = domain
+        for name in names:
+            rec = await self._record(name)
+            if rec is not None:
+                if policy is None:
+                    policy = rec
+                if rec.psd == "n":
+                    org = name
+                    break
+                if rec.psd == "y":
+                    org = previous if previous != name else name
+                    break
+                highest = name
+            previous = name
+        return policy, org or highest or domain
+
+    async def _record(self, domain: str) -> DmarcRecord | None:
+        ans = await self.resolver.query(f"_dmarc.{domain}", "TXT")
+        if ans.temporary:
+            raise DmarcTempError(f"DMARC lookup for {domain}: {ans.status.value}")
+        if ans.status is not DnsStatus.OK:
+            return None
+        found = []
+        for strings in ans.records:
+            text = b"".join(strings).decode("utf-8", "replace")
+            if text.replace(" ", "").lower().startswith("v=dmarc1"):
+                found.append(text)
+        if len(found) != 1:
+            return None  # none, or several: RFC 7489 6.6.3 says treat as no record
+        return parse_record(domain, found[0])
+
+    async def exists(self, domain: str) -> bool:
+        """DMARCbis np: a domain with no A, AAAA or MX answer (NXDOMAIN) does not exist."""
+        for rtype in ("A", "AAAA", "MX"):
+            ans = await self.resolver.query(domain, rtype)
+            if ans.temporary:
+                raise DmarcTempError(f"existence of {domain}: {ans.status.value}")
+            if ans.status is not DnsStatus.NXDOMAIN:
+                return True
+        return False
+
+
+def _downgrade(disposition: str) -> str:
+    return {"reject": "quarantine", "quarantine": "none"}.get(disposition, disposition)

@@ -1,0 +1,239 @@
+"""DKIM and DMARC: the checks' entry points against the loopback DNS server, and
+end to end through real SMTP sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import Callable
+from typing import Any
+
+import authres
+import authres.dmarc
+import pytest
+
+from gateway import config
+from gateway.checks.dkim import DkimCheck, aggregate
+from gateway.checks.dmarc import DmarcCheck, from_domains, parse_record
+from gateway.dns import Resolver
+from tests.support.dkimkeys import ed25519_key, rsa_key, sign
+from tests.support.dnsserver import DnsServer
+from tests.support.procs import Backend, Gateway, base_config
+
+RSA = rsa_key()
+ED = ed25519_key()
+
+MSG = (
+    b"From: Alice <alice@signed.test>\r\nTo: bob@example.test\r\nSubject: hello\r\n"
+    b"Date: Sun, 22 Nov 2026 08:00:00 +0000\r\nMessage-ID: <1@signed.test>\r\n\r\n"
+    b"Hello Bob.\r\nSee you.\r\n"
+)
+
+
+def zone() -> dict[str, list[tuple[str, Any]]]:
+    return {
+        "rsa._domainkey.signed.test": [("TXT", RSA.dns)],
+        "ed._domainkey.signed.test": [("TXT", ED.dns)],
+        "revoked._domainkey.signed.test": [("TXT", "v=DKIM1; k=rsa; p=")],
+        "slow._domainkey.signed.test": [("TIMEOUT", "")],
+        "signed.test": [("A", "192.0.2.1")],
+        "_dmarc.signed.test": [("TXT", "v=DMARC1; p=reject")],
+        "_dmarc.strict.test": [("TXT", "v=DMARC1; p=reject; adkim=s; aspf=s")],
+        "_dmarc.sub.test": [("TXT", "v=DMARC1; p=reject; sp=quarantine; np=reject")],
+        "exists.sub.test": [("A", "192.0.2.2")],
+        "_dmarc.testing.test": [("TXT", "v=DMARC1; p=reject; t=y")],
+        "_dmarc.sampled.test": [("TXT", "v=DMARC1; p=reject; pct=0")],
+        "_dmarc.none.test": [("TXT", "v=DMARC1; p=none")],
+        "_dmarc.slowdmarc.test": [("TIMEOUT", "")],
+        "_dmarc.example.co.uk": [("TXT", "v=DMARC1; p=quarantine")],
+        # DMARCbis tree walk: org record two levels up, no PSL entry for "walk.test".
+        "_dmarc.org.walk.test": [("TXT", "v=DMARC1; p=reject; psd=n")],
+        "_dmarc.walk.test": [("TXT", "v=DMARC1; p=none; psd=y")],
+    }
+
+
+@pytest.fixture
+def dns(dns_server: DnsServer) -> DnsServer:
+    dns_server.add(zone())
+    return dns_server
+
+
+def resolver(dns: DnsServer) -> Resolver:
+    return Resolver(config.Dns(nameservers=[dns.address], timeout=0.3))
+
+
+def verify(dns: DnsServer, message: bytes) -> list[Any]:
+    async def go() -> list[Any]:
+        check = DkimCheck(resolver(dns))
+        try:
+            return await check.verify(message)
+        finally:
+            check.close()
+
+    return asyncio.run(go())
+
+
+# -- DKIM -------------------------------------------------------------------------
+@pytest.mark.parametrize(("key", "selector"), [(RSA, "rsa"), (ED, "ed")])
+def test_dkim_valid_signatures(dns: DnsServer, key: Any, selector: str) -> None:
+    [s] = verify(dns, sign(MSG, key, "signed.test", selector))
+    assert (s.result, s.domain, s.selector) == ("pass", "signed.test", selector)
+    assert s.algorithm == ("ed25519-sha256" if key is ED else "rsa-sha256")
+
+
+def test_dkim_body_and_header_modified(dns: DnsServer) -> None:
+    signed = sign(MSG, RSA, "signed.test", "rsa")
+    [body] = verify(dns, signed.replace(b"See you.", b"See you!"))
+    assert body.result == "fail" and "body hash" in body.reason
+    [head] = verify(dns, signed.replace(b"Subject: hello", b"Subject: HELLO"))
+    assert head.result == "fail"
+
+
+def test_dkim_key_revoked_missing_or_unreachable(dns: DnsServer) -> None:
+    # RFC 6376 6.1.2: an empty p= is a revoked key, a permanent failure of the signature.
+    [revoked] = verify(dns, sign(MSG, RSA, "signed.test", "revoked"))
+    assert (revoked.result, revoked.reason) == ("fail", "key revoked")
+    [missing] = verify(dns, sign(MSG, RSA, "signed.test", "nokey"))
+    assert (missing.result, missing.reason) == ("permerror", "no key for signature")
+    [slow] = verify(dns, sign(MSG, RSA, "signed.test", "slow"))
+    assert slow.result == "temperror"
+
+
+def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
+    good = sign(MSG, ED, "signed.test", "ed")
+    # A second signature over different content: it covers "Subject: other", so it fails.
+    bad_sig = sign(
+        MSG.replace(b"Subject: hello", b"Subject: other"), RSA, "signed.test", "rsa"
+    ).split(b"From:", 1)[0]
+    sigs = verify(dns, bad_sig + good)
+    assert sorted(s.result for s in sigs) == ["fail", "pass"]
+    assert aggregate(sigs) == "pass"
+
+
+def test_dkim_body_length_reported(dns: DnsServer) -> None:
+    [s] = verify(dns, sign(MSG, RSA, "signed.test", "rsa", length=True) + b"appended\r\n")
+    assert s.result == "pass" and s.body_length == len(b"Hello Bob.\r\nSee you.\r\n")
+    assert f"l={s.body_length}" in s.auth_result().reason
+
+
+def test_dkim_signature_limit(dns: DnsServer) -> None:
+    msg = MSG
+    for _ in range(7):
+        msg = sign(msg, ED, "signed.test", "ed")
+    assert len(verify(dns, msg)) == 5
+
+
+# -- DMARC --------------------------------------------------------------------------
+def evaluate(
+    dns: DnsServer, from_domain: str, spf: str | None, dkim_domains: list[str], method: str = "psl"
+) -> Any:
+    async def go() -> Any:
+        check = DmarcCheck(resolver(dns))
+        check.org_method = method
+        return await check.evaluate(from_domain, spf, dkim_domains)
+
+    return asyncio.run(go())
+
+
+def test_dmarc_alignment(dns: DnsServer) -> None:
+    assert evaluate(dns, "signed.test", "signed.test", []).result == "pass"  # SPF only
+    assert evaluate(dns, "signed.test", None, ["signed.test"]).result == "pass"  # DKIM only
+    out = evaluate(dns, "signed.test", "other.test", ["other.test"])
+    assert (out.result, out.disposition) == ("fail", "reject")
+    # Relaxed: a subdomain of the From domain aligns; strict: it does not.
+    assert evaluate(dns, "signed.test", "mail.signed.test", []).result == "pass"
+    assert evaluate(dns, "strict.test", "mail.strict.test", []).result == "fail"
+    assert evaluate(dns, "strict.test", None, ["strict.test"]).result == "pass"
+
+
+def test_dmarc_sp_np_t_pct_none(dns: DnsServer) -> None:
+    assert evaluate(dns, "exists.sub.test", None, []).disposition == "quarantine"  # sp
+    assert evaluate(dns, "ghost.sub.test", None, []).disposition == "reject"  # np
+    out = evaluate(dns, "testing.test", None, [])
+    assert (out.result, out.policy, out.disposition) == ("fail", "reject", "quarantine")
+    assert evaluate(dns, "sampled.test", None, []).disposition == "quarantine"
+    out = evaluate(dns, "none.test", None, [])
+    assert (out.result, out.disposition) == ("fail", "none")
+    assert evaluate(dns, "nopolicy.test", None, []).result == "none"
+
+
+def test_dmarc_organizational_domain_psl_and_tree_walk(dns: DnsServer) -> None:
+    out = evaluate(dns, "a.b.example.co.uk", None, [])
+    assert (out.result, out.policy) == ("fail", "quarantine")  # org record via the PSL
+    assert evaluate(dns, "a.b.example.co.uk", "x.example.co.uk", []).result == "pass"
+    # Tree walk: from x.y.org.walk.test up to org.walk.test (psd=n: the org domain).
+    out = evaluate(dns, "x.y.org.walk.test", None, [], method="tree-walk")
+    assert (out.result, out.policy) == ("fail", "reject")
+    assert (
+        evaluate(dns, "x.y.org.walk.test", "mail.org.walk.test", [], method="tree-walk").result
+        == "pass"
+    )
+    # ...but walk.test (psd=y) is a public suffix: other.walk.test is not aligned.
+    assert (
+        evaluate(dns, "x.y.org.walk.test", "other.walk.test", [], method="tree-walk").result
+        == "fail"
+    )
+
+
+def test_dmarc_temperror_when_lookup_times_out(dns: DnsServer) -> None:
+    assert evaluate(dns, "slowdmarc.test", "slowdmarc.test", []).result == "temperror"
+
+
+def test_dmarc_record_parsing_and_from_domains() -> None:
+    rec = parse_record("x.test", "v=DMARC1; p=quarantine; sp=none; pct=50; adkim=s; t=y")
+    assert rec is not None and (rec.p, rec.sp, rec.pct, rec.adkim, rec.testing) == (
+        "quarantine",
+        "none",
+        50,
+        "s",
+        True,
+    )
+    assert parse_record("x.test", "v=DMARC1; p=bogus") is None
+    assert parse_record("x.test", "p=reject; v=DMARC1") is None
+    assert from_domains(b"From: a@x.test\r\n\r\n") == ["x.test"]
+    assert from_domains(b"From: a@x.test, b@y.test\r\n\r\n") == ["x.test", "y.test"]
+    assert from_domains(b"From: a@x.test\r\nFrom: b@x.test\r\n\r\n") is None
+    assert from_domains(b"Subject: none\r\n\r\n") is None
+    assert from_domains(b'From: "Doe, John" <j@x.test>\r\n\r\n') == ["x.test"]
+
+
+# -- end to end ------------------------------------------------------------------------
+def dmarc_config(backend: Backend, dns: DnsServer) -> dict[str, Any]:
+    return base_config(
+        backend.url,
+        trusted_networks=[],
+        authserv_id="mx.gw.test",
+        dns={"nameservers": [dns.address], "timeout": 0.5},
+    )
+
+
+def test_spoofed_from_of_p_reject_domain_is_refused(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(dmarc_config(backend, dns))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("attacker@elsewhere.test")
+        s.rcpt("bob@example.test")
+        code, msg = s.data(MSG)  # From: alice@signed.test, no signature, SPF not aligned
+        assert code == 550 and msg.startswith(b"5.7.1") and b"DMARC" in msg
+    assert backend.messages() == []
+
+
+def test_signed_message_delivered_with_dkim_and_dmarc_pass(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(dmarc_config(backend, dns))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("bounces@elsewhere.test")
+        s.rcpt("bob@example.test")
+        assert s.data(sign(MSG, RSA, "signed.test", "rsa"))[0] == 250
+    [m] = backend.messages()
+    head = m["data"].split(b"\r\n\r\n", 1)[0].decode().replace("\r\n\t", " ")
+    [ar] = [h for h in head.split("\r\n") if h.startswith("Authentication-Results: mx.gw.test")]
+    parsed = authres.FeatureContext(authres.dmarc).parse(ar)
+    results = {r.method: r for r in parsed.results}
+    assert results["dkim"].result == "pass" and results["dkim"].header_d == "signed.test"
+    assert results["dmarc"].result == "pass" and results["dmarc"].header_from == "signed.test"
+    assert results["spf"].result in ("none", "neutral")  # elsewhere.test has no record
