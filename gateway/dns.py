@@ -106,6 +106,21 @@ class Resolver:
             return None
         return hit[1]
 
+    def query_from_thread(
+        self, name: str, rdtype: str, loop: asyncio.AbstractEventLoop, timeout: float
+    ) -> DnsAnswer:
+        """For synchronous libraries running in a worker thread (pyspf, dkimpy's ARC):
+        a cached answer at once, else the loop asks and this thread waits for it."""
+        ans = self.peek(name, rdtype)
+        if ans is not None:
+            return ans
+        fut = asyncio.run_coroutine_threadsafe(self.query(name, rdtype), loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            return DnsAnswer(DnsStatus.TIMEOUT)
+
     def _store(self, key: tuple[str, str], ans: DnsAnswer) -> None:
         if ans.temporary or ans.ttl <= 0:
             return

@@ -61,7 +61,15 @@ def received(
 
 
 def tag(name: str, symbols: list[str]) -> bytes:
-    return f"{name}: {', '.join(symbols)}\r\n".encode("ascii", "replace")
+    return (_fold(f"{name}: {', '.join(symbols)}") + "\r\n").encode("ascii", "replace")
+
+
+def quarantine(name: str, recipients: list[str], symbols: list[str]) -> bytes:
+    """Why a message was quarantined and whom it was for (addresses are parsed
+    envelope paths: they cannot carry CR or LF)."""
+    rcpts = ", ".join(f"<{r}>" for r in recipients)
+    text = f"{name}: symbols={','.join(symbols)}; original-recipients={rcpts}"
+    return (_fold(text) + "\r\n").encode("utf-8", "replace")
 
 
 _AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")

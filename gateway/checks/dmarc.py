@@ -122,10 +122,12 @@ class DmarcCheck:
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.org_method = "psl"
+        self.trusted_sealers: frozenset[str] = frozenset()
         self.rand = random.random
 
     def configure(self, options: Any) -> None:
         self.org_method = options.organizational_domain
+        self.trusted_sealers = frozenset(d.lower().rstrip(".") for d in options.trusted_arc_sealers)
 
     async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
         message = ctx.message
@@ -137,6 +139,19 @@ class DmarcCheck:
         dkim_pass = [s.domain for s in getattr(ctx, "dkim", []) if s.result == "pass"]
         spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
         out = await self.evaluate(from_domain, spf_domain, dkim_pass)
+        if (
+            out.result == "fail"
+            and ctx.arc_result == "pass"
+            and ctx.arc_sealer in self.trusted_sealers
+        ):
+            # RFC 8617 7.2 / RFC 7489 6.7: a local-policy override for a trusted sealer.
+            out = DmarcOutcome(
+                "fail",
+                "none",
+                out.from_domain,
+                out.policy,
+                f"overridden: ARC chain sealed by trusted {ctx.arc_sealer}",
+            )
         ctx.dmarc = out
         props = {"header.from": from_domain}
         if out.policy:

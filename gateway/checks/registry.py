@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import config
+from gateway.checks.arc import ArcCheck
 from gateway.checks.base import Check
 from gateway.checks.dkim import DkimCheck
 from gateway.checks.dmarc import DmarcCheck
@@ -14,8 +15,8 @@ from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
 
 # Every check class, in the order they run within a stage.
-# DMARC reads what SPF (at MAIL) and DKIM (earlier at DATA) found.
-CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck, DkimCheck, DmarcCheck)
+# DMARC reads what SPF (at MAIL), DKIM and ARC (earlier at DATA) found.
+CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck, DkimCheck, ArcCheck, DmarcCheck)
 
 
 def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
@@ -23,6 +24,7 @@ def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
         RelayCheck(settings.local_domains),
         SpfCheck(resolver),
         DkimCheck(resolver),
+        ArcCheck(resolver),
         DmarcCheck(resolver),
     ]
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import spf
 
-from gateway.dns import DnsStatus, Resolver
+from gateway.dns import Resolver
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
@@ -35,15 +35,8 @@ _tls = threading.local()
 def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[Any]:
     """pyspf's DNSLookup contract: [((name, qtype), value), ...]; TempError on failure."""
     resolver: Resolver = _tls.resolver
-    ans = resolver.peek(name, qtype)
-    if ans is None:
-        fut = asyncio.run_coroutine_threadsafe(resolver.query(name, qtype), _tls.loop)
-        try:
-            ans = fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise spf.TempError(f"DNS timeout for {name}/{qtype}") from None
-    if ans.status in (DnsStatus.SERVFAIL, DnsStatus.TIMEOUT):
+    ans = resolver.query_from_thread(name, qtype, _tls.loop, timeout)
+    if ans.temporary:
         raise spf.TempError(f"DNS {ans.status.value} for {name}/{qtype}")
     return [((name, qtype), v) for v in ans.records]
 

@@ -25,6 +25,18 @@ class TagSettings(_Strict):
     header: str = "X-Gateway-Tag"
 
 
+class QuarantineSettings(_Strict):
+    # tag: deliver to the original recipients with the header below;
+    # redirect: deliver only to `recipient`, the original recipients in the header.
+    mode: Literal["tag", "redirect"] = "tag"
+    recipient: str | None = None
+    header: str = "X-Gateway-Quarantine"
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.mode == "redirect" and not self.recipient:
+            raise ValueError("mode: redirect needs a recipient")
+
+
 class SpfOptions(_Strict):
     enabled: bool = True
     # Seconds a verdict is reused for the same client IP and identity.
@@ -44,6 +56,13 @@ class DmarcOptions(_Strict):
     # psl: RFC 7489 with the Public Suffix List (offline, from the publicsuffixlist
     # package); tree-walk: the DMARCbis DNS tree walk.
     organizational_domain: Literal["psl", "tree-walk"] = "psl"
+    # Sealers (ARC-Seal d= domains) whose passing ARC chain may override a DMARC
+    # fail, for mailing lists and forwarders you trust. Off (empty) by default.
+    trusted_arc_sealers: list[str] = Field(default_factory=list)
+
+
+class ArcOptions(_Strict):
+    enabled: bool = True
 
 
 class CheckOptions(_Strict):
@@ -51,6 +70,7 @@ class CheckOptions(_Strict):
 
     spf: SpfOptions = SpfOptions()
     dkim: DkimOptions = DkimOptions()
+    arc: ArcOptions = ArcOptions()
     dmarc: DmarcOptions = DmarcOptions()
 
 
@@ -64,6 +84,7 @@ class Policy(_Strict):
     actions: dict[str, Action] = Field(default_factory=dict)
     checks: CheckOptions = CheckOptions()
     tag: TagSettings = TagSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
     check_timeout: Annotated[float, Field(gt=0)] = 10.0
     # What a check that crashes or overruns its time budget means.
     check_error_action: Action = Action.TEMPFAIL

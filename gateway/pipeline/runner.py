@@ -53,6 +53,8 @@ class Runner:
                 action = policy.action_for(sym)
                 if action is Action.TAG or action is Action.QUARANTINE:
                     ctx.tags.append(sym)
+                    if action is Action.QUARANTINE:
+                        ctx.quarantine = True
                 verdict = combine(verdict, Verdict(action, sym, (sym,)))
             if verdict.action is Action.REJECT:
                 break  # nothing can make a reject stronger; skip the rest

@@ -47,8 +47,11 @@ class Context:
     spf_result: str | None = None
     # Symbols whose action was tag or quarantine, at any stage of the transaction.
     tags: list[str] = field(default_factory=list)
+    quarantine: bool = False
     dkim: list[Any] = field(default_factory=list)  # checks.dkim.DkimSignature
     dmarc: Any = None  # checks.dmarc.DmarcOutcome
+    arc_result: str | None = None
+    arc_sealer: str | None = None
 
     def new_transaction(self) -> None:
         self.mail_from = None
@@ -60,8 +63,11 @@ class Context:
         self.spf_domain = None
         self.spf_result = None
         self.tags = []
+        self.quarantine = False
         self.dkim = []
         self.dmarc = None
+        self.arc_result = None
+        self.arc_sealer = None
 
     @property
     def message(self) -> bytes | None:

@@ -130,6 +130,8 @@ class Session:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
+        self.client_info: ClientInfo | None = None
+        self.mail_params: list[str] = []
         self.txn_start = 0.0
         self.txn_count = 0
         self.rcpt_tried = 0
@@ -370,6 +372,7 @@ class Session:
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
             return
         self.txn = txn
+        self.client_info, self.mail_params = info, fwd
         self.txn_broken = None
         self.relay(reply)
 
@@ -466,11 +469,25 @@ class Session:
         if forged:
             logs.event("forged_ar_removed", session=self.id, count=forged)
         prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
+        policy = self.svc.runner.policy
         if self.ctx.tags:
-            prefix += headers.tag(self.svc.runner.policy.tag.header, self.ctx.tags)
+            prefix += headers.tag(policy.tag.header, self.ctx.tags)
+        n_rcpts = len(self.ctx.recipients)
+        if self.ctx.quarantine:
+            prefix += headers.quarantine(
+                policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
+            )
+            if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
+                refused = await self._redirect(policy.quarantine.recipient)
+                if refused is not None:
+                    self.send(refused)
+                    await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
+                    return
+                n_rcpts = 1
         txn = self.txn
+        assert txn is not None
         try:
-            results = await txn.data(prefix + wire, len(self.ctx.recipients))
+            results = await txn.data(prefix + wire, n_rcpts)
         except BackendError as e:
             self.send(
                 replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
@@ -487,6 +504,34 @@ class Session:
         code = final.code
         action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
         await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
+
+    async def _redirect(self, recipient: str) -> Reply | None:
+        """Quarantine by redirection: abandon the original recipients at the backend
+        (RSET) and open the transaction again for the quarantine mailbox only."""
+        old, self.txn = self.txn, None
+        if old is not None:
+            await old.abort()
+        assert self.ctx.mail_from is not None and self.client_info is not None
+        try:
+            reply, txn = await self.svc.backend.begin(
+                self.client_info, str(self.ctx.mail_from), self.mail_params
+            )
+            if txn is None:
+                return replies.from_backend(reply.code, reply.lines)
+            r = await txn.rcpt(recipient, [])
+        except (BackendUnavailable, BackendError):
+            return replies.BACKEND_UNAVAILABLE
+        if not r.ok:
+            await txn.abort()
+            return replies.from_backend(r.code, r.lines)
+        self.txn = txn
+        logs.event(
+            "quarantined",
+            session=self.id,
+            to=recipient,
+            original=[str(a) for a in self.ctx.recipients],
+        )
+        return None
 
     async def cmd_rset(self, arg: str) -> None:
         await self._abort_txn("rset")

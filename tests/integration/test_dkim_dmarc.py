@@ -237,3 +237,91 @@ def test_signed_message_delivered_with_dkim_and_dmarc_pass(
     assert results["dkim"].result == "pass" and results["dkim"].header_d == "signed.test"
     assert results["dmarc"].result == "pass" and results["dmarc"].header_from == "signed.test"
     assert results["spf"].result in ("none", "neutral")  # elsewhere.test has no record
+
+
+# -- ARC ----------------------------------------------------------------------------
+ARC_KEY = rsa_key()
+
+
+def arc_sealed(message: bytes, sealer: str = "list.test") -> bytes:
+    """The message as a mailing list would forward it: its A-R, then an ARC set."""
+    import dkim
+
+    with_ar = (
+        f"Authentication-Results: {sealer}; spf=pass smtp.mailfrom=signed.test; "
+        "dkim=pass header.d=signed.test\r\n"
+    ).encode() + message
+    headers = dkim.arc_sign(with_ar, b"arc", sealer.encode(), ARC_KEY.private, sealer.encode())
+    return b"".join(headers) + with_ar
+
+
+def arc_verify(dns: DnsServer, message: bytes) -> Any:
+    from gateway.checks.arc import ArcCheck
+
+    async def go() -> Any:
+        check = ArcCheck(resolver(dns))
+        try:
+            return await check.verify(message)
+        finally:
+            check.close()
+
+    return asyncio.run(go())
+
+
+def test_arc_chain_pass_fail_none(dns: DnsServer) -> None:
+    dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
+    sealed = arc_sealed(MSG)
+    assert arc_verify(dns, sealed)[:2] == ("pass", "list.test")
+    status, _sealer, why = arc_verify(dns, sealed.replace(b"See you.", b"See you!"))
+    assert status == "fail" and why
+    assert arc_verify(dns, MSG)[0] == "none"
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_trusted_arc_sealer_overrides_dmarc_reject(
+    trusted: bool, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
+    pol = (
+        "actions:\n  dmarc.reject: reject\n  dmarc.temperror: tempfail\n"
+        "checks:\n  dmarc:\n    trusted_arc_sealers: " + ("[list.test]" if trusted else "[]") + "\n"
+    )
+    gw = gateway_factory(dmarc_config(backend, dns), policy=pol)
+    # Forwarded by the list: From alice@signed.test (p=reject), list's own envelope.
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("list.test")
+        s.mail("bounces@list.test")
+        s.rcpt("bob@example.test")
+        code, _ = s.data(arc_sealed(MSG))
+    if trusted:
+        assert code == 250
+        [m] = backend.messages()
+        assert b"arc=pass" in m["data"] and b"dmarc=fail" in m["data"]
+    else:
+        assert code == 550 and backend.messages() == []
+
+
+@pytest.mark.parametrize("mode", ["tag", "redirect"])
+def test_dmarc_quarantine_tags_or_redirects(
+    mode: str, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    dns.add({"_dmarc.q.test": [("TXT", "v=DMARC1; p=quarantine")]})
+    pol = ("actions:\n  dmarc.quarantine: quarantine\n"
+           f"quarantine:\n  mode: {mode}\n  recipient: quarantine@example.test\n")
+    gw = gateway_factory(dmarc_config(backend, dns), policy=pol)
+    msg = MSG.replace(b"alice@signed.test", b"alice@q.test")
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("someone@elsewhere.test")
+        s.rcpt("bob@example.test")
+        s.rcpt("carol@example.test")
+        assert s.data(msg)[0] == 250
+    [m] = backend.messages()
+    head = m["data"].split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ")
+    assert (b"X-Gateway-Quarantine: symbols=dmarc.quarantine; original-recipients="
+            b"<bob@example.test>, <carol@example.test>") in head
+    if mode == "redirect":
+        assert m["rcpt_tos"] == ["quarantine@example.test"]
+        assert "RSET" in backend.commands()
+    else:
+        assert m["rcpt_tos"] == ["bob@example.test", "carol@example.test"]
