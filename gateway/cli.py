@@ -20,6 +20,15 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway (embedded defaults without --config)")
     run.add_argument("--config", "-c", help="YAML config file")
 
+    chk = sub.add_parser("check", help="the pipeline's verdict on one message (no backend)")
+    chk.add_argument("message", help="the message, as an .eml file")
+    chk.add_argument("--client-ip", required=True)
+    chk.add_argument("--helo", required=True)
+    chk.add_argument("--mail-from", required=True, help="envelope sender ('' for <>)")
+    chk.add_argument("--rcpt", required=True, action="append", help="repeat for several")
+    chk.add_argument("--config", "-c", help="YAML config (DNS servers, policy, domains)")
+    chk.add_argument("--json", action="store_true", help="machine-readable output")
+
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config file and the policy it names")
@@ -85,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args.config)
+        if args.command == "check":
+            from gateway import explain
+
+            return explain.run(args)
         if args.command == "config" and args.config_command == "check":
             return cmd_config_check(args.file)
     except config.ConfigError as e:

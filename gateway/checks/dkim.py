@@ -68,6 +68,8 @@ class DkimCheck:
         sigs = await self.verify(message)
         ctx.dkim = sigs
         ctx.auth.extend(s.auth_result() for s in sigs)
+        if not sigs:
+            ctx.auth.append(AuthResult("dkim", "none"))  # RFC 8601 2.7.1: not signed
         return (f"dkim.{aggregate(sigs)}",)
 
     async def verify(self, message: bytes) -> list[DkimSignature]:

@@ -306,8 +306,10 @@ def test_dmarc_quarantine_tags_or_redirects(
     mode: str, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
     dns.add({"_dmarc.q.test": [("TXT", "v=DMARC1; p=quarantine")]})
-    pol = ("actions:\n  dmarc.quarantine: quarantine\n"
-           f"quarantine:\n  mode: {mode}\n  recipient: quarantine@example.test\n")
+    pol = (
+        "actions:\n  dmarc.quarantine: quarantine\n"
+        f"quarantine:\n  mode: {mode}\n  recipient: quarantine@example.test\n"
+    )
     gw = gateway_factory(dmarc_config(backend, dns), policy=pol)
     msg = MSG.replace(b"alice@signed.test", b"alice@q.test")
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
@@ -318,8 +320,10 @@ def test_dmarc_quarantine_tags_or_redirects(
         assert s.data(msg)[0] == 250
     [m] = backend.messages()
     head = m["data"].split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ")
-    assert (b"X-Gateway-Quarantine: symbols=dmarc.quarantine; original-recipients="
-            b"<bob@example.test>, <carol@example.test>") in head
+    assert (
+        b"X-Gateway-Quarantine: symbols=dmarc.quarantine; original-recipients="
+        b"<bob@example.test>, <carol@example.test>"
+    ) in head
     if mode == "redirect":
         assert m["rcpt_tos"] == ["quarantine@example.test"]
         assert "RSET" in backend.commands()
