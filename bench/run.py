@@ -38,9 +38,9 @@ ROOT = HERE.parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "small": {"args": ["-s", "20", "-l", "4096"], "messages": 12000},
-    "large": {"args": ["-s", "20", "-l", "102400", "-r", "5"], "messages": 3000},
-    "persistent": {"args": ["-d", "-s", "20", "-l", "4096"], "messages": 20000},
+    "small": {"args": ["-s", "20"], "size": 4096, "messages": 12000},
+    "large": {"args": ["-s", "20", "-r", "5"], "size": 102400, "messages": 3000},
+    "persistent": {"args": ["-d", "-s", "20"], "size": 4096, "messages": 20000},
 }
 # The checks the `policy` mode runs are those the default preset enables;
 # adding a check to the benchmark is adding it to policies/default.yaml.
@@ -50,10 +50,37 @@ MODES = {
     "policy-cold": str(HERE / "cold-policy.yaml"),
 }
 # DNS for the bench domains, served on loopback (the sender is smtp-source's -f).
-BENCH_ZONE = {
-    "src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+BENCH_ZONE: dict[str, list[tuple[str, Any]]] = {
+    "src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all"), ("A", "127.0.0.1")],
+    "_dmarc.src.test": [("TXT", "v=DMARC1; p=reject")],
     "client.bench": [("A", "127.0.0.1")],
 }
+
+
+def signed_messages(directory: Path) -> dict[int, Path]:
+    """A DKIM-signed message per size (From and d= src.test), as smtp-source -F files.
+
+    smtp-source appends CRLF to every line of the file, so the file has LF line ends;
+    the signature is made over the CRLF form that goes on the wire.
+    """
+    from tests.support.dkimkeys import rsa_key, sign
+
+    key = rsa_key()
+    BENCH_ZONE["bench._domainkey.src.test"] = [("TXT", key.dns)]
+    out = {}
+    for size in {s["size"] for s in SHAPES.values()}:
+        head = (
+            b"From: Sender <sender@src.test>\r\nTo: user@bench.test\r\n"
+            b"Subject: benchmark\r\nDate: Sun, 22 Nov 2026 08:00:00 +0000\r\n"
+            b"Message-ID: <bench@src.test>\r\n\r\n"
+        )
+        line = b"x" * 70 + b"\r\n"
+        body = line * max(1, (size - len(head)) // len(line))
+        wire = sign(head + body, key, "src.test", "bench")
+        path = directory / f"message-{size}.eml"
+        path.write_bytes(wire.replace(b"\r\n", b"\n"))
+        out[size] = path
+    return out
 
 
 def free_port() -> int:
@@ -270,6 +297,9 @@ def main() -> None:
     args.shapes = args.shapes.split(",")
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    files = signed_messages(tmp)
+    for shape in SHAPES.values():
+        shape["file"] = files[shape["size"]]
     sink_port = free_port()
     sink_cmd = [tool("smtp-sink"), "-m", "4096", f"127.0.0.1:{sink_port}", "1024"]
     if os.geteuid() == 0:
