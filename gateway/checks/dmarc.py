@@ -121,7 +121,7 @@ class DmarcCheck:
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
-        self.org_method = "psl"
+        self.org_method = "tree-walk"
         self.trusted_sealers: frozenset[str] = frozenset()
         self.rand = random.random
 

@@ -53,9 +53,9 @@ class DkimOptions(_Strict):
 
 class DmarcOptions(_Strict):
     enabled: bool = True
-    # psl: RFC 7489 with the Public Suffix List (offline, from the publicsuffixlist
-    # package); tree-walk: the DMARCbis DNS tree walk.
-    organizational_domain: Literal["psl", "tree-walk"] = "psl"
+    # tree-walk: the DMARCbis (RFC 9989) DNS tree walk; psl: RFC 7489 with the
+    # Public Suffix List (offline, from the publicsuffixlist package).
+    organizational_domain: Literal["psl", "tree-walk"] = "tree-walk"
     # Sealers (ARC-Seal d= domains) whose passing ARC chain may override a DMARC
     # fail, for mailing lists and forwarders you trust. Off (empty) by default.
     trusted_arc_sealers: list[str] = Field(default_factory=list)

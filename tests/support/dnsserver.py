@@ -46,14 +46,23 @@ class DnsServer:
         if zone:
             self.add(zone)
         handler = self._handler_classes()
-        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), handler[0])
-        self.port = self.udp.server_address[1]
-        self.tcp = socketserver.ThreadingTCPServer(
-            ("127.0.0.1", self.port), handler[1], bind_and_activate=False
-        )
-        self.tcp.allow_reuse_address = True
-        self.tcp.server_bind()
-        self.tcp.server_activate()
+        # UDP and TCP on one port number: a port free for UDP may be taken for TCP.
+        for _attempt in range(50):
+            self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), handler[0])
+            self.port = self.udp.server_address[1]
+            self.tcp = socketserver.ThreadingTCPServer(
+                ("127.0.0.1", self.port), handler[1], bind_and_activate=False
+            )
+            self.tcp.allow_reuse_address = True
+            try:
+                self.tcp.server_bind()
+                self.tcp.server_activate()
+                break
+            except OSError:
+                self.tcp.server_close()
+                self.udp.server_close()
+        else:
+            raise RuntimeError("no port free for both UDP and TCP")
         for srv in (self.udp, self.tcp):
             srv.daemon_threads = True
             threading.Thread(target=srv.serve_forever, daemon=True).start()
