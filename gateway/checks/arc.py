@@ -10,11 +10,11 @@ forwarders) when their chain vouches for a message DMARC would refuse.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import dkim
 
+from gateway.checks.base import OffLoopCheck
 from gateway.dns import DnsStatus, Resolver
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -22,15 +22,14 @@ from gateway.pipeline.stage import Context, Stage
 RESULTS = ("pass", "fail", "none")
 
 
-class ArcCheck:
+class ArcCheck(OffLoopCheck):
     name: ClassVar[str] = "arc"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
     symbols: ClassVar[frozenset[str]] = frozenset(f"arc.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
 
     def __init__(self, resolver: Resolver, *, threads: int = 2) -> None:
-        self.resolver = resolver
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="arc")
+        super().__init__(resolver, threads=threads, name="arc")
 
     async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
         message = ctx.message or b""
@@ -69,6 +68,3 @@ class ArcCheck:
             d = newest.get("as-domain")
             sealer = (d.decode() if isinstance(d, bytes) else str(d or "")).lower() or None
         return status if status in RESULTS else "fail", sealer, str(why or "")[:200]
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Protocol
 
+from gateway.dns import Resolver
 from gateway.pipeline.stage import Context, Stage
 
 Symbols = Sequence[str]
@@ -22,3 +24,15 @@ class Check(Protocol):
     def run(self, stage: Stage, ctx: Context) -> Symbols | Awaitable[Symbols]:
         """Return symbols (possibly empty), synchronously or as an awaitable."""
         ...
+
+
+class OffLoopCheck:
+    """Base for checks that run a synchronous library (pyspf, dkimpy) off the event
+    loop: a small bounded thread pool of their own, and our shared resolver."""
+
+    def __init__(self, resolver: Resolver, *, threads: int, name: str) -> None:
+        self.resolver = resolver
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

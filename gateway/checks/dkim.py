@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import dkim
 
+from gateway.checks.base import OffLoopCheck
 from gateway.dns import DnsStatus, Resolver
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -47,15 +47,14 @@ def _text(v: Any) -> str:
     return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v or "")
 
 
-class DkimCheck:
+class DkimCheck(OffLoopCheck):
     name: ClassVar[str] = "dkim"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
     symbols: ClassVar[frozenset[str]] = frozenset(f"dkim.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
 
     def __init__(self, resolver: Resolver, *, threads: int = 4) -> None:
-        self.resolver = resolver
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dkim")
+        super().__init__(resolver, threads=threads, name="dkim")
         self.max_signatures = 5
 
     def configure(self, options: Any) -> None:
@@ -136,9 +135,6 @@ class DkimCheck:
                 result, reason = problem or _verify_one(d, idx, dnsfunc)
             out.append(DkimSignature(domain, selector, algo, result, reason[:200], length, b))
         return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 _REVOKED = re.compile(rb"(?:^|;)\s*p\s*=\s*(?:;|$)")

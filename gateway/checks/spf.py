@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import spf
 
+from gateway.checks.base import OffLoopCheck
 from gateway.dns import Resolver
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -44,15 +44,14 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> 
 spf.DNSLookup = _lookup
 
 
-class SpfCheck:
+class SpfCheck(OffLoopCheck):
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
     symbols: ClassVar[frozenset[str]] = frozenset(f"spf.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
 
     def __init__(self, resolver: Resolver, *, threads: int = 8) -> None:
-        self.resolver = resolver
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spf")
+        super().__init__(resolver, threads=threads, name="spf")
         self.timeout = 10.0
         self.cache_ttl = 60.0
         self._cache: dict[tuple[str, str, str], tuple[float, str, str]] = {}
@@ -105,6 +104,3 @@ class SpfCheck:
         except Exception as e:  # pyspf raises on malformed input it did not expect
             return "permerror", f"SPF evaluation failed: {e}"
         return str(result), str(why)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
