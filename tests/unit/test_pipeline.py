@@ -96,3 +96,26 @@ def test_relay_control_cannot_be_turned_into_an_open_relay(tmp_path) -> None:  #
         policy_mod.load(str(p), {"relay.denied"})
     p.write_text("actions: {}\n")
     assert policy_mod.load(str(p), {"relay.denied"}).action_for("relay.denied") is Action.REJECT
+
+
+def test_default_preset_names_every_policy_key() -> None:
+    """policies/default.yaml is the reference: every key of the policy model is in it."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import BaseModel
+
+    data = yaml.safe_load((Path(__file__).parents[2] / "policies/default.yaml").read_text())
+    missing: list[str] = []
+
+    def walk(model: type[BaseModel], node: dict, path: str) -> None:  # type: ignore[type-arg]
+        for name, field in model.model_fields.items():
+            if name not in node:
+                missing.append(path + name)
+                continue
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(sub, node[name], f"{path}{name}.")
+
+    walk(Policy, data, "")
+    assert missing == []
