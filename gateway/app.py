@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 from gateway import __version__, config, logs, metrics
+from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.registry import all_known_symbols, build_checks
 from gateway.dns import Resolver
 from gateway.forward.backend import Backend, SmtpBackend
@@ -64,6 +65,7 @@ class App:
         )
         self.http = HttpEndpoint(self.readiness)
         self.stopping = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
         self.reuse_port = False
         metrics.child(metrics.BUILD, __version__).set(1)
 
@@ -73,6 +75,9 @@ class App:
             "draining": self.svc.draining,
             "backend_available": self.backend.available,
         }
+        dnsbl = self._dnsbl()
+        if dnsbl is not None and dnsbl.zones:
+            details["dnsbl_zones_healthy"] = dnsbl.health()
         return (not self.svc.draining and self.backend.available), details
 
     # -- lifecycle ------------------------------------------------------------------
@@ -139,12 +144,20 @@ class App:
             host, port = config.split_hostport(self.settings.metrics.listen)
             await self.http.start(host, port, reuse_port=self.reuse_port)
             logs.event("metrics_listening", address=host, port=port)
+        dnsbl = self._dnsbl()
+        if dnsbl is not None and dnsbl.zones:
+            await dnsbl.health_check()  # at start: an unhealthy zone is skipped from the first mail
+            interval = self.runner.policy.checks.dnsbl.health_interval
+            self._health_task = asyncio.get_running_loop().create_task(dnsbl.health_loop(interval))
         logs.event(
             "ready",
             version=__version__,
             hostname=self.settings.hostname,
             backend=",".join(self.settings.backend.url),
         )
+
+    def _dnsbl(self) -> DnsblCheck | None:
+        return next((c for c in self.checks if isinstance(c, DnsblCheck)), None)
 
     def reload(self) -> bool:
         """Re-read the policy; a bad one is refused and the old one stays."""
@@ -177,6 +190,8 @@ class App:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.backend.close()
         await self.http.close()
         logs.event("stopped")

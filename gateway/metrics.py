@@ -112,3 +112,14 @@ DNS_LATENCY = Histogram(
     ["type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+DNSBL_LOOKUPS = Counter(
+    P + "dnsbl_lookups_total",
+    "DNSBL/DNSWL lookups by configured zone name and result (listed, clean, error, timeout)",
+    ["zone", "result"],
+)
+DNSBL_ZONE_HEALTHY = Gauge(
+    P + "dnsbl_zone_healthy",
+    "1 while the zone passes its RFC 5782 test-entry check; unhealthy zones are skipped",
+    ["zone"],
+    multiprocess_mode="livemin",
+)

@@ -9,6 +9,7 @@ from gateway.checks.arc import ArcCheck
 from gateway.checks.base import Check
 from gateway.checks.dkim import DkimCheck
 from gateway.checks.dmarc import DmarcCheck
+from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
 from gateway.dns import Resolver
@@ -16,11 +17,12 @@ from gateway.pipeline.policy import generic_symbols
 
 # Every check class, in the order they run within a stage.
 # DMARC reads what SPF (at MAIL), DKIM and ARC (earlier at DATA) found.
-CHECK_CLASSES: tuple[Any, ...] = (RelayCheck, SpfCheck, DkimCheck, ArcCheck, DmarcCheck)
+CHECK_CLASSES: tuple[Any, ...] = (DnsblCheck, RelayCheck, SpfCheck, DkimCheck, ArcCheck, DmarcCheck)
 
 
 def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
     return [
+        DnsblCheck(resolver),
         RelayCheck(settings.local_domains),
         SpfCheck(resolver),
         DkimCheck(resolver),

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.config import ConfigError, format_validation_error, read_yaml_mapping
 from gateway.smtp.replies import Action
@@ -65,9 +65,49 @@ class ArcOptions(_Strict):
     enabled: bool = True
 
 
+class DnsblZone(_Strict):
+    name: str  # in logs and metrics labels (never the zone, which may hold an access key)
+    zone: str
+    # ip: the client address (reversed); helo: the HELO name; mail_from: the sender domain.
+    type: Literal["ip", "helo", "mail_from"] = "ip"
+    weight: float = 1.0  # negative: an allow list
+    # Return codes that count: "127.0.0.2", "127.0.0.8/29", "bitmask:0x04". Empty: any 127/8.
+    codes: list[str] = Field(default_factory=list)
+    # Shown in the reply instead of the zone and its TXT (hides paid-list access keys).
+    reply_text: str | None = None
+    use_txt: bool = True  # add the zone's TXT reason to the reply
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for c in v:
+            try:
+                if c.startswith("bitmask:"):
+                    int(c.split(":", 1)[1], 0)
+                elif "/" in c:
+                    ipaddress.ip_network(c, strict=False)
+                else:
+                    ipaddress.ip_address(c)
+            except ValueError:
+                raise ValueError(f"{c!r}: use an address, a CIDR range or bitmask:0xNN") from None
+        return v
+
+
+class DnsblOptions(_Strict):
+    enabled: bool = True
+    zones: list[DnsblZone] = Field(default_factory=list)
+    threshold: float = 1.0  # score at which a client is dnsbl.listed
+    deadline: Annotated[float, Field(gt=0)] = 2.0  # for all zones of one stage together
+    allow_networks: list[str] = Field(default_factory=list)  # treated as allow-listed
+    health_interval: Annotated[float, Field(gt=0)] = 300.0  # RFC 5782 test-entry checks
+
+
 class CheckOptions(_Strict):
     """Per-check switches and options; a check absent here has none (always on)."""
 
+    dnsbl: DnsblOptions = DnsblOptions()
     spf: SpfOptions = SpfOptions()
     dkim: DkimOptions = DkimOptions()
     arc: ArcOptions = ArcOptions()
@@ -85,6 +125,8 @@ class Policy(_Strict):
     checks: CheckOptions = CheckOptions()
     tag: TagSettings = TagSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    # Checks an allow-listed client (dnsbl allow zones or allow_networks) skips.
+    allowlist_skips: list[str] = Field(default_factory=lambda: ["spf", "dkim", "arc", "dmarc"])
     check_timeout: Annotated[float, Field(gt=0)] = 10.0
     # What a check that crashes or overruns its time budget means.
     check_error_action: Action = Action.TEMPFAIL

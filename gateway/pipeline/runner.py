@@ -47,6 +47,8 @@ class Runner:
         for check in checks:
             if ctx.trusted and check.reputation:
                 continue  # trusted networks: no reputation/authentication checks at all
+            if ctx.allowlisted and check.name in policy.allowlist_skips:
+                continue
             symbols = await self._run_one(check, stage, ctx, policy)
             for sym in symbols:
                 metrics.child(metrics.CHECK_RESULTS, check.name, sym).inc()

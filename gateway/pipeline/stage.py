@@ -34,6 +34,11 @@ class Context:
     helo: str | None = None
     tls_version: str | None = None
     tls_cipher: str | None = None
+    # Session-level reputation: DNSBL score and hits, allowlisting, reply details.
+    dnsbl_score: float = 0.0
+    dnsbl_hits: list[str] = field(default_factory=list)
+    allowlisted: bool = False
+    details: dict[str, str] = field(default_factory=dict)
     # transaction
     mail_from: Address | None = None
     rcpt: Address | None = None

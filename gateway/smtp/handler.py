@@ -622,7 +622,9 @@ class Session:
         return self.utf8_txn
 
     def _policy_reply(self, verdict: Verdict, stage: Stage) -> Reply:
-        reply = replies.for_action(verdict.action, verdict.symbol)
+        reply = replies.for_action(
+            verdict.action, verdict.symbol, self.ctx.details.get(verdict.symbol)
+        )
         if stage is Stage.CONNECT and reply.code >= 500:
             reply = Reply(554, reply.enhanced, reply.text, reply.reason)
         return reply

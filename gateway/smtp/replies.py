@@ -169,16 +169,35 @@ SYMBOL_REPLIES.update(
     }
 )
 
+SYMBOL_REPLIES.update(
+    {
+        # {detail}: the zone (or its configured reply_text) and its TXT reason.
+        "dnsbl.listed": {
+            Action.REJECT: r(554, "5.7.1", "Service unavailable; client blocked using {detail}"),
+            Action.TEMPFAIL: r(450, "4.7.1", "Service unavailable; client listed at {detail}"),
+        },
+        "dnsbl.temperror": {Action.TEMPFAIL: r(451, "4.7.1", "DNSBL lookup failed, try again")},
+    }
+)
+
 ACTION_REPLIES: dict[Action, Reply] = {
     Action.REJECT: r(550, "5.7.1", "Message rejected by policy"),
     Action.TEMPFAIL: r(451, "4.7.1", "Temporarily deferred by policy, try again later"),
 }
 
 
-def for_action(action: Action, symbol: str) -> Reply:
-    """The reply for a refusing action, worded by the symbol that decided it."""
+def for_action(action: Action, symbol: str, detail: str | None = None) -> Reply:
+    """The reply for a refusing action, worded by the symbol that decided it.
+
+    `detail` fills a `{detail}` slot (a DNSBL zone and its reason); it is reduced to
+    printable ASCII so nothing a DNS zone says can break the reply line.
+    """
     base = SYMBOL_REPLIES.get(symbol, {}).get(action) or ACTION_REPLIES[action]
-    return Reply(base.code, base.enhanced, base.text, symbol)
+    text = base.text
+    if "{detail}" in text:
+        safe = "".join(c if " " <= c <= "~" else " " for c in (detail or "a block list"))
+        text = text.replace("{detail}", safe[:200])
+    return Reply(base.code, base.enhanced, text, symbol)
 
 
 def from_backend(code: int, lines: list[str]) -> Reply:

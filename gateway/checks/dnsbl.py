@@ -1,0 +1,227 @@
+"""DNS block and allow lists (RFC 5782), postscreen-style: weighted, filtered, scored.
+
+Every configured zone is asked in parallel under one deadline. A zone's answer
+counts only if it passes the zone's return-code filter; answers that are not
+listings at all (outside 127/8, or 127.255.255.252-255: the Spamhaus codes
+for "you are querying through a public resolver", "over quota" and so on) are
+errors: counted and logged once, never a listing. The weights of the matching
+zones add up to a score; at or above the threshold the client is
+`dnsbl.listed`. Negative weights make allow lists; a client with a negative
+score, or in an allowed network, may skip other checks (the policy says which).
+A zone that does not answer in time is `dnsbl.temperror` and counts as not
+listed. Zones are health-checked (RFC 5782 5: 127.0.0.2 listed, 127.0.0.1 not)
+and an unhealthy zone is skipped until it recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from gateway import metrics
+from gateway.dns import DnsStatus, Resolver
+from gateway.pipeline.stage import Context, Stage
+
+log = logging.getLogger("gateway.dnsbl")
+
+ERROR_CODES = frozenset(f"127.255.255.{n}" for n in range(252, 256))
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
+def reverse_ip(ip: str) -> str:
+    """1.2.3.4 -> 4.3.2.1; IPv6 -> reversed nibbles (RFC 5782 2.1 and 2.4)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return ".".join(reversed(str(addr).split(".")))
+    return ".".join(reversed(addr.exploded.replace(":", "")))
+
+
+@dataclass
+class ZoneState:
+    cfg: Any  # pipeline.policy.DnsblZone
+    healthy: bool = True
+    warned_error: bool = False
+
+
+def code_matches(code: str, filters: list[str]) -> bool:
+    """Return-code filters: exact '127.0.0.2', CIDR '127.0.0.8/29', 'bitmask:0x04'."""
+    if not filters:
+        return True
+    addr = ipaddress.ip_address(code)
+    for f in filters:
+        if f.startswith("bitmask:"):
+            if int(addr) & int(f.split(":", 1)[1], 0):
+                return True
+        elif "/" in f:
+            if addr in ipaddress.ip_network(f, strict=False):
+                return True
+        elif addr == ipaddress.ip_address(f):
+            return True
+    return False
+
+
+class DnsblCheck:
+    name: ClassVar[str] = "dnsbl"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT, Stage.HELO, Stage.MAIL})
+    symbols: ClassVar[frozenset[str]] = frozenset(
+        {"dnsbl.listed", "dnsbl.allowed", "dnsbl.temperror"}
+    )
+    reputation: ClassVar[bool] = True
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.zones: list[ZoneState] = []
+        self.threshold = 1.0
+        self.deadline = 2.0
+        self.allow_networks: list[Any] = []
+
+    def configure(self, options: Any) -> None:
+        old = {z.cfg.name: z for z in self.zones}
+        self.zones = [
+            ZoneState(z, old[z.name].healthy if z.name in old else True) for z in options.zones
+        ]
+        self.threshold = options.threshold
+        self.deadline = options.deadline
+        self.allow_networks = [
+            ipaddress.ip_network(n, strict=False) for n in options.allow_networks
+        ]
+        for z in self.zones:
+            metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if z.healthy else 0)
+
+    # -- per message -------------------------------------------------------------
+    def _queries(self, stage: Stage, ctx: Context) -> list[tuple[ZoneState, str]]:
+        out = []
+        for z in self.zones:
+            if not z.healthy:
+                continue
+            kind = z.cfg.type
+            if stage is Stage.CONNECT and kind == "ip":
+                out.append((z, f"{reverse_ip(ctx.client_ip)}.{z.cfg.zone}"))
+            elif stage is Stage.HELO and kind == "helo" and ctx.helo and "." in ctx.helo:
+                out.append((z, f"{ctx.helo.strip('[]').lower()}.{z.cfg.zone}"))
+            elif (
+                stage is Stage.MAIL
+                and kind == "mail_from"
+                and ctx.mail_from is not None
+                and ctx.mail_from.domain
+            ):
+                out.append((z, f"{ctx.mail_from.domain}.{z.cfg.zone}"))
+        return out
+
+    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        if stage is Stage.CONNECT and self._allowed_network(ctx.client_ip):
+            ctx.allowlisted = True
+            return ("dnsbl.allowed",)
+        queries = self._queries(stage, ctx)
+        if not queries:
+            return ()
+        results = await asyncio.gather(*(self._lookup(z, name) for z, name in queries))
+        symbols: list[str] = []
+        stage_score = 0.0
+        for (z, _name), (status, reason) in zip(queries, results, strict=True):
+            if status == "listed":
+                stage_score += z.cfg.weight
+                ctx.dnsbl_hits.append(z.cfg.name)
+                if z.cfg.weight > 0 and "dnsbl.listed" not in ctx.details:
+                    text = z.cfg.reply_text or f"{z.cfg.zone}"
+                    if reason and not z.cfg.reply_text:
+                        text += f": {reason}"
+                    ctx.details["dnsbl.listed"] = text
+            elif status in ("timeout", "error") and "dnsbl.temperror" not in symbols:
+                symbols.append("dnsbl.temperror")
+        # The client's own listings (address, HELO) hold for the session; a sender
+        # domain's only for its transaction.
+        score = ctx.dnsbl_score + stage_score
+        if stage is not Stage.MAIL:
+            ctx.dnsbl_score = score
+        if score >= self.threshold:
+            symbols.insert(0, "dnsbl.listed")
+        elif score < 0:
+            ctx.allowlisted = True
+            symbols.insert(0, "dnsbl.allowed")
+        return tuple(symbols)
+
+    def _allowed_network(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in self.allow_networks)
+
+    async def _lookup(self, z: ZoneState, name: str) -> tuple[str, str]:
+        """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why)."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                ans = await self.resolver.query(name, "A")
+        except TimeoutError:
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
+            return "timeout", ""
+        if ans.temporary:
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, ans.status.value).inc()
+            return "timeout", ""
+        if ans.status is not DnsStatus.OK:
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "clean").inc()
+            return "clean", ""
+        codes = [str(c) for c in ans.records]
+        bad = [c for c in codes if c in ERROR_CODES or ipaddress.ip_address(c) not in LOOPBACK]
+        if bad:
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "error").inc()
+            if not z.warned_error:
+                z.warned_error = True
+                log.warning(
+                    "DNSBL %s answered %s: an error code, not a listing (public "
+                    "resolver, quota or access key?); logged once",
+                    z.cfg.name,
+                    bad,
+                )
+            return "error", ",".join(bad)
+        if not any(code_matches(c, z.cfg.codes) for c in codes):
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "clean").inc()
+            return "clean", ""
+        metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "listed").inc()
+        reason = ""
+        if z.cfg.use_txt and not z.cfg.reply_text:
+            txt = await self.resolver.query(name, "TXT")
+            if txt.status is DnsStatus.OK and txt.records:
+                reason = b"".join(txt.records[0]).decode("utf-8", "replace")[:200]
+        return "listed", reason
+
+    # -- health ---------------------------------------------------------------------
+    async def health_check(self) -> dict[str, bool]:
+        """RFC 5782 5: the test entries. IP zones only (domain zones have no standard one)."""
+        out = {}
+        for z in self.zones:
+            if z.cfg.type != "ip":
+                continue
+            listed = await self.resolver.query(f"2.0.0.127.{z.cfg.zone}", "A")
+            clean = await self.resolver.query(f"1.0.0.127.{z.cfg.zone}", "A")
+            healthy = (
+                listed.status is DnsStatus.OK
+                and bool(listed.records)
+                and not any(str(c) in ERROR_CODES for c in listed.records)
+                and clean.status in (DnsStatus.NXDOMAIN, DnsStatus.NODATA)
+            )
+            if healthy != z.healthy:
+                log.warning(
+                    "DNSBL %s is now %s", z.cfg.name, "healthy" if healthy else "unhealthy: skipped"
+                )
+            z.healthy = healthy
+            metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if healthy else 0)
+            out[z.cfg.name] = healthy
+        return out
+
+    async def health_loop(self, interval: float) -> None:
+        while True:
+            try:
+                await self.health_check()
+            except Exception:
+                log.exception("DNSBL health check failed")
+            await asyncio.sleep(interval)
+
+    def health(self) -> dict[str, bool]:
+        return {z.cfg.name: z.healthy for z in self.zones}
