@@ -13,6 +13,7 @@ The cache may be read from worker threads (pyspf runs off the loop) through
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ class Resolver:
         r.cache = None  # ours below: bounded, negative-aware, readable from threads
         self._r = r
         self._cache: dict[tuple[str, str], tuple[float, DnsAnswer]] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[DnsAnswer]] = {}
 
     @staticmethod
     def _key(name: str, rdtype: str) -> tuple[str, str]:
@@ -138,22 +139,22 @@ class Resolver:
             metrics.child(metrics.DNS_CACHE, "hit").inc()
             return hit[1]
         metrics.child(metrics.DNS_CACHE, "miss").inc()
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            ans = await self._ask(*key)
-            self._store(key, ans)
-            fut.set_result(ans)
-            return ans
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # consumed: the waiters re-raise it
-            raise
-        finally:
-            del self._inflight[key]
+        task = self._inflight.get(key)
+        if task is None:
+            # Its own task, awaited through shield(): one asker's deadline (a
+            # cancellation) must never reach the other sessions sharing the query.
+            task = asyncio.get_running_loop().create_task(self._ask_and_store(key))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        return await asyncio.shield(task)
+
+    def _done(self, key: tuple[str, str], _task: asyncio.Task[DnsAnswer]) -> None:
+        self._inflight.pop(key, None)
+
+    async def _ask_and_store(self, key: tuple[str, str]) -> DnsAnswer:
+        ans = await self._ask(*key)
+        self._store(key, ans)
+        return ans
 
     async def _ask(self, name: str, rdtype: str) -> DnsAnswer:
         start = time.perf_counter()

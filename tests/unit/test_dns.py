@@ -97,3 +97,21 @@ def test_parse_nameserver() -> None:
     assert parse_nameserver("2001:db8::53") == ("2001:db8::53", 53)
     with pytest.raises(ValueError):
         parse_nameserver("not-an-ip")
+
+
+def test_a_cancelled_asker_does_not_cancel_others(server: DnsServer) -> None:
+    """Shared in-flight queries: one session's deadline must not reach another session."""
+    server.set("shared.test", [("DELAY", "0.3"), ("A", "192.0.2.7")])
+
+    async def go() -> None:
+        r = resolver(server)
+        first = asyncio.ensure_future(r.query("shared.test", "A"))
+        second = asyncio.ensure_future(r.query("shared.test", "A"))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        ans = await second
+        assert ans.records == ("192.0.2.7",)
+        assert first.cancelled()
+
+    asyncio.run(go())
+    assert server.asked("shared.test", "A") == 1
