@@ -123,3 +123,14 @@ DNSBL_ZONE_HEALTHY = Gauge(
     ["zone"],
     multiprocess_mode="livemin",
 )
+RATELIMIT_HITS = Counter(
+    P + "ratelimit_hits_total",
+    "Requests refused by a rate or concurrency limit, by the limit's configured name",
+    ["limit"],
+)
+RATELIMIT_CONFIGURED = Gauge(
+    P + "ratelimit_configured_per_second",
+    "The configured rate of each limit, in units per second",
+    ["limit"],
+    multiprocess_mode="max",
+)

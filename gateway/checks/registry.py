@@ -10,6 +10,7 @@ from gateway.checks.base import Check
 from gateway.checks.dkim import DkimCheck
 from gateway.checks.dmarc import DmarcCheck
 from gateway.checks.dnsbl import DnsblCheck
+from gateway.checks.ratelimit import RateLimitCheck
 from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
 from gateway.dns import Resolver
@@ -17,13 +18,22 @@ from gateway.pipeline.policy import generic_symbols
 
 # Every check class, in the order they run within a stage.
 # DMARC reads what SPF (at MAIL), DKIM and ARC (earlier at DATA) found.
-CHECK_CLASSES: tuple[Any, ...] = (DnsblCheck, RelayCheck, SpfCheck, DkimCheck, ArcCheck, DmarcCheck)
+CHECK_CLASSES: tuple[Any, ...] = (
+    DnsblCheck,
+    RelayCheck,
+    RateLimitCheck,
+    SpfCheck,
+    DkimCheck,
+    ArcCheck,
+    DmarcCheck,
+)
 
 
 def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
     return [
         DnsblCheck(resolver),
         RelayCheck(settings.local_domains),
+        RateLimitCheck(),
         SpfCheck(resolver),
         DkimCheck(resolver),
         ArcCheck(resolver),

@@ -104,10 +104,66 @@ class DnsblOptions(_Strict):
     health_interval: Annotated[float, Field(gt=0)] = 300.0  # RFC 5782 test-entry checks
 
 
+_KEY_PARTS = {
+    "client_ip",
+    "client_network",
+    "mail_from",
+    "mail_from_domain",
+    "recipient",
+    "recipient_domain",
+}
+
+
+class RateLimit(_Strict):
+    name: str  # in logs and metrics labels
+    # Parts joined with '+': client_ip, client_network (/24, /64), mail_from,
+    # mail_from_domain, recipient, recipient_domain.
+    key: str = "client_ip"
+    unit: Literal["connections", "messages", "recipients", "bytes"] = "messages"
+    # N per period: up to N at once, refilled continuously (N/second|minute|hour|day,
+    # or N/<seconds>s); burst: extra units allowed at once on top of N.
+    rate: str = "100/minute"
+    burst: Annotated[int, Field(ge=0)] = 0
+    exempt_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        bad = [p for p in v.split("+") if p not in _KEY_PARTS]
+        if bad:
+            raise ValueError(f"unknown key part {bad[0]!r} (use {', '.join(sorted(_KEY_PARTS))})")
+        return v
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        from gateway.checks.ratelimit import parse_rate
+
+        try:
+            parse_rate(v)
+        except (ValueError, KeyError):
+            raise ValueError(f"{v!r}: use N/second, N/minute, N/hour, N/day or N/10s") from None
+        return v
+
+
+class Concurrency(_Strict):
+    name: str
+    key: Literal["client_ip", "client_network"] = "client_ip"
+    max: Annotated[int, Field(ge=1)] = 20
+    exempt_networks: list[str] = Field(default_factory=list)
+
+
+class RateLimitOptions(_Strict):
+    enabled: bool = True
+    limits: list[RateLimit] = Field(default_factory=list)
+    concurrency: list[Concurrency] = Field(default_factory=list)
+
+
 class CheckOptions(_Strict):
     """Per-check switches and options; a check absent here has none (always on)."""
 
     dnsbl: DnsblOptions = DnsblOptions()
+    ratelimit: RateLimitOptions = RateLimitOptions()
     spf: SpfOptions = SpfOptions()
     dkim: DkimOptions = DkimOptions()
     arc: ArcOptions = ArcOptions()
@@ -126,7 +182,9 @@ class Policy(_Strict):
     tag: TagSettings = TagSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
     # Checks an allow-listed client (dnsbl allow zones or allow_networks) skips.
-    allowlist_skips: list[str] = Field(default_factory=lambda: ["spf", "dkim", "arc", "dmarc"])
+    allowlist_skips: list[str] = Field(
+        default_factory=lambda: ["spf", "dkim", "arc", "dmarc", "ratelimit"]
+    )
     check_timeout: Annotated[float, Field(gt=0)] = 10.0
     # What a check that crashes or overruns its time budget means.
     check_error_action: Action = Action.TEMPFAIL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -39,6 +40,8 @@ class Context:
     dnsbl_hits: list[str] = field(default_factory=list)
     allowlisted: bool = False
     details: dict[str, str] = field(default_factory=dict)
+    # Called once when the connection ends, however it ends (frees concurrency slots).
+    on_close: list[Callable[[], None]] = field(default_factory=list)
     # transaction
     mail_from: Address | None = None
     rcpt: Address | None = None

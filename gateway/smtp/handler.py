@@ -194,6 +194,8 @@ class Session:
             await self._abort_txn("local_error")
         finally:
             self.stream.close()
+            for release in self.ctx.on_close:
+                release()
             logs.event(
                 "disconnect",
                 session=self.id,
@@ -625,8 +627,11 @@ class Session:
         reply = replies.for_action(
             verdict.action, verdict.symbol, self.ctx.details.get(verdict.symbol)
         )
-        if stage is Stage.CONNECT and reply.code >= 500:
-            reply = Reply(554, reply.enhanced, reply.text, reply.reason)
+        if stage is Stage.CONNECT:
+            # RFC 5321 3.1 / 4.3.2: a greeting refusal is 554, a temporary one 421.
+            code = 554 if reply.code >= 500 else 421
+            enhanced = reply.enhanced if reply.code >= 500 else "4.7.0"
+            reply = Reply(code, enhanced, reply.text, reply.reason)
         return reply
 
     def _received(self) -> bytes:

@@ -177,6 +177,14 @@ SYMBOL_REPLIES.update(
             Action.TEMPFAIL: r(450, "4.7.1", "Service unavailable; client listed at {detail}"),
         },
         "dnsbl.temperror": {Action.TEMPFAIL: r(451, "4.7.1", "DNSBL lookup failed, try again")},
+        # At connect these become 421 (the handler's rule for greetings).
+        "ratelimit.exceeded": {
+            Action.TEMPFAIL: r(450, "4.7.1", "Rate limit exceeded, try again later"),
+            Action.REJECT: r(550, "5.7.1", "Rate limit exceeded"),
+        },
+        "ratelimit.concurrency": {
+            Action.TEMPFAIL: r(421, "4.7.0", "Too many connections from your address"),
+        },
     }
 )
 

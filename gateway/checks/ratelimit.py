@@ -1,0 +1,120 @@
+"""Rate and concurrency limits declared in the policy.
+
+Each limit counts one unit (connections at CONNECT, messages at MAIL,
+recipients at RCPT, bytes at DATA) under a key built from the transaction
+(client address or network, sender, sender domain, recipient, recipient
+domain, or combinations), with GCRA: `rate` per period plus `burst`.
+Concurrency limits hold a slot per open connection and free it when the
+connection ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from typing import Any, ClassVar
+
+from gateway import metrics
+from gateway.pipeline.stage import Context, Stage
+from gateway.store.memory import MemoryStore
+
+UNIT_STAGE = {
+    "connections": Stage.CONNECT,
+    "messages": Stage.MAIL,
+    "recipients": Stage.RCPT,
+    "bytes": Stage.DATA,
+}
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(rate: str) -> tuple[int, float]:
+    """'100/minute' -> (100, 60.0); also '5/10s'."""
+    count, _, per = rate.partition("/")
+    per = per.strip().lower()
+    if per.endswith("s") and per[:-1].replace(".", "", 1).isdigit():
+        period = float(per[:-1])
+    else:
+        period = PERIODS[per.rstrip("s") if per.rstrip("s") in PERIODS else per]
+    n = int(count)
+    if n <= 0 or period <= 0:
+        raise ValueError(rate)
+    return n, period
+
+
+def network_of(ip: str, v4: int = 24, v6: int = 64) -> str:
+    addr = ipaddress.ip_address(ip)
+    prefix = v4 if addr.version == 4 else v6
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def key_parts(kind: str, ctx: Context) -> str | None:
+    """One component of a limit key; None when the transaction has no such part."""
+    if kind == "client_ip":
+        return ctx.client_ip
+    if kind == "client_network":
+        return network_of(ctx.client_ip)
+    if kind == "mail_from":
+        return str(ctx.mail_from).lower() if ctx.mail_from is not None else None
+    if kind == "mail_from_domain":
+        return ctx.mail_from.domain if ctx.mail_from is not None else None
+    if kind == "recipient":
+        return str(ctx.rcpt).lower() if ctx.rcpt is not None else None
+    if kind == "recipient_domain":
+        return ctx.rcpt.domain if ctx.rcpt is not None else None
+    raise ValueError(kind)
+
+
+class RateLimitCheck:
+    name: ClassVar[str] = "ratelimit"
+    stages: ClassVar[frozenset[Stage]] = frozenset(UNIT_STAGE.values())
+    symbols: ClassVar[frozenset[str]] = frozenset({"ratelimit.exceeded", "ratelimit.concurrency"})
+    reputation: ClassVar[bool] = True
+
+    def __init__(self, store: MemoryStore | None = None) -> None:
+        self.store = store or MemoryStore()
+        self.limits: list[Any] = []
+        self.concurrency: list[Any] = []
+
+    def configure(self, options: Any) -> None:
+        self.limits = list(options.limits)
+        self.concurrency = list(options.concurrency)
+        for lim in self.limits:
+            count, period = parse_rate(lim.rate)
+            metrics.child(metrics.RATELIMIT_CONFIGURED, lim.name).set(count / period)
+
+    def _exempt(self, lim: Any, ctx: Context) -> bool:
+        if not lim.exempt_networks:
+            return False
+        addr = ipaddress.ip_address(ctx.client_ip)
+        return any(addr in ipaddress.ip_network(n, strict=False) for n in lim.exempt_networks)
+
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        out: list[str] = []
+        if stage is Stage.CONNECT:
+            for c in self.concurrency:
+                if self._exempt(c, ctx):
+                    continue
+                key = f"conc:{c.name}:{key_parts(c.key, ctx)}"
+                if not self.store.acquire(key, c.max):
+                    metrics.child(metrics.RATELIMIT_HITS, c.name).inc()
+                    ctx.details["ratelimit.concurrency"] = c.name
+                    out.append("ratelimit.concurrency")
+                    break
+                ctx.on_close.append(functools.partial(self.store.release, key))
+            if out:
+                return tuple(out)
+        for lim in self.limits:
+            if UNIT_STAGE[lim.unit] is not stage or self._exempt(lim, ctx):
+                continue
+            parts = [key_parts(k, ctx) for k in lim.key.split("+")]
+            if any(p is None for p in parts):
+                continue
+            count, period = parse_rate(lim.rate)
+            cost = len(ctx.wire or b"") if lim.unit == "bytes" else 1
+            key = f"rate:{lim.name}:{'|'.join(str(p) for p in parts)}"
+            if not self.store.gcra(key, period, count, lim.burst, cost):
+                metrics.child(metrics.RATELIMIT_HITS, lim.name).inc()
+                ctx.details["ratelimit.exceeded"] = lim.name
+                out.append("ratelimit.exceeded")
+                break
+        return tuple(out)

@@ -1,0 +1,99 @@
+"""Rate and concurrency limits through real SMTP sessions."""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from collections.abc import Callable
+
+from tests.support.procs import Backend, Gateway, base_config
+from tests.support.smtp import RawClient
+
+MSG = b"From: a@sender.test\r\nSubject: r\r\n\r\nhi\r\n"
+OFF = (
+    "checks:\n  spf: {enabled: false}\n  dkim: {enabled: false}\n  arc: {enabled: false}\n"
+    "  dmarc: {enabled: false}\n"
+)
+
+
+def limited(backend: Backend, gateway_factory: Callable[..., Gateway], limits: str) -> Gateway:
+    pol = (
+        "actions:\n  ratelimit.exceeded: tempfail\n  ratelimit.concurrency: tempfail\n"
+        + OFF
+        + "  ratelimit:\n"
+        + limits
+    )
+    return gateway_factory(base_config(backend.url, trusted_networks=[]), policy=pol)
+
+
+def send(port: int, rcpts: tuple[str, ...] = ("x@example.test",)) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("client.test")
+        code, msg = s.mail("a@sender.test")
+        if code != 250:
+            return code, msg
+        for r in rcpts:
+            code, msg = s.rcpt(r)
+            if code != 250:
+                return code, msg
+        return s.data(MSG)
+
+
+def test_message_limit_refuses_the_n_plus_first_then_recovers(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = limited(
+        backend,
+        gateway_factory,
+        "    limits:\n      - {name: msgs, key: client_ip, unit: messages, rate: 3/2s}\n",
+    )
+    results = [send(gw.port())[0] for _ in range(4)]
+    assert results[:3] == [250, 250, 250]
+    code, msg = send(gw.port())
+    assert (code, msg[:5]) == (450, b"4.7.1")
+    time.sleep(1.5)  # waiting out the limit's own window: two cells have drained by now
+    assert send(gw.port())[0] == 250
+    assert len(backend.messages()) >= 4
+
+
+def test_recipient_limit_per_sender(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = limited(
+        backend,
+        gateway_factory,
+        "    limits:\n      - {name: rcpts, key: mail_from, unit: recipients, rate: 3/hour}\n",
+    )
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        codes = [s.rcpt(f"u{i}@example.test")[0] for i in range(4)]
+        assert codes == [250, 250, 250, 450]
+        assert s.data(MSG)[0] == 250  # the three accepted recipients get the message
+    [m] = backend.messages()
+    assert len(m["rcpt_tos"]) == 3
+
+
+def test_concurrency_limit_refuses_extra_connection_and_frees_the_slot(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = limited(
+        backend,
+        gateway_factory,
+        "    concurrency:\n      - {name: conns, key: client_ip, max: 2}\n",
+    )
+    a, b = RawClient(gw.port()), RawClient(gw.port())
+    try:
+        assert a.reply()[0] == 220 and b.reply()[0] == 220
+        with RawClient(gw.port()) as c:
+            code, text = c.reply()
+            assert code == 421 and "4.7.0" in text
+        gw.wait_log(lambda e: e.get("event") == "disconnect")
+        a.cmd("QUIT")
+        assert a.closed()
+        gw.wait_log(lambda e: sum(1 for x in gw.events() if x.get("event") == "disconnect") >= 2)
+        with RawClient(gw.port()) as d:
+            assert d.reply()[0] == 220
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,66 @@
+"""GCRA and concurrency state, with a controlled clock: exact and deterministic."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.checks.ratelimit import network_of, parse_rate
+from gateway.store.memory import MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_sender_at_the_allowed_rate_is_never_refused() -> None:
+    clock = Clock()
+    s = MemoryStore(clock)
+    for _ in range(10_000):  # 10/second, exactly every 0.1 s, no burst
+        assert s.gcra("k", 1.0, 10, 0)
+        clock.t += 0.1
+
+
+def test_capacity_then_refusal_then_drain_on_time() -> None:
+    clock = Clock()
+    s = MemoryStore(clock)
+    # 6/minute (one cell per 10 s) plus a burst of 2: eight at once, the ninth refused.
+    assert [s.gcra("k", 60, 6, 2) for _ in range(9)] == [True] * 8 + [False]
+    clock.t += 9.99
+    assert not s.gcra("k", 60, 6, 2)  # not yet: one cell drains after 10 s
+    clock.t += 0.02
+    assert s.gcra("k", 60, 6, 2)
+    assert not s.gcra("k", 60, 6, 2)
+    clock.t += 30.0  # three cells drained
+    assert [s.gcra("k", 60, 6, 2) for _ in range(4)] == [True, True, True, False]
+
+
+def test_refusals_do_not_consume_capacity_and_costs_count() -> None:
+    clock = Clock()
+    s = MemoryStore(clock)
+    assert s.gcra("b", 1.0, 1000, 0, cost=1000)  # 1000 bytes/second: one 1000-byte message
+    for _ in range(50):
+        assert not s.gcra("b", 1.0, 1000, 0, cost=10)
+    clock.t += 1.0
+    assert s.gcra("b", 1.0, 1000, 0, cost=1000)
+
+
+def test_concurrency_slots() -> None:
+    s = MemoryStore()
+    assert s.acquire("c", 2) and s.acquire("c", 2) and not s.acquire("c", 2)
+    s.release("c")
+    assert s.acquire("c", 2)
+
+
+def test_parse_rate_and_networks() -> None:
+    assert parse_rate("100/minute") == (100, 60.0)
+    assert parse_rate("5/10s") == (5, 10.0)
+    assert parse_rate("2/second") == (2, 1.0)
+    for bad in ("0/minute", "x/minute", "5/fortnight"):
+        with pytest.raises((ValueError, KeyError)):
+            parse_rate(bad)
+    assert network_of("192.0.2.77") == "192.0.2.0/24"
+    assert network_of("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
