@@ -72,6 +72,16 @@ def quarantine(name: str, recipients: list[str], symbols: list[str]) -> bytes:
     return (_fold(text) + "\r\n").encode("utf-8", "replace")
 
 
+def header_section(message: bytes) -> bytes:
+    """The header fields and the blank line after them (all of it if there is none).
+
+    Checks that only read headers use this, so their work is bounded by the
+    header size, not the message size.
+    """
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 4]
+
+
 _AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")
 
@@ -90,8 +100,8 @@ def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
     Works on the wire form (stuffed) of the header section only; the body is
     never touched. Returns the new bytes and how many fields were removed.
     """
-    end = wire.find(b"\r\n\r\n")
-    head_end = len(wire) if end < 0 else end + 2
+    section = header_section(wire)
+    head_end = len(section) - 2 if section.endswith(b"\r\n\r\n") else len(section)
     head = wire[:head_end]
     if b"uthentication-" not in head and b"UTHENTICATION-" not in head:
         return wire, 0  # the common case costs one search

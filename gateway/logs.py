@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 _events = logging.getLogger("gateway.events")
@@ -64,7 +63,3 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
 def event(name: str, **fields: Any) -> None:
     if _events.isEnabledFor(logging.INFO):
         _events.info(name, extra={"fields": {"event": name, **fields}})
-
-
-def now() -> float:
-    return time.time()

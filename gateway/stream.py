@@ -153,10 +153,6 @@ class Stream(asyncio.Protocol):
         self._high_water = n
 
     @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    @property
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
@@ -195,33 +191,27 @@ class Stream(asyncio.Protocol):
             buf += keep
             await self._more()
 
-    async def read_until(self, marker: bytes, max_size: int) -> tuple[bytes | None, int]:
-        """Read up to and including `marker`; returns (bytes before marker, total size).
+    async def read_until(self, marker: bytes, max_size: int) -> bytes | None:
+        """The bytes before `marker` (consumed with it), or None if they exceeded max_size.
 
-        Past `max_size` bytes the content is discarded as it arrives (the marker
-        is still searched for, so the session stays in sync) and None is
-        returned: the caller then refuses with a size error without ever having
-        held more than max_size bytes.
+        Past `max_size` the content is discarded as it arrives (the marker is still
+        searched for, so the session stays in step) and None is returned: the caller
+        refuses with a size error without ever having held more than max_size bytes.
         """
         buf = self._buf
         mlen = len(marker)
         start = 0
-        discarded = 0
+        discarding = False
         while True:
             i = buf.find(marker, start)
             if i >= 0:
-                total = discarded + i
-                if discarded:
-                    del buf[: i + mlen]
-                    return None, total
-                data = bytes(memoryview(buf)[:i])  # one copy, not two
+                data = None if discarding or i > max_size else bytes(memoryview(buf)[:i])
                 del buf[: i + mlen]
-                return (data if total <= max_size else None), total
-            if len(buf) > max_size or discarded:
-                keep = mlen - 1
-                drop = len(buf) - keep
+                return data
+            if len(buf) > max_size or discarding:
+                discarding = True
+                drop = len(buf) - (mlen - 1)
                 if drop > 0:
-                    discarded += drop
                     del buf[:drop]
                 start = 0
             else:

@@ -16,6 +16,7 @@ import dkim
 
 from gateway.checks.base import OffLoopCheck
 from gateway.dns import DnsStatus, Resolver
+from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
@@ -41,7 +42,7 @@ class ArcCheck(OffLoopCheck):
 
     async def verify(self, message: bytes) -> tuple[str, str | None, str]:
         """(chain status, domain of the newest seal, reason); the tested entry point."""
-        head = message.split(b"\r\n\r\n", 1)[0].lower()
+        head = header_section(message).lower()
         if b"arc-seal:" not in head:
             return "none", None, ""
         loop = asyncio.get_running_loop()

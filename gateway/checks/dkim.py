@@ -17,6 +17,7 @@ import dkim
 
 from gateway.checks.base import OffLoopCheck
 from gateway.dns import DnsStatus, Resolver
+from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
@@ -73,7 +74,9 @@ class DkimCheck(OffLoopCheck):
 
     async def verify(self, message: bytes) -> list[DkimSignature]:
         """One result per DKIM-Signature (up to max_signatures); the tested entry point."""
-        d = dkim.DKIM(message)
+        # On the loop: the signatures' tags only, from the headers alone. The full
+        # parse, canonicalisation and hashing happen in the worker thread.
+        d = dkim.DKIM(header_section(message))
         count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
         count = min(count, self.max_signatures)
         if count == 0:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from publicsuffixlist import PublicSuffixList
 
 from gateway.dns import DnsStatus, Resolver
+from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
@@ -94,8 +95,7 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
 
 def from_domains(message: bytes) -> list[str] | None:
     """Domains of the From header's addresses; None if there is not exactly one From field."""
-    head = message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-    msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(header_section(message))
     fields = msg.get_all("From") or []
     if len(fields) != 1:
         return None

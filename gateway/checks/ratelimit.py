@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from gateway import metrics
+from gateway.config import IPNetwork
 from gateway.pipeline.stage import Context, Stage
 from gateway.store.memory import MemoryStore
 
@@ -64,6 +66,39 @@ def key_parts(kind: str, ctx: Context) -> str | None:
     raise ValueError(kind)
 
 
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """A configured limit, parsed once at (re)load instead of per message."""
+
+    name: str
+    stage: Stage
+    parts: tuple[str, ...]
+    count: int
+    period: float
+    burst: int
+    bytes: bool
+    exempt: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Concurrency:
+    name: str
+    part: str
+    max: int
+    exempt: tuple[IPNetwork, ...]
+
+
+def _exempt(networks: tuple[IPNetwork, ...], ip: str) -> bool:
+    if not networks:
+        return False
+    addr = ipaddress.ip_address(ip)
+    return any(addr in n for n in networks)
+
+
+def _nets(items: list[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+
+
 class RateLimitCheck:
     name: ClassVar[str] = "ratelimit"
     stages: ClassVar[frozenset[Stage]] = frozenset(UNIT_STAGE.values())
@@ -72,49 +107,52 @@ class RateLimitCheck:
 
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.store = store or MemoryStore()
-        self.limits: list[Any] = []
-        self.concurrency: list[Any] = []
+        self.limits: list[_Limit] = []
+        self.concurrency: list[_Concurrency] = []
 
     def configure(self, options: Any) -> None:
-        self.limits = list(options.limits)
-        self.concurrency = list(options.concurrency)
-        for lim in self.limits:
+        self.limits = []
+        for lim in options.limits:
             count, period = parse_rate(lim.rate)
+            self.limits.append(
+                _Limit(
+                    lim.name,
+                    UNIT_STAGE[lim.unit],
+                    tuple(lim.key.split("+")),
+                    count,
+                    period,
+                    lim.burst,
+                    lim.unit == "bytes",
+                    _nets(lim.exempt_networks),
+                )
+            )
             metrics.child(metrics.RATELIMIT_CONFIGURED, lim.name).set(count / period)
-
-    def _exempt(self, lim: Any, ctx: Context) -> bool:
-        if not lim.exempt_networks:
-            return False
-        addr = ipaddress.ip_address(ctx.client_ip)
-        return any(addr in ipaddress.ip_network(n, strict=False) for n in lim.exempt_networks)
+        self.concurrency = [
+            _Concurrency(c.name, c.key, c.max, _nets(c.exempt_networks))
+            for c in options.concurrency
+        ]
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
-        out: list[str] = []
         if stage is Stage.CONNECT:
             for c in self.concurrency:
-                if self._exempt(c, ctx):
+                if _exempt(c.exempt, ctx.client_ip):
                     continue
-                key = f"conc:{c.name}:{key_parts(c.key, ctx)}"
+                key = f"conc:{c.name}:{key_parts(c.part, ctx)}"
                 if not self.store.acquire(key, c.max):
                     metrics.child(metrics.RATELIMIT_HITS, c.name).inc()
                     ctx.details["ratelimit.concurrency"] = c.name
-                    out.append("ratelimit.concurrency")
-                    break
+                    return ("ratelimit.concurrency",)
                 ctx.on_close.append(functools.partial(self.store.release, key))
-            if out:
-                return tuple(out)
         for lim in self.limits:
-            if UNIT_STAGE[lim.unit] is not stage or self._exempt(lim, ctx):
+            if lim.stage is not stage or _exempt(lim.exempt, ctx.client_ip):
                 continue
-            parts = [key_parts(k, ctx) for k in lim.key.split("+")]
+            parts = [key_parts(k, ctx) for k in lim.parts]
             if any(p is None for p in parts):
                 continue
-            count, period = parse_rate(lim.rate)
-            cost = len(ctx.wire or b"") if lim.unit == "bytes" else 1
+            cost = len(ctx.wire or b"") if lim.bytes else 1
             key = f"rate:{lim.name}:{'|'.join(str(p) for p in parts)}"
-            if not self.store.gcra(key, period, count, lim.burst, cost):
+            if not self.store.gcra(key, lim.period, lim.count, lim.burst, cost):
                 metrics.child(metrics.RATELIMIT_HITS, lim.name).inc()
                 ctx.details["ratelimit.exceeded"] = lim.name
-                out.append("ratelimit.exceeded")
-                break
-        return tuple(out)
+                return ("ratelimit.exceeded",)
+        return ()

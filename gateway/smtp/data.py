@@ -42,7 +42,7 @@ async def read_message(stream: Stream, max_size: int, bare: BareLinefeed) -> byt
     if await stream.peek(3) == b".\r\n":
         await stream.read_exactly(3)
         return b""
-    raw, _total = await stream.read_until(EOD, max_size)
+    raw = await stream.read_until(EOD, max_size)
     if raw is None:
         raise DataRefused(replies.SIZE_EXCEEDED)
     return check_wire(raw + b"\r\n", bare)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from gateway import config, headers, logs, metrics
 from gateway.address import Address, AddressError, parse_path, split_path
 from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
-from gateway.forward.client import BackendError, BackendTimeout, SmtpReply
+from gateway.forward.client import BackendError, SmtpReply
 from gateway.pipeline.runner import Runner
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import Verdict
@@ -491,9 +491,7 @@ class Session:
         try:
             results = await txn.data(prefix + wire, n_rcpts)
         except BackendError as e:
-            self.send(
-                replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
-            )
+            self.send(replies.for_backend_error(e))
             await self._end_txn(
                 Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
             )
@@ -656,7 +654,7 @@ class Session:
 
     async def _backend_failed(self, e: BackendError) -> None:
         """The backend dropped mid-transaction: this transaction can only tempfail now."""
-        reply = replies.BACKEND_TIMEOUT if isinstance(e, BackendTimeout) else replies.BACKEND_LOST
+        reply = replies.for_backend_error(e)
         self.txn_broken = reply
         self.send(reply)
         logs.event("backend_error", session=self.id, error=str(e))

@@ -112,7 +112,6 @@ TOO_MANY_ERRORS = r(421, "4.7.0", "Error: too many errors, closing connection")
 TIMEOUT = r(421, "4.4.2", "Error: timeout exceeded, closing connection")
 TOO_MANY_CONNECTIONS = r(421, "4.7.0", "Error: too many connections, try again later")
 SHUTTING_DOWN = r(421, "4.3.2", "Service shutting down, closing connection")
-TLS_HANDSHAKE_FAILED = r(454, "4.7.0", "TLS not available due to temporary reason")
 
 BACKEND_UNAVAILABLE = r(451, "4.4.1", "Next hop unavailable, try again later")
 BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
@@ -206,6 +205,17 @@ def for_action(action: Action, symbol: str, detail: str | None = None) -> Reply:
         safe = "".join(c if " " <= c <= "~" else " " for c in (detail or "a block list"))
         text = text.replace("{detail}", safe[:200])
     return Reply(base.code, base.enhanced, text, symbol)
+
+
+def for_backend_error(error: Exception) -> Reply:
+    """What the client hears when the backend hop fails mid-transaction (always 4xx)."""
+    from gateway.forward.client import BackendBadReply, BackendTimeout
+
+    if isinstance(error, BackendTimeout):
+        return BACKEND_TIMEOUT
+    if isinstance(error, BackendBadReply):
+        return BACKEND_BAD_REPLY
+    return BACKEND_LOST
 
 
 def from_backend(code: int, lines: list[str]) -> Reply:

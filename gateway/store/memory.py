@@ -56,10 +56,3 @@ class MemoryStore:
             self._conc[key] = n
         else:
             self._conc.pop(key, None)
-
-    def peek(self, key: str) -> float | None:
-        return self._tat.get(key)
-
-    def reset(self, key: str) -> None:
-        self._tat.pop(key, None)
-        self._conc.pop(key, None)
