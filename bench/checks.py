@@ -17,7 +17,9 @@ from typing import Any
 from gateway import config
 from gateway.address import parse_path
 from gateway.checks.registry import build_checks
+from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.stage import Context, Stage
+from gateway.store.memory import MemoryStore
 
 MESSAGE = (
     b"From: Sender <sender@src.test>\r\nTo: user@bench.test\r\nSubject: bench\r\n"
@@ -60,8 +62,15 @@ def measure(dns_address: str, n: int = 5000) -> list[dict[str, Any]]:
             "dns": config.Dns(nameservers=[dns_address]),
         }
     )
+    from bench_site import SITE
+
+    options = policy_mod.Policy.model_validate(SITE).checks
     rows = []
-    for check in build_checks(settings, Resolver(settings.dns)):
+    for check in build_checks(settings, Resolver(settings.dns), MemoryStore()):
+        configure = getattr(check, "configure", None)
+        opts = getattr(options, check.name, None)
+        if configure is not None and opts is not None:
+            configure(opts)  # the bench site's zone and limits, as the runner does
         variants = [("", None)]
         if check.name == "spf":
             variants = [(" (verdict cached)", 60.0), (" (evaluated, DNS cached)", 0.0)]
@@ -80,7 +89,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from run import BENCH_ZONE
+    from bench_site import BENCH_ZONE
 
     from tests.support.dnsserver import DnsServer
 

@@ -4,7 +4,8 @@
 Modes, measured in the same run so the ratios are meaningful on a noisy machine:
   direct   smtp-source -> smtp-sink (the ceiling on this machine)
   proxy    through the gateway, policy `bench/proxy-policy.yaml` (no optional checks)
-  policy   through the gateway with the default preset (every check that exists)
+  policy   through the gateway with the default preset plus bench/site.py's DNSBL
+           zone and rate limits (every check that exists)
 
 Shapes: small (4 KB, 1 rcpt, 20 sessions, new connection per message), large
 (100 KB, 5 rcpts), persistent (4 KB, many messages per connection: -d).
@@ -42,18 +43,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     "large": {"args": ["-s", "20", "-r", "5"], "size": 102400, "messages": 3000},
     "persistent": {"args": ["-d", "-s", "20"], "size": 4096, "messages": 20000},
 }
-# The checks the `policy` mode runs are those the default preset enables;
-# adding a check to the benchmark is adding it to policies/default.yaml.
+# The checks the `policy` modes run are those the preset enables, plus the site
+# data in bench/site.py (a DNSBL zone and limits, which no preset can name).
 MODES = {
     "proxy": str(HERE / "proxy-policy.yaml"),
     "policy": "default",
     "policy-cold": str(HERE / "cold-policy.yaml"),
-}
-# DNS for the bench domains, served on loopback (the sender is smtp-source's -f).
-BENCH_ZONE: dict[str, list[tuple[str, Any]]] = {
-    "src.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all"), ("A", "127.0.0.1")],
-    "_dmarc.src.test": [("TXT", "v=DMARC1; p=reject")],
-    "client.bench": [("A", "127.0.0.1")],
 }
 
 
@@ -63,6 +58,8 @@ def signed_messages(directory: Path) -> dict[int, Path]:
     smtp-source appends CRLF to every line of the file, so the file has LF line ends;
     the signature is made over the CRLF form that goes on the wire.
     """
+    from bench_site import BENCH_ZONE
+
     from tests.support.dkimkeys import rsa_key, sign
 
     key = rsa_key()
@@ -306,6 +303,8 @@ def main() -> None:
         sink_cmd[1:1] = ["-u", "nobody"]
     sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gateways: dict[str, GatewayProc] = {}
+    from bench_site import BENCH_ZONE, site_policy
+
     from tests.support.dnsserver import DnsServer
 
     dns = DnsServer(BENCH_ZONE)
@@ -318,8 +317,11 @@ def main() -> None:
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
         for mode in args.modes.split(","):
+            preset = MODES[mode]
+            if mode != "proxy":
+                preset = site_policy(preset, tmp / f"{mode}-policy.yaml")
             gateways[mode] = GatewayProc(
-                tmp / mode, sink_port, MODES[mode], args.workers, dns=dns.address
+                tmp / mode, sink_port, preset, args.workers, dns=dns.address
             )
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")

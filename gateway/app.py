@@ -25,6 +25,7 @@ from gateway.smtp.handler import (
     network_matcher,
     reseed_session_ids,
 )
+from gateway.store import make_store
 from gateway.stream import Stream
 
 log = logging.getLogger("gateway.app")
@@ -42,7 +43,8 @@ class App:
         reseed_session_ids()
         self.settings = settings
         self.resolver = Resolver(settings.dns)
-        self.checks = build_checks(settings, self.resolver)
+        self.store = make_store(settings.store)
+        self.checks = build_checks(settings, self.resolver, self.store)
         self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)
         self.runner = Runner(self.checks, pol)
@@ -63,7 +65,7 @@ class App:
             is_trusted=network_matcher(settings.trusted_networks),
             is_proxy=network_matcher(settings.proxy_networks),
         )
-        self.http = HttpEndpoint(self.readiness)
+        self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
         self.reuse_port = False
@@ -193,6 +195,7 @@ class App:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.backend.close()
+        await self.store.close()
         await self.http.close()
         logs.event("stopped")
 

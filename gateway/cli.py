@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", "-c", help="YAML config (DNS servers, policy, domains)")
     chk.add_argument("--json", action="store_true", help="machine-readable output")
 
+    rl = sub.add_parser("ratelimit", help="show or reset what a rate/concurrency limit counted")
+    rl.add_argument("action", choices=["show", "reset"])
+    rl.add_argument("key", help="LIMIT:VALUE (one key, e.g. per_ip:192.0.2.7) or LIMIT (all)")
+    rl.add_argument("--config", "-c", help="YAML config file (finds the store)")
+
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config file and the policy it names")
@@ -36,14 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_validate(settings: config.Settings) -> None:
+def cmd_validate(settings: config.Settings) -> policy_mod.Policy:
     """Everything that can be checked without binding a port; raises ConfigError."""
     from gateway.checks.registry import all_known_symbols
     from gateway.smtp import tls
 
-    policy_mod.load(settings.policy, all_known_symbols())
+    pol = policy_mod.load(settings.policy, all_known_symbols())
     for lc in settings.listeners:
         tls.server_context(lc)
+    return pol
 
 
 def cmd_config_check(path: str) -> int:
@@ -66,7 +72,15 @@ def cmd_run(path: str | None) -> int:
     # Before anything imports prometheus_client (multiprocess mode is chosen at import).
     mp_dir, created = workers.prepare_multiproc(settings.metrics.multiproc_dir)
     try:
-        cmd_validate(settings)  # policy and TLS errors stop the master, not every worker
+        # Policy and TLS errors stop the master, not every worker.
+        pol = cmd_validate(settings)
+        rl = pol.checks.ratelimit
+        if rl.enabled and (rl.limits or rl.concurrency) and not settings.store.redis_url:
+            logs.event(
+                "config_warning",
+                message=f"rate limits are counted in memory by each of {count} workers; "
+                "set store.redis_url (or workers: 1) for exact limits",
+            )
         return workers.supervise(count, lambda _i: _serve(settings, reuse_port=True))
     finally:
         workers.cleanup(mp_dir, created)
@@ -98,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from gateway import explain
 
             return explain.run(args)
+        if args.command == "ratelimit":
+            from gateway import ratelimit_admin
+
+            return ratelimit_admin.run(args.action, args.key, args.config)
         if args.command == "config" and args.config_command == "check":
             return cmd_config_check(args.file)
     except config.ConfigError as e:

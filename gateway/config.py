@@ -182,6 +182,25 @@ class Dns(_Strict):
         return v
 
 
+class Store(_Strict):
+    """Where rate and concurrency limits keep their counts."""
+
+    # redis://[:password@]host:port/db, rediss:// (TLS) or unix://path; unset: in
+    # memory, per process (exact for one process only).
+    redis_url: str | None = None
+    key_prefix: str = "smtp-gateway:"
+    timeout: Annotated[float, Field(gt=0)] = 0.5  # seconds per Redis operation
+    # A concurrency slot held by a replica that died is freed after this many seconds.
+    lease_ttl: Annotated[float, Field(ge=1)] = 30.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{v!r}: scheme must be redis://, rediss:// or unix://")
+        return v
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "kv"] = "json"
@@ -200,6 +219,7 @@ class Settings(_Strict):
     metrics: Metrics = Metrics()
     logging: Logging = Logging()
     dns: Dns = Dns()
+    store: Store = Store()
     # Our name in Authentication-Results (RFC 8601); default: hostname.
     authserv_id: str | None = None
     policy: str = "default"
@@ -240,6 +260,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_LOG_FORMAT": ("logging", "format"),
     "GATEWAY_WORKERS": ("workers",),
     "GATEWAY_DNS_NAMESERVERS": ("dns", "nameservers"),
+    "GATEWAY_REDIS_URL": ("store", "redis_url"),
 }
 
 

@@ -24,6 +24,7 @@ from gateway.pipeline.verdict import ACCEPT, Verdict, combine
 from gateway.smtp import replies
 from gateway.smtp.data import stuff
 from gateway.smtp.handler import network_matcher
+from gateway.store.memory import MemoryStore
 
 
 def _crlf(raw: bytes) -> bytes:
@@ -40,7 +41,8 @@ async def explain(
 ) -> dict[str, Any]:
     pol = policy_mod.load(settings.policy, all_known_symbols())
     resolver = Resolver(settings.dns)
-    runner = Runner(build_checks(settings, resolver), pol)
+    # A fresh in-memory store: explaining a message never charges the live limits.
+    runner = Runner(build_checks(settings, resolver, MemoryStore()), pol)
     ctx = Context("explain", client_ip, 0, "check", helo=helo)
     ctx.trusted = network_matcher(settings.trusted_networks)(client_ip)
     stages: list[dict[str, Any]] = []

@@ -1,4 +1,5 @@
-"""A tiny HTTP/1.0 endpoint: /metrics, /healthz/live, /healthz/ready.
+"""A tiny HTTP/1.0 endpoint: /metrics, /healthz/live, /healthz/ready, and the
+loopback-only operator routes behind `smtp-gateway ratelimit show|reset`.
 
 Our own few lines on asyncio instead of prometheus_client's thread server:
 that one cannot share its port between worker processes (no SO_REUSEPORT)
@@ -8,12 +9,17 @@ and runs in a thread; this one lives on the event loop like everything else.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
+import urllib.parse
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.store import Store
+from gateway.store.base import operator_key
 
 MAX_REQUEST = 8192
 
@@ -22,8 +28,10 @@ class HttpEndpoint:
     def __init__(
         self,
         ready: Callable[[], tuple[bool, dict[str, object]]],
+        store: Store | None = None,
     ) -> None:
         self.ready = ready
+        self.store = store
         self.registry = REGISTRY
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Workers: any of them answers with the sum over all of them.
@@ -41,10 +49,12 @@ class HttpEndpoint:
             self.server.close()
             await self.server.wait_closed()
 
-    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def route(self, method: str, target: str, peer: str) -> tuple[int, str, bytes]:
+        path, _, query = target.partition("?")
+        if path in ("/ratelimit", "/ratelimit/reset"):
+            return await self._ratelimit(method, path, query, peer)
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
-        path = path.split("?", 1)[0]
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/healthz/live":
@@ -55,6 +65,27 @@ class HttpEndpoint:
             return (200 if ok else 503), "application/json", body
         return 404, "text/plain", b"not found\n"
 
+    async def _ratelimit(
+        self, method: str, path: str, query: str, peer: str
+    ) -> tuple[int, str, bytes]:
+        """Operators only: the metrics port may be open to a monitoring network, and a
+        reset there would let anyone lift their own limit."""
+        if self.store is None or not ipaddress.ip_address(peer).is_loopback:
+            return 403, "text/plain", b"forbidden\n"
+        if method != ("POST" if path.endswith("/reset") else "GET"):
+            return 405, "text/plain", b"method not allowed\n"
+        key = urllib.parse.parse_qs(query).get("key", [""])[0]
+        if not key:
+            return 400, "text/plain", b"key= is required\n"
+        prefix, exact = operator_key(key)
+        if path.endswith("/reset"):
+            out: dict[str, object] = {"deleted": await self.store.reset(prefix, exact)}
+        else:
+            entries = await self.store.entries(prefix, exact)
+            out = {"entries": [e._asdict() for e in entries]}
+        out["pid"] = os.getpid()  # in-memory counts belong to one process
+        return 200, "application/json", json.dumps(out).encode() + b"\n"
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10):
@@ -63,10 +94,12 @@ class HttpEndpoint:
             if len(parts) != 3:
                 status, ctype, body = 400, "text/plain", b"bad request\n"
             else:
-                status, ctype, body = self.route(parts[0], parts[1])
+                peer = writer.get_extra_info("peername")[0]
+                status, ctype, body = await self.route(parts[0], parts[1], peer)
             reason = {
                 200: "OK",
                 400: "Bad Request",
+                403: "Forbidden",
                 404: "Not Found",
                 405: "Method Not Allowed",
                 503: "Service Unavailable",

@@ -134,3 +134,9 @@ RATELIMIT_CONFIGURED = Gauge(
     ["limit"],
     multiprocess_mode="max",
 )
+RATELIMIT_STORE_ERRORS = Counter(
+    P + "ratelimit_store_errors_total",
+    "Rate-limit store (Redis) operations that failed; the policy's action for "
+    "ratelimit.unavailable applied (default: allow)",
+    ["operation"],
+)

@@ -8,6 +8,7 @@ import pytest
 
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway
+from tests.support.redisserver import RedisServer
 
 
 @pytest.fixture
@@ -48,3 +49,10 @@ def dns_server() -> Iterator[DnsServer]:
     server = DnsServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()

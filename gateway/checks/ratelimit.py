@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from gateway import metrics
+from gateway.checks.base import Symbols
 from gateway.config import IPNetwork
 from gateway.pipeline.stage import Context, Stage
+from gateway.store import Store
+from gateway.store.base import CONC, RATE, GcraOp, StoreError
 from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
 
 UNIT_STAGE = {
     "connections": Stage.CONNECT,
@@ -102,11 +107,13 @@ def _nets(items: list[str]) -> tuple[IPNetwork, ...]:
 class RateLimitCheck:
     name: ClassVar[str] = "ratelimit"
     stages: ClassVar[frozenset[Stage]] = frozenset(UNIT_STAGE.values())
-    symbols: ClassVar[frozenset[str]] = frozenset({"ratelimit.exceeded", "ratelimit.concurrency"})
+    symbols: ClassVar[frozenset[str]] = frozenset(
+        {"ratelimit.exceeded", "ratelimit.concurrency", "ratelimit.unavailable"}
+    )
     reputation: ClassVar[bool] = True
 
-    def __init__(self, store: MemoryStore | None = None) -> None:
-        self.store = store or MemoryStore()
+    def __init__(self, store: Store | None = None) -> None:
+        self.store: Store = store or MemoryStore()
         self.limits: list[_Limit] = []
         self.concurrency: list[_Concurrency] = []
 
@@ -132,17 +139,16 @@ class RateLimitCheck:
             for c in options.concurrency
         ]
 
-    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def _plan(
+        self, stage: Stage, ctx: Context
+    ) -> tuple[list[tuple[str, _Concurrency]], list[GcraOp], list[str]]:
+        """The slots to take and the limits to charge at this stage, as store keys."""
+        slots = []
         if stage is Stage.CONNECT:
             for c in self.concurrency:
-                if _exempt(c.exempt, ctx.client_ip):
-                    continue
-                key = f"conc:{c.name}:{key_parts(c.part, ctx)}"
-                if not self.store.acquire(key, c.max):
-                    metrics.child(metrics.RATELIMIT_HITS, c.name).inc()
-                    ctx.details["ratelimit.concurrency"] = c.name
-                    return ("ratelimit.concurrency",)
-                ctx.on_close.append(functools.partial(self.store.release, key))
+                if not _exempt(c.exempt, ctx.client_ip):
+                    slots.append((f"{CONC}:{c.name}:{key_parts(c.part, ctx)}", c))
+        ops, names = [], []
         for lim in self.limits:
             if lim.stage is not stage or _exempt(lim.exempt, ctx.client_ip):
                 continue
@@ -150,9 +156,47 @@ class RateLimitCheck:
             if any(p is None for p in parts):
                 continue
             cost = len(ctx.wire or b"") if lim.bytes else 1
-            key = f"rate:{lim.name}:{'|'.join(str(p) for p in parts)}"
-            if not self.store.gcra(key, lim.period, lim.count, lim.burst, cost):
-                metrics.child(metrics.RATELIMIT_HITS, lim.name).inc()
-                ctx.details["ratelimit.exceeded"] = lim.name
-                return ("ratelimit.exceeded",)
-        return ()
+            key = f"{RATE}:{lim.name}:{'|'.join(str(p) for p in parts)}"
+            ops.append(GcraOp(key, lim.period, lim.count, lim.burst, cost))
+            names.append(lim.name)
+        return slots, ops, names
+
+    def run(self, stage: Stage, ctx: Context) -> Symbols | Awaitable[Symbols]:
+        slots, ops, names = self._plan(stage, ctx)
+        if not slots and not ops:
+            return ()
+        store = self.store
+        if isinstance(store, RedisStore):
+            return self._run_shared(store, ctx, slots, ops, names)
+        for key, c in slots:
+            if not store.acquire(key, c.max):
+                return _refused(ctx, "ratelimit.concurrency", c.name)
+            ctx.on_close.append(functools.partial(store.release, key))
+        refused = store.take(ops) if ops else -1
+        return _refused(ctx, "ratelimit.exceeded", names[refused]) if refused >= 0 else ()
+
+    async def _run_shared(
+        self,
+        store: RedisStore,
+        ctx: Context,
+        slots: list[tuple[str, _Concurrency]],
+        ops: list[GcraOp],
+        names: list[str],
+    ) -> Symbols:
+        """The same decisions as the in-memory path, one Redis script each; a store
+        failure becomes `ratelimit.unavailable` (the policy: allow, or tempfail)."""
+        try:
+            for key, c in slots:
+                if not await store.acquire(key, c.max):
+                    return _refused(ctx, "ratelimit.concurrency", c.name)
+                ctx.on_close.append(functools.partial(store.release, key))
+            refused = await store.take(ops) if ops else -1
+        except StoreError:
+            return ("ratelimit.unavailable",)
+        return _refused(ctx, "ratelimit.exceeded", names[refused]) if refused >= 0 else ()
+
+
+def _refused(ctx: Context, symbol: str, limit: str) -> Symbols:
+    metrics.child(metrics.RATELIMIT_HITS, limit).inc()
+    ctx.details[symbol] = limit
+    return (symbol,)

@@ -15,6 +15,7 @@ from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
 from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
+from gateway.store import Store
 
 # Every check class, in the order they run within a stage.
 # DMARC reads what SPF (at MAIL), DKIM and ARC (earlier at DATA) found.
@@ -29,11 +30,11 @@ CHECK_CLASSES: tuple[Any, ...] = (
 )
 
 
-def build_checks(settings: config.Settings, resolver: Resolver) -> list[Check]:
+def build_checks(settings: config.Settings, resolver: Resolver, store: Store) -> list[Check]:
     return [
         DnsblCheck(resolver),
         RelayCheck(settings.local_domains),
-        RateLimitCheck(),
+        RateLimitCheck(store),
         SpfCheck(resolver),
         DkimCheck(resolver),
         ArcCheck(resolver),

@@ -114,8 +114,12 @@ _KEY_PARTS = {
 }
 
 
+# Limit names appear in metric labels and in operators' keys (`NAME:VALUE`).
+LimitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
 class RateLimit(_Strict):
-    name: str  # in logs and metrics labels
+    name: LimitName  # in logs and metrics labels
     # Parts joined with '+': client_ip, client_network (/24, /64), mail_from,
     # mail_from_domain, recipient, recipient_domain.
     key: str = "client_ip"
@@ -147,7 +151,7 @@ class RateLimit(_Strict):
 
 
 class Concurrency(_Strict):
-    name: str
+    name: LimitName
     key: Literal["client_ip", "client_network"] = "client_ip"
     max: Annotated[int, Field(ge=1)] = 20
     exempt_networks: list[str] = Field(default_factory=list)
@@ -157,6 +161,12 @@ class RateLimitOptions(_Strict):
     enabled: bool = True
     limits: list[RateLimit] = Field(default_factory=list)
     concurrency: list[Concurrency] = Field(default_factory=list)
+
+    def model_post_init(self, _ctx: Any) -> None:
+        names = [x.name for x in self.limits] + [x.name for x in self.concurrency]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"limit name {dup!r} is used twice")
 
 
 class CheckOptions(_Strict):

@@ -184,6 +184,10 @@ SYMBOL_REPLIES.update(
         "ratelimit.concurrency": {
             Action.TEMPFAIL: r(421, "4.7.0", "Too many connections from your address"),
         },
+        # The shared store (Redis) did not answer and the policy fails closed.
+        "ratelimit.unavailable": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Rate limit service unavailable, try again later"),
+        },
     }
 )
 

@@ -12,7 +12,9 @@ the allowed rate is never refused, and capacity comes back continuously.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from gateway.store.base import CONC, RATE, Entry, GcraOp
 
 # Clock arithmetic in floats: a request exactly on the allowed rate must not be
 # refused because of rounding in repeated additions.
@@ -20,24 +22,32 @@ _EPSILON = 1e-6
 
 
 class MemoryStore:
+    """Synchronous on purpose: the rate-limit check calls it inline, no task, no await."""
+
+    is_async = False
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._tat: dict[str, float] = {}
         self._conc: dict[str, int] = {}
 
-    def gcra(self, key: str, period: float, count: int, burst: int, cost: int = 1) -> bool:
-        """Allowed or not; state is updated only when allowed."""
+    def take(self, ops: Sequence[GcraOp]) -> int:
+        """All or nothing: the index of the first limit that refuses (nothing is
+        charged then), or -1 when every limit allowed and was charged."""
         now = self.clock()
-        t = period / count
-        limit = t * (count + burst)
-        tat = max(self._tat.get(key, now), now)
-        new_tat = tat + cost * t
-        if new_tat - now > limit + _EPSILON:
-            return False
-        self._tat[key] = new_tat
+        news = []
+        for i, op in enumerate(ops):
+            t = op.period / op.amount
+            tat = max(self._tat.get(op.key, now), now)
+            new_tat = tat + op.cost * t
+            if new_tat - now > t * (op.amount + op.burst) + _EPSILON:
+                return i
+            news.append(new_tat)
+        for op, new_tat in zip(ops, news, strict=True):
+            self._tat[op.key] = new_tat
         if len(self._tat) > 100_000:
             self._prune(now)
-        return True
+        return -1
 
     def _prune(self, now: float) -> None:
         for k in [k for k, v in self._tat.items() if v <= now]:
@@ -56,3 +66,28 @@ class MemoryStore:
             self._conc[key] = n
         else:
             self._conc.pop(key, None)
+
+    # -- operators (`smtp-gateway ratelimit show|reset`) ---------------------------
+    async def entries(self, prefix: str, exact: bool) -> list[Entry]:
+        now = self.clock()
+        out = []
+        for kind, table in ((RATE, self._tat), (CONC, self._conc)):
+            head = f"{kind}:{prefix}"
+            for k, v in table.items():
+                if k == head if exact else k.startswith(head):
+                    if kind == RATE and v <= now:
+                        continue  # drained: the same as absent
+                    out.append(Entry(kind, k[len(kind) + 1 :], v - now if kind == RATE else v))
+        return sorted(out)
+
+    async def reset(self, prefix: str, exact: bool) -> int:
+        n = 0
+        for kind, table in ((RATE, self._tat), (CONC, self._conc)):
+            head = f"{kind}:{prefix}"
+            for k in [k for k in table if (k == head if exact else k.startswith(head))]:
+                del table[k]
+                n += 1
+        return n
+
+    async def close(self) -> None:
+        pass
