@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import smtplib
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +26,17 @@ def limited(backend: Backend, gateway_factory: Callable[..., Gateway], limits: s
         + limits
     )
     return gateway_factory(base_config(backend.url, trusted_networks=[]), policy=pol)
+
+
+def ratelimit_cli(gw: Gateway, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "ratelimit", *args, "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def send(port: int, rcpts: tuple[str, ...] = ("x@example.test",)) -> tuple[int, bytes]:
@@ -51,6 +64,9 @@ def test_message_limit_refuses_the_n_plus_first_then_recovers(
     assert results[:3] == [250, 250, 250]
     code, msg = send(gw.port())
     assert (code, msg[:5]) == (450, b"4.7.1")
+    # Operators see the in-memory count through the gateway's loopback endpoint.
+    shown = ratelimit_cli(gw, "show", "msgs:127.0.0.1")
+    assert shown.startswith("msgs:127.0.0.1: ") and "of 3 messages used (3/2s" in shown
     time.sleep(1.5)  # waiting out the limit's own window: two cells have drained by now
     assert send(gw.port())[0] == 250
     assert len(backend.messages()) >= 4
@@ -97,3 +113,19 @@ def test_concurrency_limit_refuses_extra_connection_and_frees_the_slot(
     finally:
         a.close()
         b.close()
+
+
+def test_operator_reset_lifts_an_in_memory_limit(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = limited(
+        backend,
+        gateway_factory,
+        "    limits:\n      - {name: msgs, key: client_ip, unit: messages, rate: 1/hour}\n",
+    )
+    assert send(gw.port())[0] == 250
+    assert send(gw.port())[0] == 450
+    assert "msgs:127.0.0.1" in ratelimit_cli(gw, "show", "msgs")
+    assert "1 key(s) removed" in ratelimit_cli(gw, "reset", "msgs:127.0.0.1")
+    assert "nothing counted" in ratelimit_cli(gw, "show", "msgs:127.0.0.1")
+    assert send(gw.port())[0] == 250

@@ -51,9 +51,7 @@ class RedisServer:
             seen.append(line)
             if "Ready to accept connections" in line:
                 # Keep reading so a chatty server never blocks on a full pipe.
-                self._drainer = threading.Thread(
-                    target=self._drain, args=(self.proc,), daemon=True
-                )
+                self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
                 self._drainer.start()
                 return
         raise RuntimeError("redis-server did not start:\n" + "".join(seen))

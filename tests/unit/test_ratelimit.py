@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,43 @@ def test_operators_show_and_reset() -> None:
     assert gcra(s, "rate:per_ip:192.0.2.1", 60, 2, 0) and gcra(s, "rate:per_ip:192.0.2.1", 60, 2, 0)
     clock.t += 61  # drained keys are not shown
     assert asyncio.run(s.entries("per_ip:", exact=False)) == []
+
+
+def test_operator_routes_answer_loopback_only() -> None:
+    from gateway.http import HttpEndpoint
+
+    store = MemoryStore()
+    assert store.acquire("conc:conns:192.0.2.1", 3)
+    http = HttpEndpoint(lambda: (True, {}), store)
+    status, _, body = asyncio.run(http.route("GET", "/ratelimit?key=conns", "192.0.2.9"))
+    assert status == 403
+    status, _, body = asyncio.run(http.route("POST", "/ratelimit/reset?key=conns", "10.0.0.1"))
+    assert status == 403 and asyncio.run(store.entries("conns:", exact=False))
+    status, _, body = asyncio.run(http.route("GET", "/ratelimit?key=conns", "127.0.0.1"))
+    assert status == 200 and b'"key": "conns:192.0.2.1"' in body
+    assert asyncio.run(http.route("GET", "/ratelimit/reset?key=conns", "::1"))[0] == 405
+    assert asyncio.run(http.route("POST", "/ratelimit/reset?key=conns", "::1"))[0] == 200
+    assert asyncio.run(store.entries("conns:", exact=False)) == []
+
+
+def test_store_and_limit_config_errors_name_the_key(tmp_path: Path) -> None:
+    from gateway import config
+    from gateway.checks.registry import all_known_symbols
+    from gateway.pipeline import policy
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("store:\n  redis_url: http://127.0.0.1:6379\n")
+    with pytest.raises(config.ConfigError, match=r"store\.redis_url: .*redis://"):
+        config.load(cfg, env={})
+    pol = tmp_path / "p.yaml"
+    pol.write_text(
+        "checks:\n  ratelimit:\n    limits:\n      - {name: a, rate: 1/minute}\n"
+        "    concurrency:\n      - {name: a, max: 2}\n"
+    )
+    with pytest.raises(config.ConfigError, match=r"checks\.ratelimit.*'a' is used twice"):
+        policy.load(str(pol), all_known_symbols())
+    pol.write_text(
+        "checks:\n  ratelimit:\n    limits:\n      - {name: 'bad name', rate: 1/minute}\n"
+    )
+    with pytest.raises(config.ConfigError, match=r"checks\.ratelimit\.limits\.0\.name"):
+        policy.load(str(pol), all_known_symbols())
