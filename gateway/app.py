@@ -10,6 +10,7 @@ from typing import Any
 from gateway import __version__, config, logs, metrics
 from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.registry import all_known_symbols, build_checks
+from gateway.checks.relay import RelayCheck
 from gateway.dns import Resolver
 from gateway.forward.backend import Backend, SmtpBackend
 from gateway.forward.maildir import MaildirBackend
@@ -64,6 +65,7 @@ class App:
             backend=self.backend,
             is_trusted=network_matcher(settings.trusted_networks),
             is_proxy=network_matcher(settings.proxy_networks),
+            is_local=RelayCheck(settings.local_domains).is_local,
         )
         self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()

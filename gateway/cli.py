@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from gateway import __version__, config, logs
-from gateway.pipeline import policy as policy_mod
+
+if TYPE_CHECKING:
+    from gateway.pipeline.policy import Policy
+
+# Nothing that imports gateway.metrics (prometheus_client) may be imported at the
+# top of this module: with workers the metric storage is chosen at that import,
+# after prepare_multiproc.
 
 EXIT_CONFIG = 2
 
@@ -34,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("key", help="LIMIT:VALUE (one key, e.g. per_ip:192.0.2.7) or LIMIT (all)")
     rl.add_argument("--config", "-c", help="YAML config file (finds the store)")
 
+    rw = sub.add_parser("rewrite", help="show each rewrite stage's result for an address")
+    rw.add_argument("address")
+    side = rw.add_mutually_exclusive_group(required=True)
+    side.add_argument("--sender", action="store_true", help="as MAIL FROM")
+    side.add_argument("--recipient", action="store_true", help="as RCPT TO")
+    rw.add_argument("--config", "-c", help="YAML config file (policy and local_domains)")
+
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config file and the policy it names")
@@ -41,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_validate(settings: config.Settings) -> policy_mod.Policy:
+def cmd_validate(settings: config.Settings) -> Policy:
     """Everything that can be checked without binding a port; raises ConfigError."""
     from gateway.checks.registry import all_known_symbols
+    from gateway.pipeline import policy as policy_mod
     from gateway.smtp import tls
 
     pol = policy_mod.load(settings.policy, all_known_symbols())
@@ -112,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from gateway import explain
 
             return explain.run(args)
+        if args.command == "rewrite":
+            from gateway.rewrite import cli as rewrite_cli
+
+            return rewrite_cli.run(args.address, args.sender, args.config)
         if args.command == "ratelimit":
             from gateway import ratelimit_admin
 

@@ -140,3 +140,12 @@ RATELIMIT_STORE_ERRORS = Counter(
     "ratelimit.unavailable applied (default: allow)",
     ["operation"],
 )
+REWRITES = Counter(
+    P + "rewrites_total",
+    "Addresses changed by each rewrite stage (headers: header fields changed)",
+    ["stage"],
+)
+REWRITE_LOOPS = Counter(
+    P + "rewrite_loops_total",
+    "Virtual alias expansions refused as a loop, too deep or too wide",
+)

@@ -60,6 +60,9 @@ def raise_fd_limit() -> int:
 
 def prepare_multiproc(directory: str | None) -> tuple[str, bool]:
     """Choose and empty the metrics directory; returns (path, created_by_us)."""
+    if "prometheus_client" in sys.modules:
+        # Its value storage was fixed at import: the workers' metrics would not add up.
+        raise RuntimeError("prometheus_client was imported before the multiprocess setup")
     created = directory is None
     path = directory or tempfile.mkdtemp(prefix="smtp-gateway-metrics-")
     Path(path).mkdir(parents=True, exist_ok=True)

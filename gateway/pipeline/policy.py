@@ -11,9 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gateway.config import ConfigError, format_validation_error, read_yaml_mapping
+from gateway.rewrite.engine import Rewriter, RuleError
+from gateway.rewrite.options import RewriteOptions
 from gateway.smtp.replies import Action
 
 
@@ -187,6 +189,7 @@ REFUSE_ONLY = {"relay.denied"}
 
 
 class Policy(_Strict):
+    _rewriter: Rewriter | None = PrivateAttr(default=None)
     actions: dict[str, Action] = Field(default_factory=dict)
     checks: CheckOptions = CheckOptions()
     tag: TagSettings = TagSettings()
@@ -195,6 +198,7 @@ class Policy(_Strict):
     allowlist_skips: list[str] = Field(
         default_factory=lambda: ["spf", "dkim", "arc", "dmarc", "ratelimit"]
     )
+    rewrite: RewriteOptions = RewriteOptions()
     check_timeout: Annotated[float, Field(gt=0)] = 10.0
     # What a check that crashes or overruns its time budget means.
     check_error_action: Action = Action.TEMPFAIL
@@ -204,6 +208,13 @@ class Policy(_Strict):
             act = self.actions.get(sym)
             if act is not None and act not in (Action.REJECT, Action.TEMPFAIL):
                 raise ValueError(f"actions.{sym}: must be reject or tempfail (no open relay)")
+
+    @property
+    def rewriter(self) -> Rewriter:
+        """The rewrite tables, built (and their files read) when the policy is loaded."""
+        if self._rewriter is None:
+            self._rewriter = Rewriter(self.rewrite, Path("."))
+        return self._rewriter
 
     def options(self, check: str) -> Any:
         return getattr(self.checks, check, None)
@@ -252,4 +263,8 @@ def load(name_or_path: str, known_symbols: set[str]) -> Policy:
     if unknown:
         known = ", ".join(sorted(known_symbols))
         raise ConfigError(f"{path}: actions.{unknown[0]}: unknown symbol (known: {known})")
+    try:
+        policy._rewriter = Rewriter(policy.rewrite, path.parent)
+    except RuleError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return policy

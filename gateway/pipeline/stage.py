@@ -45,7 +45,9 @@ class Context:
     # transaction
     mail_from: Address | None = None
     rcpt: Address | None = None
-    recipients: list[Address] = field(default_factory=list)
+    recipients: list[Address] = field(default_factory=list)  # as the backend has them
+    # Recipients that rewriting changed: (as the client gave it, what the backend got).
+    rewritten: list[tuple[Address, tuple[Address, ...]]] = field(default_factory=list)
     # The message as received: dot-stuffed, CRLF lines (see smtp/data.py).
     wire: bytes | None = None
     _message: bytes | None = None
@@ -65,6 +67,7 @@ class Context:
         self.mail_from = None
         self.rcpt = None
         self.recipients = []
+        self.rewritten = []
         self.wire = None
         self._message = None
         self.auth = []

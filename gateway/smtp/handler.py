@@ -22,12 +22,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway import config, headers, logs, metrics
-from gateway.address import Address, AddressError, parse_path, split_path
+from gateway.address import NULL, Address, AddressError, parse_path, split_path
+from gateway.checks.relay import DENIED, relay_trick
 from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
 from gateway.forward.client import BackendError, SmtpReply
 from gateway.pipeline.runner import Runner
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import Verdict
+from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import replies, tls
 from gateway.smtp.data import DataRefused, read_message
 from gateway.smtp.proxy import ProxyError, read_header
@@ -76,6 +78,8 @@ class Services:
     backend: Backend
     is_trusted: Callable[[str], bool]
     is_proxy: Callable[[str], bool]
+    # A recipient in local_domains without routing tricks (relay control's rule).
+    is_local: Callable[[Address], bool]
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
@@ -136,6 +140,7 @@ class Session:
         self.txn_count = 0
         self.rcpt_tried = 0
         self.utf8_txn = False
+        self.backend_sender: Address = NULL  # MAIL FROM as the backend got it
         self.idle = False
         self.task: asyncio.Task[None] | None = None
         peer = stream.peername or ("0.0.0.0", 0)
@@ -361,8 +366,12 @@ class Session:
             self.esmtp,
             self.stream.tls_object is not None,
         )
+        # Sender rewriting comes after the MAIL checks (SPF judged what the client
+        # sent); ctx.mail_from stays the original for DMARC and the logs.
+        rewriter = self.svc.runner.policy.rewriter
+        self.backend_sender = rewriter.sender(addr) if rewriter.active else addr
         try:
-            reply, txn = await self.svc.backend.begin(info, str(addr), fwd)
+            reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
             self.ctx.new_transaction()
             self.send(replies.BACKEND_UNAVAILABLE)
@@ -397,6 +406,11 @@ class Session:
             metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
             return
         self.rcpt_tried += 1
+        rewriter = self.svc.runner.policy.rewriter
+        original = addr
+        if rewriter.active:
+            # Relay control and the RCPT checks judge the canonical address.
+            addr = rewriter.canonical_recipient(addr)
         self.ctx.rcpt = addr
         verdict = await self.svc.runner.run(Stage.RCPT, self.ctx)
         if verdict.refuses:
@@ -406,7 +420,7 @@ class Session:
             logs.event(
                 "rcpt_refused",
                 session=self.id,
-                rcpt=str(addr),
+                rcpt=str(original),
                 reason=verdict.symbol,
                 reply=str(reply),
             )
@@ -414,17 +428,102 @@ class Session:
         if self.txn_broken is not None or self.txn is None:
             self.send(self.txn_broken or replies.BACKEND_LOST)
             return
+        targets = [addr]
+        if rewriter.active:
+            refused = self._expand(rewriter, original, addr)
+            if isinstance(refused, Reply):
+                self.send(refused)
+                return
+            targets = refused
+            if rewriter.srs is not None and not await self._srs_if_forwarding(targets):
+                return
+        await self._backend_rcpts(original, targets)
+
+    def _expand(
+        self, rewriter: Rewriter, original: Address, addr: Address
+    ) -> Reply | list[Address]:
+        """SRS reverse then virtual aliases; a refusal is the reply to send."""
         try:
-            reply_b = await self.txn.rcpt(str(addr), [])
-        except BackendError as e:
-            await self._backend_failed(e)
-            return
-        if reply_b.ok:
-            self.ctx.recipients.append(addr)
-            metrics.child(metrics.RECIPIENTS, "accepted", "backend").inc()
+            targets = rewriter.expand(rewriter.srs_reverse(addr))
+        except SrsError as e:
+            reply: Reply = replies.SRS_INVALID
+            why = str(e)
+        except AliasLoop as e:
+            reply, why = replies.ALIAS_LOOP, str(e)
         else:
-            metrics.child(metrics.RECIPIENTS, _outcome_code(reply_b.code), "backend").inc()
-        self.relay(reply_b)
+            if not any(relay_trick(t) for t in targets):
+                return targets
+            reply, why = replies.for_action(Action.REJECT, DENIED), "rewrite produced a relay trick"
+        metrics.child(metrics.RECIPIENTS, "rejected", reply.reason).inc()
+        logs.event("rcpt_refused", session=self.id, rcpt=str(original), reason=reply.reason,
+                   reply=str(reply), error=why)  # fmt: skip
+        return reply
+
+    async def _srs_if_forwarding(self, targets: list[Address]) -> bool:
+        """A recipient that leaves our domains gets the SRS sender: the backend
+        transaction is opened again with it (earlier recipients replayed)."""
+        rewriter = self.svc.runner.policy.rewriter
+        sender = self.backend_sender
+        if sender.is_null or all(self.svc.is_local(t) for t in targets):
+            return True
+        srs_sender = rewriter.srs_forward(sender)
+        if srs_sender == sender:
+            return True
+        refused = await self._rebegin(srs_sender, list(self.ctx.recipients))
+        if refused is not None:
+            self.send(refused)
+            return False
+        logs.event("srs_forward", session=self.id, sender=str(sender), srs=str(srs_sender))
+        return True
+
+    async def _backend_rcpts(self, original: Address, targets: list[Address]) -> None:
+        """RCPT each (rewritten) address at the backend; one reply to the client.
+
+        With a fan-out, any 4xx defers the whole recipient (the client retries; an
+        alias member that already accepted may then get the message twice, which is
+        better than losing it for the one that deferred); otherwise any success
+        accepts it and permanent failures of single members are logged.
+        """
+        assert self.txn is not None
+        results: list[SmtpReply] = []
+        accepted: list[Address] = []
+        for t in targets:
+            if t in self.ctx.recipients:
+                accepted.append(t)  # two aliases meeting at one mailbox: deliver once
+                continue
+            if len(self.ctx.recipients) >= self.limits.max_recipients:
+                self.send(replies.TOO_MANY_RECIPIENTS)
+                metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
+                return
+            try:
+                r = await self.txn.rcpt(str(t), [])
+            except BackendError as e:
+                await self._backend_failed(e)
+                return
+            results.append(r)
+            if r.ok:
+                self.ctx.recipients.append(t)
+                accepted.append(t)
+        if targets != [original]:
+            self.ctx.rewritten.append((original, tuple(targets)))
+        temp = next((r for r in results if 400 <= r.code < 500), None)
+        if len(targets) == 1 and results:
+            final = results[0]
+        elif temp is not None:
+            final = temp
+        elif accepted:
+            metrics.child(metrics.RECIPIENTS, "accepted", "backend").inc()
+            self.send(replies.ALIAS_ACCEPTED)
+            if len(accepted) < len(targets):
+                refused = [str(r) for r in results if not r.ok]
+                logs.event("alias_members_refused", session=self.id, rcpt=str(original),
+                           refused=refused)  # fmt: skip
+            return
+        else:
+            final = results[0]
+        outcome = "accepted" if final.ok else _outcome_code(final.code)
+        metrics.child(metrics.RECIPIENTS, outcome, "backend").inc()
+        self.relay(final)
 
     async def cmd_data(self, arg: str) -> None:
         if arg:
@@ -466,6 +565,11 @@ class Session:
             await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
         prefix = self._received()
+        rewriter = self.svc.runner.policy.rewriter
+        if rewriter.active:
+            # After every check: DMARC judged the From the client sent.
+            wire = rewriter.headers(wire)
+            prefix += self._original_recipient()
         # Only we speak for our authserv-id, whoever the client is (trusted or not).
         wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
         if forged:
@@ -505,33 +609,52 @@ class Session:
         action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
         await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
 
-    async def _redirect(self, recipient: str) -> Reply | None:
-        """Quarantine by redirection: abandon the original recipients at the backend
-        (RSET) and open the transaction again for the quarantine mailbox only."""
+    def _original_recipient(self) -> bytes:
+        """X-Original-To (or the configured name) for a single rewritten recipient;
+        never with several, where it would show each recipient the others (Bcc)."""
+        name = self.svc.runner.policy.rewrite.original_recipient_header
+        rw = self.ctx.rewritten
+        if name is None or len(rw) != 1 or self.rcpt_tried != 1:
+            return b""
+        return f"{name}: {rw[0][0]}\r\n".encode()
+
+    async def _rebegin(self, sender: Address, recipients: list[Address]) -> Reply | None:
+        """Abandon the backend transaction (RSET) and open it again with this sender
+        and these recipients; a refusal is returned as the reply for the client."""
         old, self.txn = self.txn, None
         if old is not None:
             await old.abort()
-        assert self.ctx.mail_from is not None and self.client_info is not None
+        assert self.client_info is not None
         try:
             reply, txn = await self.svc.backend.begin(
-                self.client_info, str(self.ctx.mail_from), self.mail_params
+                self.client_info, str(sender), self.mail_params
             )
             if txn is None:
                 return replies.from_backend(reply.code, reply.lines)
-            r = await txn.rcpt(recipient, [])
+            for rcpt in recipients:
+                r = await txn.rcpt(str(rcpt), [])
+                if not r.ok:
+                    await txn.abort()
+                    return replies.from_backend(r.code, r.lines)
         except (BackendUnavailable, BackendError):
+            self.txn_broken = replies.BACKEND_UNAVAILABLE
             return replies.BACKEND_UNAVAILABLE
-        if not r.ok:
-            await txn.abort()
-            return replies.from_backend(r.code, r.lines)
         self.txn = txn
-        logs.event(
-            "quarantined",
-            session=self.id,
-            to=recipient,
-            original=[str(a) for a in self.ctx.recipients],
-        )
+        self.backend_sender = sender
         return None
+
+    async def _redirect(self, recipient: str) -> Reply | None:
+        """Quarantine by redirection: abandon the original recipients at the backend
+        and open the transaction again for the quarantine mailbox only."""
+        refused = await self._rebegin(self.backend_sender, [parse_path(f"<{recipient}>")])
+        if refused is None:
+            logs.event(
+                "quarantined",
+                session=self.id,
+                to=recipient,
+                original=[str(a) for a in self.ctx.recipients],
+            )
+        return refused
 
     async def cmd_rset(self, arg: str) -> None:
         await self._abort_txn("rset")
@@ -691,12 +814,18 @@ class Session:
         self.ctx.new_transaction()
 
     def _txn_outcome(
-        self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: str
+        self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
     ) -> None:
         outcome = "aborted" if aborted else _outcome(action)
         self.txn_count += 1
         metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
         mail_from = self.ctx.mail_from
+        if self.ctx.rewritten:
+            extra["rewritten"] = {
+                str(orig): [str(t) for t in targets] for orig, targets in self.ctx.rewritten
+            }
+        if self.backend_sender != mail_from and mail_from is not None:
+            extra["backend_sender"] = str(self.backend_sender)
         logs.event(
             "transaction",
             session=self.id,

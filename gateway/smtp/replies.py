@@ -120,6 +120,11 @@ BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try aga
 BACKEND_PARTIAL = r(451, "4.3.0", "Delivery incomplete at next hop, try again later")
 LOCAL_ERROR = r(451, "4.3.0", "Local error in processing, try again later")
 
+# Address rewriting (gateway/rewrite).
+ALIAS_LOOP = r(550, "5.4.6", "Recipient alias expansion failed (loop, too deep or too wide)")
+SRS_INVALID = r(550, "5.1.1", "Invalid or expired SRS bounce address")
+ALIAS_ACCEPTED = r(250, "2.1.5", "Recipient ok")
+
 
 # -- policy replies: the wording of an action, by the symbol that caused it ----
 # A symbol missing here gets the action's generic reply below.

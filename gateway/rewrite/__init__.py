@@ -1,0 +1,1 @@
+"""Address rewriting: canonical, virtual alias, masquerading, SRS."""
