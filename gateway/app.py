@@ -203,9 +203,11 @@ class App:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers first: `ready` is logged by start(), and a SIGHUP sent right after
+        # it must reload, not kill the process (SIGHUP's default action).
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
         await self.stopping.wait()
         await self.drain()
