@@ -24,6 +24,7 @@ from gateway.smtp.handler import (
     Session,
     ehlo_lines,
     network_matcher,
+    requiretls_possible,
     reseed_session_ids,
 )
 from gateway.store import make_store
@@ -53,7 +54,8 @@ class App:
         self.listeners = [
             ListenerState(
                 cfg=lc,
-                ssl_ctx=tls.server_context(lc),
+                tls=tls.server_context(lc),
+                requiretls=requiretls_possible(settings),
                 ehlo_plain=ehlo_lines(settings, lc, False),
                 ehlo_tls=ehlo_lines(settings, lc, True),
             )
@@ -70,6 +72,7 @@ class App:
         self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
+        self._tls_task: asyncio.Task[None] | None = None
         self.reuse_port = False
         metrics.child(metrics.BUILD, __version__).set(1)
 
@@ -126,12 +129,10 @@ class App:
         loop = asyncio.get_running_loop()
         for ls in self.listeners:
             c = ls.cfg
-            ssl_ctx = ls.ssl_ctx if c.tls is config.TlsMode.IMPLICIT else None
             ls.server = await loop.create_server(
                 self._factory(ls),
                 c.address,
                 c.port,
-                ssl=ssl_ctx,
                 backlog=1024,
                 reuse_port=self.reuse_port or None,
             )
@@ -153,6 +154,9 @@ class App:
             await dnsbl.health_check()  # at start: an unhealthy zone is skipped from the first mail
             interval = self.runner.policy.checks.dnsbl.health_interval
             self._health_task = asyncio.get_running_loop().create_task(dnsbl.health_loop(interval))
+        interval = self.settings.tls_reload_interval
+        if interval > 0 and any(ls.tls is not None for ls in self.listeners):
+            self._tls_task = asyncio.get_running_loop().create_task(self._watch_certs(interval))
         logs.event(
             "ready",
             version=__version__,
@@ -176,6 +180,15 @@ class App:
         logs.event("reloaded", policy=self.settings.policy)
         return True
 
+    async def _watch_certs(self, interval: float) -> None:
+        """Renewed certificates (cert-manager, ACME, a Secret's symlink swap) are
+        picked up for new sessions; a broken pair is logged and the old one kept."""
+        while True:
+            await asyncio.sleep(interval)
+            for ls in self.listeners:
+                if ls.tls is not None:
+                    ls.tls.reload_if_changed()
+
     async def drain(self) -> None:
         """Stop accepting; let transactions finish; then 421 4.3.2 whatever is left."""
         svc = self.svc
@@ -194,8 +207,9 @@ class App:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in (self._health_task, self._tls_task):
+            if task is not None:
+                task.cancel()
         await self.backend.close()
         await self.store.close()
         await self.http.close()

@@ -58,14 +58,32 @@ def _networks(v: Any) -> list[IPNetwork]:
     return out
 
 
+class SniCertificate(_Strict):
+    cert_file: Path
+    key_file: Path
+    # Names this certificate answers (SNI); empty: the DNS names in the certificate.
+    names: list[str] = Field(default_factory=list)
+
+
 class Listener(_Strict):
     name: str = "smtp"
     address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 2525
     tls: TlsMode = TlsMode.NONE
+    # The default certificate (also for clients that send no SNI).
     cert_file: Path | None = None
     key_file: Path | None = None
+    # More certificates, chosen by the name the client asks for (SNI).
+    certificates: list[SniCertificate] = Field(default_factory=list)
     require_tls: bool = False
+    min_tls_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    # OpenSSL cipher string for TLS <= 1.2 (null: OpenSSL's defaults). TLS 1.3 suites
+    # are all AEAD and Python cannot set them; restrict them in OPENSSL_CONF if needed.
+    ciphers: str | None = None
+    # Ask for a client certificate (partner links): none, optional, required;
+    # verified against client_ca_file.
+    client_certificate: Literal["none", "optional", "required"] = "none"
+    client_ca_file: Path | None = None
     proxy_protocol: bool = False
     max_connections: Annotated[int, Field(ge=1)] = 1000
 
@@ -83,6 +101,10 @@ class Listener(_Strict):
             raise ValueError(f"tls: {self.tls.value} needs cert_file and key_file")
         if self.require_tls and self.tls is TlsMode.NONE:
             raise ValueError("require_tls: true needs tls: starttls or implicit")
+        if self.client_certificate != "none" and self.client_ca_file is None:
+            raise ValueError(f"client_certificate: {self.client_certificate} needs client_ca_file")
+        if self.certificates and self.tls is TlsMode.NONE:
+            raise ValueError("certificates need tls: starttls or implicit")
 
 
 class Limits(_Strict):
@@ -106,6 +128,9 @@ class Backend(_Strict):
     tls: BackendTls = BackendTls.NONE
     ca_file: Path | None = None
     server_name: str | None = None
+    # Our certificate for backends that ask for one (mutual TLS).
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     command_timeout: Annotated[float, Field(gt=0)] = 60.0
     data_timeout: Annotated[float, Field(gt=0)] = 600.0
@@ -224,6 +249,8 @@ class Settings(_Strict):
     authserv_id: str | None = None
     policy: str = "default"
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    # Seconds between checks of the certificate files for a renewal (0: never).
+    tls_reload_interval: Annotated[float, Field(ge=0)] = 10.0
     # Worker processes sharing the listeners; null: one per CPU available to us.
     workers: Annotated[int, Field(ge=1, le=256)] | None = None
 

@@ -149,3 +149,24 @@ REWRITE_LOOPS = Counter(
     P + "rewrite_loops_total",
     "Virtual alias expansions refused as a loop, too deep or too wide",
 )
+TLS_SESSIONS = Counter(
+    P + "tls_sessions_total",
+    "Client sessions by negotiated TLS version at their end ('none': plaintext throughout)",
+    ["listener", "version"],
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    P + "tls_handshake_failures_total",
+    "Client TLS handshakes that failed, by reason",
+    ["listener", "reason"],
+)
+TLS_CERT_EXPIRY = Gauge(
+    P + "tls_certificate_expiry_timestamp_seconds",
+    "notAfter of each loaded listener certificate (default, sni-N), as a Unix time",
+    ["listener", "certificate"],
+    multiprocess_mode="min",
+)
+TLS_CERT_RELOADS = Counter(
+    P + "tls_certificate_reloads_total",
+    "Certificate file changes picked up (ok) or refused, the old one kept (failed)",
+    ["listener", "result"],
+)

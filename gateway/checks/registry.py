@@ -13,6 +13,7 @@ from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.ratelimit import RateLimitCheck
 from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
+from gateway.checks.tlspolicy import TlsPolicyCheck
 from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
 from gateway.store import Store
@@ -22,6 +23,7 @@ from gateway.store import Store
 CHECK_CLASSES: tuple[Any, ...] = (
     DnsblCheck,
     RelayCheck,
+    TlsPolicyCheck,
     RateLimitCheck,
     SpfCheck,
     DkimCheck,
@@ -34,6 +36,7 @@ def build_checks(settings: config.Settings, resolver: Resolver, store: Store) ->
     return [
         DnsblCheck(resolver),
         RelayCheck(settings.local_domains),
+        TlsPolicyCheck(),
         RateLimitCheck(store),
         SpfCheck(resolver),
         DkimCheck(resolver),

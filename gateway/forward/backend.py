@@ -20,6 +20,7 @@ from gateway.forward.client import (
     SmtpReply,
 )
 from gateway.forward.pool import Pool
+from gateway.smtp import replies
 
 log = logging.getLogger("gateway.backend")
 
@@ -127,6 +128,14 @@ def client_tls_context(cfg: config.Backend) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.client_cert_file is not None:
+        key = str(cfg.client_key_file) if cfg.client_key_file else None
+        try:
+            ctx.load_cert_chain(str(cfg.client_cert_file), key)
+        except (OSError, ssl.SSLError) as e:
+            raise config.ConfigError(
+                f"backend.client_cert_file: cannot load certificate/key: {e}"
+            ) from None
     if cfg.tls is config.BackendTls.OPPORTUNISTIC:
         # Opportunistic TLS protects against passive listeners only; verifying
         # would turn a backend's self-signed certificate into an outage.
@@ -214,6 +223,10 @@ class SmtpBackend:
                         )
                 elif self.cfg.xforward and "XFORWARD" in session.extensions:
                     xforward = _xclient_attrs(client)
+                if "REQUIRETLS" in params and not self._requiretls_ok(session):
+                    # RFC 8689: refuse rather than pass the message on without it.
+                    r = replies.REQUIRETLS_UNSUPPORTED
+                    return SmtpReply(r.code, [f"{r.enhanced} {r.text}"]), session
                 return await session.mail(sender, params, xforward), session
             except BackendLost:
                 session.close()
@@ -221,6 +234,13 @@ class SmtpBackend:
                     continue  # a pooled session the backend had already dropped
                 raise
         raise AssertionError("unreachable")
+
+    def _requiretls_ok(self, session: SmtpClient) -> bool:
+        return (
+            self.cfg.tls is config.BackendTls.REQUIRED
+            and session.tls_active
+            and "REQUIRETLS" in session.extensions
+        )
 
     async def close(self) -> None:
         for t in self.targets:

@@ -171,11 +171,31 @@ class RateLimitOptions(_Strict):
             raise ValueError(f"limit name {dup!r} is used twice")
 
 
+class TlsPolicyOptions(_Strict):
+    enabled: bool = True
+    require_tls_from: list[str] = Field(default_factory=list)  # sender domains, *.wildcards
+    require_tls_networks: list[str] = Field(default_factory=list)  # client networks
+    require_tls_to: list[str] = Field(default_factory=list)  # local recipient domains
+
+    @field_validator("require_tls_networks")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"{n!r} is not an IP network") from None
+        return v
+
+
 class CheckOptions(_Strict):
     """Per-check switches and options; a check absent here has none (always on)."""
 
     dnsbl: DnsblOptions = DnsblOptions()
     ratelimit: RateLimitOptions = RateLimitOptions()
+    tls: TlsPolicyOptions = TlsPolicyOptions()
     spf: SpfOptions = SpfOptions()
     dkim: DkimOptions = DkimOptions()
     arc: ArcOptions = ArcOptions()
@@ -184,7 +204,11 @@ class CheckOptions(_Strict):
 
 # Actions that hold unless the policy names the symbol (and for relay control,
 # a floor the policy cannot go below: an inbound gateway must never relay).
-DEFAULT_ACTIONS: dict[str, Action] = {"relay.denied": Action.REJECT}
+DEFAULT_ACTIONS: dict[str, Action] = {
+    "relay.denied": Action.REJECT,
+    # Configuring require_tls_* means it is wanted: enforced unless the policy says otherwise.
+    "tls.required": Action.REJECT,
+}
 REFUSE_ONLY = {"relay.denied"}
 
 

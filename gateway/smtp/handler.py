@@ -62,11 +62,13 @@ class ListenerState:
     """One configured listener at run time: its TLS context and live count."""
 
     cfg: config.Listener
-    ssl_ctx: ssl.SSLContext | None
+    tls: tls.ListenerTls | None
     active: int = 0
     server: asyncio.AbstractServer | None = None
     ehlo_plain: bytes = b""
     ehlo_tls: bytes = b""
+    # REQUIRETLS can be honoured: the backend hop is TLS with a verified certificate.
+    requiretls: bool = False
 
 
 @dataclass
@@ -109,8 +111,17 @@ def ehlo_lines(settings: config.Settings, listener: config.Listener, tls_active:
     ]
     if listener.tls is config.TlsMode.STARTTLS and not tls_active:
         caps.append("STARTTLS")
+    if tls_active and requiretls_possible(settings):
+        caps.append("REQUIRETLS")
     return b"".join(
         f"250{' ' if i == len(caps) - 1 else '-'}{c}\r\n".encode() for i, c in enumerate(caps)
+    )
+
+
+def requiretls_possible(settings: config.Settings) -> bool:
+    """RFC 8689: only promise REQUIRETLS if the next hop is TLS with verification."""
+    return settings.backend.tls is config.BackendTls.REQUIRED and not any(
+        u.startswith("maildir:") for u in settings.backend.url
     )
 
 
@@ -201,6 +212,7 @@ class Session:
             self.stream.close()
             for release in self.ctx.on_close:
                 release()
+            metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
             logs.event(
                 "disconnect",
                 session=self.id,
@@ -233,7 +245,10 @@ class Session:
             if info.src_addr is not None:
                 self.ctx.client_ip, self.ctx.client_port = info.src_addr, info.src_port or 0
         self.ctx.trusted = self.svc.is_trusted(self.ctx.client_ip)
-        self.ctx.tls_version, self.ctx.tls_cipher = tls.describe(self.stream.tls_object)
+        # Implicit TLS (465): the handshake is ours, after any PROXY header, so it is
+        # timed, counted and uses the certificate current at this moment.
+        if cfg.tls is config.TlsMode.IMPLICIT and not await self._handshake():
+            return False
         metrics.child(metrics.CONNECTIONS, cfg.name, "accepted").inc()
         if self.svc.runner.has_checks(Stage.CONNECT):
             verdict = await self.svc.runner.run(Stage.CONNECT, self.ctx)
@@ -339,6 +354,17 @@ class Session:
                     self.send(replies.SYNTAX_ARGS)
                     return
                 fwd.append(f"BODY={val.upper()}")
+            elif key == "REQUIRETLS":  # RFC 8689
+                if val is not None:
+                    self.send(replies.SYNTAX_ARGS)
+                    return
+                if self.stream.tls_object is None:
+                    self.send(replies.REQUIRETLS_NEEDS_TLS)
+                    return
+                if not self.listener.requiretls:
+                    self.send(replies.REQUIRETLS_UNSUPPORTED)
+                    return
+                fwd.append("REQUIRETLS")
             elif key == "SMTPUTF8":
                 if val is not None:
                     self.send(replies.SYNTAX_ARGS)
@@ -686,8 +712,7 @@ class Session:
         self.send(replies.XCOMMAND_REFUSED)
 
     async def cmd_starttls(self, arg: str) -> None:
-        ctx = self.listener.ssl_ctx
-        if self.listener.cfg.tls is not config.TlsMode.STARTTLS or ctx is None:
+        if self.listener.cfg.tls is not config.TlsMode.STARTTLS or self.listener.tls is None:
             self.send(replies.TLS_NOT_OFFERED)
             return
         if self.stream.tls_object is not None:
@@ -698,18 +723,33 @@ class Session:
             return
         self.send(replies.START_TLS)
         self.flush()
-        try:
-            await self.stream.start_tls(ctx, server_side=True)
-        except (OSError, ssl.SSLError, StreamClosed, ConnectionError) as e:
-            metrics.child(metrics.CONNECTIONS, self.listener.cfg.name, "tls_failed").inc()
-            logs.event("tls_failed", session=self.id, client=self.ctx.client_ip, error=str(e))
-            self.stream.abort()
-            raise SessionEnd from None
-        # RFC 3207 4.2: forget everything learned before the handshake.
+        if not await self._handshake():
+            raise SessionEnd
+        # RFC 3207 4.2: forget everything learned before the handshake (and the
+        # stream discarded whatever the client pipelined after STARTTLS).
         await self._abort_txn("starttls")
         self.ctx.helo = None
         self.esmtp = False
+
+    async def _handshake(self) -> bool:
+        lt = self.listener.tls
+        assert lt is not None
+        try:
+            await self.stream.start_tls(lt.context, server_side=True)
+        except (OSError, ssl.SSLError, StreamClosed, ConnectionError, TimeoutError) as e:
+            reason = tls.failure_reason(e)
+            metrics.child(metrics.TLS_HANDSHAKE_FAILURES, self.listener.cfg.name, reason).inc()
+            logs.event(
+                "tls_failed",
+                session=self.id,
+                client=self.ctx.client_ip,
+                reason=reason,
+                error=str(e) or type(e).__name__,
+            )
+            self.stream.abort()
+            return False
         self.ctx.tls_version, self.ctx.tls_cipher = tls.describe(self.stream.tls_object)
+        return True
 
     # -- helpers ---------------------------------------------------------------------
     def _parse_path_params(
@@ -833,6 +873,7 @@ class Session:
             client=self.ctx.client_ip,
             helo=self.ctx.helo,
             tls=self.ctx.tls_version,
+            tls_cipher=self.ctx.tls_cipher,
             mail_from=str(mail_from or ""),
             rcpts=len(self.ctx.recipients),
             size=size,

@@ -103,6 +103,8 @@ PARAM_DUPLICATE = r(501, "5.5.4", "Duplicate MAIL/RCPT parameter")
 SMTPUTF8_REQUIRED = r(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 SMTPUTF8_UNSUPPORTED = r(555, "5.6.7", "SMTPUTF8 is not supported by the destination")
 TLS_REQUIRED = r(530, "5.7.0", "Must issue a STARTTLS command first")
+REQUIRETLS_NEEDS_TLS = r(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first")
+REQUIRETLS_UNSUPPORTED = r(550, "5.7.30", "REQUIRETLS support required but not available here")
 
 SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
@@ -188,6 +190,13 @@ SYMBOL_REPLIES.update(
         },
         "ratelimit.concurrency": {
             Action.TEMPFAIL: r(421, "4.7.0", "Too many connections from your address"),
+        },
+        # {detail}: the sender domain, the recipient domain or "your network".
+        "tls.required": {
+            Action.REJECT: r(
+                530, "5.7.10", "Must issue a STARTTLS command first: TLS required for {detail}"
+            ),
+            Action.TEMPFAIL: r(450, "4.7.0", "TLS required for {detail}; try again with STARTTLS"),
         },
         # The shared store (Redis) did not answer and the policy fails closed.
         "ratelimit.unavailable": {

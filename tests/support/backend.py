@@ -52,6 +52,8 @@ class Backend:
             extra.append("250-XCLIENT ADDR NAME PORT HELO PROTO")
         if self.args.xforward:
             extra.append("250-XFORWARD ADDR NAME PORT HELO PROTO")
+        if self.args.requiretls and server._tls_protocol is not None:
+            extra.append("250-REQUIRETLS")  # RFC 8689: over TLS only
         out += extra
         out[-1] = out[-1].replace("250-", "250 ", 1)
         return out
@@ -114,6 +116,7 @@ class Backend:
             "xclient": xclient,
             "xforward": getattr(session, "xforward", {}),
             "tls": session.ssl is not None,
+            "requiretls": getattr(session, "requiretls", False),
             "peer": list(session.peer) if session.peer else None,
         }
         tmp = self.spool / f".msg-{self.count}.tmp"
@@ -123,6 +126,15 @@ class Backend:
 
 
 class BackendSMTP(SMTP):
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd refuses parameters it does not know; REQUIRETLS is recorded here."""
+        if arg and self.event_handler.args.requiretls and self._tls_protocol is not None:
+            words = arg.split()
+            found = any(w.upper() == "REQUIRETLS" for w in words)
+            self.session.requiretls = found  # type: ignore[attr-defined]
+            arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+        await super().smtp_MAIL(arg)
+
     async def smtp_XCLIENT(self, arg: str) -> None:
         if self.event_handler.args.refuse_xclient:
             self.event_handler.log(f"XCLIENT-REFUSED {arg}")
@@ -170,6 +182,7 @@ async def main() -> None:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--lmtp", action="store_true")
+    p.add_argument("--requiretls", action="store_true")
     p.add_argument("--lmtp-fail", action="append", default=[])
     args = p.parse_args()
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]

@@ -1,0 +1,54 @@
+"""Where TLS is required by policy: chosen senders, client networks, recipients.
+
+A public MX must stay opportunistic (RFC 3207 4), so the listener alone cannot
+demand TLS from everyone; these rules demand it from those who should have
+it: a partner's domain (`require_tls_from`), a network (`require_tls_networks`),
+or mail for a local domain whose owner requires it (`require_tls_to`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, ClassVar
+
+from gateway.checks.relay import DomainMatcher
+from gateway.pipeline.stage import Context, Stage
+
+REQUIRED = "tls.required"
+
+
+class TlsPolicyCheck:
+    name: ClassVar[str] = "tls"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL, Stage.RCPT})
+    symbols: ClassVar[frozenset[str]] = frozenset({REQUIRED})
+    reputation: ClassVar[bool] = False  # trusted networks too: it is their rule
+
+    def __init__(self) -> None:
+        self.from_domains = DomainMatcher([])
+        self.to_domains = DomainMatcher([])
+        self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def configure(self, options: Any) -> None:
+        self.from_domains = DomainMatcher([d.lower() for d in options.require_tls_from])
+        self.to_domains = DomainMatcher([d.lower() for d in options.require_tls_to])
+        self.networks = tuple(
+            ipaddress.ip_network(n, strict=False) for n in options.require_tls_networks
+        )
+
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+        if ctx.tls_version is not None:
+            return ()
+        why = None
+        if stage is Stage.MAIL:
+            if self.networks and any(
+                ipaddress.ip_address(ctx.client_ip) in n for n in self.networks
+            ):
+                why = "your network"
+            elif ctx.mail_from is not None and ctx.mail_from.domain in self.from_domains:
+                why = ctx.mail_from.domain
+        elif ctx.rcpt is not None and ctx.rcpt.domain in self.to_domains:
+            why = ctx.rcpt.domain
+        if why is None:
+            return ()
+        ctx.details[REQUIRED] = why
+        return (REQUIRED,)
