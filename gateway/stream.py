@@ -275,19 +275,54 @@ class Stream(asyncio.Protocol):
         await self._closed
 
     async def start_tls(
-        self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+        self,
+        ctx: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        keep_buffer: bool = False,
+        handshake_timeout: float = 30.0,
     ) -> None:
-        """Upgrade in place; anything buffered before the handshake is discarded."""
-        self.discard_buffer()
+        """Upgrade in place. STARTTLS discards what was buffered before the handshake
+        (pipelined plaintext: the command-injection class); implicit TLS keeps it
+        (`keep_buffer`): those bytes are the start of the client's handshake, read
+        along with a PROXY header or before the session got to run."""
         assert self.transport is not None
-        new = await self.loop.start_tls(
-            self.transport,
-            self,
-            ctx,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=30.0,
+        # Nothing more may reach this protocol: from here on the TLS layer reads.
+        self.transport.pause_reading()
+        early = bytes(self._buf) if keep_buffer else b""
+        self.discard_buffer()
+        loop = self.loop
+        task = loop.create_task(
+            loop.start_tls(
+                self.transport,
+                self,
+                ctx,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=handshake_timeout,
+            )
         )
+        if early:
+            # start_tls installs the TLS protocol and queues its connection_made in
+            # its first step; two call_soon hops later, that has run and the early
+            # bytes go in ahead of anything still in the socket.
+            transport = self.transport
+
+            def feed() -> None:
+                proto: Any = transport.get_protocol()
+                if proto is self or task.done():
+                    return
+                if hasattr(proto, "get_buffer"):
+                    view = proto.get_buffer(len(early))
+                    n = min(len(view), len(early))
+                    view[:n] = early[:n]
+                    proto.buffer_updated(n)
+                else:
+                    proto.data_received(early)
+
+            loop.call_soon(loop.call_soon, feed)
+        new = await task
         if new is None:
             raise StreamClosed("TLS upgrade failed")
         self.transport = new

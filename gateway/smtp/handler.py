@@ -735,7 +735,13 @@ class Session:
         lt = self.listener.tls
         assert lt is not None
         try:
-            await self.stream.start_tls(lt.context, server_side=True)
+            implicit = self.listener.cfg.tls is config.TlsMode.IMPLICIT
+            await self.stream.start_tls(
+                lt.context,
+                server_side=True,
+                keep_buffer=implicit,
+                handshake_timeout=self.limits.command_timeout,
+            )
         except (OSError, ssl.SSLError, StreamClosed, ConnectionError, TimeoutError) as e:
             reason = tls.failure_reason(e)
             metrics.child(metrics.TLS_HANDSHAKE_FAILURES, self.listener.cfg.name, reason).inc()

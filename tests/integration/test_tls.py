@@ -319,3 +319,40 @@ def test_requiretls_is_refused_rather_than_dropped(
         assert (code, msg[:6]) == (550, b"5.7.30")
         assert s.mail("a@sender.test")[0] == 250  # without it, mail flows
     assert not be.messages()
+
+
+def test_implicit_tls_behind_proxy_protocol_with_the_hello_in_the_same_packet(
+    tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    cert, key = make_cert(tmp_path)
+    cfg = base_config(backend.url, proxy_networks=["127.0.0.0/8"])
+    cfg["listeners"][0].update(
+        tls="implicit", cert_file=str(cert), key_file=str(key), proxy_protocol=True
+    )
+    gw = gateway_factory(cfg)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = no_verify().wrap_bio(incoming, outgoing, server_hostname="gw.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    with socket.create_connection(("127.0.0.1", gw.port()), timeout=10) as raw:
+        # The load balancer's header and the client's ClientHello in one write.
+        raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 465\r\n" + outgoing.read())
+        while True:
+            data = raw.recv(65536)
+            assert data, "connection closed during the handshake"
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+        raw.sendall(outgoing.read())
+        greeting = b""
+        while b"\r\n" not in greeting:
+            try:
+                greeting += tls.read(1024)
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+        assert greeting.startswith(b"220 ")
+    ev = gw.wait_log(lambda e: e.get("event") == "disconnect")
+    assert ev["client"] == "192.0.2.7"
