@@ -170,3 +170,29 @@ TLS_CERT_RELOADS = Counter(
     "Certificate file changes picked up (ok) or refused, the old one kept (failed)",
     ["listener", "result"],
 )
+CHECK_SECONDS = Histogram(
+    P + "check_seconds",
+    "Time one check took at one stage (DNS waits included)",
+    ["check"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+             0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+STAGE_SECONDS = Histogram(
+    P + "stage_seconds",
+    "Time all checks of one SMTP stage took together (connect, helo, mail, rcpt, data)",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+             1, 2.5, 5, 10),
+)  # fmt: skip
+BACKEND_BREAKER_OPEN = Gauge(
+    P + "backend_circuit_open",
+    "1 while a backend target's circuit breaker is open (target: its position in backend.url)",
+    ["target"],
+    multiprocess_mode="livemax",
+)
+BACKEND_POOL_IDLE = Gauge(
+    P + "backend_pool_idle_sessions",
+    "Idle backend sessions kept for reuse, per target",
+    ["target"],
+    multiprocess_mode="livesum",
+)

@@ -93,8 +93,9 @@ class Breaker:
 
 
 class Target:
-    def __init__(self, url: str, cfg: config.Backend, helo: str) -> None:
+    def __init__(self, url: str, cfg: config.Backend, helo: str, index: int = 0) -> None:
         parts = urlsplit(url)
+        self.label = str(index)  # metrics label: the position in backend.url
         self.url = url
         self.lmtp = parts.scheme == "lmtp"
         self.host = parts.hostname or "127.0.0.1"
@@ -106,7 +107,9 @@ class Target:
         # Turned off for this target if the backend refuses it (not authorised):
         # mail keeps flowing, the backend just sees the gateway as the client.
         self.use_xclient = cfg.xclient
-        self.pool = Pool(self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout)
+        self.pool = Pool(
+            self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout, label=self.label
+        )
 
     async def _connect(self) -> SmtpClient:
         return await SmtpClient.connect(
@@ -168,7 +171,7 @@ class SmtpTransaction:
 class SmtpBackend:
     def __init__(self, cfg: config.Backend, helo: str) -> None:
         self.cfg = cfg
-        self.targets = [Target(u, cfg, helo) for u in cfg.url]
+        self.targets = [Target(u, cfg, helo, i) for i, u in enumerate(cfg.url)]
         self._update_gauge()
 
     @property
@@ -177,6 +180,8 @@ class SmtpBackend:
 
     def _update_gauge(self) -> None:
         metrics.BACKEND_UP.set(1 if self.available else 0)
+        for t in self.targets:
+            metrics.child(metrics.BACKEND_BREAKER_OPEN, t.label).set(1 if t.breaker.open else 0)
 
     async def begin(
         self, client: ClientInfo, sender: str, params: list[str]

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from gateway import metrics
 from gateway.forward.client import SmtpClient
 
 
@@ -21,8 +22,10 @@ class Pool:
         *,
         size: int,
         idle_timeout: float,
+        label: str = "0",
     ) -> None:
         self._factory = factory
+        self._gauge = metrics.child(metrics.BACKEND_POOL_IDLE, label)
         self._idle: deque[SmtpClient] = deque()
         self.size = size
         self.idle_timeout = idle_timeout
@@ -39,7 +42,9 @@ class Pool:
             if client.closed or now - client.last_used > self.idle_timeout:
                 client.close()
                 continue
+            self._gauge.set(len(self._idle))
             return client, True
+        self._gauge.set(len(self._idle))
         return await self._factory(), False
 
     def release(self, client: SmtpClient) -> None:
@@ -51,7 +56,9 @@ class Pool:
         now = time.monotonic()
         while self._idle and now - self._idle[0].last_used > self.idle_timeout:
             self._idle.popleft().close()
+        self._gauge.set(len(self._idle))
 
     async def close_all(self) -> None:
         while self._idle:
             await self._idle.pop().quit()
+        self._gauge.set(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 
 from gateway import metrics
@@ -44,6 +45,7 @@ class Runner:
             return ACCEPT
         policy = self.policy
         verdict = ACCEPT
+        start = time.perf_counter()
         for check in checks:
             if ctx.trusted and check.reputation:
                 continue  # trusted networks: no reputation/authentication checks at all
@@ -60,16 +62,18 @@ class Runner:
                 verdict = combine(verdict, Verdict(action, sym, (sym,)))
             if verdict.action is Action.REJECT:
                 break  # nothing can make a reject stronger; skip the rest
+        metrics.child(metrics.STAGE_SECONDS, stage.value).observe(time.perf_counter() - start)
         return verdict
 
     async def _run_one(
         self, check: Check, stage: Stage, ctx: Context, policy: Policy
     ) -> Sequence[str]:
+        start = time.perf_counter()
         try:
             res = check.run(stage, ctx)
             if inspect.isawaitable(res):
                 async with asyncio.timeout(policy.check_timeout):
-                    return await res
+                    res = await res
             return res
         except TimeoutError:
             log.warning("check %s timed out at %s", check.name, stage.value)
@@ -77,3 +81,5 @@ class Runner:
         except Exception:
             log.exception("check %s failed at %s", check.name, stage.value)
             return (f"{check.name}.error",)
+        finally:
+            metrics.child(metrics.CHECK_SECONDS, check.name).observe(time.perf_counter() - start)

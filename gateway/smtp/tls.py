@@ -88,6 +88,8 @@ class ListenerTls:
         self._files = self._paths()
         self._seen = _signature(self._files)
         self._export_expiry()
+        for result in ("ok", "failed"):
+            metrics.child(metrics.TLS_CERT_RELOADS, self.name, result)  # exported as 0
 
     def _paths(self) -> list[Path]:
         c = self.cfg

@@ -129,6 +129,8 @@ class RedisStore:
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._down_until = 0.0
+        for op in ("take", "acquire", "release", "renew"):
+            metrics.child(metrics.RATELIMIT_STORE_ERRORS, op)  # exported as 0 from the start
 
     async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         if time.monotonic() < self._down_until:
