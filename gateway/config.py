@@ -197,8 +197,6 @@ class Dns(_Strict):
     @field_validator("nameservers")
     @classmethod
     def _servers(cls, v: list[str]) -> list[str]:
-        from gateway.dns import parse_nameserver
-
         for s in v:
             try:
                 parse_nameserver(s)
@@ -289,6 +287,17 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_DNS_NAMESERVERS": ("dns", "nameservers"),
     "GATEWAY_REDIS_URL": ("store", "redis_url"),
 }
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """'192.0.2.53', '192.0.2.53:5353', '[2001:db8::53]:53' or '2001:db8::53'."""
+    if spec.startswith("["):
+        host, _, port = spec[1:].partition("]")
+        return str(ipaddress.ip_address(host)), int(port.lstrip(":") or 53)
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        return str(ipaddress.ip_address(host)), int(port)
+    return str(ipaddress.ip_address(spec)), 53
 
 
 def split_hostport(v: str) -> tuple[str, int]:

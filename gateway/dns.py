@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,6 +28,7 @@ import dns.rdatatype
 import dns.resolver
 
 from gateway import config, metrics
+from gateway.config import parse_nameserver
 
 
 class DnsStatus(StrEnum):
@@ -55,17 +55,6 @@ class DnsAnswer:
     @property
     def exists(self) -> bool:
         return self.status is not DnsStatus.NXDOMAIN and not self.temporary
-
-
-def parse_nameserver(spec: str) -> tuple[str, int]:
-    """'192.0.2.53', '192.0.2.53:5353', '[2001:db8::53]:53' or '2001:db8::53'."""
-    if spec.startswith("["):
-        host, _, port = spec[1:].partition("]")
-        return str(ipaddress.ip_address(host)), int(port.lstrip(":") or 53)
-    if spec.count(":") == 1:
-        host, port = spec.split(":")
-        return str(ipaddress.ip_address(host)), int(port)
-    return str(ipaddress.ip_address(spec)), 53
 
 
 def _simple(rdtype: str, rdata: Any) -> Any:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -119,3 +120,23 @@ def test_default_preset_names_every_policy_key() -> None:
 
     walk(Policy, data, "")
     assert missing == []
+
+
+def test_loading_the_config_does_not_import_prometheus_client(tmp_path: Path) -> None:
+    """With workers, the metrics storage is chosen when prometheus_client is first
+    imported, which must come after the multiprocess setup: reading any config key
+    (dns.nameservers used to pull in gateway.metrics) must not import it."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "dns: {nameservers: ['127.0.0.1:53']}\nstore: {redis_url: 'redis://127.0.0.1:1'}\n"
+        "workers: 2\n"
+    )
+    code = (
+        "import sys; from gateway import config; config.load(sys.argv[1]); "
+        "assert 'prometheus_client' not in sys.modules, 'imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
