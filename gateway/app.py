@@ -27,6 +27,7 @@ from gateway.smtp.handler import (
     requiretls_possible,
     reseed_session_ids,
 )
+from gateway.smtp.tls import file_signature
 from gateway.store import make_store
 from gateway.stream import Stream
 
@@ -73,6 +74,7 @@ class App:
         self.stopping = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
+        self._policy_task: asyncio.Task[None] | None = None
         self.reuse_port = False
         metrics.child(metrics.BUILD, __version__).set(1)
 
@@ -154,9 +156,14 @@ class App:
             await dnsbl.health_check()  # at start: an unhealthy zone is skipped from the first mail
             interval = self.runner.policy.checks.dnsbl.health_interval
             self._health_task = asyncio.get_running_loop().create_task(dnsbl.health_loop(interval))
+        loop = asyncio.get_running_loop()
         interval = self.settings.tls_reload_interval
         if interval > 0 and any(ls.tls is not None for ls in self.listeners):
-            self._tls_task = asyncio.get_running_loop().create_task(self._watch_certs(interval))
+            self._tls_task = loop.create_task(self._watch_certs(interval))
+        if self.settings.policy_reload_interval > 0:
+            self._policy_task = loop.create_task(
+                self._watch_policy(self.settings.policy_reload_interval)
+            )
         logs.event(
             "ready",
             version=__version__,
@@ -189,6 +196,19 @@ class App:
                 if ls.tls is not None:
                     ls.tls.reload_if_changed()
 
+    async def _watch_policy(self, interval: float) -> None:
+        """A changed policy file or table (a ConfigMap update swaps a symlink) reloads
+        the policy as SIGHUP does; a broken one is refused, logged, and not retried
+        until it changes again."""
+        seen = file_signature(self.runner.policy.files)
+        while True:
+            await asyncio.sleep(interval)
+            now = file_signature(self.runner.policy.files)
+            if now != seen:
+                seen = now
+                self.reload()
+                seen = file_signature(self.runner.policy.files)
+
     async def drain(self) -> None:
         """Stop accepting; let transactions finish; then 421 4.3.2 whatever is left."""
         svc = self.svc
@@ -207,7 +227,7 @@ class App:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
-        for task in (self._health_task, self._tls_task):
+        for task in (self._health_task, self._tls_task, self._policy_task):
             if task is not None:
                 task.cancel()
         await self.backend.close()

@@ -249,6 +249,9 @@ class Settings(_Strict):
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     # Seconds between checks of the certificate files for a renewal (0: never).
     tls_reload_interval: Annotated[float, Field(ge=0)] = 10.0
+    # Seconds between checks of the policy file and its tables for a change, which
+    # reloads it as SIGHUP does (0: only on SIGHUP). Kubernetes ConfigMaps change so.
+    policy_reload_interval: Annotated[float, Field(ge=0)] = 10.0
     # Worker processes sharing the listeners; null: one per CPU available to us.
     workers: Annotated[int, Field(ge=1, le=256)] | None = None
 

@@ -214,6 +214,7 @@ REFUSE_ONLY = {"relay.denied"}
 
 class Policy(_Strict):
     _rewriter: Rewriter | None = PrivateAttr(default=None)
+    _files: list[Path] = PrivateAttr(default_factory=list)
     actions: dict[str, Action] = Field(default_factory=dict)
     checks: CheckOptions = CheckOptions()
     tag: TagSettings = TagSettings()
@@ -232,6 +233,11 @@ class Policy(_Strict):
             act = self.actions.get(sym)
             if act is not None and act not in (Action.REJECT, Action.TEMPFAIL):
                 raise ValueError(f"actions.{sym}: must be reject or tempfail (no open relay)")
+
+    @property
+    def files(self) -> list[Path]:
+        """The policy file and the table files it reads (what a reload re-reads)."""
+        return list(self._files)
 
     @property
     def rewriter(self) -> Rewriter:
@@ -289,6 +295,7 @@ def load(name_or_path: str, known_symbols: set[str]) -> Policy:
         raise ConfigError(f"{path}: actions.{unknown[0]}: unknown symbol (known: {known})")
     try:
         policy._rewriter = Rewriter(policy.rewrite, path.parent)
+        policy._files = [path, *policy._rewriter.files]
     except RuleError as e:
         raise ConfigError(f"{path}: {e}") from None
     return policy

@@ -55,6 +55,17 @@ def _load(section: str, rules: list[tuple[str, list[str]]], file: str | None, ba
 class Rewriter:
     def __init__(self, opts: RewriteOptions, base: Path) -> None:
         self.opts = opts
+        # Files the tables were read from: a change to any of them reloads the policy.
+        self.files = [
+            base / f
+            for f in (
+                opts.canonical_sender.file,
+                opts.canonical_recipient.file,
+                opts.virtual_alias.file,
+                opts.srs.secrets_file if opts.srs.enabled else None,
+            )
+            if f is not None
+        ]
         sub = Subaddress(opts.subaddress_delimiter, opts.subaddress)
 
         def canonical(name: str, c: Canonical) -> Table:

@@ -43,7 +43,7 @@ class _Loaded:
     label: str
 
 
-def _signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
+def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
     """What changes when a file is replaced, including a Kubernetes Secret volume's
     symlink swap (stat follows the link to the new target)."""
     out = []
@@ -86,7 +86,7 @@ class ListenerTls:
         self.context = self._dispatcher()
         self._default, self._by_name, self._wild = self._build()
         self._files = self._paths()
-        self._seen = _signature(self._files)
+        self._seen = file_signature(self._files)
         self._export_expiry()
         for result in ("ok", "failed"):
             metrics.child(metrics.TLS_CERT_RELOADS, self.name, result)  # exported as 0
@@ -188,7 +188,7 @@ class ListenerTls:
 
     def reload_if_changed(self) -> bool | None:
         """True: reloaded; False: changed but broken (old kept); None: unchanged."""
-        sig = _signature(self._files)
+        sig = file_signature(self._files)
         if sig == self._seen:
             return None
         self._seen = sig

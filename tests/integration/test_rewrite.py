@@ -193,3 +193,26 @@ def test_rewrite_command_shows_each_stage(gw: Gateway) -> None:
     sender = run("joe@legacy.test", "--sender")
     assert "canonical_sender     joe@example.test" in sender
     assert "srs_forward          SRS0=" in sender
+
+
+def test_policy_and_tables_reload_when_their_files_change(
+    tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """No SIGHUP: a ConfigMap update (here a table file rewritten) is noticed."""
+    work = tmp_path / "gw0"
+    work.mkdir()
+    (work / "aliases").write_text("team@example.test alice@example.test\n")
+    cfg = base_config(backend.url, policy_reload_interval=0.2)
+    gw = gateway_factory(cfg, policy="rewrite:\n  virtual_alias: {file: aliases}\n")
+    _, data = transaction(gw.port(), "a@sender.test", ["team@example.test"], b"\r\nx\r\n")
+    assert data is not None and backend.messages()[0]["rcpt_tos"] == ["alice@example.test"]
+    (work / "aliases").write_text("team@example.test frank@example.test\n")
+    gw.wait_log(lambda e: e.get("event") == "reloaded")
+    _, data = transaction(gw.port(), "a@sender.test", ["team@example.test"], b"\r\nx\r\n")
+    assert data is not None and backend.messages()[1]["rcpt_tos"] == ["frank@example.test"]
+    # A broken policy is refused and the running one stays.
+    (work / "policy.yaml").write_text("rewrite:\n  virtual_alias: {nonsense: 1}\n")
+    ev = gw.wait_log(lambda e: e.get("event") == "reload_failed")
+    assert "virtual_alias.nonsense" in ev["error"]
+    _, data = transaction(gw.port(), "a@sender.test", ["team@example.test"], b"\r\nx\r\n")
+    assert data is not None and backend.messages()[2]["rcpt_tos"] == ["frank@example.test"]
