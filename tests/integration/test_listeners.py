@@ -249,43 +249,6 @@ def test_proxy_header_on_plain_listener_is_not_honoured(
         assert code == 500
 
 
-SMUGGLE = [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"]
-
-
-@pytest.mark.parametrize("mode", ["reject", "normalize"])
-@pytest.mark.parametrize("seq", SMUGGLE, ids=[repr(s) for s in SMUGGLE])
-def test_smuggling_never_yields_two_messages(
-    seq: bytes, mode: str, backend: Backend, gateway_factory: Callable[..., Gateway]
-) -> None:
-    gw = gateway_factory(base_config(backend.url, limits={"bare_linefeed": mode}))
-    smuggled = (
-        b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
-        b"Subject: smuggled\r\n\r\nevil\r\n"
-    )
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
-        c.cmd("MAIL FROM:<a@sender.test>")
-        c.cmd("RCPT TO:<x@example.test>")
-        assert c.cmd("DATA")[0] == 354
-        c.send(b"Subject: first\r\n\r\nbody" + seq + smuggled + b".\r\n")
-        code, text = c.reply()
-        if mode == "reject":
-            assert code == 550 and "5.5.2" in text
-        else:
-            assert code == 250
-        assert c.cmd("QUIT")[0] == 221
-    msgs = backend.messages()
-    assert len(msgs) == (0 if mode == "reject" else 1)
-    assert not any("evil@evil.test" in cmd for cmd in backend.commands())
-    for m in msgs:
-        assert m["mail_from"] == "a@sender.test"
-        # Normalised: every line ending is CRLF; the smuggled commands are body text.
-        assert m["data"].count(b"\n") == m["data"].count(b"\r\n")
-        assert b"MAIL FROM:<evil@evil.test>\r\n" in m["data"]
-    assert backend.commands().count("DATA") == len(msgs)
-
-
 def test_sigterm_during_transaction_never_false_250(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -184,7 +184,13 @@ async def main() -> None:
     p.add_argument("--lmtp", action="store_true")
     p.add_argument("--requiretls", action="store_true")
     p.add_argument("--lmtp-fail", action="append", default=[])
+    p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
     args = p.parse_args()
+    if args.lenient:
+        from lenient import serve  # tests/support/lenient.py, next to this file
+
+        await serve(args.port, Path(args.spool))
+        return
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
     args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
     args.lmtp_fail = [a.lower() for a in args.lmtp_fail]

@@ -1,4 +1,7 @@
-"""Relay control through real sessions: nothing non-local ever reaches the backend."""
+"""The open-relay probe battery through real sessions: nothing non-local ever reaches
+the backend. Routing tricks get 550 5.7.1; addresses that are not valid syntax at all
+(empty or oversized local parts) get 501 5.1.3, the reply RFC 5321 gives malformed
+paths; either way the backend never sees them."""
 
 from __future__ import annotations
 
@@ -21,7 +24,58 @@ TRICKS = [
     "<user@corp.test>",  # the wildcard *.corp.test covers subdomains only
     "<user@example.test.remote.test>",
     "<user@xn--exmple-cua.test>",
+    "<user@[IPv6:::1]>",
+    "<user@Remote.TEST>",  # mixed case of a foreign domain
+    "<USER%REMOTE.TEST@EXAMPLE.TEST>",  # mixed-case percent hack
+    "<user%remote.test%example.test@example.test>",
+    "<remote.test!other.test!user@example.test>",
+    '<"user%remote.test"@example.test>',
+    '<"@remote.test:user"@example.test>',
+    "<user@example.test.remote.test.>",
 ]
+
+# Syntax, not routing: refused as malformed, never relayed.
+MALFORMED = [
+    "<@example.test>",
+    "<" + "a" * 65 + "@example.test>",
+    "<user@example.test@remote.test>",
+    "<user@>",
+    "<user>",
+    "<user@example..test>",
+]
+
+
+@pytest.mark.parametrize("rcpt", MALFORMED)
+def test_malformed_recipients_get_501_and_never_reach_backend(
+    rcpt: str, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:{rcpt}")
+        assert (code, text[4:9]) in ((501, "5.1.3"), (550, "5.7.1")), text
+    assert not any(cmd.startswith("RCPT") for cmd in backend.commands())
+
+
+def test_unicode_look_alike_of_a_local_domain_is_foreign(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0] == 250
+        # "example.test" with a Cyrillic a (U+0430) for the first "a".
+        code, text = c.cmd("RCPT TO:<user@ex\u0430mple.test>".encode().decode("unicode_escape"))
+        assert code == 550 and text.startswith("550 5.7.1"), text
+        # Without SMTPUTF8 a non-ASCII address is refused before relay control.
+        c.cmd("RSET")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        code, _ = c.cmd("RCPT TO:<user@ex\u0430mple.test>".encode().decode("unicode_escape"))
+        assert code == 553
+    assert not any(cmd.startswith("RCPT") for cmd in backend.commands())
 
 
 @pytest.mark.parametrize("rcpt", TRICKS)

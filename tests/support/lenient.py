@@ -1,0 +1,81 @@
+"""A deliberately lenient SMTP backend on raw sockets: it ends DATA at a lone "." line
+whatever the line ending (`\\n.\\n`, `\\r\\n.\\n`, ...), as some real MTAs do, and then
+reads whatever follows as new commands. It is the backend that SMTP smuggling
+exploits; the gateway must make sure it never sees two messages for one.
+
+Spool format as tests/support/backend.py (msg-N.json, commands.log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+
+class Lenient:
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        spool.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+        self.log = open(spool / "commands.log", "a", buffering=1)  # noqa: SIM115
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lenient.test ESMTP\r\n")
+        mail_from, rcpts = "", []
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                cmd = line.rstrip(b"\r\n").decode("latin-1")
+                verb = cmd[:4].upper()
+                self.log.write(cmd + "\n")
+                if verb in ("EHLO", "HELO", "LHLO"):
+                    writer.write(b"250-lenient.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif verb == "MAIL":
+                    mail_from, rcpts = cmd[10:].strip().strip("<>").split(">")[0], []
+                    writer.write(b"250 2.1.0 ok\r\n")
+                elif verb == "RCPT":
+                    rcpts.append(cmd[8:].strip().strip("<>").split(">")[0])
+                    writer.write(b"250 2.1.5 ok\r\n")
+                elif verb == "DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    body = b""
+                    while True:
+                        # Lenient: any line that is "." ends the data (bare LF counts).
+                        part = await reader.readline()
+                        if not part:
+                            return
+                        if part.rstrip(b"\r\n") == b"." or part == b".\r":
+                            break
+                        body += part
+                    self.count += 1
+                    rec = {"mail_from": mail_from, "rcpt_tos": rcpts,
+                           "data": base64.b64encode(body).decode()}  # fmt: skip
+                    (self.spool / f"msg-{self.count:05d}.json").write_text(json.dumps(rec))
+                    writer.write(f"250 2.0.0 queued as L{self.count}\r\n".encode())
+                elif verb == "RSET":
+                    mail_from, rcpts = "", []
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 2.0.0 ok\r\n")
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+
+async def serve(port: int, spool: Path) -> None:
+    handler = Lenient(spool)
+    server = await asyncio.start_server(handler.session, "127.0.0.1", port)
+    print("READY", flush=True)
+    async with server:
+        await server.serve_forever()
