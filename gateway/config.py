@@ -114,6 +114,8 @@ class Limits(_Strict):
     command_timeout: Annotated[float, Field(gt=0)] = 300.0
     data_timeout: Annotated[float, Field(gt=0)] = 600.0
     max_errors: Annotated[int, Field(ge=1)] = 20
+    # NOOP/RSET/VRFY/HELP in a row without a transaction; beyond, each is an error.
+    max_junk_commands: Annotated[int, Field(ge=1)] = 100
     bare_linefeed: BareLinefeed = BareLinefeed.REJECT
     proxy_header_timeout: Annotated[float, Field(gt=0)] = 10.0
 

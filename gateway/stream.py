@@ -243,6 +243,11 @@ class Stream(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is above its high-water mark (the peer is not reading)."""
+        return self._write_paused
+
     async def drain(self) -> None:
         """Back-pressure for large writes, driven by the transport's watermarks."""
         t = self.transport

@@ -38,7 +38,9 @@ from gateway.stream import LineTooLong, Stream, StreamClosed
 
 log = logging.getLogger("gateway.smtp")
 
-_CTL = re.compile(rb"[\x00\r\n]")
+# Control characters have no place in a command line (RFC 5321 4.1: printable text);
+# tab is tolerated between words. They would otherwise reach logs and headers.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 _ID_PREFIX = os.urandom(3).hex()
@@ -142,6 +144,7 @@ class Session:
         self.id = new_session_id()
         self.out: list[bytes] = []
         self.errors = 0
+        self.junk = 0  # NOOP/RSET/VRFY/HELP since the last transaction
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
@@ -166,7 +169,7 @@ class Session:
     def send(self, r: Reply) -> None:
         self.out.append(r.wire())
         if r.code >= 500 and r.reason not in ("backend",):
-            self._count_error(r)
+            self._count_error(r.reason or "other")
 
     def send_raw(self, data: bytes) -> None:
         self.out.append(data)
@@ -179,9 +182,9 @@ class Session:
             self.stream.write(b"".join(self.out))
             self.out.clear()
 
-    def _count_error(self, r: Reply) -> None:
+    def _count_error(self, reason: str) -> None:
         self.errors += 1
-        metrics.child(metrics.COMMAND_ERRORS, r.reason or "other").inc()
+        metrics.child(metrics.COMMAND_ERRORS, reason).inc()
 
     # -- main loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -273,6 +276,14 @@ class Session:
                 raise SessionEnd
             self.flush()
             stream.set_deadline(limits.command_timeout)
+            if stream.write_paused:
+                # The client pipelines without reading our replies: stop reading
+                # until it does, so its replies cannot pile up in our memory.
+                try:
+                    await asyncio.wait_for(stream.drain(), limits.command_timeout)
+                except TimeoutError:
+                    stream.abort()
+                    raise SessionEnd from None
             try:
                 line = await stream.readline(limits.max_command_line)
             except TimeoutError:
@@ -682,11 +693,22 @@ class Session:
             )
         return refused
 
+    def _junk(self) -> None:
+        """NOOP, RSET, VRFY, HELP: harmless one by one, a way to hold a slot and burn
+        CPU in a flood. Past `max_junk_commands` in a row without a transaction, each
+        one counts as an error, so the flood ends with 421 4.7.0 (Postfix's
+        smtpd_junk_command_limit)."""
+        self.junk += 1
+        if self.junk > self.limits.max_junk_commands:
+            self._count_error("junk_commands")
+
     async def cmd_rset(self, arg: str) -> None:
+        self._junk()
         await self._abort_txn("rset")
         self.send(replies.RESET_OK)
 
     async def cmd_noop(self, arg: str) -> None:
+        self._junk()
         self.send(replies.NOOP_OK)
 
     async def cmd_quit(self, arg: str) -> None:
@@ -694,12 +716,14 @@ class Session:
         raise SessionEnd
 
     async def cmd_vrfy(self, arg: str) -> None:
+        self._junk()
         self.send(replies.VRFY_CANNOT if arg else replies.SYNTAX_ARGS)
 
     async def cmd_expn(self, arg: str) -> None:
         self.send(replies.NOT_IMPLEMENTED)
 
     async def cmd_help(self, arg: str) -> None:
+        self._junk()
         self.send(replies.HELP)
 
     async def cmd_auth(self, arg: str) -> None:
@@ -863,6 +887,8 @@ class Session:
         self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
     ) -> None:
         outcome = "aborted" if aborted else _outcome(action)
+        if not aborted:
+            self.junk = 0
         self.txn_count += 1
         metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
         mail_from = self.ctx.mail_from

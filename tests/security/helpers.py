@@ -1,0 +1,22 @@
+"""Shared bits of the security battery: process memory and a greeted raw session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.smtp import RawClient
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def greeted(port: int, *, helo: bool = True, timeout: float = 10) -> RawClient:
+    c = RawClient(port, timeout=timeout)
+    assert c.reply()[0] == 220
+    if helo:
+        assert c.cmd("EHLO client.test")[0] == 250
+    return c
