@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from email.header import decode_header, make_header
 from email.utils import formatdate
 from typing import Any
 
@@ -83,15 +85,31 @@ def header_section(message: bytes) -> bytes:
 
 
 _AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")
+_AR_ANYWHERE = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")
 
 
 def _authserv_id(value: str) -> str:
-    """The authserv-id of an A-R value: first token, comments and folding removed."""
+    """The authserv-id of an A-R value as any reader might take it: comments and
+    folding removed, a quoted-string unquoted, encoded words decoded (not valid in
+    this structured field, but some readers decode them anyway), case and a trailing
+    dot ignored. Anything that could read as our name counts as our name."""
     v = value
     for _ in range(3):  # nested comments, a few levels
         v = _COMMENT.sub(" ", v)
-    return v.split(";", 1)[0].strip().split()[0].lower() if v.strip() else ""
+    v = v.split(";", 1)[0].strip()
+    if not v:
+        return ""
+    if v.startswith('"'):
+        end = v.find('"', 1)
+        token = v[1:end] if end > 0 else v[1:]
+        token = token.replace("\\", "")
+    else:
+        token = v.split()[0]
+    if "=?" in token:
+        with contextlib.suppress(ValueError, LookupError):  # undecodable: compared as is
+            token = str(make_header(decode_header(token)))
+    return token.strip().rstrip(".").lower()
 
 
 def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
@@ -103,9 +121,9 @@ def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
     section = header_section(wire)
     head_end = len(section) - 2 if section.endswith(b"\r\n\r\n") else len(section)
     head = wire[:head_end]
-    if b"uthentication-" not in head and b"UTHENTICATION-" not in head:
+    if not _AR_ANYWHERE.search(head):
         return wire, 0  # the common case costs one search
-    ours = authserv_id.lower()
+    ours = authserv_id.rstrip(".").lower()
     fields: list[list[bytes]] = []
     for line in head.split(b"\r\n")[:-1]:
         if line[:1] in (b" ", b"\t") and fields:

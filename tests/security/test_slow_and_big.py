@@ -1,0 +1,122 @@
+"""Slow clients are cut off at their timeouts without starving anyone else; oversized
+input is refused without being held in memory."""
+
+from __future__ import annotations
+
+import resource
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+
+from tests.security.helpers import greeted, rss_kb
+from tests.support.procs import Backend, Gateway, base_config
+from tests.support.smtp import deliver
+
+
+def test_slowloris_is_cut_at_the_command_timeout(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, limits={"command_timeout": 2}))
+    with greeted(gw.port(), helo=False) as c:
+        start = time.monotonic()
+        closed_by_peer = False
+        reply = b""
+        for ch in b"EHLO trickle.test\r\n":
+            try:
+                c.sock.sendall(bytes([ch]))
+                c.sock.settimeout(1.0)  # the pace: one byte a second, the wait is the point
+                reply += c.sock.recv(200)
+                if reply:
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed_by_peer = True
+                break
+        elapsed = time.monotonic() - start
+        assert reply.startswith(b"421 4.4.2") or closed_by_peer, reply
+        assert elapsed < 4.5  # the deadline is per command, trickling does not extend it
+
+
+def test_client_stopping_mid_data_is_cut_and_nothing_delivered(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, limits={"data_timeout": 2}))
+    with greeted(gw.port()) as c:
+        c.cmd("MAIL FROM:<a@sender.test>")
+        c.cmd("RCPT TO:<x@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: half\r\n\r\nthe first half, then silence\r\n")
+        start = time.monotonic()
+        code, text = c.reply()
+        assert code == 421 and text.startswith("421 4.4.2"), text
+        assert 1.5 < time.monotonic() - start < 5
+        assert c.closed()
+    assert backend.messages() == []
+
+
+def test_a_thousand_slow_clients_do_not_stop_a_normal_one(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    cfg = base_config(backend.url, limits={"command_timeout": 60})
+    cfg["listeners"][0]["max_connections"] = 2000
+    gw = gateway_factory(cfg)
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", gw.port()), timeout=10)
+            s.sendall(b"E")  # and then nothing more for a minute
+            slow.append(s)
+        start = time.monotonic()
+        code, _ = deliver(gw.port(), b"Subject: normal\r\n\r\nhello\r\n")
+        assert code == 250
+        assert time.monotonic() - start < 5
+        assert len(backend.messages()) == 1
+    finally:
+        for s in slow:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_oversized_message_is_refused_without_being_held(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, limits={"max_message_size": 1_048_576}))
+    pid = gw.proc.pid
+    before = rss_kb(pid)
+    with greeted(gw.port(), timeout=60) as c:
+        c.cmd("MAIL FROM:<a@sender.test>")  # no SIZE=: the client lies by omission
+        c.cmd("RCPT TO:<x@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        line = b"x" * 998 + b"\r\n"
+        peak = 0
+        for _ in range(60):  # 60 MB
+            c.send(line * 1000)
+            peak = max(peak, rss_kb(pid))
+        c.send(b".\r\n")
+        code, text = c.reply()
+        assert code == 552 and text.startswith("552 5.3.4"), text
+        assert c.cmd("NOOP")[0] == 250  # the session goes on
+    assert backend.messages() == []
+    assert peak - before < 16_000, f"RSS grew {peak - before} kB for a 1 MB limit"
+
+
+def test_memory_stays_bounded_while_refusing_a_flood(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    pid = gw.proc.pid
+    deliver(gw.port(), b"Subject: warm\r\n\r\nx\r\n")  # warm up imports and pools
+    before = rss_kb(pid)
+    for _ in range(300):
+        with greeted(gw.port()) as c:
+            c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<x@remote.test>\r\n" + b"JUNK\r\n" * 30)
+            while c.reply()[0] not in (0, 421):
+                pass
+    after = rss_kb(pid)
+    assert after - before < 15_000, f"RSS grew {after - before} kB over 300 refused sessions"
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:  # and it still serves
+        assert s.noop()[0] == 250
