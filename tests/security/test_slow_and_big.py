@@ -8,6 +8,7 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.security.helpers import greeted, rss_kb
 from tests.support.procs import Backend, Gateway, base_config
@@ -64,6 +65,7 @@ def test_a_thousand_slow_clients_do_not_stop_a_normal_one(
     cfg = base_config(backend.url, limits={"command_timeout": 60})
     cfg["listeners"][0]["max_connections"] = 2000
     gw = gateway_factory(cfg)
+    baseline = len(list(Path(f"/proc/{gw.proc.pid}/fd").iterdir()))
     slow: list[socket.socket] = []
     try:
         for _ in range(1000):
@@ -79,6 +81,12 @@ def test_a_thousand_slow_clients_do_not_stop_a_normal_one(
         for s in slow:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Every one of those sockets is released: file descriptors back to where they were.
+    fds = Path(f"/proc/{gw.proc.pid}/fd")
+    deadline = time.monotonic() + 10
+    while len(list(fds.iterdir())) > baseline + 5:
+        assert time.monotonic() < deadline, f"{len(list(fds.iterdir()))} fds, was {baseline}"
+        time.sleep(0.1)
 
 
 def test_oversized_message_is_refused_without_being_held(
