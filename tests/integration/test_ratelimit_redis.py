@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 
 from tests.integration.test_ratelimit import OFF, send
+from tests.integration.test_ratelimit import ratelimit_cli as cli
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.redisserver import RedisServer
 from tests.support.smtp import RawClient
@@ -36,17 +34,6 @@ def shared(
     return gateway_factory(cfg, policy=pol)
 
 
-def cli(gw: Gateway, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "ratelimit", *args, "--config", str(gw.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 def greeting(port: int) -> tuple[int, str]:
     with RawClient(port) as c:
         return c.reply()
@@ -63,12 +50,7 @@ def wait_for_greeting(port: int, code: int, timeout: float) -> float:
 
 
 def store_errors(gw: Gateway) -> float:
-    body = urllib.request.urlopen(gw.metrics_url + "/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in body.splitlines()
-        if line.startswith("smtp_gateway_ratelimit_store_errors_total{")
-    )
+    return gw.metric("smtp_gateway_ratelimit_store_errors_total{")
 
 
 MSGS = "    limits:\n      - {name: msgs, key: client_ip, unit: messages, rate: 3/hour}\n"

@@ -7,7 +7,6 @@ import os
 import smtplib
 import socket
 import ssl
-import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -57,10 +56,7 @@ def common_name(c: x509.Certificate) -> str:
 
 
 def metric(gw: Gateway, prefix: str) -> float:
-    body = urllib.request.urlopen(gw.metrics_url + "/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix)
-    )
+    return gw.metric(prefix)
 
 
 def test_old_protocol_is_refused_and_counted(
@@ -266,11 +262,21 @@ def test_client_certificate_required_on_a_partner_listener(
         assert s.sendmail("a@partner.test", ["x@example.test"], MSG) == {}
 
 
-def _tls_backend(
-    tmp_path: Path, backend_factory: Callable[..., Backend], *args: str
-) -> tuple[Backend, Path]:
+def _verified_backend_pair(
+    tmp_path: Path,
+    backend_factory: Callable[..., Backend],
+    gateway_factory: Callable[..., Gateway],
+    *backend_args: str,
+) -> tuple[Backend, Gateway]:
+    """A TLS backend, and a STARTTLS gateway whose hop to it is verified TLS."""
     bcert, bkey = make_cert(tmp_path / "backend", "backend.test")
-    return backend_factory("--tls-cert", str(bcert), "--tls-key", str(bkey), *args), bcert
+    be = backend_factory("--tls-cert", str(bcert), "--tls-key", str(bkey), *backend_args)
+    cert, key = make_cert(tmp_path / "gw", "gw.test")
+    cfg = base_config(
+        be.url,
+        backend={"tls": "required", "ca_file": str(bcert), "server_name": "backend.test"},
+    )
+    return be, gateway_factory(tls_listener(cfg, cert, key))
 
 
 def test_requiretls_only_over_tls_and_passed_to_a_verified_backend(
@@ -278,13 +284,7 @@ def test_requiretls_only_over_tls_and_passed_to_a_verified_backend(
     backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
-    be, bcert = _tls_backend(tmp_path, backend_factory, "--requiretls")
-    cert, key = make_cert(tmp_path / "gw", "gw.test")
-    cfg = base_config(
-        be.url,
-        backend={"tls": "required", "ca_file": str(bcert), "server_name": "backend.test"},
-    )
-    gw = gateway_factory(tls_listener(cfg, cert, key))
+    be, gw = _verified_backend_pair(tmp_path, backend_factory, gateway_factory, "--requiretls")
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("c.test")
         assert "requiretls" not in s.esmtp_features  # not promised over plaintext
@@ -305,13 +305,8 @@ def test_requiretls_is_refused_rather_than_dropped(
     backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
-    be, bcert = _tls_backend(tmp_path, backend_factory)  # TLS, but no REQUIRETLS
-    cert, key = make_cert(tmp_path / "gw", "gw.test")
-    cfg = base_config(
-        be.url,
-        backend={"tls": "required", "ca_file": str(bcert), "server_name": "backend.test"},
-    )
-    gw = gateway_factory(tls_listener(cfg, cert, key))
+    # The backend has TLS but no REQUIRETLS.
+    be, gw = _verified_backend_pair(tmp_path, backend_factory, gateway_factory)
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.starttls(context=no_verify())
         s.ehlo("c.test")

@@ -14,6 +14,15 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def send_message(c: RawClient, body: bytes = b"Subject: x\r\n\r\nx\r\n") -> int:
+    """One whole transaction on an open session; the reply code to the end of DATA."""
+    c.cmd("MAIL FROM:<a@sender.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    c.cmd("DATA")
+    c.send(body + b".\r\n")
+    return c.reply()[0]
+
+
 def greeted(port: int, *, helo: bool = True, timeout: float = 10) -> RawClient:
     c = RawClient(port, timeout=timeout)
     assert c.reply()[0] == 220

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.security.helpers import greeted, rss_kb
+from tests.security.helpers import greeted, rss_kb, send_message
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.smtp import RawClient
 
@@ -99,11 +99,7 @@ def test_a_completed_transaction_resets_the_junk_count(gw: Gateway) -> None:
         for _ in range(3):
             for _ in range(90):
                 assert c.cmd("NOOP")[0] == 250
-            c.cmd("MAIL FROM:<a@sender.test>")
-            c.cmd("RCPT TO:<x@example.test>")
-            c.cmd("DATA")
-            c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
-            assert c.reply()[0] == 250
+            assert send_message(c) == 250
 
 
 def test_too_many_errors_close_with_421(gw: Gateway) -> None:

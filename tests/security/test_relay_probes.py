@@ -34,6 +34,19 @@ TRICKS = [
     "<user@example.test.remote.test.>",
 ]
 
+
+def probe(gw: Gateway, rcpt: str, then: str | None = None) -> tuple[int, str]:
+    """The reply to RCPT TO:rcpt; with `then`, that command must get 554 (nothing valid)."""
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        reply = c.cmd(f"RCPT TO:{rcpt}")
+        if then is not None:
+            assert c.cmd(then)[0] == 554  # no valid recipients
+    return reply
+
+
 # Syntax, not routing: refused as malformed, never relayed.
 MALFORMED = [
     "<@example.test>",
@@ -49,13 +62,8 @@ MALFORMED = [
 def test_malformed_recipients_get_501_and_never_reach_backend(
     rcpt: str, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
-        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        code, text = c.cmd(f"RCPT TO:{rcpt}")
-        assert (code, text[4:9]) in ((501, "5.1.3"), (550, "5.7.1")), text
+    code, text = probe(gateway_factory(base_config(backend.url)), rcpt)
+    assert (code, text[4:9]) in ((501, "5.1.3"), (550, "5.7.1")), text
     assert not any(cmd.startswith("RCPT") for cmd in backend.commands())
 
 
@@ -82,15 +90,8 @@ def test_unicode_look_alike_of_a_local_domain_is_foreign(
 def test_relay_tricks_get_550_571_and_never_reach_backend(
     rcpt: str, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
-        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        code, text = c.cmd(f"RCPT TO:{rcpt}")
-        assert code == 550 and text.startswith("550 5.7.1"), text
-        assert c.cmd("DATA")[0] == 554  # no valid recipients
-        c.cmd("QUIT")
+    code, text = probe(gateway_factory(base_config(backend.url)), rcpt, then="DATA")
+    assert code == 550 and text.startswith("550 5.7.1"), text
     assert not any(cmd.startswith("RCPT") for cmd in backend.commands())
     assert backend.messages() == []
 

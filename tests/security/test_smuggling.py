@@ -31,6 +31,16 @@ def send_raw(port: int, data: bytes) -> tuple[int, str]:
     return reply
 
 
+def pair(
+    backend_factory: Callable[..., Backend],
+    gateway_factory: Callable[..., Gateway],
+    lenient: bool,
+    mode: str,
+) -> tuple[Backend, Gateway]:
+    be = backend_factory("--lenient") if lenient else backend_factory()
+    return be, gateway_factory(base_config(be.url, limits={"bare_linefeed": mode}))
+
+
 def assert_one_envelope_at_most(backend: Backend, expected: int) -> None:
     msgs = backend.messages()
     assert len(msgs) == expected
@@ -53,8 +63,7 @@ def test_end_of_data_variants_never_yield_two_messages(
     backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
-    be = backend_factory("--lenient") if lenient else backend_factory()
-    gw = gateway_factory(base_config(be.url, limits={"bare_linefeed": mode}))
+    be, gw = pair(backend_factory, gateway_factory, lenient, mode)
     code, text = send_raw(gw.port(), b"Subject: first\r\n\r\nbody" + seq + SMUGGLED)
     if mode == "reject":
         assert (code, text[4:9]) == (550, "5.5.2")
@@ -84,8 +93,7 @@ def test_bare_cr_lf_in_headers_and_body(
     backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
-    be = backend_factory("--lenient") if lenient else backend_factory()
-    gw = gateway_factory(base_config(be.url, limits={"bare_linefeed": mode}))
+    be, gw = pair(backend_factory, gateway_factory, lenient, mode)
     code, text = send_raw(gw.port(), payload)
     if mode == "reject":
         assert (code, text[4:9]) == (550, "5.5.2")
@@ -101,8 +109,7 @@ def test_nul_inside_is_refused(
     backend_factory: Callable[..., Backend],
     gateway_factory: Callable[..., Gateway],
 ) -> None:
-    be = backend_factory("--lenient") if lenient else backend_factory()
-    gw = gateway_factory(base_config(be.url, limits={"bare_linefeed": "normalize"}))
+    be, gw = pair(backend_factory, gateway_factory, lenient, "normalize")
     code, text = send_raw(gw.port(), b"Subject: a\r\n\r\nnul\x00\n.\n" + SMUGGLED)
     assert (code, text[4:9]) == (550, "5.6.0")
     assert_one_envelope_at_most(be, 0)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.security.helpers import greeted
+from tests.security.helpers import greeted, send_message
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.smtp import RawClient, deliver
 
@@ -73,11 +73,7 @@ def test_client_sent_xclient_and_xforward_are_never_honoured(
     with greeted(gw.port()) as c:
         assert c.cmd("XCLIENT ADDR=192.0.2.66 NAME=trusted.bank.test")[0] == 502
         assert c.cmd("XFORWARD ADDR=192.0.2.66")[0] == 502
-        c.cmd("MAIL FROM:<a@sender.test>")
-        c.cmd("RCPT TO:<x@example.test>")
-        c.cmd("DATA")
-        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
-        assert c.reply()[0] == 250
+        assert send_message(c) == 250
     [m] = be.messages()
     assert m["xclient"]["ADDR"] == "127.0.0.1"
     assert not any("192.0.2.66" in cmd for cmd in be.commands())

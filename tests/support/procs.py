@@ -169,6 +169,16 @@ class Gateway:
     def metrics_url(self) -> str:
         return f"http://{self.cfg['metrics']['listen']}"
 
+    def metric(self, prefix: str) -> float:
+        """The sum of every sample of /metrics whose line starts with `prefix`."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5) as r:
+            body = r.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix)
+        )
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
