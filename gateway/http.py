@@ -14,12 +14,15 @@ import json
 import os
 import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.store import Store
 from gateway.store.base import operator_key
+
+if TYPE_CHECKING:
+    from gateway.store import Store
 
 MAX_REQUEST = 8192
 

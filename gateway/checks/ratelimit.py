@@ -14,16 +14,18 @@ import functools
 import ipaddress
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway import metrics
 from gateway.checks.base import Symbols
 from gateway.config import IPNetwork
 from gateway.pipeline.stage import Context, Stage
-from gateway.store import Store
 from gateway.store.base import CONC, RATE, GcraOp, StoreError
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore
+
+if TYPE_CHECKING:
+    from gateway.store import Store
+    from gateway.store.redis import RedisStore
 
 UNIT_STAGE = {
     "connections": Stage.CONNECT,
@@ -166,7 +168,7 @@ class RateLimitCheck:
         if not slots and not ops:
             return ()
         store = self.store
-        if isinstance(store, RedisStore):
+        if not isinstance(store, MemoryStore):
             return self._run_shared(store, ctx, slots, ops, names)
         for key, c in slots:
             if not store.acquire(key, c.max):

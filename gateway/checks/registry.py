@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import config
 from gateway.checks.arc import ArcCheck
@@ -16,7 +16,9 @@ from gateway.checks.spf import SpfCheck
 from gateway.checks.tlspolicy import TlsPolicyCheck
 from gateway.dns import Resolver
 from gateway.pipeline.policy import generic_symbols
-from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.store import Store
 
 # Every check class, in the order they run within a stage.
 # DMARC reads what SPF (at MAIL), DKIM and ARC (earlier at DATA) found.

@@ -17,8 +17,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from gateway import config, logs, metrics
 
 log = logging.getLogger("gateway.tls")
@@ -59,6 +57,8 @@ def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
 def _load(
     ctx: ssl.SSLContext, cert: Path, key: Path, names: list[str], label: str, where: str
 ) -> _Loaded:
+    from cryptography import x509  # only where a listener has TLS
+
     try:
         ctx.load_cert_chain(str(cert), str(key))
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())

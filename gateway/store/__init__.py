@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from gateway import config
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore
 
-Store = MemoryStore | RedisStore
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from gateway.store.redis import RedisStore
+
+    Store: TypeAlias = MemoryStore | RedisStore
 
 
 def make_store(settings: config.Store) -> Store:
     if settings.redis_url:
+        # Imported only when configured: redis-py costs memory in every worker.
+        from gateway.store.redis import RedisStore
+
         return RedisStore(
             settings.redis_url,
             prefix=settings.key_prefix,
