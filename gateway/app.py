@@ -23,11 +23,9 @@ from gateway.smtp.handler import (
     Services,
     Session,
     ehlo_lines,
-    network_matcher,
     requiretls_possible,
     reseed_session_ids,
 )
-from gateway.smtp.tls import file_signature
 from gateway.store import make_store
 from gateway.stream import Stream
 
@@ -66,8 +64,8 @@ class App:
             settings=settings,
             runner=self.runner,
             backend=self.backend,
-            is_trusted=network_matcher(settings.trusted_networks),
-            is_proxy=network_matcher(settings.proxy_networks),
+            is_trusted=config.network_matcher(settings.trusted_networks),
+            is_proxy=config.network_matcher(settings.proxy_networks),
             is_local=RelayCheck(settings.local_domains).is_local,
         )
         self.http = HttpEndpoint(self.readiness, self.store)
@@ -200,14 +198,14 @@ class App:
         """A changed policy file or table (a ConfigMap update swaps a symlink) reloads
         the policy as SIGHUP does; a broken one is refused, logged, and not retried
         until it changes again."""
-        seen = file_signature(self.runner.policy.files)
+        seen = config.file_signature(self.runner.policy.files)
         while True:
             await asyncio.sleep(interval)
-            now = file_signature(self.runner.policy.files)
+            now = config.file_signature(self.runner.policy.files)
             if now != seen:
                 seen = now
                 self.reload()
-                seen = file_signature(self.runner.policy.files)
+                seen = config.file_signature(self.runner.policy.files)
 
     async def drain(self) -> None:
         """Stop accepting; let transactions finish; then 421 4.3.2 whatever is left."""

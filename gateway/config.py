@@ -7,16 +7,18 @@ which reloads on SIGHUP without a restart.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,6 +58,40 @@ def _networks(v: Any) -> list[IPNetwork]:
         except ValueError as e:
             raise ValueError(f"{item!r} is not an IP network") from e
     return out
+
+
+# A list of networks in a config or policy file ("192.0.2.0/24", "2001:db8::/32").
+Networks = Annotated[list[IPNetwork], BeforeValidator(_networks)]
+
+
+def network_matcher(nets: list[IPNetwork]) -> Callable[[str], bool]:
+    """The one test of "is this client in these networks" (IPv4-mapped IPv6 counts as
+    IPv4), cached per address: trusted, proxy, allow and exempt lists all use it."""
+
+    @functools.lru_cache(maxsize=4096)
+    def match(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in nets)
+
+    return match
+
+
+def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when a file is replaced, including a Kubernetes Secret volume's
+    symlink swap (stat follows the link to the new target)."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((0, 0, 0))
+    return tuple(out)
 
 
 class SniCertificate(_Strict):

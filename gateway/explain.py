@@ -23,7 +23,6 @@ from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import ACCEPT, Verdict, combine
 from gateway.smtp import replies
 from gateway.smtp.data import stuff
-from gateway.smtp.handler import network_matcher
 from gateway.store.memory import MemoryStore
 
 
@@ -44,7 +43,7 @@ async def explain(
     # A fresh in-memory store: explaining a message never charges the live limits.
     runner = Runner(build_checks(settings, resolver, MemoryStore()), pol)
     ctx = Context("explain", client_ip, 0, "check", helo=helo)
-    ctx.trusted = network_matcher(settings.trusted_networks)(client_ip)
+    ctx.trusted = config.network_matcher(settings.trusted_networks)(client_ip)
     stages: list[dict[str, Any]] = []
     final: Verdict = ACCEPT
     refused_at: str | None = None

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway import metrics
+from gateway import config, metrics
 from gateway.dns import DnsStatus, Resolver
 from gateway.pipeline.stage import Context, Stage
 
@@ -78,7 +79,7 @@ class DnsblCheck:
         self.zones: list[ZoneState] = []
         self.threshold = 1.0
         self.deadline = 2.0
-        self.allow_networks: list[Any] = []
+        self.allowed_network: Callable[[str], bool] = config.network_matcher([])
 
     def configure(self, options: Any) -> None:
         old = {z.cfg.name: z for z in self.zones}
@@ -87,9 +88,7 @@ class DnsblCheck:
         ]
         self.threshold = options.threshold
         self.deadline = options.deadline
-        self.allow_networks = [
-            ipaddress.ip_network(n, strict=False) for n in options.allow_networks
-        ]
+        self.allowed_network = config.network_matcher(options.allow_networks)
         for z in self.zones:
             metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if z.healthy else 0)
 
@@ -114,7 +113,7 @@ class DnsblCheck:
         return out
 
     async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
-        if stage is Stage.CONNECT and self._allowed_network(ctx.client_ip):
+        if stage is Stage.CONNECT and self.allowed_network(ctx.client_ip):
             ctx.allowlisted = True
             return ("dnsbl.allowed",)
         queries = self._queries(stage, ctx)
@@ -145,13 +144,6 @@ class DnsblCheck:
             ctx.allowlisted = True
             symbols.insert(0, "dnsbl.allowed")
         return tuple(symbols)
-
-    def _allowed_network(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in n for n in self.allow_networks)
 
     async def _lookup(self, z: ZoneState, name: str) -> tuple[str, str]:
         """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway import metrics
 from gateway.checks.base import Symbols
-from gateway.config import IPNetwork
+from gateway.config import IPNetwork, network_matcher
 from gateway.pipeline.stage import Context, Stage
 from gateway.store.base import CONC, RATE, GcraOp, StoreError
 from gateway.store.memory import MemoryStore
@@ -84,7 +84,7 @@ class _Limit:
     period: float
     burst: int
     bytes: bool
-    exempt: tuple[IPNetwork, ...]
+    exempt: Callable[[str], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +92,15 @@ class _Concurrency:
     name: str
     part: str
     max: int
-    exempt: tuple[IPNetwork, ...]
+    exempt: Callable[[str], bool]
 
 
-def _exempt(networks: tuple[IPNetwork, ...], ip: str) -> bool:
-    if not networks:
-        return False
-    addr = ipaddress.ip_address(ip)
-    return any(addr in n for n in networks)
+def _never(_ip: str) -> bool:
+    return False
 
 
-def _nets(items: list[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+def _matcher(networks: list[IPNetwork]) -> Callable[[str], bool]:
+    return network_matcher(networks) if networks else _never
 
 
 class RateLimitCheck:
@@ -132,12 +129,12 @@ class RateLimitCheck:
                     period,
                     lim.burst,
                     lim.unit == "bytes",
-                    _nets(lim.exempt_networks),
+                    _matcher(lim.exempt_networks),
                 )
             )
             metrics.child(metrics.RATELIMIT_CONFIGURED, lim.name).set(count / period)
         self.concurrency = [
-            _Concurrency(c.name, c.key, c.max, _nets(c.exempt_networks))
+            _Concurrency(c.name, c.key, c.max, _matcher(c.exempt_networks))
             for c in options.concurrency
         ]
 
@@ -148,11 +145,11 @@ class RateLimitCheck:
         slots = []
         if stage is Stage.CONNECT:
             for c in self.concurrency:
-                if not _exempt(c.exempt, ctx.client_ip):
+                if not c.exempt(ctx.client_ip):
                     slots.append((f"{CONC}:{c.name}:{key_parts(c.part, ctx)}", c))
         ops, names = [], []
         for lim in self.limits:
-            if lim.stage is not stage or _exempt(lim.exempt, ctx.client_ip):
+            if lim.stage is not stage or lim.exempt(ctx.client_ip):
                 continue
             parts = [key_parts(k, ctx) for k in lim.parts]
             if any(p is None for p in parts):

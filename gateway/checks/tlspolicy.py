@@ -8,10 +8,11 @@ or mail for a local domain whose owner requires it (`require_tls_to`).
 
 from __future__ import annotations
 
-import ipaddress
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from gateway.checks.relay import DomainMatcher
+from gateway.config import network_matcher
 from gateway.pipeline.stage import Context, Stage
 
 REQUIRED = "tls.required"
@@ -26,23 +27,19 @@ class TlsPolicyCheck:
     def __init__(self) -> None:
         self.from_domains = DomainMatcher([])
         self.to_domains = DomainMatcher([])
-        self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        self.in_networks: Callable[[str], bool] = network_matcher([])
 
     def configure(self, options: Any) -> None:
         self.from_domains = DomainMatcher([d.lower() for d in options.require_tls_from])
         self.to_domains = DomainMatcher([d.lower() for d in options.require_tls_to])
-        self.networks = tuple(
-            ipaddress.ip_network(n, strict=False) for n in options.require_tls_networks
-        )
+        self.in_networks = network_matcher(options.require_tls_networks)
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
         if ctx.tls_version is not None:
             return ()
         why = None
         if stage is Stage.MAIL:
-            if self.networks and any(
-                ipaddress.ip_address(ctx.client_ip) in n for n in self.networks
-            ):
+            if self.in_networks(ctx.client_ip):
                 why = "your network"
             elif ctx.mail_from is not None and ctx.mail_from.domain in self.from_domains:
                 why = ctx.mail_from.domain

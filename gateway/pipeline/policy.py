@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from gateway.config import ConfigError, format_validation_error, read_yaml_mapping
+from gateway.config import ConfigError, Networks, format_validation_error, read_yaml_mapping
 from gateway.rewrite.engine import Rewriter, RuleError
 from gateway.rewrite.options import RewriteOptions
 from gateway.smtp.replies import Action
@@ -102,7 +102,7 @@ class DnsblOptions(_Strict):
     zones: list[DnsblZone] = Field(default_factory=list)
     threshold: float = 1.0  # score at which a client is dnsbl.listed
     deadline: Annotated[float, Field(gt=0)] = 2.0  # for all zones of one stage together
-    allow_networks: list[str] = Field(default_factory=list)  # treated as allow-listed
+    allow_networks: Networks = Field(default_factory=list)  # treated as allow-listed
     health_interval: Annotated[float, Field(gt=0)] = 300.0  # RFC 5782 test-entry checks
 
 
@@ -130,7 +130,7 @@ class RateLimit(_Strict):
     # or N/<seconds>s); burst: extra units allowed at once on top of N.
     rate: str = "100/minute"
     burst: Annotated[int, Field(ge=0)] = 0
-    exempt_networks: list[str] = Field(default_factory=list)
+    exempt_networks: Networks = Field(default_factory=list)
 
     @field_validator("key")
     @classmethod
@@ -156,7 +156,7 @@ class Concurrency(_Strict):
     name: LimitName
     key: Literal["client_ip", "client_network"] = "client_ip"
     max: Annotated[int, Field(ge=1)] = 20
-    exempt_networks: list[str] = Field(default_factory=list)
+    exempt_networks: Networks = Field(default_factory=list)
 
 
 class RateLimitOptions(_Strict):
@@ -174,20 +174,8 @@ class RateLimitOptions(_Strict):
 class TlsPolicyOptions(_Strict):
     enabled: bool = True
     require_tls_from: list[str] = Field(default_factory=list)  # sender domains, *.wildcards
-    require_tls_networks: list[str] = Field(default_factory=list)  # client networks
+    require_tls_networks: Networks = Field(default_factory=list)  # client networks
     require_tls_to: list[str] = Field(default_factory=list)  # local recipient domains
-
-    @field_validator("require_tls_networks")
-    @classmethod
-    def _nets(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for n in v:
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError:
-                raise ValueError(f"{n!r} is not an IP network") from None
-        return v
 
 
 class CheckOptions(_Strict):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
 import itertools
 import logging
 import os
@@ -86,20 +84,6 @@ class Services:
     is_local: Callable[[Address], bool]
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
-
-
-def network_matcher(nets: list[config.IPNetwork]) -> Callable[[str], bool]:
-    @functools.lru_cache(maxsize=4096)
-    def match(ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in nets)
-
-    return match
 
 
 def ehlo_lines(settings: config.Settings, listener: config.Listener, tls_active: bool) -> bytes:

@@ -12,7 +12,6 @@ and do not change on reload (they are config, and config needs a restart).
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +38,6 @@ class _Loaded:
     names: tuple[str, ...]
     not_after: float
     label: str
-
-
-def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
-    """What changes when a file is replaced, including a Kubernetes Secret volume's
-    symlink swap (stat follows the link to the new target)."""
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((0, 0, 0))
-    return tuple(out)
 
 
 def _load(
@@ -86,7 +72,7 @@ class ListenerTls:
         self.context = self._dispatcher()
         self._default, self._by_name, self._wild = self._build()
         self._files = self._paths()
-        self._seen = file_signature(self._files)
+        self._seen = config.file_signature(self._files)
         self._export_expiry()
         for result in ("ok", "failed"):
             metrics.child(metrics.TLS_CERT_RELOADS, self.name, result)  # exported as 0
@@ -188,7 +174,7 @@ class ListenerTls:
 
     def reload_if_changed(self) -> bool | None:
         """True: reloaded; False: changed but broken (old kept); None: unchanged."""
-        sig = file_signature(self._files)
+        sig = config.file_signature(self._files)
         if sig == self._seen:
             return None
         self._seen = sig
