@@ -102,6 +102,8 @@ class Rewriter:
                 hash_length=opts.srs.hash_length,
             )
 
+        # Built once per (re)load, not per message.
+        self._header_fns = self.header_rewriters()
         # Nothing to do at all: the session skips every rewrite call (the common case).
         self.active = bool(
             self.c_sender or self.c_rcpt or self.alias or self.masq_domains or self.srs
@@ -246,7 +248,7 @@ class Rewriter:
         return (sender if sender_fns else None), rcpt
 
     def headers(self, wire: bytes) -> bytes:
-        sender, rcpt = self.header_rewriters()
+        sender, rcpt = self._header_fns
         if sender is None and rcpt is None:
             return wire
         new, n = rewrite_headers(wire, sender, rcpt)

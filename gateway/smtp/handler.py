@@ -641,28 +641,37 @@ class Session:
 
     async def _rebegin(self, sender: Address, recipients: list[Address]) -> Reply | None:
         """Abandon the backend transaction (RSET) and open it again with this sender
-        and these recipients; a refusal is returned as the reply for the client."""
+        and these recipients. If that fails in any way the reply is a 4xx, and the
+        rest of the transaction gets it too: the client was already told 250 for
+        recipients that are no longer open at the backend, so only a retry of the
+        whole transaction is safe (a 5xx here would lose their mail)."""
         old, self.txn = self.txn, None
         if old is not None:
             await old.abort()
         assert self.client_info is not None
+        why = ""
         try:
             reply, txn = await self.svc.backend.begin(
                 self.client_info, str(sender), self.mail_params
             )
             if txn is None:
-                return replies.from_backend(reply.code, reply.lines)
-            for rcpt in recipients:
-                r = await txn.rcpt(str(rcpt), [])
-                if not r.ok:
-                    await txn.abort()
-                    return replies.from_backend(r.code, r.lines)
-        except (BackendUnavailable, BackendError):
-            self.txn_broken = replies.BACKEND_UNAVAILABLE
-            return replies.BACKEND_UNAVAILABLE
-        self.txn = txn
-        self.backend_sender = sender
-        return None
+                why = f"MAIL: {reply}"
+            else:
+                for rcpt in recipients:
+                    r = await txn.rcpt(str(rcpt), [])
+                    if not r.ok:
+                        await txn.abort()
+                        why = f"RCPT {rcpt}: {r}"
+                        break
+                else:
+                    self.txn = txn
+                    self.backend_sender = sender
+                    return None
+        except (BackendUnavailable, BackendError) as e:
+            why = str(e)
+        logs.event("backend_reopen_failed", session=self.id, error=why)
+        self.txn_broken = replies.BACKEND_REOPEN_FAILED
+        return replies.BACKEND_REOPEN_FAILED
 
     async def _redirect(self, recipient: str) -> Reply | None:
         """Quarantine by redirection: abandon the original recipients at the backend

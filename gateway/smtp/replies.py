@@ -120,6 +120,11 @@ BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
 BACKEND_PARTIAL = r(451, "4.3.0", "Delivery incomplete at next hop, try again later")
+# The backend transaction had to be opened again (SRS sender, quarantine redirect) and
+# the next hop refused it: everything already accepted must be retried.
+BACKEND_REOPEN_FAILED = r(
+    451, "4.3.0", "Next hop refused the reopened transaction, try again later"
+)
 LOCAL_ERROR = r(451, "4.3.0", "Local error in processing, try again later")
 
 # Address rewriting (gateway/rewrite).

@@ -24,8 +24,6 @@ _EPSILON = 1e-6
 class MemoryStore:
     """Synchronous on purpose: the rate-limit check calls it inline, no task, no await."""
 
-    is_async = False
-
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._tat: dict[str, float] = {}

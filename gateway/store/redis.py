@@ -105,8 +105,6 @@ def _glob_escape(s: str) -> str:
 
 
 class RedisStore:
-    is_async = True
-
     def __init__(self, url: str, *, prefix: str, timeout: float, lease_ttl: float) -> None:
         self.prefix = prefix
         self.lease_ms = max(1, int(lease_ttl * 1000))

@@ -329,3 +329,24 @@ def test_dmarc_quarantine_tags_or_redirects(
         assert "RSET" in backend.commands()
     else:
         assert m["rcpt_tos"] == ["bob@example.test", "carol@example.test"]
+
+
+def test_quarantine_mailbox_refused_is_a_tempfail_never_a_reject(
+    backend_factory: Callable[..., Backend], dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Redirection reopens the backend transaction; if the quarantine mailbox is
+    refused, the client must retry (451), not bounce mail it was told 250 for."""
+    be = backend_factory("--reject-rcpt", "quarantine@example.test")
+    dns.add({"_dmarc.q.test": [("TXT", "v=DMARC1; p=quarantine")]})
+    pol = (
+        "actions:\n  dmarc.quarantine: quarantine\n"
+        "quarantine:\n  mode: redirect\n  recipient: quarantine@example.test\n"
+    )
+    gw = gateway_factory(dmarc_config(be, dns), policy=pol)
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("someone@elsewhere.test")
+        assert s.rcpt("bob@example.test")[0] == 250
+        code, msg = s.data(MSG.replace(b"alice@signed.test", b"alice@q.test"))
+    assert (code, msg[:5]) == (451, b"4.3.0")
+    assert be.messages() == []

@@ -55,10 +55,6 @@ def common_name(c: x509.Certificate) -> str:
     return str(c.subject.rfc4514_string())
 
 
-def metric(gw: Gateway, prefix: str) -> float:
-    return gw.metric(prefix)
-
-
 def test_old_protocol_is_refused_and_counted(
     tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
@@ -74,13 +70,8 @@ def test_old_protocol_is_refused_and_counted(
         peer_cert(gw.port(), "gw.test", old)
     ev = gw.wait_log(lambda e: e.get("event") == "tls_failed")
     assert ev["reason"] == "protocol_version"
-    assert (
-        metric(
-            gw,
-            'smtp_gateway_tls_handshake_failures_total{listener="smtp",reason="protocol_version"}',
-        )
-        == 1
-    )
+    failures = 'smtp_gateway_tls_handshake_failures_total{listener="smtp",'
+    assert gw.metric(failures + 'reason="protocol_version"}') == 1
     # TLS 1.2 is the default minimum and works; the session is counted by version.
     v12 = no_verify()
     v12.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -92,7 +83,7 @@ def test_old_protocol_is_refused_and_counted(
     gw.wait_log(
         lambda e: e.get("event") == "disconnect" and "transactions" in e and e["transactions"] == 1
     )
-    assert metric(gw, 'smtp_gateway_tls_sessions_total{listener="smtp",version="TLSv1.2"}') == 1
+    assert gw.metric('smtp_gateway_tls_sessions_total{listener="smtp",version="TLSv1.2"}') == 1
     ev = gw.wait_log(lambda e: e.get("event") == "transaction")
     assert ev["tls"] == "TLSv1.2" and ev["tls_cipher"]
     [m] = backend.messages()
@@ -162,7 +153,7 @@ def test_policy_requires_tls_from_senders_networks_and_for_recipients(
         assert s.mail("boss@secure.test")[0] == 250
         assert s.rcpt("x@vault.example.test")[0] == 250
         assert s.data(MSG)[0] == 250
-    assert metric(gw, 'smtp_gateway_check_results_total{check="tls",symbol="tls.required"}') == 2
+    assert gw.metric('smtp_gateway_check_results_total{check="tls",symbol="tls.required"}') == 2
     # Networks: every plaintext MAIL from a listed network is refused.
     gw2 = gateway_factory(
         tls_listener(base_config(backend.url), cert, key),
@@ -200,7 +191,7 @@ def test_certificate_files_reload_under_a_running_gateway(
         "smtp_gateway_tls_certificate_expiry_timestamp_seconds"
         '{certificate="default",listener="smtp"}'
     )
-    assert metric(gw, expiry) == first.not_valid_after_utc.timestamp()
+    assert gw.metric(expiry) == first.not_valid_after_utc.timestamp()
     # An established session, opened before the swap.
     held = smtplib.SMTP("127.0.0.1", gw.port())
     held.starttls(context=no_verify())
@@ -213,7 +204,7 @@ def test_certificate_files_reload_under_a_running_gateway(
     second = peer_cert(gw.port(), "gw.test")
     assert second.serial_number != first.serial_number
     assert second.serial_number == x509.load_pem_x509_certificate(c2.read_bytes()).serial_number
-    assert metric(gw, expiry) == second.not_valid_after_utc.timestamp()
+    assert gw.metric(expiry) == second.not_valid_after_utc.timestamp()
     assert held.sendmail("a@sender.test", ["x@example.test"], MSG) == {}  # still working
     held.quit()
     # A broken replacement: logged, the working one kept.
@@ -226,8 +217,8 @@ def test_certificate_files_reload_under_a_running_gateway(
     assert "cannot load certificate/key" in ev["error"]
     assert peer_cert(gw.port(), "gw.test").serial_number == second.serial_number
     reloads = 'smtp_gateway_tls_certificate_reloads_total{listener="smtp",result='
-    assert metric(gw, reloads + '"failed"}') == 1
-    assert metric(gw, reloads + '"ok"}') == 1
+    assert gw.metric(reloads + '"failed"}') == 1
+    assert gw.metric(reloads + '"ok"}') == 1
 
 
 def test_client_certificate_required_on_a_partner_listener(
