@@ -214,6 +214,8 @@ def run_source(port: int, shape: dict[str, Any], messages: int) -> float:
     args = [
         tool("smtp-source"),
         *shape["args"],
+        "-F",
+        str(shape["file"]),
         "-m",
         str(messages),
         "-f",

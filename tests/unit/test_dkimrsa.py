@@ -1,0 +1,217 @@
+"""The OpenSSL-backed RSA verifier agrees with dkimpy's own on every input.
+
+Both are run on the same message and key record; they must return the same
+boolean or raise the same dkimpy exception class. Keys are made per run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.checks import dkimrsa
+from tests.support.dkimkeys import Key, ed25519_key, rsa_key
+
+MSG = (
+    b"From: Alice <alice@example.test>\r\nTo: bob@example.net\r\nSubject: hello  there\r\n"
+    b"Date: Sun, 29 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n\r\n"
+    b"Hello Bob,\r\n  spaced   line \r\n\r\n\r\n"
+)
+
+
+def _sign(key: Key, msg: bytes = MSG, **kw: Any) -> bytes:
+    sig = dkim.sign(
+        msg,
+        b"s1",
+        b"example.test",
+        key.private,
+        include_headers=kw.pop("include", [b"from", b"to", b"subject", b"date"]),
+        **kw,
+    )
+    return bytes(sig) + msg
+
+
+def _outcome(fn: Callable[[], bool]) -> str:
+    try:
+        return "pass" if fn() else "false"
+    except Exception as e:  # the class is what must agree
+        return type(e).__name__
+
+
+def _both(message: bytes, record: bytes) -> tuple[str, str]:
+    """(dkimpy's outcome, ours) for signature 0 of `message` under key `record`."""
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        return record
+
+    theirs = _outcome(lambda: dkim.DKIM(message).verify(idx=0, dnsfunc=dnsfunc))
+
+    def ours_fn() -> bool:
+        key = dkimrsa.KeyCache().get("s1._domainkey.example.test", record)
+        assert key is not None
+        return dkimrsa.verify(dkim.DKIM(message), 0, key)
+
+    ours = _outcome(ours_fn)
+    return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def key() -> Key:
+    return rsa_key(1024)
+
+
+def _record(key: Key) -> bytes:
+    return key.dns.encode()
+
+
+def _tamper_body(m: bytes) -> bytes:
+    return m.replace(b"Hello Bob", b"Hello Eve")
+
+
+def _tamper_header(m: bytes) -> bytes:
+    return m.replace(b"Subject: hello", b"Subject: HELLO")
+
+
+def _refold_header(m: bytes) -> bytes:  # relaxed header canonicalisation absorbs this
+    return m.replace(b"Subject: hello  there", b"Subject:  hello\r\n there")
+
+
+def _unsigned_header(m: bytes) -> bytes:
+    return b"X-Added: by a list\r\n" + m
+
+
+def _second_from(m: bytes) -> bytes:  # dkimpy's bug#644046 guard: must fail
+    return m.replace(b"To: bob", b"From: mallory@evil.test\r\nTo: bob")
+
+
+def _append_body(m: bytes) -> bytes:
+    return m + b"-- \r\nlist footer\r\n"
+
+
+def _whitespace_body(m: bytes) -> bytes:
+    return m.replace(b"  spaced   line \r\n", b" spaced line\r\n")
+
+
+CASES: list[tuple[str, dict[str, Any], Callable[[bytes], bytes], str]] = [
+    ("relaxed/simple", {}, lambda m: m, "pass"),
+    ("simple/simple", {"canonicalize": (b"simple", b"simple")}, lambda m: m, "pass"),
+    ("relaxed/relaxed", {"canonicalize": (b"relaxed", b"relaxed")}, lambda m: m, "pass"),
+    ("sha1", {"signature_algorithm": b"rsa-sha1"}, lambda m: m, "pass"),
+    ("body changed", {}, _tamper_body, "ValidationError"),
+    ("signed header changed", {}, _tamper_header, "false"),
+    ("header refolded, relaxed", {}, _refold_header, "pass"),
+    ("header refolded, simple", {"canonicalize": (b"simple", b"simple")}, _refold_header, "false"),
+    ("unsigned header added", {}, _unsigned_header, "pass"),
+    ("second From", {}, _second_from, "false"),
+    ("l= and appended body", {"length": True}, _append_body, "pass"),
+    ("appended body without l=", {}, _append_body, "ValidationError"),
+    ("body whitespace, relaxed", {"canonicalize": (b"relaxed", b"relaxed")}, _whitespace_body,
+     "pass"),
+    ("body whitespace, simple", {}, _whitespace_body, "ValidationError"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kw", "change", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_same_verdict_as_dkimpy(
+    key: Key, name: str, kw: dict[str, Any], change: Callable[[bytes], bytes], expected: str
+) -> None:
+    message = change(_sign(key, **kw))
+    theirs, ours = _both(message, _record(key))
+    assert theirs == ours == expected, name
+
+
+def test_wrong_key_and_garbage_signature(key: Key) -> None:
+    other = rsa_key(1024)
+    message = _sign(key)
+    assert _both(message, _record(other)) == ("false", "false")
+    head, _, tail = message.partition(b" b=")
+    flipped = head + b" b=" + (b"B" if tail[:1] == b"A" else b"A") + tail[1:]
+    assert _both(flipped, _record(key)) == ("false", "false")
+
+
+def test_signature_of_the_wrong_length_is_invalid(key: Key) -> None:
+    """RFC 8017 8.2.2 step 1: a signature not exactly k octets long is invalid.
+
+    dkimpy reads b= as an integer, so leading zero octets slip through; OpenSSL
+    (and so this gateway) refuses them. No signer produces such a signature.
+    """
+    message = _sign(key)
+    head, _, tail = message.partition(b" b=")
+    padded = head + b" b=AAAA" + tail  # three zero octets in front
+    assert _both(padded, _record(key)) == ("pass", "false")
+
+
+def _pkcs1_record(bits: int) -> tuple[bytes, bytes]:
+    """(PEM private key, key record with p= as a bare PKCS#1 RSAPublicKey)."""
+    k = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = k.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = k.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+
+
+def test_pkcs1_public_key_accepted_like_dkimpy() -> None:
+    pem, record = _pkcs1_record(1024)
+    message = bytes(dkim.sign(MSG, b"s1", b"example.test", pem)) + MSG
+    assert _both(message, record) == ("pass", "pass")
+
+
+def test_small_key_is_a_key_format_error_after_a_good_signature(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # cryptography will not make a key under 1024 bits: raise the floor instead.
+    monkeypatch.setattr(dkimrsa, "MIN_BITS", 2048)
+    pem, record = _pkcs1_record(1024)
+    message = bytes(dkim.sign(MSG, b"s1", b"example.test", pem)) + MSG
+    key = dkimrsa.KeyCache().get("s1", record)
+    assert key is not None and key.bits == 1024
+    with pytest.raises(dkim.KeyFormatError, match="too small"):
+        dkimrsa.verify(dkim.DKIM(message), 0, key)
+    # dkimpy with the same floor: the same verdict
+    with pytest.raises(dkim.KeyFormatError, match="too small"):
+        dkim.DKIM(message, minkey=2048).verify(dnsfunc=lambda n, timeout=5: record)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"v=DKIM1; k=rsa; p=!!!notbase64",
+        b"v=DKIM1; k=rsa; p=" + base64.b64encode(b"not a key"),
+        b"v=DKIM1; k=dsa; p=AAAA",
+        b"v=DKIM2; k=rsa; p=AAAA",
+        b"v=DKIM1; k=rsa",
+        b"v=DKIM1; k=rsa; p",
+    ],
+)
+def test_unusable_key_records_raise_key_format_error_like_dkimpy(record: bytes) -> None:
+    with pytest.raises((dkim.DKIMException, binascii.Error)):
+        dkim.evaluate_pk(b"s1", record)
+    cache = dkimrsa.KeyCache()
+    for _ in range(2):  # the cached failure raises again
+        with pytest.raises(dkim.DKIMException):
+            cache.get("s1", record)
+
+
+def test_tlsrpt_only_key_fails_mail_like_dkimpy(key: Key) -> None:
+    record = _record(key) + b"; s=tlsrpt"
+    message = _sign(key)
+    assert _both(message, record) == ("ValidationError", "ValidationError")
+
+
+def test_ed25519_is_left_to_dkimpy_and_cache_is_bounded() -> None:
+    cache = dkimrsa.KeyCache(size=2)
+    assert cache.get("e", ed25519_key().dns.encode()) is None
+    keys = [rsa_key(1024) for _ in range(3)]
+    got = [cache.get("k", k.dns.encode()) for k in keys]
+    assert all(g is not None for g in got)
+    assert len(cache) == 2
