@@ -11,7 +11,9 @@ worker thread, so hashing a big message never holds the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +21,7 @@ import dkim
 
 from gateway.checks import dkimrsa
 from gateway.checks.base import OffLoopCheck
-from gateway.dns import DnsStatus, Resolver
+from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -48,6 +50,31 @@ class DkimSignature:
         return AuthResult("dkim", self.result, props, reason)
 
 
+class _Job:
+    """A message's signatures between parsing and verification."""
+
+    __slots__ = ("failed", "keys", "message", "parsed", "pending", "preps")
+
+    def __init__(self, message: bytes, parsed: Any) -> None:
+        self.message = message
+        self.parsed = parsed  # the whole message parsed (small ones), else None
+        self.preps: list[Any] = []  # dkimpy's verify_headerprep() per signature, or an error
+        self.pending: set[str] = set()  # key names not in the DNS cache yet
+        self.keys: dict[str, bytes | None] = {}
+        self.failed: dict[str, str] = {}  # key name -> temperror reason
+
+    def take(self, name: str, ans: DnsAnswer) -> None:
+        if ans.temporary:
+            self.failed[name] = f"key lookup {ans.status.value}"
+        elif ans.status is not DnsStatus.OK or not ans.records:
+            self.keys[name] = None  # no key: permerror
+        else:
+            self.keys[name] = b"".join(ans.records[0])
+
+
+_DKIMPY_LOG = logging.getLogger("dkimpy")
+
+
 def _text(v: Any) -> str:
     return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v or "")
 
@@ -66,11 +93,21 @@ class DkimCheck(OffLoopCheck):
     def configure(self, options: Any) -> None:
         self.max_signatures = options.max_signatures
 
-    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Synchronous when every key is in the DNS cache and the message is small
+        (the common case for repeat senders): no task, no timer, no thread."""
         message = ctx.message
         if not message:
             return ("dkim.none",)
-        sigs = await self.verify(message)
+        job = self._prepare(message)
+        if isinstance(job, list):
+            return self._record(ctx, job)
+        return self._finish(ctx, job)
+
+    async def _finish(self, ctx: Context, job: _Job) -> tuple[str, ...]:
+        return self._record(ctx, await self._complete(job))
+
+    def _record(self, ctx: Context, sigs: list[DkimSignature]) -> tuple[str, ...]:
         ctx.dkim = sigs
         ctx.auth.extend(s.auth_result() for s in sigs)
         if not sigs:
@@ -79,74 +116,77 @@ class DkimCheck(OffLoopCheck):
 
     async def verify(self, message: bytes) -> list[DkimSignature]:
         """One result per DKIM-Signature (up to max_signatures); the tested entry point."""
-        # On the loop: the signatures' tags only, from the headers alone. The full
-        # parse, canonicalisation and hashing happen in the worker thread.
-        d = dkim.DKIM(header_section(message))
+        job = self._prepare(message)
+        return job if isinstance(job, list) else await self._complete(job)
+
+    def _prepare(self, message: bytes) -> list[DkimSignature] | _Job:
+        """Parse the signatures and take their keys from the DNS cache; the result
+        when that is all it takes, else the job that still needs DNS or a thread."""
+        small = len(message) <= OFFLOOP_BYTES
+        # A large message: only its header section is parsed on the loop.
+        d = dkim.DKIM(message if small else header_section(message), logger=_DKIMPY_LOG)
         count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
         count = min(count, self.max_signatures)
         if count == 0:
             return []
-        preps: list[dict[bytes, bytes] | str] = []
-        names: set[str] = set()
+        job = _Job(message, d if small else None)
         for idx in range(count):
             try:
                 prep = d.verify_headerprep(idx)
             except dkim.DKIMException as e:
-                preps.append(f"permerror: {e}")
+                job.preps.append(f"permerror: {e}")
                 continue
             if not prep:
-                preps.append("permerror: unparsable signature")
+                job.preps.append("permerror: unparsable signature")
                 continue
+            job.preps.append(prep)
             sig = prep[0]
-            preps.append(sig)
-            names.add(f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}")
-        keys: dict[str, bytes | None] = {}
-        failed: dict[str, str] = {}
-        answers = await asyncio.gather(*(self.resolver.query(n, "TXT") for n in names))
-        for n, ans in zip(names, answers, strict=True):
-            if ans.temporary:
-                failed[n] = f"key lookup {ans.status.value}"
-            elif ans.status is not DnsStatus.OK or not ans.records:
-                keys[n] = None  # dkimpy: "missing public key" -> permerror
+            name = f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}".lower()
+            ans = self.resolver.peek(name, "TXT")
+            if ans is None:
+                job.pending.add(name)
             else:
-                keys[n] = b"".join(ans.records[0])
-        if len(message) <= OFFLOOP_BYTES:
-            return self._verify_all(message, preps, keys, failed)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._verify_all, message, preps, keys, failed)
+                job.take(name, ans)
+        if job.pending or not small:
+            return job
+        return self._verify_all(job)
 
-    def _verify_all(
-        self,
-        message: bytes,
-        preps: list[dict[bytes, bytes] | str],
-        keys: dict[str, bytes | None],
-        failed: dict[str, str],
-    ) -> list[DkimSignature]:
-        lowered = {k.lower(): v for k, v in keys.items()}
+    async def _complete(self, job: _Job) -> list[DkimSignature]:
+        for name in sorted(job.pending):  # nearly always one: the same d= and s=
+            job.take(name, await self.resolver.query(name, "TXT"))
+        job.pending.clear()
+        if job.parsed is not None:
+            return self._verify_all(job)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._verify_all, job)
+
+    def _verify_all(self, job: _Job) -> list[DkimSignature]:
+        keys = job.keys
 
         def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            return lowered.get(_text(name).lower().rstrip("."))
+            return keys.get(_text(name).lower().rstrip("."))
 
         out = []
-        d = dkim.DKIM(message)
-        for idx, prep in enumerate(preps):
+        d = job.parsed or dkim.DKIM(job.message, logger=_DKIMPY_LOG)
+        for idx, prep in enumerate(job.preps):
             if isinstance(prep, str):
                 out.append(DkimSignature("", "", "", "permerror", prep.split(": ", 1)[1]))
                 continue
-            domain, selector = _text(prep.get(b"d")).lower(), _text(prep.get(b"s"))
-            algo = _text(prep.get(b"a"))
-            length = int(prep[b"l"]) if prep.get(b"l", b"").isdigit() else None
-            b = _text(prep.get(b"b")).replace(" ", "")
-            keyname = f"{selector}._domainkey.{domain}"
-            if keyname in failed:
-                result, reason = "temperror", failed[keyname]
+            sig = prep[0]
+            domain, selector = _text(sig.get(b"d")).lower(), _text(sig.get(b"s"))
+            algo = _text(sig.get(b"a"))
+            length = int(sig[b"l"]) if sig.get(b"l", b"").isdigit() else None
+            b = _text(sig.get(b"b")).replace(" ", "")
+            keyname = f"{selector}._domainkey.{domain}".lower()
+            if keyname in job.failed:
+                result, reason = "temperror", job.failed[keyname]
             else:
-                result, reason = self._verify_one(d, idx, keyname, lowered.get(keyname), dnsfunc)
+                result, reason = self._verify_one(d, idx, prep, keyname, keys.get(keyname), dnsfunc)
             out.append(DkimSignature(domain, selector, algo, result, reason[:200], length, b))
         return out
 
     def _verify_one(
-        self, d: Any, idx: int, keyname: str, record: bytes | None, dnsfunc: Any
+        self, d: Any, idx: int, prep: Any, keyname: str, record: bytes | None, dnsfunc: Any
     ) -> tuple[str, str]:
         """(result, reason) for one signature, per RFC 6376 6.1 and RFC 8601 2.7.1.
 
@@ -167,7 +207,7 @@ class DkimCheck(OffLoopCheck):
             except Exception as e:
                 return "permerror", f"bad key: {e}"
             return _outcome(lambda: d.verify(idx=idx, dnsfunc=dnsfunc))
-        return _outcome(lambda: dkimrsa.verify(d, idx, key))
+        return _outcome(lambda: dkimrsa.verify(d, idx, prep, key))
 
 
 _REVOKED = re.compile(rb"(?:^|;)\s*p\s*=\s*(?:;|$)")

@@ -111,12 +111,12 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
     return RsaKey(public, public.key_size, service == b"tlsrpt")
 
 
-def verify(d: Any, idx: int, key: RsaKey) -> bool:
+def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:
     """Verify signature `idx` of dkim.DKIM `d` with `key`: dkimpy's verify_sig_process,
-    RSA by OpenSSL. Raises the dkimpy exception dkimpy would for the same input."""
-    prep = d.verify_headerprep(idx)
-    if not prep:
-        return False
+    RSA by OpenSSL. Raises the dkimpy exception dkimpy would for the same input.
+
+    `prep` is what `d.verify_headerprep(idx)` returned (parsed once by the caller).
+    """
     sig, include_headers, sigheaders = prep
     if key.tlsrpt:
         raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
@@ -137,7 +137,7 @@ def verify(d: Any, idx: int, key: RsaKey) -> bool:
         raise dkim.ValidationError(f"body hash mismatch (expected {sig[b'bh']!r})")
 
     if b"from" in include_headers:  # dkimpy's bug#644046 guard: extra From fields count
-        include_headers.append(b"from")
+        include_headers = [*include_headers, b"from"]
     h = hasher()
     headers = canon.canonicalize_headers(d.headers)
     dkim.hash_headers(h, canon, headers, include_headers, sigheaders[idx], sig)

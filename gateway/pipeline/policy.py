@@ -7,6 +7,7 @@ Unknown keys and unknown symbols are errors naming the key, so a typo in
 
 from __future__ import annotations
 
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -227,9 +228,13 @@ class Policy(_Strict):
         """The policy file and the table files it reads (what a reload re-reads)."""
         return list(self._files)
 
-    @property
+    @cached_property
     def rewriter(self) -> Rewriter:
-        """The rewrite tables, built (and their files read) when the policy is loaded."""
+        """The rewrite tables, built (and their files read) when the policy is loaded.
+
+        Cached in the instance: a pydantic private attribute costs a __getattr__
+        fallback per read, and this is read on every MAIL and RCPT.
+        """
         if self._rewriter is None:
             self._rewriter = Rewriter(self.rewrite, Path("."))
         return self._rewriter

@@ -44,10 +44,19 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
     for shape in ("small", "large", "persistent"):
         for mode in ("direct", "proxy", "policy"):
             assert (shape, mode) in seen
+    sizes = {"small": 4096, "large": 102400, "persistent": 4096}
     for row in res["throughput"]:
         assert row["rate"] > 0 and row["ratio"] > 0
         if row["mode"] != "direct":
             assert row["cpu_ms"] > 0 and row["peak_mb"] > 0
+            # What went through is what the bench claims: every message, of the
+            # shape's size (plus our Received/Authentication-Results headers), and
+            # DKIM-signed so that the policy modes really verify a signature.
+            for run in row["delivered"]:
+                assert run["messages"] == row["messages"]
+                assert sizes[row["shape"]] <= run["avg_bytes"] < sizes[row["shape"]] * 1.2
+                if row["mode"] == "policy":
+                    assert run["dkim_pass"] == 1.0
     assert res["latency"]["gateway"]["p99"] >= res["latency"]["gateway"]["p50"] > 0
     assert res["idle"]["sessions"] == 300 and res["idle"]["rss_after_mb"] > 0
     assert {c["check"] for c in res["checks"]} >= {"relay"}

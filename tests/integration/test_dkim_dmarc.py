@@ -13,7 +13,7 @@ import authres.dmarc
 import pytest
 
 from gateway import config
-from gateway.checks.dkim import DkimCheck, aggregate
+from gateway.checks.dkim import OFFLOOP_BYTES, DkimCheck, aggregate
 from gateway.checks.dmarc import DmarcCheck, from_domains, parse_record
 from gateway.dns import Resolver
 from tests.support.dkimkeys import ed25519_key, rsa_key, sign
@@ -108,6 +108,28 @@ def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
     sigs = verify(dns, bad_sig + good)
     assert sorted(s.result for s in sigs) == ["fail", "pass"]
     assert aggregate(sigs) == "pass"
+
+
+def test_dkim_cached_key_small_and_large_messages(dns: DnsServer) -> None:
+    """Every path: key fetched, key from cache (synchronous), and a message over
+    OFFLOOP_BYTES verified in the worker thread; all agree on pass and fail."""
+    big = MSG + b"x" * 70 * 5000 + b"\r\n"  # ~350 KB, over the 256 KiB threshold
+    assert len(big) > OFFLOOP_BYTES
+
+    async def go() -> list[str]:
+        check = DkimCheck(resolver(dns))
+        results = []
+        try:
+            for m in (MSG, MSG, big):  # 2nd: key in the cache
+                signed = sign(m, RSA, "signed.test", "rsa")
+                for msg in (signed, signed.replace(b"Bob.", b"Eve.")):
+                    [s] = await check.verify(msg)
+                    results.append(s.result)
+        finally:
+            check.close()
+        return results
+
+    assert asyncio.run(go()) == ["pass", "fail"] * 3
 
 
 def test_dkim_body_length_reported(dns: DnsServer) -> None:

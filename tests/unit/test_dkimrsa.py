@@ -45,6 +45,11 @@ def _outcome(fn: Callable[[], bool]) -> str:
         return type(e).__name__
 
 
+def _ours(message: bytes, key: dkimrsa.RsaKey) -> bool:
+    d = dkim.DKIM(message)
+    return dkimrsa.verify(d, 0, d.verify_headerprep(0), key)
+
+
 def _both(message: bytes, record: bytes) -> tuple[str, str]:
     """(dkimpy's outcome, ours) for signature 0 of `message` under key `record`."""
 
@@ -56,7 +61,7 @@ def _both(message: bytes, record: bytes) -> tuple[str, str]:
     def ours_fn() -> bool:
         key = dkimrsa.KeyCache().get("s1._domainkey.example.test", record)
         assert key is not None
-        return dkimrsa.verify(dkim.DKIM(message), 0, key)
+        return _ours(message, key)
 
     ours = _outcome(ours_fn)
     return theirs, ours
@@ -176,7 +181,7 @@ def test_small_key_is_a_key_format_error_after_a_good_signature(
     key = dkimrsa.KeyCache().get("s1", record)
     assert key is not None and key.bits == 1024
     with pytest.raises(dkim.KeyFormatError, match="too small"):
-        dkimrsa.verify(dkim.DKIM(message), 0, key)
+        _ours(message, key)
     # dkimpy with the same floor: the same verdict
     with pytest.raises(dkim.KeyFormatError, match="too small"):
         dkim.DKIM(message, minkey=2048).verify(dnsfunc=lambda n, timeout=5: record)
