@@ -10,6 +10,7 @@ forwarders) when their chain vouches for a message DMARC would refuse.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any, ClassVar
 
 import dkim
@@ -32,9 +33,19 @@ class ArcCheck(OffLoopCheck):
     def __init__(self, resolver: Resolver, *, threads: int = 2) -> None:
         super().__init__(resolver, threads=threads, name="arc")
 
-    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Synchronous for the common unsealed message: no task, no timer, no thread."""
         message = ctx.message or b""
-        result, sealer, why = await self.verify(message)
+        if not _sealed(message):
+            return self._record(ctx, ("none", None, ""))
+        return self._run_async(ctx, message)
+
+    async def _run_async(self, ctx: Context, message: bytes) -> tuple[str, ...]:
+        return self._record(ctx, await self.verify(message))
+
+    @staticmethod
+    def _record(ctx: Context, verdict: tuple[str, str | None, str]) -> tuple[str, ...]:
+        result, sealer, why = verdict
         ctx.arc_result, ctx.arc_sealer = result, sealer
         props = {"header.oldest-pass": "0"} if result == "pass" else {}
         ctx.auth.append(AuthResult("arc", result, props, why))
@@ -42,8 +53,7 @@ class ArcCheck(OffLoopCheck):
 
     async def verify(self, message: bytes) -> tuple[str, str | None, str]:
         """(chain status, domain of the newest seal, reason); the tested entry point."""
-        head = header_section(message).lower()
-        if b"arc-seal:" not in head:
+        if not _sealed(message):
             return "none", None, ""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._verify, message, loop)
@@ -69,3 +79,7 @@ class ArcCheck(OffLoopCheck):
             d = newest.get("as-domain")
             sealer = (d.decode() if isinstance(d, bytes) else str(d or "")).lower() or None
         return status if status in RESULTS else "fail", sealer, str(why or "")[:200]
+
+
+def _sealed(message: bytes) -> bool:
+    return b"arc-seal:" in header_section(message).lower()

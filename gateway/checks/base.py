@@ -26,6 +26,17 @@ class Check(Protocol):
         ...
 
 
+def active_stages(check: Check) -> frozenset[Stage]:
+    """The stages where `check`, as configured now, has anything to do.
+
+    A check may define `active_stages()` (after `configure`): a rate limiter with
+    no limits or a DNSBL with no zones then costs nothing per message, not even
+    the runner's bookkeeping around a call that would return no symbols.
+    """
+    own = getattr(check, "active_stages", None)
+    return check.stages if own is None else frozenset(own()) & check.stages
+
+
 class OffLoopCheck:
     """Base for checks that run a synchronous library (pyspf, dkimpy) off the event
     loop: a small bounded thread pool of their own, and our shared resolver."""

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from gateway import config, metrics
-from gateway.dns import DnsStatus, Resolver
+from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.pipeline.stage import Context, Stage
 
 log = logging.getLogger("gateway.dnsbl")
@@ -66,6 +66,10 @@ def code_matches(code: str, filters: list[str]) -> bool:
     return False
 
 
+# The stage at which each zone type is asked.
+_STAGE_KIND = {Stage.CONNECT: "ip", Stage.HELO: "helo", Stage.MAIL: "mail_from"}
+
+
 class DnsblCheck:
     name: ClassVar[str] = "dnsbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT, Stage.HELO, Stage.MAIL})
@@ -77,6 +81,7 @@ class DnsblCheck:
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.zones: list[ZoneState] = []
+        self.has_allow = False
         self.threshold = 1.0
         self.deadline = 2.0
         self.allowed_network: Callable[[str], bool] = config.network_matcher([])
@@ -89,8 +94,16 @@ class DnsblCheck:
         self.threshold = options.threshold
         self.deadline = options.deadline
         self.allowed_network = config.network_matcher(options.allow_networks)
+        self.has_allow = bool(options.allow_networks)
         for z in self.zones:
             metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if z.healthy else 0)
+
+    def active_stages(self) -> set[Stage]:
+        kinds = {z.cfg.type for z in self.zones}
+        out = {s for s, k in _STAGE_KIND.items() if k in kinds}
+        if self.has_allow:
+            out.add(Stage.CONNECT)
+        return out
 
     # -- per message -------------------------------------------------------------
     def _queries(self, stage: Stage, ctx: Context) -> list[tuple[ZoneState, str]]:
@@ -112,14 +125,64 @@ class DnsblCheck:
                 out.append((z, f"{ctx.mail_from.domain}.{z.cfg.zone}"))
         return out
 
-    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Synchronous when every answer is in the DNS cache (a returning client)."""
         if stage is Stage.CONNECT and self.allowed_network(ctx.client_ip):
             ctx.allowlisted = True
             return ("dnsbl.allowed",)
         queries = self._queries(stage, ctx)
         if not queries:
             return ()
+        answers = [self.resolver.peek(name, "A") for _z, name in queries]
+        if any(a is None for a in answers):
+            return self._run_async(stage, ctx, queries)
+        results: list[tuple[str, str]] = []
+        for (z, name), ans in zip(queries, answers, strict=True):
+            assert ans is not None
+            status, reason = self._classify(z, ans)
+            if self._wants_txt(z, status):
+                txt = self.resolver.peek(name, "TXT")
+                if txt is None:  # the listing's reason is not cached: ask, then score
+                    return self._with_reasons(stage, ctx, queries, results, name)
+                reason = _reason(txt)
+            results.append((status, reason))
+        return self._score(stage, ctx, queries, results)
+
+    async def _run_async(
+        self, stage: Stage, ctx: Context, queries: list[tuple[ZoneState, str]]
+    ) -> tuple[str, ...]:
         results = await asyncio.gather(*(self._lookup(z, name) for z, name in queries))
+        return self._score(stage, ctx, queries, list(results))
+
+    async def _with_reasons(
+        self,
+        stage: Stage,
+        ctx: Context,
+        queries: list[tuple[ZoneState, str]],
+        done: list[tuple[str, str]],
+        name: str,
+    ) -> tuple[str, ...]:
+        """The sync path met a listing (`name`, the next query) whose TXT reason is
+        not cached: the queries before it are in `done`; finish the rest here."""
+        done.append(("listed", _reason(await self.resolver.query(name, "TXT"))))
+        for z2, name2 in queries[len(done) :]:
+            ans = self.resolver.peek(name2, "A")
+            if ans is None:
+                done.append(await self._lookup(z2, name2))
+                continue
+            status, reason = self._classify(z2, ans)
+            if self._wants_txt(z2, status):
+                reason = _reason(await self.resolver.query(name2, "TXT"))
+            done.append((status, reason))
+        return self._score(stage, ctx, queries, done)
+
+    def _score(
+        self,
+        stage: Stage,
+        ctx: Context,
+        queries: list[tuple[ZoneState, str]],
+        results: list[tuple[str, str]],
+    ) -> tuple[str, ...]:
         symbols: list[str] = []
         stage_score = 0.0
         for (z, _name), (status, reason) in zip(queries, results, strict=True):
@@ -145,6 +208,10 @@ class DnsblCheck:
             symbols.insert(0, "dnsbl.allowed")
         return tuple(symbols)
 
+    @staticmethod
+    def _wants_txt(z: ZoneState, status: str) -> bool:
+        return status == "listed" and z.cfg.use_txt and not z.cfg.reply_text
+
     async def _lookup(self, z: ZoneState, name: str) -> tuple[str, str]:
         """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why)."""
         try:
@@ -153,6 +220,13 @@ class DnsblCheck:
         except TimeoutError:
             metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
             return "timeout", ""
+        status, reason = self._classify(z, ans)
+        if self._wants_txt(z, status):
+            reason = _reason(await self.resolver.query(name, "TXT"))
+        return status, reason
+
+    def _classify(self, z: ZoneState, ans: DnsAnswer) -> tuple[str, str]:
+        """An A answer's meaning for zone z, counted once in the lookup metric."""
         if ans.temporary:
             metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, ans.status.value).inc()
             return "timeout", ""
@@ -176,12 +250,7 @@ class DnsblCheck:
             metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "clean").inc()
             return "clean", ""
         metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "listed").inc()
-        reason = ""
-        if z.cfg.use_txt and not z.cfg.reply_text:
-            txt = await self.resolver.query(name, "TXT")
-            if txt.status is DnsStatus.OK and txt.records:
-                reason = b"".join(txt.records[0]).decode("utf-8", "replace")[:200]
-        return "listed", reason
+        return "listed", ""
 
     # -- health ---------------------------------------------------------------------
     async def health_check(self) -> dict[str, bool]:
@@ -217,3 +286,10 @@ class DnsblCheck:
 
     def health(self) -> dict[str, bool]:
         return {z.cfg.name: z.healthy for z in self.zones}
+
+
+def _reason(txt: DnsAnswer) -> str:
+    """A listing's TXT record as reply text (RFC 5782 2.1), bounded."""
+    if txt.status is DnsStatus.OK and txt.records:
+        return b"".join(txt.records[0]).decode("utf-8", "replace")[:200]
+    return ""

@@ -138,6 +138,12 @@ class RateLimitCheck:
             for c in options.concurrency
         ]
 
+    def active_stages(self) -> set[Stage]:
+        out = {lim.stage for lim in self.limits}
+        if self.concurrency:
+            out.add(Stage.CONNECT)
+        return out
+
     def _plan(
         self, stage: Stage, ctx: Context
     ) -> tuple[list[tuple[str, _Concurrency]], list[GcraOp], list[str]]:

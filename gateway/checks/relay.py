@@ -26,6 +26,9 @@ class DomainMatcher:
         self._exact = frozenset(d for d in domains if not d.startswith("*."))
         self._suffixes = tuple(d[1:] for d in domains if d.startswith("*."))
 
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._suffixes)
+
     def __contains__(self, domain: object) -> bool:
         if not isinstance(domain, str):
             return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable
 from typing import Any, ClassVar
 
 import spf
@@ -60,7 +61,8 @@ class SpfCheck(OffLoopCheck):
         self.timeout = options.timeout
         self.cache_ttl = options.result_cache_ttl
 
-    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Synchronous for a repeat sender whose verdict is cached: no task, no timer."""
         helo = ctx.helo or ""
         sender = ctx.mail_from
         if sender is None:
@@ -71,20 +73,41 @@ class SpfCheck(OffLoopCheck):
         else:
             scope, identity = "mailfrom", str(sender)
             domain = sender.domain
-        result, why = await self.evaluate(ctx.client_ip, identity, helo)
+        hit = self._cached(ctx.client_ip, identity, helo)
+        if hit is not None:
+            return self._record(ctx, scope, domain, helo, hit)
+        return self._run_async(ctx, scope, domain, identity, helo)
+
+    async def _run_async(
+        self, ctx: Context, scope: str, domain: str, identity: str, helo: str
+    ) -> tuple[str, ...]:
+        verdict = await self.evaluate(ctx.client_ip, identity, helo)
+        return self._record(ctx, scope, domain, helo, verdict)
+
+    @staticmethod
+    def _record(
+        ctx: Context, scope: str, domain: str, helo: str, verdict: tuple[str, str]
+    ) -> tuple[str, ...]:
+        result, why = verdict
         prop = {"smtp.mailfrom": domain} if scope == "mailfrom" else {"smtp.helo": helo}
         ctx.auth.append(AuthResult("spf", result, prop, why))
         ctx.spf_domain = domain
         ctx.spf_result = result
         return (f"spf.{result}",)
 
+    def _cached(self, ip: str, identity: str, helo: str) -> tuple[str, str] | None:
+        hit = self._cache.get((ip, identity.lower(), helo.lower()))
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1], hit[2]
+        return None
+
     async def evaluate(self, ip: str, identity: str, helo: str) -> tuple[str, str]:
         """(result, explanation) for one identity; the entry point the RFC suite tests."""
+        hit = self._cached(ip, identity, helo)
+        if hit is not None:
+            return hit
         key = (ip, identity.lower(), helo.lower())
-        hit = self._cache.get(key)
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
         loop = asyncio.get_running_loop()
         result, why = await loop.run_in_executor(self.pool, self._check, ip, identity, helo, loop)
         if result != "temperror" and self.cache_ttl > 0:

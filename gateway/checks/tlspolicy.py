@@ -28,11 +28,21 @@ class TlsPolicyCheck:
         self.from_domains = DomainMatcher([])
         self.to_domains = DomainMatcher([])
         self.in_networks: Callable[[str], bool] = network_matcher([])
+        self.has_networks = False
 
     def configure(self, options: Any) -> None:
         self.from_domains = DomainMatcher([d.lower() for d in options.require_tls_from])
         self.to_domains = DomainMatcher([d.lower() for d in options.require_tls_to])
         self.in_networks = network_matcher(options.require_tls_networks)
+        self.has_networks = bool(options.require_tls_networks)
+
+    def active_stages(self) -> set[Stage]:
+        out = set()
+        if self.from_domains or self.has_networks:
+            out.add(Stage.MAIL)
+        if self.to_domains:
+            out.add(Stage.RCPT)
+        return out
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
         if ctx.tls_version is not None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from gateway import metrics
-from gateway.checks.base import Check
+from gateway.checks.base import Check, active_stages
 from gateway.pipeline.policy import Policy
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import ACCEPT, Verdict, combine
@@ -33,11 +33,16 @@ class Runner:
             configure = getattr(c, "configure", None)
             if opts is not None and configure is not None:
                 configure(opts)
-        self._by_stage = {s: [c for c in active if s in c.stages] for s in Stage}
+        stages = {c.name: active_stages(c) for c in active}
+        self._by_stage = {s: [c for c in active if s in stages[c.name]] for s in Stage}
         self.policy = policy
 
     def has_checks(self, stage: Stage) -> bool:
         return bool(self._by_stage[stage])
+
+    def check_names(self, stage: Stage) -> list[str]:
+        """The checks that run at `stage` under the current policy, in order."""
+        return [c.name for c in self._by_stage[stage]]
 
     async def run(self, stage: Stage, ctx: Context) -> Verdict:
         checks = self._by_stage[stage]

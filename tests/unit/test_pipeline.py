@@ -140,3 +140,42 @@ def test_loading_the_config_does_not_import_prometheus_client(tmp_path: Path) ->
     )
     out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_checks_with_nothing_configured_are_not_run() -> None:
+    """A rate limiter without limits, a DNSBL without zones, a TLS policy without
+    domains: no stage runs them. Configured, each runs only where it acts."""
+    from gateway import config
+    from gateway.checks.dnsbl import DnsblCheck
+    from gateway.checks.ratelimit import RateLimitCheck
+    from gateway.checks.tlspolicy import TlsPolicyCheck
+    from gateway.dns import Resolver
+    from gateway.store.memory import MemoryStore
+
+    store = MemoryStore()
+    checks = [
+        DnsblCheck(Resolver(config.Dns(nameservers=["127.0.0.1:9"]))),
+        TlsPolicyCheck(),
+        RateLimitCheck(store),
+    ]
+    bare = Policy()
+    r = Runner(checks, bare)
+    assert not any(r.has_checks(s) for s in Stage)
+
+    configured = Policy.model_validate(
+        {
+            "checks": {
+                "dnsbl": {"zones": [{"name": "h", "zone": "h.test", "type": "helo"}]},
+                "tls": {"require_tls_to": ["secure.test"]},
+                "ratelimit": {"limits": [{"name": "m", "key": "client_ip", "rate": "5/minute"}]},
+            }
+        }
+    )
+    r.swap_policy(configured)
+    ran = {s: r.check_names(s) for s in Stage}
+    assert ran[Stage.CONNECT] == []
+    assert ran[Stage.HELO] == ["dnsbl"]
+    assert ran[Stage.MAIL] == ["ratelimit"]
+    assert ran[Stage.RCPT] == ["tls"]
+    r.swap_policy(bare)  # and back: a reload that removes them removes the cost
+    assert not any(r.has_checks(s) for s in Stage)
