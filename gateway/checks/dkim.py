@@ -11,7 +11,6 @@ worker thread, so hashing a big message never holds the loop.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -53,10 +52,11 @@ class DkimSignature:
 class _Job:
     """A message's signatures between parsing and verification."""
 
-    __slots__ = ("failed", "keys", "message", "parsed", "pending", "preps")
+    __slots__ = ("crlf_clean", "failed", "keys", "message", "parsed", "pending", "preps")
 
-    def __init__(self, message: bytes, parsed: Any) -> None:
+    def __init__(self, message: bytes, parsed: Any, crlf_clean: bool) -> None:
         self.message = message
+        self.crlf_clean = crlf_clean
         self.parsed = parsed  # the whole message parsed (small ones), else None
         self.preps: list[Any] = []  # dkimpy's verify_headerprep() per signature, or an error
         self.pending: set[str] = set()  # key names not in the DNS cache yet
@@ -70,9 +70,6 @@ class _Job:
             self.keys[name] = None  # no key: permerror
         else:
             self.keys[name] = b"".join(ans.records[0])
-
-
-_DKIMPY_LOG = logging.getLogger("dkimpy")
 
 
 def _text(v: Any) -> str:
@@ -99,7 +96,8 @@ class DkimCheck(OffLoopCheck):
         message = ctx.message
         if not message:
             return ("dkim.none",)
-        job = self._prepare(message)
+        # The handler's DATA reader makes every line end CRLF (check_wire).
+        job = self._prepare(message, crlf_clean=True)
         if isinstance(job, list):
             return self._record(ctx, job)
         return self._finish(ctx, job)
@@ -114,22 +112,22 @@ class DkimCheck(OffLoopCheck):
             ctx.auth.append(AuthResult("dkim", "none"))  # RFC 8601 2.7.1: not signed
         return (f"dkim.{aggregate(sigs)}",)
 
-    async def verify(self, message: bytes) -> list[DkimSignature]:
+    async def verify(self, message: bytes, *, crlf_clean: bool = False) -> list[DkimSignature]:
         """One result per DKIM-Signature (up to max_signatures); the tested entry point."""
-        job = self._prepare(message)
+        job = self._prepare(message, crlf_clean=crlf_clean)
         return job if isinstance(job, list) else await self._complete(job)
 
-    def _prepare(self, message: bytes) -> list[DkimSignature] | _Job:
+    def _prepare(self, message: bytes, *, crlf_clean: bool) -> list[DkimSignature] | _Job:
         """Parse the signatures and take their keys from the DNS cache; the result
         when that is all it takes, else the job that still needs DNS or a thread."""
         small = len(message) <= OFFLOOP_BYTES
         # A large message: only its header section is parsed on the loop.
-        d = dkim.DKIM(message if small else header_section(message), logger=_DKIMPY_LOG)
+        d = dkimrsa.parse(message if small else header_section(message), crlf_clean=crlf_clean)
         count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
         count = min(count, self.max_signatures)
         if count == 0:
             return []
-        job = _Job(message, d if small else None)
+        job = _Job(message, d if small else None, crlf_clean)
         for idx in range(count):
             try:
                 prep = d.verify_headerprep(idx)
@@ -167,7 +165,7 @@ class DkimCheck(OffLoopCheck):
             return keys.get(_text(name).lower().rstrip("."))
 
         out = []
-        d = job.parsed or dkim.DKIM(job.message, logger=_DKIMPY_LOG)
+        d = job.parsed or dkimrsa.parse(job.message, crlf_clean=job.crlf_clean)
         for idx, prep in enumerate(job.preps):
             if isinstance(prep, str):
                 out.append(DkimSignature("", "", "", "permerror", prep.split(": ", 1)[1]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -109,6 +110,29 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
         raise dkim.KeyFormatError("k=rsa but p= is not an RSA key")
     service = tags.get(b"s", b"*")
     return RsaKey(public, public.key_size, service == b"tlsrpt")
+
+
+LOG = logging.getLogger("dkimpy")  # passed in: dkimpy looks its logger up per object
+
+
+def parse(message: bytes, *, crlf_clean: bool) -> Any:
+    """dkim.DKIM for `message`, parsed as dkimpy would.
+
+    dkimpy splits the whole message into lines with a regex and joins the body
+    back (1 ms per 100 KB). When every line end is CRLF (the gateway guarantees
+    it for what it received: bare CR/LF is refused or normalised first), the
+    same result is the header section parsed by dkimpy plus the rest as it is.
+    """
+    if not crlf_clean or not message:
+        return dkim.DKIM(message, logger=LOG)
+    if message.startswith(b"\r\n"):  # no header fields: the body starts at once
+        end = 2
+    else:
+        end = message.find(b"\r\n\r\n")
+        end = len(message) if end < 0 else end + 4
+    d = dkim.DKIM(message[:end], logger=LOG)
+    d.body = message[end:]
+    return d
 
 
 def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:

@@ -220,3 +220,23 @@ def test_ed25519_is_left_to_dkimpy_and_cache_is_bounded() -> None:
     got = [cache.get("k", k.dns.encode()) for k in keys]
     assert all(g is not None for g in got)
     assert len(cache) == 2
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        MSG,
+        b"From: a@b.test\r\nSubject: no body\r\n",  # no blank line: all header
+        b"From: a@b.test\r\n\r\n",  # empty body
+        b"\r\nbody only\r\n\r\nmore\r\n",  # no header fields
+        b"From: a@b.test\r\n folded\r\nX: y\r\n\r\n\r\n\r\nbody\r\n\r\n\r\n",
+        b"From: a@b.test\r\n\r\nline\r\n.\r\n\rx\r\n",
+        b"",
+    ],
+)
+def test_fast_parse_of_crlf_messages_equals_dkimpys(message: bytes) -> None:
+    ours = dkimrsa.parse(message, crlf_clean=True)
+    theirs = dkim.DKIM(message)
+    assert (ours.headers, ours.body) == (theirs.headers, theirs.body)
+    slow = dkimrsa.parse(message, crlf_clean=False)  # anything else: dkimpy's own parse
+    assert (slow.headers, slow.body) == (theirs.headers, theirs.body)
