@@ -20,7 +20,8 @@ _FAST = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
     r"@([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>"
 )
-_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _LABEL = re.compile(
     r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?$"
 )
@@ -71,9 +72,8 @@ def quote_local(local: str) -> str:
 
 
 def _is_dot_atom(s: str) -> bool:
-    if not s or s.startswith(".") or s.endswith(".") or ".." in s:
-        return False
-    return all(c in _ATEXT or c == "." or ord(c) > 127 for c in s)
+    """RFC 5321 Dot-string (atext, and any non-ASCII for SMTPUTF8 / RFC 6531)."""
+    return _DOT_ATOM.fullmatch(s) is not None
 
 
 def split_path(arg: str) -> tuple[str, str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
 import ssl
 import time
 
@@ -63,8 +65,13 @@ class SmtpReply:
         return f"{self.code} {' / '.join(self.lines)}"
 
 
+_XCHAR = re.compile(r"[!-*,-<>-~]*")  # xchar: 33-126 except "+" and "="
+
+
 def xtext(value: str) -> str:
     """RFC 3461 xtext, as XCLIENT/XFORWARD attribute values require."""
+    if _XCHAR.fullmatch(value):
+        return value  # nearly always: addresses and host names
     out = []
     for ch in value.encode("utf-8", "surrogateescape"):
         if 33 <= ch <= 126 and ch not in (43, 61):
@@ -72,6 +79,15 @@ def xtext(value: str) -> str:
         else:
             out.append(f"+{ch:02X}")
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _xforward_line(offered_text: str, attrs: tuple[tuple[str, str], ...]) -> str | None:
+    """The XFORWARD command for the attributes the backend offers; cached, since a
+    client's attributes repeat for each of its transactions."""
+    offered = set(offered_text.upper().split())
+    args = " ".join(f"{k}={xtext(v)}" for k, v in attrs if k in offered)
+    return f"XFORWARD {args}" if args else None
 
 
 class SmtpClient:
@@ -271,9 +287,7 @@ class SmtpClient:
         return [await self._timed(name) for name, _ in commands]
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
-        offered = set(self.extensions.get("XFORWARD", "").upper().split())
-        args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
-        return f"XFORWARD {args}" if args else None
+        return _xforward_line(self.extensions.get("XFORWARD", ""), tuple(attrs.items()))
 
     async def mail(
         self, sender: str, params: list[str], xforward: dict[str, str] | None = None

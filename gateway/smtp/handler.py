@@ -159,7 +159,7 @@ class Session:
         self.out.append(data)
 
     def relay(self, reply: SmtpReply) -> None:
-        self.out.append(replies.from_backend(reply.code, reply.lines).wire())
+        self.out.append(replies.backend_wire(reply.code, tuple(reply.lines)))
 
     def flush(self) -> None:
         if self.out:

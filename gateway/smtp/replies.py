@@ -10,6 +10,7 @@ Each entry's key doubles as the closed-set `reason` label in metrics and logs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -244,6 +245,12 @@ def for_backend_error(error: Exception) -> Reply:
 def from_backend(code: int, lines: list[str]) -> Reply:
     """A backend reply relayed verbatim (its own enhanced code stays in the text)."""
     return Reply(code, "", "\n".join(lines) if lines else "", "backend")
+
+
+@functools.lru_cache(maxsize=1024)
+def backend_wire(code: int, lines: tuple[str, ...]) -> bytes:
+    """from_backend(code, lines).wire(), cached: a backend repeats a few replies."""
+    return from_backend(code, list(lines)).wire()
 
 
 def _name_reasons() -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import string
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.address import NULL, Address, AddressError, parse_path, split_path
 from gateway.checks.relay import RelayCheck, relay_trick
@@ -94,3 +98,33 @@ def test_local_domain_wildcards() -> None:
     assert not check.is_local(parse_path("<a@corp.test>"))
     assert not check.is_local(parse_path("<a@evilcorp.test>"))
     assert not check.is_local(parse_path("<a@example.test.>"))
+
+
+_ATEXT_REF = set(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
+
+
+def _dot_atom_ref(s: str) -> bool:
+    """RFC 5321 Dot-string, spelled out (the reference for the compiled pattern)."""
+    if not s or s.startswith(".") or s.endswith(".") or ".." in s:
+        return False
+    return all(c in _ATEXT_REF or c == "." or ord(c) > 127 for c in s)
+
+
+@settings(max_examples=2000, derandomize=True)
+@given(st.text(alphabet=st.sampled_from(list('aZ9.!+=-"\\ @()<>[]:;,é\x7f\x00\t')), max_size=12))
+def test_dot_atom_pattern_matches_the_rfc_definition(s: str) -> None:
+    from gateway.address import _is_dot_atom
+
+    assert _is_dot_atom(s) == _dot_atom_ref(s)
+
+
+@settings(max_examples=2000, derandomize=True)
+@given(st.text(max_size=12))
+def test_xtext_fast_path_matches_the_rfc_definition(s: str) -> None:
+    from gateway.forward.client import xtext
+
+    ref = "".join(
+        chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"
+        for b in s.encode("utf-8", "surrogateescape")
+    )
+    assert xtext(s) == ref
