@@ -11,6 +11,8 @@ from typing import Any
 import authres
 import authres.dmarc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import config
 from gateway.checks.dkim import OFFLOOP_BYTES, DkimCheck, aggregate
@@ -374,3 +376,54 @@ def test_quarantine_mailbox_refused_is_a_tempfail_never_a_reject(
         code, msg = s.data(MSG.replace(b"alice@signed.test", b"alice@q.test"))
     assert (code, msg[:5]) == (451, b"4.3.0")
     assert be.messages() == []
+
+
+@settings(max_examples=3000, derandomize=True)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"From: a@x.test",
+                b"from:b@y.test",
+                b"FROM :c@z.test",
+                b"From: <d@w.test>,",
+                b" e@v.test",
+                b"\tfolded",
+                b"To: t@x.test",
+                b"From a@mbox.test",
+                b":nameless",
+                b"Subject: hi",
+                b"",
+                b"From:",
+                b'From: "q@t" <f@u.test>',
+                b"X: \xc3\xa9",
+                b"bare\nlf",
+                b"From: g@s.test\r",
+            ]
+        ),
+        max_size=6,
+    )
+)
+def test_from_fields_fast_scan_agrees_with_the_email_parser(lines: list[bytes]) -> None:
+    """The plain-header scan returns what the email package's parser does, or
+    defers to it; DMARC's idea of the From domain must not depend on which ran."""
+    from email import policy as email_policy
+    from email.parser import BytesHeaderParser
+
+    from gateway.checks.dmarc import _plain_from_fields
+    from gateway.headers import header_section
+
+    head = header_section(b"\r\n".join(lines) + b"\r\n\r\nbody\r\n")
+    fast = _plain_from_fields(head)
+    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    if fast is not None:
+        assert fast == [str(v) for v in parsed.get_all("From") or []]
+
+
+def test_from_fields_fast_scan_takes_plain_headers() -> None:
+    from gateway.checks.dmarc import _plain_from_fields
+
+    assert _plain_from_fields(MSG) == ["Alice <alice@signed.test>"]
+    folded = b"From: Alice\r\n <alice@signed.test>\r\nTo: b@x.test\r\n\r\n"
+    assert _plain_from_fields(folded) == ["Alice\r\n <alice@signed.test>"]
+    assert _plain_from_fields(b"From: \xc3\xa9 <a@b.test>\r\n\r\n") is None  # parser decides

@@ -15,6 +15,8 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.checks import dkimrsa
 from tests.support.dkimkeys import Key, ed25519_key, rsa_key
@@ -240,3 +242,38 @@ def test_fast_parse_of_crlf_messages_equals_dkimpys(message: bytes) -> None:
     assert (ours.headers, ours.body) == (theirs.headers, theirs.body)
     slow = dkimrsa.parse(message, crlf_clean=False)  # anything else: dkimpy's own parse
     assert (slow.headers, slow.body) == (theirs.headers, theirs.body)
+
+
+@settings(max_examples=3000, derandomize=True)
+@given(st.binary(max_size=40).map(lambda b: bytes(b"ab=; \t\r\nhAZ9+/|:"[x % 16] for x in b)))
+def test_b_tag_stripping_matches_dkimpys_pattern(value: bytes) -> None:
+    for v in (value, b" v=1; b=" + value, b"a=rsa; b=" + value + b"\r\n"):
+        assert dkimrsa.strip_b(v) == dkim.RE_BTAG.sub(b"\\1", v)
+
+
+@settings(max_examples=500, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"From", b"from", b"To", b"Subject", b"X-A"]),
+            st.binary(max_size=20).map(lambda b: bytes(b" \tab\r\n:"[x % 7] for x in b)),
+        ),
+        max_size=6,
+    ),
+    st.lists(st.sampled_from([b"from", b"to", b"subject", b"x-b"]), max_size=5),
+    st.booleans(),
+)
+def test_header_hash_matches_dkimpys(
+    headers: list[tuple[bytes, bytes]], include: list[bytes], relaxed: bool
+) -> None:
+    import hashlib
+
+    from dkim.canonicalization import CanonicalizationPolicy
+
+    sigheader = (b"DKIM-Signature", b" v=1; a=rsa-sha256;\r\n b=abc\r\n def\r\n")
+    canon = CanonicalizationPolicy.from_c_value(b"relaxed/simple" if relaxed else b"simple")
+    theirs, ours = hashlib.sha256(), hashlib.sha256()
+    hs = [[n, v] for n, v in headers]
+    dkim.hash_headers(theirs, canon, canon.canonicalize_headers(hs), include, sigheader, {})
+    dkimrsa.hash_headers(ours, relaxed, hs, include, sigheader)
+    assert ours.digest() == theirs.digest()
