@@ -14,7 +14,8 @@ For each: messages/s (median of --repeat), ratio to direct (median of the
 per-repeat ratios), CPU ms per message of the gateway processes (user+sys from
 /proc), peak resident memory. Then the latency and idle-session figures.
 
-Usage: python bench/run.py [--repeat 3] [--scale 1.0] [--workers 1] [--json FILE]
+Usage: python bench/run.py [--repeat 3] [--scale 1.0] [--workers N] [--json FILE]
+(--workers defaults to the gateway's own default: one per available CPU.)
 Needs Debian's `postfix` package for smtp-source and smtp-sink (no Postfix runs).
 """
 
@@ -321,7 +322,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
-    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="gateway worker processes (default: the gateway's default, one per CPU)",
+    )
     p.add_argument("--shapes", default="small,large,persistent")
     p.add_argument("--modes", default="proxy,policy,policy-cold")
     p.add_argument("--no-latency", action="store_true")
@@ -329,6 +335,10 @@ def main() -> None:
     p.add_argument("--idle-sessions", type=int, default=10000)
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args()
+    if args.workers is None:
+        from gateway.workers import available_cpus
+
+        args.workers = available_cpus()
     args.shapes = args.shapes.split(",")
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
