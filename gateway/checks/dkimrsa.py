@@ -130,9 +130,30 @@ def parse(message: bytes, *, crlf_clean: bool) -> Any:
     else:
         end = message.find(b"\r\n\r\n")
         end = len(message) if end < 0 else end + 4
-    d = dkim.DKIM(message[:end], logger=LOG)
+    d = dkim.DKIM(logger=LOG)
+    d.headers = _header_fields(message[:end])
     d.body = message[end:]
     return d
+
+
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def _header_fields(head: bytes) -> list[list[bytes]]:
+    """dkimpy's rfc822_parse of a CRLF header section (its pattern compiled once)."""
+    headers: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if not line:
+            break
+        if line[0] in (0x09, 0x20):
+            headers[-1][1] += line + b"\r\n"  # IndexError first, as dkimpy
+            continue
+        m = _FIELD_NAME.match(line)
+        if m is not None:
+            headers.append([m.group(1), line[m.end() :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return headers
 
 
 # dkimpy's patterns, compiled once (dkimpy passes strings to re.sub on every call).

@@ -9,6 +9,7 @@ A DNS failure during discovery is a temperror, never "no policy".
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -52,8 +53,12 @@ class DmarcRecord:
     psd: str = "u"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_record(domain: str, text: str) -> DmarcRecord | None:
-    """A valid DMARC record, or None (RFC 7489 6.6.3: invalid records are ignored)."""
+    """A valid DMARC record, or None (RFC 7489 6.6.3: invalid records are ignored).
+
+    Cached: the record text comes from the DNS cache, the same for every message
+    of a domain, and the result is immutable."""
     tags: dict[str, str] = {}
     for part in text.split(";"):
         k, sep, v = part.strip().partition("=")

@@ -76,7 +76,7 @@ class Runner:
         start = time.perf_counter()
         try:
             res = check.run(stage, ctx)
-            if inspect.isawaitable(res):
+            if type(res) is not tuple and inspect.isawaitable(res):  # tuple: answered at once
                 async with asyncio.timeout(policy.check_timeout):
                     res = await res
             return res

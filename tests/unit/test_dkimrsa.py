@@ -233,6 +233,7 @@ def test_ed25519_is_left_to_dkimpy_and_cache_is_bounded() -> None:
         b"\r\nbody only\r\n\r\nmore\r\n",  # no header fields
         b"From: a@b.test\r\n folded\r\nX: y\r\n\r\n\r\n\r\nbody\r\n\r\n\r\n",
         b"From: a@b.test\r\n\r\nline\r\n.\r\n\rx\r\n",
+        b"From mbox@line Sun\r\nFrom: a@b.test\r\n\r\nx\r\n",
         b"",
     ],
 )
@@ -242,6 +243,15 @@ def test_fast_parse_of_crlf_messages_equals_dkimpys(message: bytes) -> None:
     assert (ours.headers, ours.body) == (theirs.headers, theirs.body)
     slow = dkimrsa.parse(message, crlf_clean=False)  # anything else: dkimpy's own parse
     assert (slow.headers, slow.body) == (theirs.headers, theirs.body)
+
+
+@pytest.mark.parametrize("message", [b" leading: continuation\r\n\r\n", b"no colon\r\n\r\n"])
+def test_fast_parse_fails_like_dkimpy(message: bytes) -> None:
+    with pytest.raises(Exception) as theirs:
+        dkim.DKIM(message)
+    with pytest.raises(Exception) as ours:
+        dkimrsa.parse(message, crlf_clean=True)
+    assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
 
 
 @settings(max_examples=3000, derandomize=True)
