@@ -283,6 +283,7 @@ def throughput(
                     sample["messages"] = got
                     sample["avg_bytes"] = (seen["bytes"] - seen0["bytes"]) / max(got, 1)
                     sample["dkim_pass"] = (seen["dkim_pass"] - seen0["dkim_pass"]) / max(got, 1)
+                    _verify(mode, shape_name, shape, n, sample)
                 samples[mode].append(sample)
         direct = samples["direct"]
         for mode, s in samples.items():
@@ -310,6 +311,20 @@ def throughput(
             )
             print(_fmt_row(rows[-1]), flush=True)
     return rows
+
+
+def _verify(mode: str, shape_name: str, shape: dict[str, Any], n: int, s: dict[str, float]) -> None:
+    """Refuse to report a figure for something other than what the bench claims."""
+    size = shape["file"].stat().st_size
+    problems = []
+    if s["messages"] != n:
+        problems.append(f"{s['messages']:.0f} messages counted, {n} sent")
+    if not size <= s["avg_bytes"] < size * 1.2:
+        problems.append(f"{s['avg_bytes']:.0f} bytes per message, the file has {size}")
+    if mode.startswith("policy") and s["dkim_pass"] != 1.0:
+        problems.append(f"DKIM passed for {100 * s['dkim_pass']:.0f}% of messages")
+    if problems:
+        sys.exit(f"{shape_name}/{mode}: " + "; ".join(problems))
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
