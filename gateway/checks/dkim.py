@@ -122,7 +122,15 @@ class DkimCheck(OffLoopCheck):
         when that is all it takes, else the job that still needs DNS or a thread."""
         small = len(message) <= OFFLOOP_BYTES
         # A large message: only its header section is parsed on the loop.
-        d = dkimrsa.parse(message if small else header_section(message), crlf_clean=crlf_clean)
+        try:
+            d = dkimrsa.parse(message if small else header_section(message), crlf_clean=crlf_clean)
+        except (dkim.DKIMException, IndexError):
+            # A header line that is not a field, or a leading continuation: dkimpy
+            # cannot parse the section. That is the message's fault, permanently;
+            # never a check error (which the policy turns into a tempfail).
+            if b"dkim-signature" in header_section(message).lower():
+                return [DkimSignature("", "", "", "permerror", "header section not parsable")]
+            return []
         count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
         count = min(count, self.max_signatures)
         if count == 0:

@@ -64,11 +64,11 @@ def resolver(dns: DnsServer) -> Resolver:
     return Resolver(config.Dns(nameservers=[dns.address], timeout=0.3))
 
 
-def verify(dns: DnsServer, message: bytes) -> list[Any]:
+def verify(dns: DnsServer, message: bytes, *, crlf_clean: bool = False) -> list[Any]:
     async def go() -> list[Any]:
         check = DkimCheck(resolver(dns))
         try:
-            return await check.verify(message)
+            return await check.verify(message, crlf_clean=crlf_clean)
         finally:
             check.close()
 
@@ -134,6 +134,19 @@ def test_dkim_cached_key_small_and_large_messages(dns: DnsServer) -> None:
         return results
 
     assert asyncio.run(go()) == ["pass", "fail"] * 3
+
+
+def test_dkim_unparsable_header_section_is_permerror_or_none(dns: DnsServer) -> None:
+    signed = sign(MSG, RSA, "signed.test", "rsa")
+    broken = signed.replace(b"To: bob", b"not a field\r\nTo: bob")
+    unsigned = MSG.replace(b"To: bob", b"not a field\r\nTo: bob")
+    leading = b" folded first\r\n" + signed
+    for clean in (False, True):
+        [s] = verify(dns, broken, crlf_clean=clean)
+        assert (s.result, s.reason) == ("permerror", "header section not parsable")
+        assert verify(dns, unsigned, crlf_clean=clean) == []
+        [s] = verify(dns, leading, crlf_clean=clean)
+        assert s.result == "permerror"
 
 
 def test_dkim_body_length_reported(dns: DnsServer) -> None:
