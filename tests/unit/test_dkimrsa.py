@@ -287,3 +287,50 @@ def test_header_hash_matches_dkimpys(
     dkim.hash_headers(theirs, canon, canon.canonicalize_headers(hs), include, sigheader, {})
     dkimrsa.hash_headers(ours, relaxed, hs, include, sigheader)
     assert ours.digest() == theirs.digest()
+
+
+def test_work_that_would_hold_the_loop_goes_to_a_thread() -> None:
+    from gateway.checks.dkim import on_loop
+
+    assert on_loop(4096, [b"relaxed/simple"])  # the common small message
+    assert on_loop(250_000, [b"relaxed/simple"])  # simple body: hashing only
+    assert on_loop(8192, [b"relaxed/relaxed"])
+    assert not on_loop(9000, [b"relaxed/relaxed"])  # relaxed body: regex passes
+    assert not on_loop(4096, [b"relaxed/relaxed"] * 3)
+    assert not on_loop(100_000, [b"simple"] * 3)  # c=simple means simple/simple
+    assert on_loop(4096, [])
+
+
+def test_relaxed_body_of_a_large_message_verifies_in_the_thread_alike() -> None:
+    """A 100 KB relaxed-body message takes the thread path; the verdict is dkimpy's."""
+    import asyncio
+
+    from gateway import config
+    from gateway.checks.dkim import DkimCheck, on_loop
+    from gateway.dns import Resolver
+
+    key = rsa_key(1024)
+    big = MSG + b"word  \t spaced   \r\n" * 5000
+    message = _sign(key, big, canonicalize=(b"relaxed", b"relaxed"))
+    assert not on_loop(len(message), [b"relaxed/relaxed"])
+    record = key.dns.encode()
+    theirs = dkim.DKIM(message).verify(dnsfunc=lambda n, timeout=5: record)
+
+    async def go() -> list[str]:
+        # The key is handed over as a cached answer: no DNS server is needed.
+        check = DkimCheck(Resolver(config.Dns(nameservers=["127.0.0.1:9"])))
+        try:
+            out = []
+            for m in (message, message.replace(b"word", b"ward", 1)):
+                job = check._prepare(m, crlf_clean=True)
+                assert not isinstance(job, list) and not job.on_loop
+                for name in list(job.pending):
+                    job.keys[name] = record
+                job.pending.clear()
+                [s] = await check._complete(job)
+                out.append(s.result)
+            return out
+        finally:
+            check.close()
+
+    assert asyncio.run(go()) == ["pass" if theirs else "fail", "fail"]
