@@ -3,6 +3,8 @@
 
 Modes, measured in the same run so the ratios are meaningful on a noisy machine:
   direct   smtp-source -> smtp-sink (the ceiling on this machine)
+  floor    through bench/floor.py: the gateway's byte stream on uvloop relaying and
+           nothing else, one process (the floor of this design; a yardstick)
   proxy    through the gateway, policy `bench/proxy-policy.yaml` (no optional checks)
   policy   through the gateway with the default preset plus bench/site.py's DNSBL
            zone and rate limits (every check that exists)
@@ -233,6 +235,36 @@ class GatewayProc:
         self.log.close()
 
 
+class FloorProc:
+    """bench/floor.py, one process: the design's floor, for the `floor` mode."""
+
+    def __init__(self, sink_port: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "floor.py"), str(self.port), str(sink_port)],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit("bench/floor.py did not start")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 def run_source(port: int, shape: dict[str, Any], messages: int) -> float:
     args = [
         tool("smtp-source"),
@@ -258,7 +290,7 @@ def run_source(port: int, shape: dict[str, Any], messages: int) -> float:
 
 
 def throughput(
-    args: argparse.Namespace, sink_port: int, gateways: dict[str, GatewayProc]
+    args: argparse.Namespace, sink_port: int, gateways: dict[str, GatewayProc | FloorProc]
 ) -> list[dict[str, Any]]:
     rows = []
     for shape_name, shape in SHAPES.items():
@@ -271,14 +303,16 @@ def throughput(
         for _rep in range(args.repeat):
             for mode in samples:
                 port = sink_port if mode == "direct" else gateways[mode].port
-                pids = gateways[mode].pids if mode != "direct" else []
-                seen0 = gateways[mode].delivered() if mode != "direct" else {}
+                proc = gateways.get(mode)
+                pids = proc.pids if proc is not None else []
+                gw = proc if isinstance(proc, GatewayProc) else None
+                seen0 = gw.delivered() if gw is not None else {}
                 cpu0 = cpu_seconds(pids)
                 t = run_source(port, shape, n)
                 cpu = cpu_seconds(pids) - cpu0
                 sample = {"rate": n / t, "cpu_ms": 1000 * cpu / n}
-                if mode != "direct":
-                    seen = gateways[mode].delivered()
+                if gw is not None:
+                    seen = gw.delivered()
                     got = seen["messages"] - seen0["messages"]
                     sample["messages"] = got
                     sample["avg_bytes"] = (seen["bytes"] - seen0["bytes"]) / max(got, 1)
@@ -301,11 +335,11 @@ def throughput(
                     "peak_mb": (
                         memory_kb(gateways[mode].pids, "VmHWM") / 1024 if mode != "direct" else None
                     ),
-                    # Per measured run, from the gateway's own metrics (not for direct).
+                    # Per measured run, from the gateway's own metrics (gateway modes only).
                     "delivered": [
                         {k: x[k] for k in ("messages", "avg_bytes", "dkim_pass")} for x in s
                     ]
-                    if mode != "direct"
+                    if isinstance(gateways.get(mode), GatewayProc)
                     else None,
                 }
             )
@@ -344,7 +378,7 @@ def main() -> None:
         help="gateway worker processes (default: the gateway's default, one per CPU)",
     )
     p.add_argument("--shapes", default="small,large,persistent")
-    p.add_argument("--modes", default="proxy,policy,policy-cold")
+    p.add_argument("--modes", default="floor,proxy,policy,policy-cold")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-idle", action="store_true")
     p.add_argument("--idle-sessions", type=int, default=10000)
@@ -365,7 +399,7 @@ def main() -> None:
     if os.geteuid() == 0:
         sink_cmd[1:1] = ["-u", "nobody"]
     sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gateways: dict[str, GatewayProc] = {}
+    gateways: dict[str, GatewayProc | FloorProc] = {}
     from bench_site import BENCH_ZONE, site_policy
 
     from tests.support.dnsserver import DnsServer
@@ -380,6 +414,9 @@ def main() -> None:
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
         for mode in args.modes.split(","):
+            if mode == "floor":
+                gateways[mode] = FloorProc(sink_port)
+                continue
             preset = MODES[mode]
             if mode != "proxy":
                 preset = site_policy(preset, tmp / f"{mode}-policy.yaml")
@@ -396,7 +433,8 @@ def main() -> None:
         print("\n| check | stage | CPU µs per call |\n|---|---|---|")
         for row in results["checks"]:
             print(f"| {row['check']} | {row['stage']} | {row['us_per_call']:.2f} |")
-        first = next(iter(gateways.values()))
+        # Latency through the gateway (the first gateway mode), never the floor.
+        first = next(g for g in gateways.values() if isinstance(g, GatewayProc))
         if not args.no_latency:
             from latency import measure
 
