@@ -142,6 +142,21 @@ def memory_kb(pids: list[int], key: str) -> int:
     return total
 
 
+def await_greeting(port: int, proc: subprocess.Popen[bytes], failure: str) -> None:
+    """Wait until a 220 greeting comes from `port` (the server has no readiness signal)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            sys.exit(failure)
+        time.sleep(0.05)
+
+
 class GatewayProc:
     def __init__(
         self,
@@ -189,17 +204,8 @@ class GatewayProc:
             stdout=subprocess.DEVNULL,
             stderr=self.log,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(100).startswith(b"220"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                sys.exit(f"gateway did not start; see {workdir / 'gateway.log'}")
-            time.sleep(0.05)
+        failure = f"gateway did not start; see {workdir / 'gateway.log'}"
+        await_greeting(self.port, self.proc, failure)
 
     @property
     def pids(self) -> list[int]:
@@ -244,17 +250,7 @@ class FloorProc:
             [sys.executable, str(HERE / "floor.py"), str(self.port), str(sink_port)],
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(100).startswith(b"220"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                sys.exit("bench/floor.py did not start")
-            time.sleep(0.05)
+        await_greeting(self.port, self.proc, "bench/floor.py did not start")
 
     @property
     def pids(self) -> list[int]:
