@@ -224,7 +224,8 @@ def test_proxy_listener_without_header_closes(
     gw = gateway_factory(cfg)
     with RawClient(gw.port()) as c:
         c.send(b"EHLO client.test\r\n")
-        assert c.reply() == (0, "")
+        # The gateway aborts (RST): EOF or a reset, by timing; never a greeting.
+        assert c.closed() and c.buf == b""
 
 
 def test_proxy_header_on_plain_listener_is_not_honoured(

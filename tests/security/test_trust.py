@@ -20,7 +20,8 @@ def test_proxy_header_from_untrusted_peer_closes(
     gw = gateway_factory(cfg)
     with RawClient(gw.port()) as c:
         c.send(b"PROXY TCP4 192.0.2.77 198.51.100.1 40001 25\r\n")
-        assert c.reply() == (0, "")  # closed without a greeting
+        # The gateway aborts (RST): EOF or a reset, by timing; never a greeting.
+        assert c.closed() and c.buf == b""
     gw.wait_log(lambda e: e.get("event") == "proxy_refused")
 
 
