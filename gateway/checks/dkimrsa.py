@@ -50,8 +50,15 @@ class RsaKey:
     tlsrpt: bool  # s=tlsrpt: a key only for TLS reports (RFC 8460), never for mail
 
 
+class KeyRevoked(dkim.KeyFormatError):  # type: ignore[misc]  # dkimpy is untyped
+    """An empty p=: the key was revoked (RFC 6376 3.6.1), a fail, not a permerror."""
+
+
 class KeyCache:
     """TXT record -> parsed key (or the dkimpy exception it raises), bounded LRU.
+
+    Every key problem is decided here, once per record: revoked, malformed, a
+    type dkimpy does not know. Messages signed with a cached key pay nothing.
 
     Locked: large messages are verified in worker threads that share it.
     """
@@ -65,9 +72,9 @@ class KeyCache:
         return len(self._keys)
 
     def get(self, name: str, record: bytes) -> RsaKey | None:
-        """The RSA key in `record`; None for a key type handled by dkimpy (ed25519).
+        """The RSA key in `record`; None for a valid key dkimpy verifies with (ed25519).
 
-        Raises dkim.KeyFormatError, as dkimpy's own key loader would.
+        Raises KeyRevoked, or dkim.KeyFormatError as dkimpy's own key loader would.
         """
         with self._lock:
             hit = self._keys.get(record, _MISSING)
@@ -95,10 +102,18 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
         tags = parse_tag_value(record)
     except InvalidTagValueList as e:
         raise dkim.KeyFormatError(str(e)) from None
+    if tags.get(b"p", None) == b"":
+        raise KeyRevoked("key revoked")
     if b"v" in tags and tags[b"v"] != b"DKIM1":
         raise dkim.KeyFormatError("bad version")
     kind = tags.get(b"k", b"rsa")
     if kind == b"ed25519":
+        try:  # dkimpy (pynacl) verifies these; what it would refuse is refused here
+            dkim.evaluate_pk(name.encode(), record)
+        except dkim.KeyFormatError:
+            raise
+        except Exception as e:
+            raise dkim.KeyFormatError(str(e)) from None
         return None
     if kind != b"rsa":
         raise dkim.KeyFormatError(f"unknown algorithm in k= tag: {kind!r}")

@@ -334,3 +334,21 @@ def test_relaxed_body_of_a_large_message_verifies_in_the_thread_alike() -> None:
             check.close()
 
     assert asyncio.run(go()) == ["pass" if theirs else "fail", "fail"]
+
+
+@pytest.mark.parametrize(
+    "record", [b"v=DKIM1; k=rsa; p=", b"v=DKIM1; p= ; k=rsa", b"k=ed25519; p=", b"p="]
+)
+def test_empty_p_is_a_revoked_key_decided_once(record: bytes) -> None:
+    cache = dkimrsa.KeyCache()
+    for _ in range(2):
+        with pytest.raises(dkimrsa.KeyRevoked):
+            cache.get("s1", record)
+
+
+def test_bad_ed25519_key_is_refused_by_the_cache_as_dkimpy_would() -> None:
+    record = b"v=DKIM1; k=ed25519; p=AAAA"
+    with pytest.raises(dkim.KeyFormatError):
+        dkim.evaluate_pk(b"s1", record)
+    with pytest.raises(dkim.KeyFormatError):
+        dkimrsa.KeyCache().get("s1", record)
