@@ -126,26 +126,28 @@ class DnsblCheck:
         return out
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
-        """Synchronous when every answer is in the DNS cache (a returning client)."""
+        """Synchronous when every answer it needs is in the DNS cache (a returning client)."""
         if stage is Stage.CONNECT and self.allowed_network(ctx.client_ip):
             ctx.allowlisted = True
             return ("dnsbl.allowed",)
         queries = self._queries(stage, ctx)
         if not queries:
             return ()
-        answers = [self.resolver.peek(name, "A") for _z, name in queries]
-        if any(a is None for a in answers):
+        peeked = [self.resolver.peek(name, "A") for _z, name in queries]
+        answers = [a for a in peeked if a is not None]
+        if len(answers) != len(queries):
             return self._run_async(stage, ctx, queries)
+        classified = [self._classify(z, a) for (z, _n), a in zip(queries, answers, strict=True)]
         results: list[tuple[str, str]] = []
-        for (z, name), ans in zip(queries, answers, strict=True):
-            assert ans is not None
-            status, reason = self._classify(z, ans)
+        for (z, name), (status, reason, _label) in zip(queries, classified, strict=True):
             if self._wants_txt(z, status):
                 txt = self.resolver.peek(name, "TXT")
-                if txt is None:  # the listing's reason is not cached: ask, then score
-                    return self._with_reasons(stage, ctx, queries, results, name)
+                if txt is None:  # the listing's reason is not cached yet
+                    return self._run_async(stage, ctx, queries)
                 reason = _reason(txt)
             results.append((status, reason))
+        for (z, _n), (_s, _r, label) in zip(queries, classified, strict=True):
+            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, label).inc()
         return self._score(stage, ctx, queries, results)
 
     async def _run_async(
@@ -153,28 +155,6 @@ class DnsblCheck:
     ) -> tuple[str, ...]:
         results = await asyncio.gather(*(self._lookup(z, name) for z, name in queries))
         return self._score(stage, ctx, queries, list(results))
-
-    async def _with_reasons(
-        self,
-        stage: Stage,
-        ctx: Context,
-        queries: list[tuple[ZoneState, str]],
-        done: list[tuple[str, str]],
-        name: str,
-    ) -> tuple[str, ...]:
-        """The sync path met a listing (`name`, the next query) whose TXT reason is
-        not cached: the queries before it are in `done`; finish the rest here."""
-        done.append(("listed", _reason(await self.resolver.query(name, "TXT"))))
-        for z2, name2 in queries[len(done) :]:
-            ans = self.resolver.peek(name2, "A")
-            if ans is None:
-                done.append(await self._lookup(z2, name2))
-                continue
-            status, reason = self._classify(z2, ans)
-            if self._wants_txt(z2, status):
-                reason = _reason(await self.resolver.query(name2, "TXT"))
-            done.append((status, reason))
-        return self._score(stage, ctx, queries, done)
 
     def _score(
         self,
@@ -220,23 +200,22 @@ class DnsblCheck:
         except TimeoutError:
             metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
             return "timeout", ""
-        status, reason = self._classify(z, ans)
+        status, reason, label = self._classify(z, ans)
+        metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, label).inc()
         if self._wants_txt(z, status):
             reason = _reason(await self.resolver.query(name, "TXT"))
         return status, reason
 
-    def _classify(self, z: ZoneState, ans: DnsAnswer) -> tuple[str, str]:
-        """An A answer's meaning for zone z, counted once in the lookup metric."""
+    def _classify(self, z: ZoneState, ans: DnsAnswer) -> tuple[str, str, str]:
+        """(status, reason, lookup-metric result) of an A answer for zone z. Counts
+        nothing: the caller counts once it knows which path answers."""
         if ans.temporary:
-            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, ans.status.value).inc()
-            return "timeout", ""
+            return "timeout", "", ans.status.value
         if ans.status is not DnsStatus.OK:
-            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "clean").inc()
-            return "clean", ""
+            return "clean", "", "clean"
         codes = [str(c) for c in ans.records]
         bad = [c for c in codes if c in ERROR_CODES or ipaddress.ip_address(c) not in LOOPBACK]
         if bad:
-            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "error").inc()
             if not z.warned_error:
                 z.warned_error = True
                 log.warning(
@@ -245,12 +224,10 @@ class DnsblCheck:
                     z.cfg.name,
                     bad,
                 )
-            return "error", ",".join(bad)
+            return "error", ",".join(bad), "error"
         if not any(code_matches(c, z.cfg.codes) for c in codes):
-            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "clean").inc()
-            return "clean", ""
-        metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "listed").inc()
-        return "listed", ""
+            return "clean", "", "clean"
+        return "listed", "", "listed"
 
     # -- health ---------------------------------------------------------------------
     async def health_check(self) -> dict[str, bool]:
