@@ -131,8 +131,8 @@ class Stream(asyncio.Protocol):
         grain = min(_GRAIN, seconds / 8) or _GRAIN
         deadline = math.ceil((self.loop.time() + seconds) / grain) * grain
         self._deadline = deadline
-        if self._waiter is not None and self._timer_at is not None and deadline < self._timer_at:
-            self._arm(deadline)  # moved earlier during a wait: the timer must follow
+        if self._waiter is not None and (self._timer_at is None or deadline < self._timer_at):
+            self._arm(deadline)  # set or moved earlier during a wait: the timer must follow
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:

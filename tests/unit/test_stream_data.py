@@ -193,3 +193,19 @@ def test_read_deadline_shared_timer_follows_every_new_deadline() -> None:
         return events
 
     assert run(go()) == ["A", "B", "timeout"]
+
+
+def test_read_deadline_set_during_a_wait_without_one_is_enforced() -> None:
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        s = Stream(loop=loop)
+        s.set_deadline(None)
+        loop.call_later(0.05, s.set_deadline, 0.2)
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await s.readline(100)
+        s.connection_lost(None)
+        return loop.time() - start
+
+    elapsed = run(go())
+    assert 0.25 <= elapsed < 0.25 + 0.025 + 0.25
