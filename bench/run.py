@@ -142,7 +142,7 @@ def memory_kb(pids: list[int], key: str) -> int:
     return total
 
 
-def await_greeting(port: int, proc: subprocess.Popen[bytes], failure: str) -> None:
+def wait_for_greeting(port: int, proc: subprocess.Popen[bytes], failure: str) -> None:
     """Wait until a 220 greeting comes from `port` (the server has no readiness signal)."""
     deadline = time.monotonic() + 30
     while True:
@@ -205,7 +205,7 @@ class GatewayProc:
             stderr=self.log,
         )
         failure = f"gateway did not start; see {workdir / 'gateway.log'}"
-        await_greeting(self.port, self.proc, failure)
+        wait_for_greeting(self.port, self.proc, failure)
 
     @property
     def pids(self) -> list[int]:
@@ -250,7 +250,7 @@ class FloorProc:
             [sys.executable, str(HERE / "floor.py"), str(self.port), str(sink_port)],
             stdout=subprocess.DEVNULL,
         )
-        await_greeting(self.port, self.proc, "bench/floor.py did not start")
+        wait_for_greeting(self.port, self.proc, "bench/floor.py did not start")
 
     @property
     def pids(self) -> list[int]:
