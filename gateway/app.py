@@ -73,6 +73,7 @@ class App:
         self._health_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
         self.reuse_port = False
         metrics.child(metrics.BUILD, __version__).set(1)
 
@@ -158,6 +159,7 @@ class App:
         interval = self.settings.tls_reload_interval
         if interval > 0 and any(ls.tls is not None for ls in self.listeners):
             self._tls_task = loop.create_task(self._watch_certs(interval))
+        self._metrics_task = loop.create_task(self._flush_metrics())
         if self.settings.policy_reload_interval > 0:
             self._policy_task = loop.create_task(
                 self._watch_policy(self.settings.policy_reload_interval)
@@ -207,6 +209,11 @@ class App:
                 self.reload()
                 seen = config.file_signature(self.runner.policy.files)
 
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_INTERVAL)
+            metrics.flush()
+
     async def drain(self) -> None:
         """Stop accepting; let transactions finish; then 421 4.3.2 whatever is left."""
         svc = self.svc
@@ -225,12 +232,13 @@ class App:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
-        for task in (self._health_task, self._tls_task, self._policy_task):
+        for task in (self._health_task, self._tls_task, self._policy_task, self._metrics_task):
             if task is not None:
                 task.cancel()
         await self.backend.close()
         await self.store.close()
         await self.http.close()
+        metrics.flush()
         logs.event("stopped")
 
     async def run(self) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway import metrics
 from gateway.store.base import operator_key
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class HttpEndpoint:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/metrics":
+            metrics.flush()  # this process's figures exact; other workers' up to a second old
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/healthz/live":
             return 200, "text/plain", b"ok\n"

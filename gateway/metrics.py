@@ -3,23 +3,153 @@ address, a domain or an IP (those belong in logs)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import bisect
+from typing import Any, overload
 
 from prometheus_client import Counter, Gauge, Histogram
 
 P = "smtp_gateway_"
 
-M = TypeVar("M", Counter, Gauge, Histogram)
+# Updates are buffered in plain Python numbers and written to prometheus-client by
+# `flush()`. Why: with workers, every prometheus-client update takes a lock, makes a
+# getpid() system call and writes an mmap; a small message made 31 such updates,
+# as many system calls as the whole message relay. A flush writes each changed
+# series once. The app flushes every FLUSH_INTERVAL seconds, before answering a
+# scrape (so a single process is always exact) and at shutdown; another worker's
+# figures may so be up to FLUSH_INTERVAL old.
+FLUSH_INTERVAL = 1.0
+
+_dirty: list[_Buffered] = []
+
+
+class _Buffered:
+    __slots__ = ("_dirty", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._dirty = False
+
+    def _mark(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            _dirty.append(self)
+
+    def _write(self) -> None:
+        raise NotImplementedError
+
+
+class BufferedCounter(_Buffered):
+    __slots__ = ("_n",)
+
+    def __init__(self, metric: Counter) -> None:
+        super().__init__(metric)
+        self._n = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._n += amount
+        if not self._dirty:
+            self._mark()
+
+    def _write(self) -> None:
+        n, self._n = self._n, 0.0
+        if n:
+            self._metric.inc(n)
+
+
+class BufferedGauge(_Buffered):
+    __slots__ = ("_delta", "_value")
+
+    def __init__(self, metric: Gauge) -> None:
+        super().__init__(metric)
+        self._value: float | None = None  # a pending set(), applied before the delta
+        self._delta = 0.0
+
+    def set(self, value: float) -> None:
+        self._value, self._delta = value, 0.0
+        if not self._dirty:
+            self._mark()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._delta += amount
+        if not self._dirty:
+            self._mark()
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.inc(-amount)
+
+    def _write(self) -> None:
+        value, delta = self._value, self._delta
+        self._value, self._delta = None, 0.0
+        if value is not None:
+            self._metric.set(value)
+        if delta:
+            self._metric.inc(delta)
+
+
+class BufferedHistogram(_Buffered):
+    """Counts per bucket here; the flush adds them to the histogram's own bucket
+    and sum values. Those two attributes (`_buckets`, `_sum`) are
+    prometheus-client's layout since 0.4; tests/unit/test_metrics.py checks that a
+    flushed histogram exposes exactly what direct observe() calls would."""
+
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, metric: Histogram) -> None:
+        super().__init__(metric)
+        self._bounds: list[float] = list(metric._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount, as Histogram.observe picks.
+        self._counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+        if not self._dirty:
+            self._mark()
+
+    def _write(self) -> None:
+        m = self._metric
+        counts, total = self._counts, self._sum
+        self._counts, self._sum = [0] * len(counts), 0.0
+        m._sum.inc(total)
+        for bucket, n in zip(m._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
+def flush() -> None:
+    """Write every buffered update to prometheus-client."""
+    pending = _dirty[:]
+    _dirty.clear()
+    for b in pending:
+        b._dirty = False
+        b._write()
+
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
-def child(metric: M, *labels: str) -> M:
-    """`metric.labels(*labels)`, cached: labels() costs over a microsecond per call
-    and the hot path updates a dozen metrics per message."""
+@overload
+def child(metric: Histogram, *labels: str) -> BufferedHistogram: ...
+@overload
+def child(metric: Gauge, *labels: str) -> BufferedGauge: ...
+@overload
+def child(metric: Counter, *labels: str) -> BufferedCounter: ...
+def child(metric: Any, *labels: str) -> Any:
+    """The buffered series of `metric` for these label values (none: the metric
+    itself), cached: labels() costs over a microsecond per call."""
     key = (id(metric), labels)
     c = _children.get(key)
     if c is None:
-        c = _children[key] = metric.labels(*labels)
+        series = metric.labels(*labels) if labels else metric
+        kind = (
+            BufferedHistogram
+            if isinstance(metric, Histogram)
+            else BufferedGauge
+            if isinstance(metric, Gauge)
+            else BufferedCounter
+        )
+        c = _children[key] = kind(series)
     return c
 
 

@@ -179,7 +179,7 @@ class SmtpBackend:
         return any(t.breaker.allow() for t in self.targets)
 
     def _update_gauge(self) -> None:
-        metrics.BACKEND_UP.set(1 if self.available else 0)
+        metrics.child(metrics.BACKEND_UP).set(1 if self.available else 0)
         for t in self.targets:
             metrics.child(metrics.BACKEND_BREAKER_OPEN, t.label).set(1 if t.breaker.open else 0)
 

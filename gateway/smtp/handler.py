@@ -578,7 +578,7 @@ class Session:
         finally:
             self.stream.set_high_water(256 * 1024)
         size = len(wire)
-        metrics.MESSAGE_SIZE.observe(size)
+        metrics.child(metrics.MESSAGE_SIZE).observe(size)
         self.ctx.wire = wire
         verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
         if verdict.refuses:

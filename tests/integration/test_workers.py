@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import urllib.request
 from collections.abc import Callable
 
@@ -23,6 +24,17 @@ def _value(text: str, prefix: str) -> float:
         if line.startswith(prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _scrape_until(gw: Gateway, prefix: str, want: float, timeout: float = 10) -> str:
+    """Scrape until the sample reaches `want`: a worker writes its buffered metrics
+    at most metrics.FLUSH_INTERVAL after the update, whichever worker answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _scrape(gw)
+        if _value(text, prefix) == want or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 def _send(port: int, n: int) -> None:
@@ -50,7 +62,10 @@ def test_two_workers_share_sessions_metrics_and_drain(
         if e.get("event") == "transaction" and e.get("outcome") == "delivered"
     }
     assert served == pids  # both workers took sessions
-    # Whichever worker answers the scrape, the totals are the sum over both.
+    # Whichever worker answers the scrape, the totals are the sum over both (once
+    # each worker has flushed: within metrics.FLUSH_INTERVAL).
+    delivered = 'smtp_gateway_transactions_total{outcome="delivered"'
+    assert _value(_scrape_until(gw, delivered, 30), delivered) == 30
     for _ in range(6):
         text = _scrape(gw)
         assert _value(text, 'smtp_gateway_transactions_total{outcome="delivered"') == 30
@@ -75,7 +90,7 @@ def test_crashed_worker_is_restarted_and_counted(
     new = _ready_pids(gw, 3) - pids
     assert len(new) == 1
     _send(gw.port(), 10)
-    text = _scrape(gw)
+    text = _scrape_until(gw, 'smtp_gateway_transactions_total{outcome="delivered"', 10)
     assert _value(text, "smtp_gateway_worker_restarts_total") == 1
     assert _value(text, 'smtp_gateway_transactions_total{outcome="delivered"') == 10
     assert len(backend.messages()) == 10
