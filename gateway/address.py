@@ -83,6 +83,9 @@ def split_path(arg: str) -> tuple[str, str]:
     """
     if not arg.startswith("<"):
         raise AddressError("path must be enclosed in <>")
+    end = arg.find(">")
+    if end > 0 and '"' not in arg[:end]:
+        return arg[: end + 1], arg[end + 1 :]  # no quoted string: the first ">" ends it
     i = 1
     n = len(arg)
     quoted = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from email.header import decode_header, make_header
@@ -145,6 +146,18 @@ def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
 
 def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes:
     """Our Authentication-Results header (RFC 8601), folded, via authres."""
+    if not results:
+        return _no_results(authserv_id)
+    return _format_results(authserv_id, results)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_results(authserv_id: str) -> bytes:
+    """`none`: the same bytes for every message when no check ran."""
+    return _format_results(authserv_id, [])
+
+
+def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
     import authres
     import authres.dmarc
 

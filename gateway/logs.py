@@ -60,6 +60,12 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
 
 
+def enabled() -> bool:
+    """Whether events are logged: callers on the per-message path ask first, so
+    that below INFO they do not even build the fields."""
+    return _events.isEnabledFor(logging.INFO)
+
+
 def event(name: str, **fields: Any) -> None:
     if _events.isEnabledFor(logging.INFO):
         _events.info(name, extra={"fields": {"event": name, **fields}})

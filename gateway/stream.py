@@ -114,8 +114,10 @@ class Stream(asyncio.Protocol):
     # -- reading --------------------------------------------------------------
     def _wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def set_deadline(self, seconds: float | None) -> None:
         """Every read until the next call must finish within `seconds` from now.
@@ -131,7 +133,8 @@ class Stream(asyncio.Protocol):
         grain = min(_GRAIN, seconds / 8) or _GRAIN
         deadline = math.ceil((self.loop.time() + seconds) / grain) * grain
         self._deadline = deadline
-        if self._waiter is not None and (self._timer_at is None or deadline < self._timer_at):
+        w = self._waiter
+        if w is not None and not w.done() and (self._timer_at is None or deadline < self._timer_at):
             self._arm(deadline)  # set or moved earlier during a wait: the timer must follow
 
     def _arm(self, deadline: float) -> None:
@@ -146,6 +149,7 @@ class Stream(asyncio.Protocol):
         if w is None or w.done() or self._deadline is None:
             return
         if self.loop.time() >= self._deadline:
+            self._waiter = None
             w.set_exception(TimeoutError())
         else:  # the deadline moved later while this wait was pending
             self._arm(self._deadline)
@@ -157,8 +161,15 @@ class Stream(asyncio.Protocol):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    async def _more(self) -> None:
-        """Wait until more bytes (or EOF) arrive; TimeoutError past the deadline."""
+    def _more(self) -> asyncio.Future[None]:
+        """What to await for more bytes (or EOF); TimeoutError past the deadline.
+
+        A plain function returning the future, not a coroutine: every wait of a
+        session resumes through each coroutine frame above it, and this keeps one
+        frame (and one coroutine object per wait) off all of them. Whoever completes
+        the future also clears `_waiter`; a cancelled wait leaves it behind, done,
+        which every user of `_waiter` treats as no wait.
+        """
         if self._eof:
             raise StreamClosed("connection closed by peer")
         if self._paused and self.transport is not None:
@@ -172,10 +183,7 @@ class Stream(asyncio.Protocol):
             if self._timer_at != deadline:
                 self._arm(deadline)
         self._waiter = waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def set_high_water(self, n: int) -> None:
         self._high_water = n
@@ -183,6 +191,23 @@ class Stream(asyncio.Protocol):
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._buf
+
+    def take_line(self, limit: int) -> bytes | None:
+        """A line already buffered, as readline returns it; None if none is complete.
+
+        Synchronous, for the common case of a line that is already here (pipelined
+        commands, a reply read along with the previous one): no coroutine at all.
+        """
+        buf = self._buf
+        i = buf.find(b"\r\n")
+        if i < 0:
+            return None
+        if i > limit:
+            del buf[: i + 2]
+            raise LineTooLong
+        line = bytes(memoryview(buf)[:i])
+        del buf[: i + 2]
+        return line
 
     async def readline(self, limit: int) -> bytes:
         """Return one CRLF-terminated line without the CRLF.

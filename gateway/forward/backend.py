@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -41,9 +42,9 @@ class ClientInfo:
 
 
 class Transaction(Protocol):
-    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply: ...
+    def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]: ...
 
-    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
+    def data(self, wire: bytes, recipients: int) -> Awaitable[list[SmtpReply]]:
         """`wire`: dot-stuffed, CRLF-terminated lines, without the final dot."""
 
     async def finish(self) -> None:
@@ -152,11 +153,13 @@ class SmtpTransaction:
         self.target = target
         self.client = client
 
-    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
-        return await self.client.rcpt(rcpt, params)
+    # Plain functions handing back the client's coroutine: no frame of their own
+    # for the wait on the backend's reply to resume through.
+    def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]:
+        return self.client.rcpt(rcpt, params)
 
-    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
-        return await self.client.data(wire, recipients)
+    def data(self, wire: bytes, recipients: int) -> Awaitable[list[SmtpReply]]:
+        return self.client.data(wire, recipients)
 
     async def finish(self) -> None:
         self.target.pool.release(self.client)

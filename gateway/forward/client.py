@@ -15,6 +15,7 @@ import functools
 import re
 import ssl
 import time
+from collections.abc import Coroutine
 
 from gateway import metrics
 from gateway.stream import LineTooLong, Stream, StreamClosed
@@ -81,12 +82,22 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=1024)
-def _xforward_line(offered_text: str, attrs: tuple[tuple[str, str], ...]) -> str | None:
-    """The XFORWARD command for the attributes the backend offers; cached, since a
-    client's attributes repeat for each of its transactions."""
-    offered = set(offered_text.upper().split())
-    args = " ".join(f"{k}={xtext(v)}" for k, v in attrs if k in offered)
+@functools.lru_cache(maxsize=64)
+def _offered(text: str) -> frozenset[str]:
+    return frozenset(text.upper().split())
+
+
+@functools.lru_cache(maxsize=4096)
+def _xattr(key: str, value: str) -> str:
+    """One `NAME=xtext` attribute; cached, since a client's address and HELO repeat
+    across its connections (the port does not, hence per attribute, not per line)."""
+    return f"{key}={xtext(value)}"
+
+
+def _xforward_line(offered_text: str, attrs: dict[str, str]) -> str | None:
+    """The XFORWARD command for the attributes the backend offers."""
+    offered = _offered(offered_text)
+    args = " ".join([_xattr(k, v) for k, v in attrs.items() if k in offered])
     return f"XFORWARD {args}" if args else None
 
 
@@ -168,59 +179,69 @@ class SmtpClient:
         self.stream.close()
 
     # -- wire ---------------------------------------------------------------
-    async def read_reply(self) -> SmtpReply:
+    async def _timed(self, name: str, limit: float | None = None) -> SmtpReply:
+        """Read one reply within the deadline; count and time it.
+
+        The reply is parsed here, line by line from the stream's buffer, rather than
+        in a reader coroutine below: each wait for the backend resumes through every
+        frame above it, and this is the deepest point of the session.
+        """
+        start = time.perf_counter()
+        stream = self.stream
+        stream.set_deadline(limit or self.command_timeout)
         lines: list[str] = []
         code = 0
-        while True:
-            try:
-                raw = await self.stream.readline(MAX_REPLY_LINE)
-            except LineTooLong:
-                self.broken = True
-                raise BackendBadReply("reply line too long") from None
-            except StreamClosed:
-                self.broken = True
-                raise BackendLost("backend closed the connection") from None
-            if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
-                self.broken = True
-                raise BackendBadReply(f"malformed reply line {raw[:40]!r}")
-            this = int(raw[:3])
-            if lines and this != code:
-                self.broken = True
-                raise BackendBadReply("reply code changed inside a multi-line reply")
-            code = this
-            lines.append(raw[4:].decode("utf-8", "replace"))
-            if raw[3:4] != b"-":
-                return SmtpReply(code, lines)
-            if len(lines) > MAX_REPLY_LINES:
-                self.broken = True
-                raise BackendBadReply("reply has too many lines")
-
-    async def _timed(self, name: str, limit: float | None = None) -> SmtpReply:
-        """Read one reply within the deadline; count and time it."""
-        start = time.perf_counter()
-        self.stream.set_deadline(limit or self.command_timeout)
         try:
-            reply = await self.read_reply()
+            while True:
+                raw = stream.take_line(MAX_REPLY_LINE)
+                if raw is None:
+                    raw = await stream.readline(MAX_REPLY_LINE)
+                if (
+                    len(raw) < 3
+                    or not raw[:3].isdigit()
+                    or (len(raw) > 3 and raw[3:4] not in b" -")
+                ):
+                    raise BackendBadReply(f"malformed reply line {raw[:40]!r}")
+                this = int(raw[:3])
+                if lines and this != code:
+                    raise BackendBadReply("reply code changed inside a multi-line reply")
+                code = this
+                lines.append(raw[4:].decode("utf-8", "replace"))
+                if raw[3:4] != b"-":
+                    break
+                if len(lines) > MAX_REPLY_LINES:
+                    raise BackendBadReply("reply has too many lines")
+        except LineTooLong:
+            self._failed(name)
+            raise BackendBadReply("reply line too long") from None
+        except StreamClosed:
+            self._failed(name)
+            raise BackendLost("backend closed the connection") from None
         except TimeoutError:
-            self.broken = True
-            self.stream.abort()
-            metrics.child(metrics.BACKEND_REPLIES, name, "error").inc()
+            self._failed(name)
+            stream.abort()
             raise BackendTimeout(f"backend did not answer {name}") from None
         except BackendError:
-            metrics.child(metrics.BACKEND_REPLIES, name, "error").inc()
+            self._failed(name)
             raise
         finally:
-            self.stream.set_deadline(None)
+            stream.set_deadline(None)
         metrics.child(metrics.BACKEND_LATENCY, name).observe(time.perf_counter() - start)
-        metrics.child(metrics.BACKEND_REPLIES, name, reply.klass).inc()
+        metrics.child(metrics.BACKEND_REPLIES, name, f"{code // 100}xx").inc()
         self.last_used = time.monotonic()
-        return reply
+        return SmtpReply(code, lines)
 
-    async def command(self, name: str, line: str) -> SmtpReply:
+    def _failed(self, name: str) -> None:
+        self.broken = True
+        metrics.child(metrics.BACKEND_REPLIES, name, "error").inc()
+
+    def command(self, name: str, line: str) -> Coroutine[None, None, SmtpReply]:
+        """Send one command; await the result for its reply. A plain function (the
+        write happens at the call) so that waiting for the reply costs no extra frame."""
         if self.closed:
             raise BackendLost("backend connection is closed")
         self.stream.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        return await self._timed(name)
+        return self._timed(name)
 
     # -- commands ---------------------------------------------------------------
     async def ehlo(self, helo: str) -> None:
@@ -278,16 +299,22 @@ class SmtpClient:
         Only when the backend offers PIPELINING (RFC 2920); otherwise one by one.
         """
         if not self.pipelining or len(commands) == 1:
-            return [await self.command(name, line) for name, line in commands]
+            out = []
+            for name, line in commands:
+                out.append(await self.command(name, line))
+            return out
         if self.closed:
             raise BackendLost("backend connection is closed")
         self.stream.write(
             b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for _, line in commands)
         )
-        return [await self._timed(name) for name, _ in commands]
+        out = []
+        for name, _ in commands:  # a loop, not a comprehension: one frame less per wait
+            out.append(await self._timed(name))
+        return out
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
-        return _xforward_line(self.extensions.get("XFORWARD", ""), tuple(attrs.items()))
+        return _xforward_line(self.extensions.get("XFORWARD", ""), attrs)
 
     async def mail(
         self, sender: str, params: list[str], xforward: dict[str, str] | None = None
@@ -303,9 +330,9 @@ class SmtpClient:
             raise BackendLost(f"backend refused XFORWARD: {xf_reply}")
         return reply
 
-    async def rcpt(self, rcpt: str, params: list[str]) -> SmtpReply:
+    def rcpt(self, rcpt: str, params: list[str]) -> Coroutine[None, None, SmtpReply]:
         tail = (" " + " ".join(params)) if params else ""
-        return await self.command("rcpt", f"RCPT TO:<{rcpt}>{tail}")
+        return self.command("rcpt", f"RCPT TO:<{rcpt}>{tail}")
 
     async def data(self, wire: bytes, recipients: int = 1) -> list[SmtpReply]:
         """Send DATA and the message; one reply for SMTP, one per recipient for LMTP.

@@ -200,13 +200,14 @@ class Session:
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
-            logs.event(
-                "disconnect",
-                session=self.id,
-                listener=cfg.name,
-                client=self.ctx.client_ip,
-                transactions=self.txn_count,
-            )
+            if logs.enabled():
+                logs.event(
+                    "disconnect",
+                    session=self.id,
+                    listener=cfg.name,
+                    client=self.ctx.client_ip,
+                    transactions=self.txn_count,
+                )
 
     async def _open(self) -> bool:
         cfg = self.listener.cfg
@@ -269,7 +270,9 @@ class Session:
                     stream.abort()
                     raise SessionEnd from None
             try:
-                line = await stream.readline(limits.max_command_line)
+                line = stream.take_line(limits.max_command_line)
+                if line is None:
+                    line = await stream.readline(limits.max_command_line)
             except TimeoutError:
                 self.send(replies.TIMEOUT)
                 raise SessionEnd from None
@@ -884,6 +887,8 @@ class Session:
             self.junk = 0
         self.txn_count += 1
         metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
+        if not logs.enabled():
+            return
         mail_from = self.ctx.mail_from
         if self.ctx.rewritten:
             extra["rewritten"] = {
