@@ -180,7 +180,11 @@ class Stream(asyncio.Protocol):
         if deadline is not None:
             if loop.time() >= deadline:
                 raise TimeoutError
-            if self._timer_at != deadline:
+            at = self._timer_at
+            if at is None or deadline < at:
+                # A timer set for a later deadline is moved; one set earlier stays
+                # and re-arms itself when it fires (_expire): a deadline that moves
+                # later (DATA's longer timeout, the next command) costs nothing.
                 self._arm(deadline)
         self._waiter = waiter = loop.create_future()
         return waiter
