@@ -157,7 +157,7 @@ class Stream(asyncio.Protocol):
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 

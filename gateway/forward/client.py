@@ -224,8 +224,8 @@ class SmtpClient:
         except BackendError:
             self._failed(name)
             raise
-        finally:
-            stream.set_deadline(None)
+        # The deadline is left as it is: nothing reads an idle backend session, and
+        # the next command sets its own.
         metrics.child(metrics.BACKEND_LATENCY, name).observe(time.perf_counter() - start)
         metrics.child(metrics.BACKEND_REPLIES, name, f"{code // 100}xx").inc()
         self.last_used = time.monotonic()
