@@ -83,9 +83,12 @@ class Breaker:
     def open(self) -> bool:
         return not self.allow()
 
-    def success(self) -> None:
+    def success(self) -> bool:
+        """Reset; True if that changed anything (the gauges need updating only then)."""
+        changed = self.failures != 0 or self.opened_at is not None
         self.failures = 0
         self.opened_at = None
+        return changed
 
     def failure(self) -> None:
         self.failures += 1
@@ -205,8 +208,10 @@ class SmtpBackend:
                 session.close()
                 last_error = BackendLost(f"backend said {reply}")
                 continue
-            target.breaker.success()
-            self._update_gauge()
+            # The gauges change only with a breaker: after a failure (this target's
+            # or an earlier one's) or the success that closes one.
+            if target.breaker.success() or last_error is not None:
+                self._update_gauge()
             if reply.ok:
                 return reply, SmtpTransaction(target, session)
             target.pool.release(session)
