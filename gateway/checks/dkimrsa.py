@@ -186,6 +186,17 @@ _BTAG = re.compile(rb"([;\s]b\s*=)[a-zA-Z0-9+/=]*(?:\s+[a-zA-Z0-9+/=]+)*(?:\r?\n
 
 def _relaxed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     """RFC 6376 3.4.2, exactly as dkimpy's Relaxed.canonicalize_headers does it."""
+    body = value[:-2]
+    if (
+        value.endswith(b"\r\n")
+        and b"\n" not in body
+        and b"\r" not in body
+        and b"\t" not in body
+        and b"  " not in body
+    ):
+        # An unfolded field with single spaces (most of them): the two regex passes
+        # would only remove the final CRLF.
+        return name.lower().rstrip(), body.strip() + b"\r\n"
     return name.lower().rstrip(), _WSP_RUN.sub(b" ", _EOL.sub(b"", value)).strip() + b"\r\n"
 
 
