@@ -248,8 +248,11 @@ class Stream(asyncio.Protocol):
             buf += keep
             await self._more()
 
-    async def read_until(self, marker: bytes, max_size: int) -> bytes | None:
+    async def read_until(self, marker: bytes, max_size: int, keep: int = 0) -> bytes | None:
         """The bytes before `marker` (consumed with it), or None if they exceeded max_size.
+
+        The first `keep` bytes of the marker stay with the data (the CRLF that ends
+        a message's last line, without copying the message again to add it).
 
         Past `max_size` the content is discarded as it arrives (the marker is still
         searched for, so the session stays in step) and None is returned: the caller
@@ -262,7 +265,7 @@ class Stream(asyncio.Protocol):
         while True:
             i = buf.find(marker, start)
             if i >= 0:
-                data = None if discarding or i > max_size else bytes(memoryview(buf)[:i])
+                data = None if discarding or i > max_size else bytes(memoryview(buf)[: i + keep])
                 del buf[: i + mlen]
                 return data
             if len(buf) > max_size or discarding:
@@ -299,6 +302,13 @@ class Stream(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        """Several buffers in one go, without joining them first (a large message
+        is not copied again to put our headers in front of it)."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(parts)
 
     @property
     def write_paused(self) -> bool:

@@ -44,8 +44,9 @@ class ClientInfo:
 class Transaction(Protocol):
     def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]: ...
 
-    def data(self, wire: bytes, recipients: int) -> Awaitable[list[SmtpReply]]:
-        """`wire`: dot-stuffed, CRLF-terminated lines, without the final dot."""
+    def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:
+        """`wire`: dot-stuffed, CRLF-terminated lines, without the final dot;
+        `prefix`: header fields to put in front of it."""
 
     async def finish(self) -> None:
         """The transaction completed; the session may be reused."""
@@ -161,8 +162,8 @@ class SmtpTransaction:
     def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]:
         return self.client.rcpt(rcpt, params)
 
-    def data(self, wire: bytes, recipients: int) -> Awaitable[list[SmtpReply]]:
-        return self.client.data(wire, recipients)
+    def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:
+        return self.client.data(wire, recipients, prefix)
 
     async def finish(self) -> None:
         self.target.pool.release(self.client)

@@ -44,8 +44,8 @@ class MaildirTransaction:
         self.recipients.append(rcpt)
         return SmtpReply(250, ["2.1.5 Recipient OK"])
 
-    async def data(self, wire: bytes, recipients: int) -> list[SmtpReply]:
-        message = unstuff(wire)
+    async def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> list[SmtpReply]:
+        message = unstuff(prefix + wire)
         try:
             name = await asyncio.to_thread(
                 self.backend.deliver, self.sender, self.recipients, message

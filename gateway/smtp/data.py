@@ -42,10 +42,11 @@ async def read_message(stream: Stream, max_size: int, bare: BareLinefeed) -> byt
     if await stream.peek(3) == b".\r\n":
         await stream.read_exactly(3)
         return b""
-    raw = await stream.read_until(EOD, max_size)
+    # max_size counts the content without the final CRLF, as before `keep`.
+    raw = await stream.read_until(EOD, max_size, keep=2)
     if raw is None:
         raise DataRefused(replies.SIZE_EXCEEDED)
-    return check_wire(raw + b"\r\n", bare)
+    return check_wire(raw, bare)
 
 
 def check_wire(wire: bytes, bare: BareLinefeed) -> bytes:

@@ -617,7 +617,7 @@ class Session:
         txn = self.txn
         assert txn is not None
         try:
-            results = await txn.data(prefix + wire, n_rcpts)
+            results = await txn.data(wire, n_rcpts, prefix)
         except BackendError as e:
             self.send(replies.for_backend_error(e))
             await self._end_txn(
