@@ -82,6 +82,9 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
     stopping = False
 
     def spawn(index: int) -> None:
+        # Nothing buffered may cross the fork: each worker would write its own copy
+        # of the master's pending counts.
+        metrics.flush()
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
