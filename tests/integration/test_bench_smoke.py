@@ -27,7 +27,7 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
             "--scale",
             "0.02",
             "--workers",
-            "1",
+            "2",  # the default here: each worker's metrics reach a scrape within a second
             "--idle-sessions",
             "300",
             "--json",
