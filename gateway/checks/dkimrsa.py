@@ -186,17 +186,16 @@ _BTAG = re.compile(rb"([;\s]b\s*=)[a-zA-Z0-9+/=]*(?:\s+[a-zA-Z0-9+/=]+)*(?:\r?\n
 
 def _relaxed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     """RFC 6376 3.4.2, exactly as dkimpy's Relaxed.canonicalize_headers does it."""
-    body = value[:-2]
+    unfolded = value.replace(b"\r\n", b"")
     if (
-        value.endswith(b"\r\n")
-        and b"\n" not in body
-        and b"\r" not in body
-        and b"\t" not in body
-        and b"  " not in body
+        b"\n" not in unfolded
+        and b"\r" not in unfolded
+        and b"\t" not in unfolded
+        and b"  " not in unfolded
     ):
-        # An unfolded field with single spaces (most of them): the two regex passes
-        # would only remove the final CRLF.
-        return name.lower().rstrip(), body.strip() + b"\r\n"
+        # Folded only with CRLF, single spaces (nearly every field, the signature's
+        # own included): the two regex passes would only remove the CRLFs.
+        return name.lower().rstrip(), unfolded.strip() + b"\r\n"
     return name.lower().rstrip(), _WSP_RUN.sub(b" ", _EOL.sub(b"", value)).strip() + b"\r\n"
 
 

@@ -108,7 +108,25 @@ def from_domains(message: bytes) -> list[str] | None:
         fields = msg.get_all("From") or []
     if len(fields) != 1:
         return None
-    addrs = getaddresses([str(fields[0])])
+    return value_domains(str(fields[0]))
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_PLAIN_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+# `local@domain` or `Display Name <local@domain>`, with nothing getaddresses treats
+# specially: no quotes, comments, commas, groups, encoded words, dots in the name,
+# folding or trailing dots.
+_NAME = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*"
+_PLAIN_FROM = re.compile(rf"[ \t]*(?:{_NAME}<{_PLAIN_ADDR}>|{_PLAIN_ADDR})[ \t]*")
+
+
+def value_domains(value: str) -> list[str]:
+    """The domains of a From value's addresses; [] if any address has none. A plain
+    single address is read by one pattern: getaddresses costs about 15 µs."""
+    m = _PLAIN_FROM.fullmatch(value)
+    if m is not None:
+        return [(m.group(1) or m.group(2)).lower()]
+    addrs = getaddresses([value])
     domains = [a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in addrs if "@" in a]
     return domains if len(domains) == len(addrs) else []
 

@@ -440,3 +440,53 @@ def test_from_fields_fast_scan_takes_plain_headers() -> None:
     folded = b"From: Alice\r\n <alice@signed.test>\r\nTo: b@x.test\r\n\r\n"
     assert _plain_from_fields(folded) == ["Alice\r\n <alice@signed.test>"]
     assert _plain_from_fields(b"From: \xc3\xa9 <a@b.test>\r\n\r\n") is None  # parser decides
+
+
+_FROM_PARTS = [
+    "Alice", " ", "<", ">", "a", "B", ".", "@", "x.test", "Y-1.Test", ",", '"', "(c)",
+    "\t", "=?utf-8?q?x?=", ":", ";", "J. S", "\\", "\r\n ", "-", "_", "+",
+]  # fmt: skip
+
+
+def _plain_from(name: str, local: str, domain: str, bracket: bool) -> str:
+    return f"{name}<{local}@{domain}>" if bracket else f"{local}@{domain}"
+
+
+_from_values = st.one_of(
+    st.lists(st.sampled_from(_FROM_PARTS), max_size=10).map("".join),
+    # Plain forms, and plain forms with one part spliced in somewhere.
+    st.builds(
+        _plain_from,
+        st.sampled_from(["", "Alice ", "A B ", " ", "J. S ", '"x" ', "a@b "]),
+        st.sampled_from(["a", "a.b", "a+b", ".a", "a..b", "a_b-c"]),
+        st.sampled_from(["x.test", "X.Test", "x.test.", "x", "-x.test", "x..test"]),
+        st.booleans(),
+    ).flatmap(
+        lambda v: st.tuples(
+            st.integers(0, len(v)), st.one_of(st.just(""), st.sampled_from(_FROM_PARTS))
+        ).map(lambda t: v[: t[0]] + t[1] + v[t[0] :])
+    ),
+)
+
+
+@settings(max_examples=5000, derandomize=True, deadline=None)
+@given(_from_values)
+def test_plain_from_value_agrees_with_getaddresses(value: str) -> None:
+    """The one-pattern reading of a plain From value gives the domains the email
+    package's getaddresses gives (the DMARC From domain must not depend on which ran)."""
+    from email.utils import getaddresses
+
+    from gateway.checks.dmarc import _PLAIN_FROM, value_domains
+
+    addrs = getaddresses([value])
+    want = [a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in addrs if "@" in a]
+    assert value_domains(value) == (want if len(want) == len(addrs) else [])
+    if _PLAIN_FROM.fullmatch(value) is not None:
+        assert len(want) == 1  # the pattern only ever takes a single address
+
+
+def test_plain_from_value_takes_the_common_forms() -> None:
+    from gateway.checks.dmarc import _PLAIN_FROM
+
+    for v in ("Alice <alice@x.test>", "alice@X.Test", " a.b+c@x-1.test ", "<a@x.test>"):
+        assert _PLAIN_FROM.fullmatch(v) is not None, v
