@@ -86,6 +86,11 @@ def split_path(arg: str) -> tuple[str, str]:
     end = arg.find(">")
     if end > 0 and '"' not in arg[:end]:
         return arg[: end + 1], arg[end + 1 :]  # no quoted string: the first ">" ends it
+    return _walk_path(arg)
+
+
+def _walk_path(arg: str) -> tuple[str, str]:
+    """split_path for a path with a quoted string, character by character."""
     i = 1
     n = len(arg)
     quoted = False

@@ -219,21 +219,13 @@ class Stream(asyncio.Protocol):
         Only CRLF ends a line: a bare LF stays inside it, so the caller can
         refuse it instead of treating it as a command boundary.
         """
-        buf = self._buf
-        start = 0
         while True:
-            i = buf.find(b"\r\n", start)
-            if i >= 0:
-                if i > limit:
-                    del buf[: i + 2]
-                    raise LineTooLong
-                line = bytes(memoryview(buf)[:i])
-                del buf[: i + 2]
+            line = self.take_line(limit)
+            if line is not None:
                 return line
-            if len(buf) > limit + 1:
+            if len(self._buf) > limit + 1:
                 await self._discard_line()
                 raise LineTooLong
-            start = max(0, len(buf) - 1)
             await self._more()
 
     async def _discard_line(self) -> None:

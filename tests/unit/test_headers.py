@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import headers
-from gateway.address import AddressError, split_path
+from gateway.address import AddressError, _walk_path, split_path
 from gateway.pipeline.results import AuthResult
 
 words = st.text(alphabet="abcdefgh.-@ =;()", min_size=1, max_size=12)
@@ -53,31 +53,12 @@ def test_different_results_never_share_a_cached_header() -> None:
     assert headers.authentication_results("gw", []).endswith(b"; none\r\n")
 
 
-def _walk(arg: str) -> tuple[str, str]:
-    """The quote-aware walk, character by character: the oracle."""
-    if not arg.startswith("<"):
-        raise AddressError("path must be enclosed in <>")
-    i, quoted = 1, False
-    while i < len(arg):
-        c = arg[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == ">":
-            return arg[: i + 1], arg[i + 1 :]
-        i += 1
-    raise AddressError("unterminated path")
-
-
 @settings(max_examples=3000, deadline=None)
 @given(st.text(alphabet='<>"\\a@ =', max_size=16).map(lambda s: "<" + s))
 def test_split_path_agrees_with_the_quote_aware_walk(arg: str) -> None:
+    """The shortcut for paths without a quoted string splits where the walk would."""
     try:
-        want: tuple[str, str] | None = _walk(arg)
+        want: tuple[str, str] | None = _walk_path(arg)
     except AddressError:
         want = None
     try:
