@@ -4,6 +4,7 @@ address, a domain or an IP (those belong in logs)."""
 from __future__ import annotations
 
 import bisect
+import logging
 from typing import Any, overload
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -18,6 +19,8 @@ P = "smtp_gateway_"
 # scrape (so a single process is always exact) and at shutdown; another worker's
 # figures may so be up to FLUSH_INTERVAL old.
 FLUSH_INTERVAL = 1.0
+
+log = logging.getLogger("gateway.metrics")
 
 _dirty: list[_Buffered] = []
 
@@ -118,12 +121,17 @@ class BufferedHistogram(_Buffered):
 
 
 def flush() -> None:
-    """Write every buffered update to prometheus-client."""
+    """Write every buffered update to prometheus-client. One series that cannot be
+    written (a bug: say, a labelled metric updated without labels) is logged and
+    dropped; it must not stop the others, the periodic flush or a scrape."""
     pending = _dirty[:]
     _dirty.clear()
     for b in pending:
         b._dirty = False
-        b._write()
+        try:
+            b._write()
+        except Exception:
+            log.exception("metric update dropped")
 
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -75,3 +76,16 @@ def test_child_buffers_each_series_once_by_kind() -> None:
     assert metrics.child(metrics.TRANSACTIONS, "delivered", "backend") is c
     assert isinstance(metrics.child(metrics.MESSAGE_SIZE), metrics.BufferedHistogram)
     assert isinstance(metrics.child(metrics.BACKEND_UP), metrics.BufferedGauge)
+
+
+def test_a_series_that_cannot_be_written_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = CollectorRegistry()
+    labelled = metrics.BufferedCounter(Counter("l", "l", ["k"], registry=reg))  # no labels: a bug
+    fine = metrics.BufferedCounter(Counter("f", "f", registry=reg))
+    labelled.inc()
+    fine.inc(2)
+    metrics.flush()
+    assert "f_total 2.0" in _exposition(reg)
+    assert "metric update dropped" in caplog.text
