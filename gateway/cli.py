@@ -84,6 +84,10 @@ def cmd_run(path: str | None) -> int:
     if count == 1:
         cmd_validate(settings)
         return _serve(settings, reuse_port=False)
+    addresses = [(lc.address, lc.port) for lc in settings.listeners]
+    if settings.metrics.listen:
+        addresses.append(config.split_hostport(settings.metrics.listen))
+    workers.ensure_free(addresses)
     # Before anything imports prometheus_client (multiprocess mode is chosen at import).
     mp_dir, created = workers.prepare_multiproc(settings.metrics.multiproc_dir)
     try:

@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -56,6 +57,32 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def ensure_free(addresses: list[tuple[str, int]]) -> None:
+    """Refuse to start if something already listens on one of these addresses.
+
+    The workers bind with SO_REUSEPORT, which lets a second gateway started by
+    the same user share the port silently (half the connections each, two
+    policies, two sets of metrics). A plain bind (SO_REUSEADDR, as asyncio's)
+    fails on a listening port, so the master tries one for each address first.
+    """
+    for host, port in addresses:
+        if port == 0:
+            continue
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(sockaddr)
+                except OSError as e:
+                    raise OSError(
+                        e.errno,
+                        f"cannot listen on {host}:{port}: {e.strerror} "
+                        "(is another smtp-gateway running there?)",
+                    ) from None
 
 
 def prepare_multiproc(directory: str | None) -> tuple[str, bool]:

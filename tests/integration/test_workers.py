@@ -101,3 +101,19 @@ def test_available_cpus_and_default_worker_count() -> None:
 
     n = workers.available_cpus()
     assert 1 <= n <= len(os.sched_getaffinity(0))
+
+
+def test_a_second_gateway_on_the_same_port_refuses_to_start(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """SO_REUSEPORT would let it share the port silently; the master probes first."""
+    cfg = base_config(backend.url, workers=2)
+    first = gateway_factory(cfg, ready=False)
+    _ready_pids(first, 2)
+    second = gateway_factory(cfg, ready=False)
+    assert second.proc.wait(30) == 1
+    refusal = second.wait_log(lambda e: "cannot listen on" in e.get("raw", ""))
+    assert f"cannot listen on 127.0.0.1:{first.port()}" in refusal["raw"]
+    assert "another smtp-gateway" in refusal["raw"]
+    _send(first.port(), 3)  # the first one is untouched
+    assert len(backend.messages()) == 3
