@@ -166,6 +166,7 @@ class GatewayProc:
         workers: int,
         max_connections: int = 20000,
         dns: str | None = None,
+        python_args: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -200,7 +201,7 @@ class GatewayProc:
         path.write_text(yaml.safe_dump(cfg))
         self.log = open(workdir / "gateway.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+            [sys.executable, *python_args, "-m", "gateway", "run", "--config", str(path)],
             cwd=workdir,
             stdout=subprocess.DEVNULL,
             stderr=self.log,

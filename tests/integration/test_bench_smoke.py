@@ -63,3 +63,25 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
     assert res["latency"]["gateway"]["p99"] >= res["latency"]["gateway"]["p50"] > 0
     assert res["idle"]["sessions"] == 300 and res["idle"]["rss_after_mb"] > 0
     assert {c["check"] for c in res["checks"]} >= {"relay"}
+
+
+def test_calls_per_message_is_measured_and_repeatable(tmp_path: Path) -> None:
+    """bench/calls.py: the noise-free figure. Two runs of the same code agree."""
+    figures = []
+    for i in range(2):
+        out = tmp_path / f"calls{i}.json"
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "bench/calls.py"), "--modes", "proxy",
+             "--messages", "100", "--json", str(out)],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        (res,) = json.loads(out.read_text())
+        assert res["mode"] == "proxy" and res["messages"] == 100
+        # The session's own code is in the profile, counted per message.
+        loop = [v for k, v in res["functions"].items() if k.startswith("handler.py:")
+                and k.endswith("(_loop)")]  # fmt: skip
+        assert loop and loop[0] >= 1
+        figures.append(res["calls_per_message"])
+    assert 100 < figures[0] < 5000
+    assert abs(figures[0] - figures[1]) <= 0.05 * figures[0]  # within 0.3% at --messages 1000
