@@ -134,7 +134,7 @@ def flush() -> None:
             log.exception("metric update dropped")
 
 
-_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
 @overload
@@ -146,7 +146,7 @@ def child(metric: Counter, *labels: str) -> BufferedCounter: ...
 def child(metric: Any, *labels: str) -> Any:
     """The buffered series of `metric` for these label values (none: the metric
     itself), cached: labels() costs over a microsecond per call."""
-    key = (id(metric), labels)
+    key = (metric, labels)
     c = _children.get(key)
     if c is None:
         series = metric.labels(*labels) if labels else metric

@@ -131,7 +131,7 @@ class Stream(asyncio.Protocol):
             self._deadline = None
             return
         grain = min(_GRAIN, seconds / 8) or _GRAIN
-        deadline = math.ceil((self.loop.time() + seconds) / grain) * grain
+        deadline = math.ceil(((self._loop or self.loop).time() + seconds) / grain) * grain
         self._deadline = deadline
         w = self._waiter
         if w is not None and not w.done() and (self._timer_at is None or deadline < self._timer_at):
@@ -140,7 +140,7 @@ class Stream(asyncio.Protocol):
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_at(deadline, self._expire)
+        self._timer = (self._loop or self.loop).call_at(deadline, self._expire)
         self._timer_at = deadline
 
     def _expire(self) -> None:
@@ -148,7 +148,7 @@ class Stream(asyncio.Protocol):
         w = self._waiter
         if w is None or w.done() or self._deadline is None:
             return
-        if self.loop.time() >= self._deadline:
+        if (self._loop or self.loop).time() >= self._deadline:
             self._waiter = None
             w.set_exception(TimeoutError())
         else:  # the deadline moved later while this wait was pending
@@ -175,7 +175,7 @@ class Stream(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        loop = self.loop
+        loop = self._loop or self.loop
         deadline = self._deadline
         if deadline is not None:
             if loop.time() >= deadline:

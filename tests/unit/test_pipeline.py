@@ -60,6 +60,23 @@ def test_check_failure_and_timeout_follow_error_action() -> None:
     assert (v.action, v.symbol) == (Action.TEMPFAIL, "fake.timeout")
 
 
+class SyncFake(FakeCheck):
+    """A check that answers at once (a tuple, no coroutine), as cached checks do."""
+
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:  # type: ignore[override]
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.out
+
+
+def test_checks_answering_at_once_are_judged_and_fail_alike() -> None:
+    r = Runner([SyncFake(("fake.meh",)), FakeCheck(("fake.bad",))], POL)
+    v = asyncio.run(r.run(Stage.MAIL, ctx()))
+    assert v.symbols == ("fake.meh", "fake.bad") and v.action is Action.REJECT
+    v = asyncio.run(Runner([SyncFake(fail=True)], POL).run(Stage.MAIL, ctx()))
+    assert (v.action, v.symbol) == (Action.TEMPFAIL, "fake.error")
+
+
 def test_no_checks_at_stage_accepts() -> None:
     r = Runner([FakeCheck(("fake.bad",))], POL)
     assert not r.has_checks(Stage.RCPT)
