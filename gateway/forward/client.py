@@ -94,11 +94,10 @@ def _xattr(key: str, value: str) -> str:
     return f"{key}={xtext(value)}"
 
 
-def _xforward_line(offered_text: str, attrs: dict[str, str]) -> str | None:
-    """The XFORWARD command for the attributes the backend offers."""
+def _xargs(offered_text: str, attrs: dict[str, str]) -> str:
+    """The XCLIENT or XFORWARD arguments for the attributes the backend offers."""
     offered = _offered(offered_text)
-    args = " ".join([_xattr(k, v) for k, v in attrs.items() if k in offered])
-    return f"XFORWARD {args}" if args else None
+    return " ".join([_xattr(k, v) for k, v in attrs.items() if k in offered])
 
 
 class SmtpClient:
@@ -226,10 +225,11 @@ class SmtpClient:
             raise
         # The deadline is left as it is: nothing reads an idle backend session, and
         # the next command sets its own.
+        reply = SmtpReply(code, lines)
         metrics.child(metrics.BACKEND_LATENCY, name).observe(time.perf_counter() - start)
-        metrics.child(metrics.BACKEND_REPLIES, name, f"{code // 100}xx").inc()
+        metrics.child(metrics.BACKEND_REPLIES, name, reply.klass).inc()
         self.last_used = time.monotonic()
-        return SmtpReply(code, lines)
+        return reply
 
     def _failed(self, name: str) -> None:
         self.broken = True
@@ -278,8 +278,7 @@ class SmtpClient:
         Postfix answers with a new 220 greeting, some servers with 250; either
         way the session is reset, so EHLO again.
         """
-        offered = set(self.extensions.get("XCLIENT", "").upper().split())
-        args = " ".join(f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered)
+        args = _xargs(self.extensions.get("XCLIENT", ""), attrs)
         if not args or args == self.xclient_args:
             return True  # this pooled session already speaks for that client
         reply = await self.command("xclient", f"XCLIENT {args}")
@@ -314,7 +313,8 @@ class SmtpClient:
         return out
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
-        return _xforward_line(self.extensions.get("XFORWARD", ""), attrs)
+        args = _xargs(self.extensions.get("XFORWARD", ""), attrs)
+        return f"XFORWARD {args}" if args else None
 
     async def mail(
         self, sender: str, params: list[str], xforward: dict[str, str] | None = None
