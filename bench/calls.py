@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import run  # noqa: E402  (bench/run.py: the harness)
-from bench_site import BENCH_ZONE, site_policy  # noqa: E402
+from bench_site import BENCH_ZONE  # noqa: E402
 
 from tests.support.dnsserver import DnsServer  # noqa: E402
 
@@ -60,9 +58,7 @@ def _profile(
 
 
 def measure(mode: str, n: int, sink_port: int, dns: str, tmp: Path, shape: dict[str, Any]) -> Any:
-    preset = run.MODES[mode]
-    if mode != "proxy":
-        preset = site_policy(preset, tmp / f"{mode}-policy.yaml")
+    preset = run.mode_policy(mode, tmp)
     total1, f1 = _profile(tmp / f"{mode}-1", sink_port, preset, dns, shape, n)
     total2, f2 = _profile(tmp / f"{mode}-2", sink_port, preset, dns, shape, 2 * n)
     per_fn = {k: (v - f1.get(k, 0)) / n for k, v in f2.items()}
@@ -85,10 +81,7 @@ def main() -> None:
     shape = dict(run.SHAPES["small"])
     shape["file"] = run.signed_messages(tmp)[shape["size"]]
     sink_port = run.free_port()
-    sink_cmd = [run.tool("smtp-sink"), "-m", "4096", f"127.0.0.1:{sink_port}", "1024"]
-    if os.geteuid() == 0:
-        sink_cmd[1:1] = ["-u", "nobody"]
-    sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = run.start_sink(sink_port)
     dns = DnsServer(BENCH_ZONE)
     results = []
     try:

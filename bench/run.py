@@ -142,6 +142,24 @@ def memory_kb(pids: list[int], key: str) -> int:
     return total
 
 
+def start_sink(port: int) -> subprocess.Popen[bytes]:
+    """smtp-sink on loopback, the benchmark's backend (no readiness signal: smtp-source
+    retries its connections, so callers only give it a moment)."""
+    cmd = [tool("smtp-sink"), "-m", "4096", f"127.0.0.1:{port}", "1024"]
+    if os.geteuid() == 0:
+        cmd[1:1] = ["-u", "nobody"]  # it refuses to run as root otherwise
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def mode_policy(mode: str, workdir: Path) -> str:
+    """The policy a gateway mode runs: the proxy's own file, or a preset plus the
+    bench site's DNSBL zone and limits (written into `workdir`)."""
+    from bench_site import site_policy
+
+    preset = MODES[mode]
+    return preset if mode == "proxy" else site_policy(preset, workdir / f"{mode}-policy.yaml")
+
+
 def wait_for_greeting(port: int, proc: subprocess.Popen[bytes], failure: str) -> None:
     """Wait until a 220 greeting comes from `port` (the server has no readiness signal)."""
     deadline = time.monotonic() + 30
@@ -411,12 +429,9 @@ def main() -> None:
     for shape in SHAPES.values():
         shape["file"] = files[shape["size"]]
     sink_port = free_port()
-    sink_cmd = [tool("smtp-sink"), "-m", "4096", f"127.0.0.1:{sink_port}", "1024"]
-    if os.geteuid() == 0:
-        sink_cmd[1:1] = ["-u", "nobody"]
-    sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = start_sink(sink_port)
     gateways: dict[str, GatewayProc | FloorProc] = {}
-    from bench_site import BENCH_ZONE, site_policy
+    from bench_site import BENCH_ZONE
 
     from tests.support.dnsserver import DnsServer
 
@@ -433,11 +448,8 @@ def main() -> None:
             if mode == "floor":
                 gateways[mode] = FloorProc(sink_port)
                 continue
-            preset = MODES[mode]
-            if mode != "proxy":
-                preset = site_policy(preset, tmp / f"{mode}-policy.yaml")
             gateways[mode] = GatewayProc(
-                tmp / mode, sink_port, preset, args.workers, dns=dns.address
+                tmp / mode, sink_port, mode_policy(mode, tmp), args.workers, dns=dns.address
             )
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")
