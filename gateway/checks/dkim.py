@@ -170,7 +170,7 @@ class DkimCheck(OffLoopCheck):
             job.preps.append(prep)
             sig = prep[0]
             name = f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}".lower()
-            ans = self.resolver.peek(name, "TXT")
+            ans = self.resolver.cached(name, "TXT")
             if ans is None:
                 job.pending.add(name)
             else:

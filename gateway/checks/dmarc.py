@@ -12,15 +12,16 @@ from __future__ import annotations
 import functools
 import random
 import re
+from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.dns import DnsStatus, Resolver
+from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -39,6 +40,11 @@ def psl() -> PublicSuffixList:
 
 class DmarcTempError(Exception):
     pass
+
+
+T = TypeVar("T")
+# A step of the evaluation: yields DNS questions (name, type), receives the answers.
+Evaluation = Generator[tuple[str, str], DnsAnswer, T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +197,10 @@ class DmarcCheck:
         self.org_method = options.organizational_domain
         self.trusted_sealers = frozenset(d.lower().rstrip(".") for d in options.trusted_arc_sealers)
 
-    async def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
+    def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Synchronous when every DNS answer the evaluation needs is cached (repeat
+        senders): the evaluation is a generator of DNS questions (`_evaluation`),
+        answered from the cache until one is not, then continued by a coroutine."""
         message = ctx.message
         domains = from_domains(message or b"")
         if not domains or len(set(domains)) != 1:
@@ -200,7 +209,17 @@ class DmarcCheck:
         from_domain = domains[0]
         dkim_pass = [s.domain for s in getattr(ctx, "dkim", []) if s.result == "pass"]
         spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
-        out = await self.evaluate(from_domain, spf_domain, dkim_pass)
+        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass))
+        if isinstance(out, DmarcOutcome):
+            return self._judge(ctx, from_domain, out)
+        return self._judge_later(ctx, from_domain, out)
+
+    async def _judge_later(
+        self, ctx: Context, from_domain: str, pending: Awaitable[DmarcOutcome]
+    ) -> tuple[str, ...]:
+        return self._judge(ctx, from_domain, await pending)
+
+    def _judge(self, ctx: Context, from_domain: str, out: DmarcOutcome) -> tuple[str, ...]:
         if (
             out.result == "fail"
             and ctx.arc_result == "pass"
@@ -228,19 +247,47 @@ class DmarcCheck:
     async def evaluate(
         self, from_domain: str, spf_domain: str | None, dkim_domains: list[str]
     ) -> DmarcOutcome:
+        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_domains))
+        return out if isinstance(out, DmarcOutcome) else await out
+
+    # The evaluation below is written as generators that yield each DNS question
+    # (name, type) and receive its answer; `_answer` and `_ask` feed them.
+    def _answer(self, ev: Evaluation[T]) -> T | Awaitable[T]:
+        """Run `ev` on cached answers; at the first question the cache cannot answer,
+        hand it to a coroutine that asks the resolver from there on."""
         try:
-            record, org = await self.discover(from_domain)
+            question = next(ev)
+            while True:
+                ans = self.resolver.cached(*question)
+                if ans is None:
+                    return self._ask(ev, question)
+                question = ev.send(ans)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _ask(self, ev: Evaluation[T], question: tuple[str, str]) -> T:
+        try:
+            while True:
+                question = ev.send(await self.resolver.query(*question))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _evaluation(
+        self, from_domain: str, spf_domain: str | None, dkim_domains: list[str]
+    ) -> Evaluation[DmarcOutcome]:
+        try:
+            record, org = yield from self._discover(from_domain)
         except DmarcTempError as e:
             return DmarcOutcome("temperror", from_domain=from_domain, reason=str(e))
         if record is None:
             return DmarcOutcome("none", from_domain=from_domain, reason="no DMARC record")
         try:
-            spf_ok = spf_domain is not None and await self.aligned(
-                spf_domain, from_domain, org, record.aspf
+            spf_ok = spf_domain is not None and (
+                yield from self._aligned(spf_domain, from_domain, org, record.aspf)
             )
             dkim_ok = False
             for d in dkim_domains:
-                if await self.aligned(d, from_domain, org, record.adkim):
+                if (yield from self._aligned(d, from_domain, org, record.adkim)):
                     dkim_ok = True
                     break
         except DmarcTempError as e:
@@ -253,7 +300,7 @@ class DmarcCheck:
         applicable = record.p
         if from_domain != record.domain:
             applicable = record.sp or record.p
-            if record.np and not await self.exists(from_domain):
+            if record.np and not (yield from self._exists(from_domain)):
                 applicable = record.np
         disposition = applicable
         if record.pct < 100 and self.rand() * 100 >= record.pct:
@@ -264,31 +311,31 @@ class DmarcCheck:
             "fail", disposition, from_domain, applicable, "neither SPF nor DKIM aligned with a pass"
         )
 
-    async def aligned(self, domain: str, from_domain: str, org: str, mode: str) -> bool:
+    def _aligned(self, domain: str, from_domain: str, org: str, mode: str) -> Evaluation[bool]:
         domain = domain.lower().rstrip(".")
         if mode == "s":
             return domain == from_domain
         if domain == from_domain:
             return True
-        return await self.org_domain(domain) == org
+        return (yield from self._org_domain(domain)) == org
 
-    async def org_domain(self, domain: str) -> str:
+    def _org_domain(self, domain: str) -> Evaluation[str]:
         if self.org_method == "psl":
             return psl().privatesuffix(domain) or domain
-        _, org = await self._tree_walk(domain)
+        _, org = yield from self._tree_walk(domain)
         return org
 
-    async def discover(self, from_domain: str) -> tuple[DmarcRecord | None, str]:
+    def _discover(self, from_domain: str) -> Evaluation[tuple[DmarcRecord | None, str]]:
         """The policy record and the From domain's organizational domain."""
         if self.org_method == "tree-walk":
-            return await self._tree_walk(from_domain)
+            return (yield from self._tree_walk(from_domain))
         org = psl().privatesuffix(from_domain) or from_domain
-        rec = await self._record(from_domain)
+        rec = yield from self._record(from_domain)
         if rec is None and org != from_domain:
-            rec = await self._record(org)
+            rec = yield from self._record(org)
         return rec, org
 
-    async def _tree_walk(self, domain: str) -> tuple[DmarcRecord | None, str]:
+    def _tree_walk(self, domain: str) -> Evaluation[tuple[DmarcRecord | None, str]]:
         """DMARCbis DNS tree walk: at most 8 queries, from the domain towards the root.
 
         Policy: the first record found. Organizational domain: where psd=n, or
@@ -304,7 +351,7 @@ class DmarcCheck:
         highest: str | None = None
         previous = domain
         for name in names:
-            rec = await self._record(name)
+            rec = yield from self._record(name)
             if rec is not None:
                 if policy is None:
                     policy = rec
@@ -318,8 +365,8 @@ class DmarcCheck:
             previous = name
         return policy, org or highest or domain
 
-    async def _record(self, domain: str) -> DmarcRecord | None:
-        ans = await self.resolver.query(f"_dmarc.{domain}", "TXT")
+    def _record(self, domain: str) -> Evaluation[DmarcRecord | None]:
+        ans = yield (f"_dmarc.{domain}", "TXT")
         if ans.temporary:
             raise DmarcTempError(f"DMARC lookup for {domain}: {ans.status.value}")
         if ans.status is not DnsStatus.OK:
@@ -333,10 +380,10 @@ class DmarcCheck:
             return None  # none, or several: RFC 7489 6.6.3 says treat as no record
         return parse_record(domain, found[0])
 
-    async def exists(self, domain: str) -> bool:
+    def _exists(self, domain: str) -> Evaluation[bool]:
         """DMARCbis np: a domain with no A, AAAA or MX answer (NXDOMAIN) does not exist."""
         for rtype in ("A", "AAAA", "MX"):
-            ans = await self.resolver.query(domain, rtype)
+            ans = yield (domain, rtype)
             if ans.temporary:
                 raise DmarcTempError(f"existence of {domain}: {ans.status.value}")
             if ans.status is not DnsStatus.NXDOMAIN:

@@ -133,28 +133,38 @@ class DnsblCheck:
         queries = self._queries(stage, ctx)
         if not queries:
             return ()
-        peeked = [self.resolver.peek(name, "A") for _z, name in queries]
-        answers = [a for a in peeked if a is not None]
-        if len(answers) != len(queries):
-            return self._run_async(stage, ctx, queries)
-        classified = [self._classify(z, a) for (z, _n), a in zip(queries, answers, strict=True)]
+        known = [self.resolver.cached(name, "A") for _z, name in queries]
+        if any(a is None for a in known):
+            return self._run_async(stage, ctx, queries, known, [])
         results: list[tuple[str, str]] = []
-        for (z, name), (status, reason, _label) in zip(queries, classified, strict=True):
+        for (z, name), ans in zip(queries, known, strict=True):
+            assert ans is not None
+            status, reason, label = self._classify(z, ans)
             if self._wants_txt(z, status):
-                txt = self.resolver.peek(name, "TXT")
-                if txt is None:  # the listing's reason is not cached yet
-                    return self._run_async(stage, ctx, queries)
+                txt = self.resolver.cached(name, "TXT")
+                if txt is None:  # the listing's reason is not cached (yet)
+                    return self._run_async(stage, ctx, queries, known, results)
                 reason = _reason(txt)
-            results.append((status, reason))
-        for (z, _n), (_s, _r, label) in zip(queries, classified, strict=True):
             metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, label).inc()
+            results.append((status, reason))
         return self._score(stage, ctx, queries, results)
 
     async def _run_async(
-        self, stage: Stage, ctx: Context, queries: list[tuple[ZoneState, str]]
+        self,
+        stage: Stage,
+        ctx: Context,
+        queries: list[tuple[ZoneState, str]],
+        known: list[DnsAnswer | None],
+        done: list[tuple[str, str]],
     ) -> tuple[str, ...]:
-        results = await asyncio.gather(*(self._lookup(z, name) for z, name in queries))
-        return self._score(stage, ctx, queries, list(results))
+        """Finish what the cache could not: `done` holds the results of the first
+        zones, judged and counted already; the rest are looked up, each from the A
+        answer the cache gave (`known`) when it gave one, so nothing is asked twice."""
+        n = len(done)
+        rest = await asyncio.gather(
+            *(self._lookup(z, name, a) for (z, name), a in zip(queries[n:], known[n:], strict=True))
+        )
+        return self._score(stage, ctx, queries, [*done, *rest])
 
     def _score(
         self,
@@ -192,14 +202,18 @@ class DnsblCheck:
     def _wants_txt(z: ZoneState, status: str) -> bool:
         return status == "listed" and z.cfg.use_txt and not z.cfg.reply_text
 
-    async def _lookup(self, z: ZoneState, name: str) -> tuple[str, str]:
-        """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why)."""
-        try:
-            async with asyncio.timeout(self.deadline):
-                ans = await self.resolver.query(name, "A")
-        except TimeoutError:
-            metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
-            return "timeout", ""
+    async def _lookup(
+        self, z: ZoneState, name: str, ans: DnsAnswer | None = None
+    ) -> tuple[str, str]:
+        """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why).
+        `ans`: the A answer when the cache already gave it."""
+        if ans is None:
+            try:
+                async with asyncio.timeout(self.deadline):
+                    ans = await self.resolver.query(name, "A")
+            except TimeoutError:
+                metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
+                return "timeout", ""
         status, reason, label = self._classify(z, ans)
         metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, label).inc()
         if self._wants_txt(z, status):

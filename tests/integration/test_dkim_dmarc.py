@@ -214,6 +214,48 @@ def test_dmarc_organizational_domain_psl_and_tree_walk(dns: DnsServer) -> None:
     )
 
 
+def test_dmarc_answers_at_once_from_the_cache_and_resumes_where_it_misses(
+    dns: DnsServer,
+) -> None:
+    """The check's three paths agree: every answer fetched (a coroutine), every
+    answer cached (a tuple at once: no task, no timer), and a cache that answers
+    the first question but not the next (the coroutine takes over mid-walk).
+    No name is asked of the DNS server twice."""
+    from gateway.pipeline.stage import Context, Stage
+
+    message = b"From: a@x.y.org.walk.test\r\nSubject: s\r\n\r\nbody\r\n"
+
+    def ctx() -> Context:
+        c = Context("s1", "192.0.2.1", 25, "smtp")
+        c.wire = message
+        c.spf_domain, c.spf_result = "other.walk.test", "pass"
+        return c
+
+    async def go() -> list[Any]:
+        check = DmarcCheck(resolver(dns))
+        check.org_method = "tree-walk"
+        out = []
+        # Half warm: only the walk's first name is cached.
+        await check.resolver.query("_dmarc.x.y.org.walk.test", "TXT")
+        for _ in range(2):  # then fully warm
+            c = ctx()
+            symbols = check.run(Stage.DATA, c)
+            out.append(type(symbols) is tuple)
+            if not isinstance(symbols, tuple):
+                symbols = await symbols
+            out.append((symbols, c.dmarc.policy, c.auth[-1].result))
+        return out
+
+    half, first, warm, second = asyncio.run(go())
+    assert (half, warm) == (False, True)
+    assert first == second == (("dmarc.fail", "dmarc.reject"), "reject", "fail")
+    for name in ("x.y.org.walk.test", "y.org.walk.test", "org.walk.test"):
+        assert dns.asked(f"_dmarc.{name}", "TXT") == 1, name
+    # The SPF domain's walk: other.walk.test, then walk.test (psd=y: a public suffix).
+    assert dns.asked("_dmarc.other.walk.test", "TXT") == 1
+    assert dns.asked("_dmarc.walk.test", "TXT") == 1
+
+
 def test_dmarc_temperror_when_lookup_times_out(dns: DnsServer) -> None:
     assert evaluate(dns, "slowdmarc.test", "slowdmarc.test", []).result == "temperror"
 

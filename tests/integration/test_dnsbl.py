@@ -84,16 +84,29 @@ def greeting(gw: Gateway, ip: str) -> tuple[int, str]:
     return reply
 
 
-def test_listed_client_refused_naming_the_zone_unlisted_passes(gw: Callable[..., Gateway]) -> None:
+def test_listed_client_refused_naming_the_zone_unlisted_passes(
+    gw: Callable[..., Gateway], dns_server: DnsServer
+) -> None:
     g = gw()
+    hit = 'smtp_gateway_dns_cache_total{result="hit"}'
+
+    def asked() -> int:  # DNS questions about these two clients
+        return sum(1 for n, _t in dns_server.queries if ".2.0.192." in n)
+
     # The second session of each client is answered from the DNS cache (the check
-    # then runs synchronously): the same verdict and reason, each lookup counted once.
+    # then runs synchronously): the same verdict and reason, each lookup counted
+    # once, nothing asked again, and every answer counted as a cache hit.
+    hits, questions = [], []
     for _ in range(2):
+        hits.append(g.metric(hit))
         code, text = greeting(g, "192.0.2.77")
         assert code == 554 and "5.7.1" in text and "bl.test" in text and "Listed: see" in text
         assert greeting(g, "192.0.2.99")[0] == 220
+        questions.append(asked())
     assert g.metric('smtp_gateway_dnsbl_lookups_total{result="listed",zone="bl"}') == 2
     assert g.metric('smtp_gateway_dnsbl_lookups_total{result="clean",zone="bl"}') == 2
+    assert questions[0] >= 6 and questions[1] == questions[0]  # A per zone, TXT for bl
+    assert g.metric(hit) - hits[1] == questions[0]
 
 
 def test_reply_text_hides_the_zone(gw: Callable[..., Gateway]) -> None:
@@ -200,3 +213,45 @@ def test_reverse_and_filters_unit() -> None:
     assert code_matches("127.0.0.6", ["bitmask:0x04"]) and not code_matches(
         "127.0.0.2", ["bitmask:0x04"]
     )
+
+
+@pytest.mark.parametrize("warm", ["A of bl", "A of every zone"])
+def test_half_cached_lookups_resume_with_what_the_cache_gave(
+    dns_server: DnsServer, warm: str
+) -> None:
+    """A client whose answers are partly cached: bl's A answer only, or every A
+    answer but not bl's TXT reason (bl comes last, so the synchronous pass has
+    judged the other zones when it stops). The coroutine that takes over uses
+    what the cache gave and reaches the verdict and reason of a cold lookup."""
+    import asyncio
+
+    from gateway import config
+    from gateway.checks.dnsbl import DnsblCheck
+    from gateway.dns import Resolver
+    from gateway.pipeline.policy import Policy
+    from gateway.pipeline.stage import Context, Stage
+
+    dns_server.add(ZONE)
+    zones = [{"name": n, "zone": f"{n}.test"} for n in ("half", "half2", "bl")]
+    options = Policy.model_validate({"checks": {"dnsbl": {"zones": zones}}}).options("dnsbl")
+    ip = "192.0.2.77"
+    names = [f"77.2.0.192.{n}.test" for n in ("half", "half2", "bl")]
+
+    async def go() -> tuple[bool, tuple[str, ...], dict[str, str]]:
+        check = DnsblCheck(Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5)))
+        check.configure(options)
+        for name in names[2:] if warm == "A of bl" else names:
+            await check.resolver.query(name, "A")
+        ctx = Context("s1", ip, 25, "smtp")
+        symbols = check.run(Stage.CONNECT, ctx)
+        waited = not isinstance(symbols, tuple)
+        if not isinstance(symbols, tuple):
+            symbols = await symbols
+        return waited, symbols, ctx.details
+
+    waited, symbols, details = asyncio.run(go())
+    assert waited and symbols == ("dnsbl.listed",)
+    assert details["dnsbl.listed"] == "bl.test: Listed: see https://bl.test/q"
+    for name in names:
+        assert dns_server.asked(name, "A") == 1, name
+    assert dns_server.asked(names[2], "TXT") == 1
