@@ -80,7 +80,7 @@ class _Job:
         self.crlf_clean = crlf_clean
         self.parsed = parsed  # the whole message parsed (small ones), else None
         self.on_loop = False  # verify on the event loop (decided once the tags are known)
-        self.preps: list[Any] = []  # dkimpy's verify_headerprep() per signature, or an error
+        self.preps: list[Any] = []  # dkimrsa.headerprep() per signature, or an error
         self.pending: set[str] = set()  # key names not in the DNS cache yet
         self.keys: dict[str, bytes | None] = {}
         self.failed: dict[str, str] = {}  # key name -> temperror reason
@@ -160,7 +160,7 @@ class DkimCheck(OffLoopCheck):
         job = _Job(message, d if small else None, crlf_clean)
         for idx in range(count):
             try:
-                prep = d.verify_headerprep(idx)
+                prep = dkimrsa.headerprep(d, idx)
             except dkim.DKIMException as e:
                 job.preps.append(f"permerror: {e}")
                 continue
