@@ -12,7 +12,7 @@ from gateway import metrics
 from gateway.checks.base import Check, active_stages
 from gateway.pipeline.policy import Policy
 from gateway.pipeline.stage import Context, Stage
-from gateway.pipeline.verdict import ACCEPT, Verdict, combine
+from gateway.pipeline.verdict import ACCEPT, Verdict
 from gateway.smtp.replies import Action
 
 log = logging.getLogger("gateway.pipeline")
@@ -49,7 +49,10 @@ class Runner:
         if not checks:
             return ACCEPT
         policy = self.policy
-        verdict = ACCEPT
+        # The strongest action so far and its symbol (the first to ask for it), and
+        # every symbol seen: one Verdict at the end rather than one per symbol.
+        action, symbol, strength = Action.ACCEPT, "", 0
+        seen: list[str] = []
         start = time.perf_counter()
         for check in checks:
             if ctx.trusted and check.reputation:
@@ -72,16 +75,18 @@ class Runner:
             metrics.child(metrics.CHECK_SECONDS, check.name).observe(time.perf_counter() - t0)
             for sym in symbols:
                 metrics.child(metrics.CHECK_RESULTS, check.name, sym).inc()
-                action = policy.action_for(sym)
-                if action is Action.TAG or action is Action.QUARANTINE:
+                act = policy.action_for(sym)
+                if act is Action.TAG or act is Action.QUARANTINE:
                     ctx.tags.append(sym)
-                    if action is Action.QUARANTINE:
+                    if act is Action.QUARANTINE:
                         ctx.quarantine = True
-                verdict = combine(verdict, Verdict(action, sym, (sym,)))
-            if verdict.action is Action.REJECT:
+                seen.append(sym)
+                if act.strength > strength:
+                    action, symbol, strength = act, sym, act.strength
+            if action is Action.REJECT:
                 break  # nothing can make a reject stronger; skip the rest
         metrics.child(metrics.STAGE_SECONDS, stage.value).observe(time.perf_counter() - start)
-        return verdict
+        return Verdict(action, symbol, tuple(seen)) if seen else ACCEPT
 
 
 async def _bounded(pending: Awaitable[Sequence[str]], budget: float) -> Sequence[str]:
