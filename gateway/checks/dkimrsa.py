@@ -249,6 +249,24 @@ def strip_b(value: bytes) -> bytes:
     return _BTAG.sub(rb"\1", value)
 
 
+def select_headers(headers: list[Any], include: list[bytes]) -> list[Any]:
+    """dkimpy's select_headers (RFC 6376 5.4.2: each name in h= takes the last
+    field of that name not taken yet, bottom up), with every field name lowered
+    once rather than at every step of every search."""
+    names = [h[0].lower() for h in headers]
+    selected = []
+    last: dict[bytes, int] = {}
+    for name in include:
+        i = last.get(name, len(headers))
+        while i > 0:
+            i -= 1
+            if names[i] == name:
+                selected.append(headers[i])
+                break
+        last[name] = i
+    return selected
+
+
 def hash_headers(
     h: Any,
     relaxed: bool,
@@ -258,7 +276,7 @@ def hash_headers(
 ) -> None:
     """dkimpy's hash_headers, canonicalising only the selected fields: the others
     cannot change the hash, and canonicalising them all cost as much again."""
-    selected = dkim.select_headers(headers, include)
+    selected = select_headers(headers, include)
     sig_name, sig_value = sigheader[0], strip_b(sigheader[1])
     if relaxed:
         selected = [_relaxed(n, v) for n, v in selected]

@@ -407,3 +407,13 @@ def test_headerprep_matches_dkimpys(key: Key) -> None:
             assert getattr(ours, "include_headers", None) == getattr(
                 theirs, "include_headers", None
             )
+
+
+@settings(max_examples=3000, derandomize=True)
+@given(
+    st.lists(st.sampled_from([b"From", b"from", b"To", b"Subject", b"X-A", b"x-a"]), max_size=8),
+    st.lists(st.sampled_from([b"from", b"to", b"subject", b"x-a", b"cc"]), max_size=8),
+)
+def test_header_selection_matches_dkimpys(names: list[bytes], include: list[bytes]) -> None:
+    headers = [[n, b" %d\r\n" % i] for i, n in enumerate(names)]
+    assert dkimrsa.select_headers(headers, include) == dkim.select_headers(headers, include)
