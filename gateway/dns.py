@@ -69,6 +69,10 @@ def _simple(rdtype: str, rdata: Any) -> Any:
     return rdata.to_text()
 
 
+def _count_hit() -> None:
+    metrics.child(metrics.DNS_CACHE, "hit").inc()
+
+
 class Resolver:
     def __init__(self, cfg: config.Dns) -> None:
         self.cfg = cfg
@@ -101,7 +105,7 @@ class Resolver:
         that found its answer here never calls `query`, which counts the rest)."""
         ans = self.peek(name, rdtype)
         if ans is not None:
-            metrics.child(metrics.DNS_CACHE, "hit").inc()
+            _count_hit()
         return ans
 
     def query_from_thread(
@@ -111,6 +115,8 @@ class Resolver:
         a cached answer at once, else the loop asks and this thread waits for it."""
         ans = self.peek(name, rdtype)
         if ans is not None:
+            # Counted by the loop: the buffered metrics are not safe from threads.
+            loop.call_soon_threadsafe(_count_hit)
             return ans
         fut = asyncio.run_coroutine_threadsafe(self.query(name, rdtype), loop)
         try:
@@ -133,7 +139,7 @@ class Resolver:
         key = self._key(name, rdtype)
         hit = self._cache.get(key)
         if hit is not None and hit[0] >= time.monotonic():
-            metrics.child(metrics.DNS_CACHE, "hit").inc()
+            _count_hit()
             return hit[1]
         metrics.child(metrics.DNS_CACHE, "miss").inc()
         task = self._inflight.get(key)

@@ -173,3 +173,20 @@ def test_slow_dns_does_not_stall_other_sessions(
         slow.close()
     events = [e for e in gw.events() if e.get("event") == "transaction"]
     assert events and events[0]["outcome"] == "delivered"
+
+
+def test_dns_answers_pyspf_takes_from_the_cache_count_as_hits(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """pyspf runs in a worker thread; an answer it finds in the DNS cache is counted
+    as a cache hit all the same (by the event loop, which owns the metrics)."""
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server))
+    hit = 'smtp_gateway_dns_cache_total{result="hit"}'
+    before = gw.metric(hit)
+    for n in range(3):  # a new HELO each time: no verdict cached, pyspf evaluates again
+        with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+            s.ehlo(f"client{n}.test")
+            assert s.mail("a@pass.test")[0] == 250
+    assert dns_server.asked("pass.test", "TXT") == 1
+    assert gw.metric(hit) - before == 2
