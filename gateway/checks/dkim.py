@@ -98,6 +98,11 @@ def _text(v: Any) -> str:
     return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v or "")
 
 
+def _key_name(sig: dict[bytes, bytes]) -> str:
+    """Where a signature's key is published (RFC 6376 3.6.2.1): s._domainkey.d."""
+    return f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}".lower()
+
+
 class DkimCheck(OffLoopCheck):
     name: ClassVar[str] = "dkim"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
@@ -168,8 +173,7 @@ class DkimCheck(OffLoopCheck):
                 job.preps.append("permerror: unparsable signature")
                 continue
             job.preps.append(prep)
-            sig = prep[0]
-            name = f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}".lower()
+            name = _key_name(prep[0])
             ans = self.resolver.cached(name, "TXT")
             if ans is None:
                 job.pending.add(name)
@@ -208,7 +212,7 @@ class DkimCheck(OffLoopCheck):
             algo = _text(sig.get(b"a"))
             length = int(sig[b"l"]) if sig.get(b"l", b"").isdigit() else None
             b = _text(sig.get(b"b")).replace(" ", "")
-            keyname = f"{selector}._domainkey.{domain}".lower()
+            keyname = _key_name(sig)
             if keyname in job.failed:
                 result, reason = "temperror", job.failed[keyname]
             else:

@@ -45,6 +45,11 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> 
 spf.DNSLookup = _lookup
 
 
+def _key(ip: str, identity: str, helo: str) -> tuple[str, str, str]:
+    """The verdict cache's key: domains and local parts compared without case."""
+    return (ip, identity.lower(), helo.lower())
+
+
 class SpfCheck(OffLoopCheck):
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
@@ -73,7 +78,7 @@ class SpfCheck(OffLoopCheck):
         else:
             scope, identity = "mailfrom", str(sender)
             domain = sender.domain
-        hit = self._cached(ctx.client_ip, identity, helo)
+        hit = self._cached(_key(ctx.client_ip, identity, helo))
         if hit is not None:
             return self._record(ctx, scope, domain, helo, hit)
         return self._run_async(ctx, scope, domain, identity, helo)
@@ -95,18 +100,18 @@ class SpfCheck(OffLoopCheck):
         ctx.spf_result = result
         return (f"spf.{result}",)
 
-    def _cached(self, ip: str, identity: str, helo: str) -> tuple[str, str] | None:
-        hit = self._cache.get((ip, identity.lower(), helo.lower()))
+    def _cached(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
+        hit = self._cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1], hit[2]
         return None
 
     async def evaluate(self, ip: str, identity: str, helo: str) -> tuple[str, str]:
         """(result, explanation) for one identity; the entry point the RFC suite tests."""
-        hit = self._cached(ip, identity, helo)
+        key = _key(ip, identity, helo)
+        hit = self._cached(key)
         if hit is not None:
             return hit
-        key = (ip, identity.lower(), helo.lower())
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         result, why = await loop.run_in_executor(self.pool, self._check, ip, identity, helo, loop)
