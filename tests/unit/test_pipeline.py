@@ -83,6 +83,33 @@ def test_no_checks_at_stage_accepts() -> None:
     assert asyncio.run(r.run(Stage.RCPT, ctx())).action is Action.ACCEPT
 
 
+def test_a_reload_changes_what_a_symbol_already_seen_decides() -> None:
+    """The runner keeps each symbol's action once it has seen it; a reload must
+    still take effect for the next run, and a run started before it keeps its own."""
+    r = Runner([SyncFake(("fake.meh",))], POL)
+
+    async def scenario() -> list[tuple[Action, tuple[str, ...]]]:
+        out = []
+        c = ctx()
+        v = await r.run(Stage.MAIL, c)
+        out.append((v.action, tuple(c.tags)))
+        r.swap_policy(Policy(actions={"fake.meh": Action.REJECT}))
+        c = ctx()
+        v = await r.run(Stage.MAIL, c)
+        out.append((v.action, tuple(c.tags)))
+        r.swap_policy(POL)
+        c = ctx()
+        v = await r.run(Stage.MAIL, c)
+        out.append((v.action, tuple(c.tags)))
+        return out
+
+    assert asyncio.run(scenario()) == [
+        (Action.TAG, ("fake.meh",)),
+        (Action.REJECT, ()),
+        (Action.TAG, ("fake.meh",)),
+    ]
+
+
 def test_policy_rejects_unknown_symbol_and_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p = tmp_path / "p.yaml"
     p.write_text("actions:\n  fake.bda: reject\n")
