@@ -320,6 +320,38 @@ def test_signed_message_delivered_with_dkim_and_dmarc_pass(
     assert results["spf"].result in ("none", "neutral")  # elsewhere.test has no record
 
 
+# i= equal to d= leaves no room for the "@" or "." before the domain; dkimpy's own
+# check of it indexes off the front of the value (IndexError), which made the check
+# fail as a whole and the message a tempfail.
+I_IS_D = (
+    b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=signed.test;\r\n"
+    b" i=signed.test; s=rsa; h=from; bh=AAAA; b=AAAA\r\n"
+)
+
+
+def test_malformed_signature_is_a_permerror_and_the_good_one_still_passes(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(dmarc_config(backend, dns))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("bounces@elsewhere.test")
+        s.rcpt("bob@example.test")
+        assert s.data(I_IS_D + sign(MSG, RSA, "signed.test", "rsa"))[0] == 250
+    [m] = backend.messages()
+    head = m["data"].split(b"\r\n\r\n", 1)[0].decode().replace("\r\n\t", " ")
+    [ar] = [h for h in head.split("\r\n") if h.startswith("Authentication-Results: mx.gw.test")]
+    parsed = authres.FeatureContext(authres.dmarc).parse(ar)
+    dkim_results = sorted(r.result for r in parsed.results if r.method == "dkim")
+    assert dkim_results == ["pass", "permerror"]
+    assert [r.result for r in parsed.results if r.method == "dmarc"] == ["pass"]
+    [bad] = [s for s in verify(dns, I_IS_D + MSG) if s.result != "pass"]
+    assert (bad.result, bad.reason) == (
+        "permerror",
+        "i= domain is not a subdomain of d= (i=b'signed.test' d=b'signed.test')",
+    )
+
+
 # -- ARC ----------------------------------------------------------------------------
 ARC_KEY = rsa_key()
 

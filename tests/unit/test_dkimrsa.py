@@ -417,3 +417,57 @@ def test_headerprep_matches_dkimpys(key: Key) -> None:
 def test_header_selection_matches_dkimpys(names: list[bytes], include: list[bytes]) -> None:
     headers = [[n, b" %d\r\n" % i] for i, n in enumerate(names)]
     assert dkimrsa.select_headers(headers, include) == dkim.select_headers(headers, include)
+
+
+_NOW = 1_790_000_000
+_FIELD_VALUES: dict[bytes, list[bytes]] = {
+    b"v": [b"1", b"2", b"", b" 1"],
+    b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"rsa-md5", b""],
+    b"b": [b"AAAA", b"AAA", b"AA==", b"A A A A", b"AAAA\n", b"AA=A", b"@@@@", b"", b"A\tAA\x0bA"],
+    b"bh": [b"AAAA", b"AAA", b"AA==", b"A A\r\nAA", b"", b"AAAAA===", b"@@@@"],
+    b"d": [b"example.test", b"Example.TEST", b"ex(ample).test", b"\xe9x.test", b"", b"a@b", b"x,y"],
+    b"h": [b"from"],
+    b"s": [b"s1"],
+    b"i": [b"@example.test", b"u@Example.test", b"u@sub.example.test", b"example.test", b"",
+           b"u@other.test", b".example.test", b"uexample.test", b"x.example.test", b"t"],
+    b"l": [b"", b"12", b"12a", b"1" * 76, b"1" * 77, b"12\n"],
+    b"q": [b"dns/txt", b"dns", b""],
+    b"t": [b"%d" % _NOW, b"%d" % (_NOW + 36001), b"%d" % (_NOW + 36000), b"abc", b"", b"12\n"],
+    b"x": [b"%d" % (_NOW - 36001), b"%d" % _NOW, b"%d" % (_NOW + 10), b"5", b"abc", b""],
+    b"cv": [b"pass", b"fail", b"none", b"maybe"],
+}  # fmt: skip
+_MANDATORY = [b"v", b"a", b"b", b"bh", b"d", b"h", b"s"]
+# Mandatory tags mostly present and mostly valid (the first value of each list),
+# so that every later check is reached; now and then one is missing.
+_signature_fields = st.tuples(
+    st.fixed_dictionaries(
+        {k: st.one_of(st.just(_FIELD_VALUES[k][0]), st.sampled_from(_FIELD_VALUES[k]))
+         for k in _MANDATORY},
+        optional={k: st.sampled_from(v) for k, v in _FIELD_VALUES.items() if k not in _MANDATORY},
+    ),
+    st.lists(st.sampled_from(_MANDATORY), max_size=1),
+).map(lambda t: {k: v for k, v in t[0].items() if k not in t[1]})  # fmt: skip
+
+
+@settings(max_examples=5000, derandomize=True)
+@given(_signature_fields)
+def test_signature_field_validation_matches_dkimpys(sig: dict[bytes, bytes]) -> None:
+    """Our validation against dkimpy's: both accept, or both raise ValidationError
+    with the same text. Where dkimpy's i= check indexes off the front of the value
+    (IndexError), ours refuses the signature instead, with dkimpy's i= message."""
+    from unittest import mock
+
+    def run(validate: Callable[[dict[bytes, bytes]], None]) -> Any:
+        try:
+            with mock.patch("time.time", return_value=float(_NOW)):
+                validate(dict(sig))
+        except (dkim.ValidationError, IndexError) as e:
+            return (type(e), e.args)
+        return None
+
+    theirs, ours = run(dkim.validate_signature_fields), run(dkimrsa.validate_signature_fields)
+    if theirs is not None and theirs[0] is IndexError:
+        message = f"i= domain is not a subdomain of d= (i={sig[b'i']!r} d={sig[b'd']!r})"
+        assert ours == (dkim.ValidationError, (message,))
+    else:
+        assert ours == theirs
