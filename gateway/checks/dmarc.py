@@ -42,6 +42,32 @@ class DmarcTempError(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Undecided:
+    """What SPF and DKIM could not tell this time: an SPF domain whose result was a
+    temperror, DKIM signatures (their d=) that could not be verified for a temporary
+    reason, and the checks that did not complete at all. If any of them could have
+    aligned, a DMARC failure is not certain, and a domain's reject or quarantine
+    must not be applied on a transient error: the result is a temperror instead."""
+
+    spf_domain: str | None = None
+    dkim_domains: tuple[str, ...] = ()
+    checks: frozenset[str] = frozenset()
+
+
+def undecided(ctx: Context) -> Undecided | None:
+    """The context's undecided inputs; None in the common case of none."""
+    spf = ctx.spf_domain if ctx.spf_result == "temperror" else None
+    dkim = tuple(s.domain for s in ctx.dkim if s.result == "temperror")
+    checks = ctx.incomplete & _INPUT_CHECKS
+    if spf is None and not dkim and not checks:
+        return None
+    return Undecided(spf, dkim, checks)
+
+
+_INPUT_CHECKS = frozenset({"spf", "dkim"})
+
+
 T = TypeVar("T")
 # A step of the evaluation: yields DNS questions (name, type), receives the answers.
 Evaluation = Generator[tuple[str, str], DnsAnswer, T]
@@ -207,9 +233,9 @@ class DmarcCheck:
             ctx.auth.append(AuthResult("dmarc", "permerror", {}, "not exactly one From domain"))
             return ("dmarc.malformed",)
         from_domain = domains[0]
-        dkim_pass = [s.domain for s in getattr(ctx, "dkim", []) if s.result == "pass"]
+        dkim_pass = [s.domain for s in ctx.dkim if s.result == "pass"]
         spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
-        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass))
+        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass, undecided(ctx)))
         if isinstance(out, DmarcOutcome):
             return self._judge(ctx, from_domain, out)
         return self._judge_later(ctx, from_domain, out)
@@ -245,9 +271,13 @@ class DmarcCheck:
 
     # -- evaluation (the tested entry point) -------------------------------------
     async def evaluate(
-        self, from_domain: str, spf_domain: str | None, dkim_domains: list[str]
+        self,
+        from_domain: str,
+        spf_domain: str | None,
+        dkim_domains: list[str],
+        unsure: Undecided | None = None,
     ) -> DmarcOutcome:
-        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_domains))
+        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_domains, unsure))
         return out if isinstance(out, DmarcOutcome) else await out
 
     # The evaluation below is written as generators that yield each DNS question
@@ -273,7 +303,11 @@ class DmarcCheck:
             return done.value  # type: ignore[no-any-return]
 
     def _evaluation(
-        self, from_domain: str, spf_domain: str | None, dkim_domains: list[str]
+        self,
+        from_domain: str,
+        spf_domain: str | None,
+        dkim_domains: list[str],
+        unsure: Undecided | None = None,
     ) -> Evaluation[DmarcOutcome]:
         try:
             record, org = yield from self._discover(from_domain)
@@ -307,9 +341,31 @@ class DmarcCheck:
             disposition = _downgrade(disposition)
         if record.testing:
             disposition = _downgrade(disposition)
+        if unsure is not None and disposition != "none":
+            try:
+                why = yield from self._unsure(unsure, from_domain, org, record)
+            except DmarcTempError as e:
+                why = str(e)
+            if why:
+                return DmarcOutcome("temperror", "none", from_domain, applicable, why)
         return DmarcOutcome(
             "fail", disposition, from_domain, applicable, "neither SPF nor DKIM aligned with a pass"
         )
+
+    def _unsure(
+        self, unsure: Undecided, from_domain: str, org: str, record: DmarcRecord
+    ) -> Evaluation[str]:
+        """Why a failure is not certain (an input that could have aligned is unknown);
+        empty when it is."""
+        if unsure.checks:
+            return f"the {' and '.join(sorted(unsure.checks))} check did not complete"
+        spf = unsure.spf_domain
+        if spf is not None and (yield from self._aligned(spf, from_domain, org, record.aspf)):
+            return f"SPF for {spf} had a temporary error"
+        for d in unsure.dkim_domains:
+            if (yield from self._aligned(d, from_domain, org, record.adkim)):
+                return f"the DKIM signature of {d} could not be verified (temporary error)"
+        return ""
 
     def _aligned(self, domain: str, from_domain: str, org: str, mode: str) -> Evaluation[bool]:
         domain = domain.lower().rstrip(".")

@@ -98,9 +98,11 @@ class Runner:
             except TimeoutError:
                 log.warning("check %s timed out at %s", slot.name, stage.value)
                 symbols = (f"{slot.name}.timeout",)
+                ctx.incomplete |= {slot.name}
             except Exception:
                 log.exception("check %s failed at %s", slot.name, stage.value)
                 symbols = (f"{slot.name}.error",)
+                ctx.incomplete |= {slot.name}
             seconds = slot.seconds
             if seconds is None:
                 seconds = slot.seconds = metrics.child(metrics.CHECK_SECONDS, slot.name)

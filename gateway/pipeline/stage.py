@@ -62,6 +62,10 @@ class Context:
     dmarc: Any = None  # checks.dmarc.DmarcOutcome
     arc_result: str | None = None
     arc_sealer: str | None = None
+    # Checks that crashed or ran out of time in this transaction (set by the runner):
+    # their facts are missing, and what builds on them (DMARC) must not read the gap
+    # as a failure.
+    incomplete: frozenset[str] = frozenset()
 
     def new_transaction(self) -> None:
         self.mail_from = None
@@ -79,6 +83,7 @@ class Context:
         self.dmarc = None
         self.arc_result = None
         self.arc_sealer = None
+        self.incomplete = frozenset()
 
     @property
     def message(self) -> bytes | None:

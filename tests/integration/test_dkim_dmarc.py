@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gateway import config
 from gateway.checks.dkim import OFFLOOP_BYTES, DkimCheck, aggregate
-from gateway.checks.dmarc import DmarcCheck, from_domains, parse_record
+from gateway.checks.dmarc import DmarcCheck, Undecided, from_domains, parse_record
 from gateway.dns import Resolver
 from tests.support.dkimkeys import ed25519_key, rsa_key, sign
 from tests.support.dnsserver import DnsServer
@@ -164,12 +164,17 @@ def test_dkim_signature_limit(dns: DnsServer) -> None:
 
 # -- DMARC --------------------------------------------------------------------------
 def evaluate(
-    dns: DnsServer, from_domain: str, spf: str | None, dkim_domains: list[str], method: str = "psl"
+    dns: DnsServer,
+    from_domain: str,
+    spf: str | None,
+    dkim_domains: list[str],
+    method: str = "psl",
+    unsure: Undecided | None = None,
 ) -> Any:
     async def go() -> Any:
         check = DmarcCheck(resolver(dns))
         check.org_method = method
-        return await check.evaluate(from_domain, spf, dkim_domains)
+        return await check.evaluate(from_domain, spf, dkim_domains, unsure)
 
     return asyncio.run(go())
 
@@ -260,6 +265,36 @@ def test_dmarc_temperror_when_lookup_times_out(dns: DnsServer) -> None:
     assert evaluate(dns, "slowdmarc.test", "slowdmarc.test", []).result == "temperror"
 
 
+def test_dmarc_failure_that_rests_on_a_temporary_error_is_a_temperror(dns: DnsServer) -> None:
+    """An input that could have aligned but is unknown (a temperror, a check that did
+    not complete) makes a failure uncertain: temperror, unless the domain's policy
+    would not act on the failure anyway."""
+
+    def run(domain: str, unsure: Undecided, spf: str | None = None) -> tuple[str, str, str]:
+        out = evaluate(dns, domain, spf, [], unsure=unsure)
+        return out.result, out.disposition, out.reason
+
+    assert run("signed.test", Undecided(dkim_domains=("signed.test",))) == (
+        "temperror",
+        "none",
+        "the DKIM signature of signed.test could not be verified (temporary error)",
+    )
+    assert run("signed.test", Undecided(spf_domain="mail.signed.test"))[0] == "temperror"
+    assert run("signed.test", Undecided(checks=frozenset({"dkim", "spf"})))[2] == (
+        "the dkim and spf check did not complete"
+    )
+    assert run("testing.test", Undecided(dkim_domains=("testing.test",)))[0] == "temperror"
+    # Inputs that could not have aligned change nothing: the failure stands.
+    assert run("signed.test", Undecided(dkim_domains=("other.test",)))[:2] == ("fail", "reject")
+    assert run("strict.test", Undecided(spf_domain="mail.strict.test"))[:2] == ("fail", "reject")
+    # p=none: the failure is only reported; nothing to defer.
+    assert run("none.test", Undecided(dkim_domains=("none.test",)))[:2] == ("fail", "none")
+    # A pass needs no certainty about the rest.
+    assert run("signed.test", Undecided(dkim_domains=("signed.test",)), spf="signed.test")[0] == (
+        "pass"
+    )
+
+
 def test_dmarc_record_parsing_and_from_domains() -> None:
     rec = parse_record("x.test", "v=DMARC1; p=quarantine; sp=none; pct=50; adkim=s; t=y")
     assert rec is not None and (rec.p, rec.sp, rec.pct, rec.adkim, rec.testing) == (
@@ -318,6 +353,48 @@ def test_signed_message_delivered_with_dkim_and_dmarc_pass(
     assert results["dkim"].result == "pass" and results["dkim"].header_d == "signed.test"
     assert results["dmarc"].result == "pass" and results["dmarc"].header_from == "signed.test"
     assert results["spf"].result in ("none", "neutral")  # elsewhere.test has no record
+
+
+def test_an_aligned_signature_that_could_not_be_checked_is_a_tempfail_never_a_reject(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The key lookup of the only aligned signature times out: DMARC cannot know
+    whether it would pass, so a p=reject domain's mail is deferred (451), not
+    refused for good; a message whose aligned signature did verify is unaffected."""
+    gw = gateway_factory(dmarc_config(backend, dns))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("bounces@elsewhere.test")
+        s.rcpt("bob@example.test")
+        code, msg = s.data(sign(MSG, RSA, "signed.test", "slow"))
+        assert code == 451 and msg.startswith(b"4.7."), (code, msg)
+        s.mail("bounces@elsewhere.test")
+        s.rcpt("bob@example.test")
+        assert s.data(sign(MSG, RSA, "signed.test", "rsa"))[0] == 250
+    assert len(backend.messages()) == 1
+
+
+def test_a_dkim_check_over_its_time_budget_defers_instead_of_failing_dmarc(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway], tmp_path: Any
+) -> None:
+    """The runner gives up on DKIM (check_timeout 0.2 s, the key lookup takes 0.5 s):
+    DMARC must not read the missing results as "no signature" and reject."""
+    import yaml
+
+    from gateway.pipeline.policy import presets_dir
+
+    pol = yaml.safe_load((presets_dir() / "default.yaml").read_text())
+    pol["check_timeout"] = 0.2
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(pol))
+    gw = gateway_factory({**dmarc_config(backend, dns), "policy": str(path)})
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("bounces@elsewhere.test")
+        s.rcpt("bob@example.test")
+        code, msg = s.data(sign(MSG, RSA, "signed.test", "slow"))
+        assert code == 451, (code, msg)
+    assert backend.messages() == []
 
 
 # i= equal to d= leaves no room for the "@" or "." before the domain; dkimpy's own

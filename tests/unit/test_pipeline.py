@@ -77,6 +77,20 @@ def test_checks_answering_at_once_are_judged_and_fail_alike() -> None:
     assert (v.action, v.symbol) == (Action.TEMPFAIL, "fake.error")
 
 
+def test_checks_that_crash_or_overrun_are_named_for_the_transaction() -> None:
+    """What builds on a check's facts (DMARC) must know they are missing."""
+    c = ctx()
+    asyncio.run(Runner([SyncFake(fail=True), FakeCheck(("fake.meh",))], POL).run(Stage.MAIL, c))
+    assert c.incomplete == {"fake"}
+    c.new_transaction()
+    assert c.incomplete == frozenset()
+    asyncio.run(Runner([FakeCheck(slow=True)], POL).run(Stage.MAIL, c))
+    assert c.incomplete == {"fake"}
+    c = ctx()
+    asyncio.run(Runner([SyncFake(("fake.meh",))], POL).run(Stage.MAIL, c))
+    assert c.incomplete == frozenset()
+
+
 def test_no_checks_at_stage_accepts() -> None:
     r = Runner([FakeCheck(("fake.bad",))], POL)
     assert not r.has_checks(Stage.RCPT)
