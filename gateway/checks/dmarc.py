@@ -46,7 +46,8 @@ class DmarcTempError(Exception):
 class Undecided:
     """What SPF and DKIM could not tell this time: an SPF domain whose result was a
     temperror, DKIM signatures (their d=) that could not be verified for a temporary
-    reason, and the checks that did not complete at all. If any of them could have
+    reason, and the checks that did not complete at all (ARC's counts too when a
+    trusted sealer's chain could override a failure). If any of them could have
     aligned, a DMARC failure is not certain, and a domain's reject or quarantine
     must not be applied on a transient error: the result is a temperror instead."""
 
@@ -55,17 +56,19 @@ class Undecided:
     checks: frozenset[str] = frozenset()
 
 
-def undecided(ctx: Context) -> Undecided | None:
-    """The context's undecided inputs; None in the common case of none."""
+def undecided(ctx: Context, inputs: frozenset[str]) -> Undecided | None:
+    """The context's undecided inputs; None in the common case of none. `inputs`:
+    the checks whose facts DMARC uses (ARC's only with trusted sealers)."""
     spf = ctx.spf_domain if ctx.spf_result == "temperror" else None
     dkim = tuple(s.domain for s in ctx.dkim if s.result == "temperror")
-    checks = ctx.incomplete & _INPUT_CHECKS
+    checks = ctx.incomplete & inputs
     if spf is None and not dkim and not checks:
         return None
     return Undecided(spf, dkim, checks)
 
 
-_INPUT_CHECKS = frozenset({"spf", "dkim"})
+_INPUTS = frozenset({"spf", "dkim"})
+_INPUTS_WITH_ARC = _INPUTS | {"arc"}
 
 
 T = TypeVar("T")
@@ -235,7 +238,9 @@ class DmarcCheck:
         from_domain = domains[0]
         dkim_pass = [s.domain for s in ctx.dkim if s.result == "pass"]
         spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
-        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass, undecided(ctx)))
+        inputs = _INPUTS_WITH_ARC if self.trusted_sealers else _INPUTS
+        unsure = undecided(ctx, inputs)
+        out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass, unsure))
         if isinstance(out, DmarcOutcome):
             return self._judge(ctx, from_domain, out)
         return self._judge_later(ctx, from_domain, out)

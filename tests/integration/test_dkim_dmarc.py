@@ -378,22 +378,35 @@ def test_an_aligned_signature_that_could_not_be_checked_is_a_tempfail_never_a_re
 
 
 def test_a_dkim_check_over_its_time_budget_defers_instead_of_failing_dmarc(
-    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway], tmp_path: Any
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
     """The runner gives up on DKIM (check_timeout 0.2 s, the key lookup takes 0.5 s):
     DMARC must not read the missing results as "no signature" and reject."""
-    import yaml
-
-    from gateway.pipeline.policy import presets_dir
-
-    pol = yaml.safe_load((presets_dir() / "default.yaml").read_text())
-    pol["check_timeout"] = 0.2
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(pol))
-    gw = gateway_factory({**dmarc_config(backend, dns), "policy": str(path)})
+    pol = "actions:\n  dmarc.reject: reject\n  dmarc.temperror: tempfail\ncheck_timeout: 0.2\n"
+    gw = gateway_factory(dmarc_config(backend, dns), policy=pol)
     code, msg = send(gw, sign(MSG, RSA, "signed.test", "slow"))
     assert code == 451, (code, msg)
     assert backend.messages() == []
+
+
+def test_an_arc_check_that_did_not_finish_counts_only_with_trusted_sealers(
+    dns: DnsServer,
+) -> None:
+    """A trusted sealer's chain could have overridden the failure: without the ARC
+    result, the failure is not certain. Without trusted sealers ARC changes nothing."""
+    from gateway.pipeline.stage import Context, Stage
+
+    async def symbols(sealers: frozenset[str]) -> Any:
+        check = DmarcCheck(resolver(dns))
+        check.trusted_sealers = sealers
+        ctx = Context("s", "192.0.2.1", 1, "smtp")
+        ctx.wire = MSG
+        ctx.incomplete = frozenset({"arc"})
+        out = check.run(Stage.DATA, ctx)
+        return out if isinstance(out, tuple) else await out
+
+    assert asyncio.run(symbols(frozenset({"list.test"}))) == ("dmarc.temperror",)
+    assert asyncio.run(symbols(frozenset())) == ("dmarc.fail", "dmarc.reject")
 
 
 # i= equal to d= leaves no room for the "@" or "." before the domain; dkimpy's own
