@@ -21,7 +21,9 @@ from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
-RESULTS = ("pass", "fail", "none")
+# temperror: a seal's key could not be fetched now, so the chain's status is unknown
+# (with trusted sealers, DMARC then does not act on a failure: see checks/dmarc.py).
+RESULTS = ("pass", "fail", "none", "temperror")
 
 
 class ArcCheck(OffLoopCheck):
@@ -61,9 +63,13 @@ class ArcCheck(OffLoopCheck):
     def _verify(
         self, message: bytes, loop: asyncio.AbstractEventLoop
     ) -> tuple[str, str | None, str]:
+        unreachable: list[str] = []  # keys that could not be fetched now
+
         def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            text = name.decode() if isinstance(name, bytes) else name
-            ans = self.resolver.query_from_thread(text.rstrip("."), "TXT", loop, timeout)
+            text = (name.decode() if isinstance(name, bytes) else name).rstrip(".")
+            ans = self.resolver.query_from_thread(text, "TXT", loop, timeout)
+            if ans.temporary:
+                unreachable.append(f"key lookup for {text}: {ans.status.value}")
             if ans.status is not DnsStatus.OK or not ans.records:
                 return None
             return b"".join(ans.records[0])
@@ -78,6 +84,9 @@ class ArcCheck(OffLoopCheck):
             newest: dict[str, Any] = max(results, key=lambda r: int(r.get("instance", 0)))
             d = newest.get("as-domain")
             sealer = (d.decode() if isinstance(d, bytes) else str(d or "")).lower() or None
+        if status != "pass" and unreachable:
+            # dkimpy reads a key it could not fetch as a broken chain; it is unknown.
+            return "temperror", sealer, unreachable[0]
         return status if status in RESULTS else "fail", sealer, str(why or "")[:200]
 
 

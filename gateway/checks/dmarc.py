@@ -44,27 +44,34 @@ class DmarcTempError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Undecided:
-    """What SPF and DKIM could not tell this time: an SPF domain whose result was a
-    temperror, DKIM signatures (their d=) that could not be verified for a temporary
-    reason, and the checks that did not complete at all (ARC's counts too when a
-    trusted sealer's chain could override a failure). If any of them could have
-    aligned, a DMARC failure is not certain, and a domain's reject or quarantine
-    must not be applied on a transient error: the result is a temperror instead."""
+    """What SPF, DKIM and ARC could not tell this time: an SPF domain whose result was
+    a temperror, DKIM signatures (their d=) that could not be verified for a temporary
+    reason, the checks that did not complete at all, and a trusted sealer's ARC chain
+    that could not be validated (ARC counts only when a trusted sealer could override
+    a failure). If any of them could have changed the outcome, a DMARC failure is not
+    certain, and a domain's reject or quarantine must not be applied on a transient
+    error: the result is a temperror instead."""
 
     spf_domain: str | None = None
     dkim_domains: tuple[str, ...] = ()
     checks: frozenset[str] = frozenset()
+    arc_chain: bool = False  # a trusted (or unnamed) sealer's chain could not be validated
 
 
-def undecided(ctx: Context, inputs: frozenset[str]) -> Undecided | None:
-    """The context's undecided inputs; None in the common case of none. `inputs`:
-    the checks whose facts DMARC uses (ARC's only with trusted sealers)."""
+def undecided(ctx: Context, trusted_sealers: frozenset[str]) -> Undecided | None:
+    """The context's undecided inputs; None in the common case of none. ARC counts
+    only with trusted sealers: only then could its chain change DMARC's outcome."""
     spf = ctx.spf_domain if ctx.spf_result == "temperror" else None
     dkim = tuple(s.domain for s in ctx.dkim if s.result == "temperror")
-    checks = ctx.incomplete & inputs
-    if spf is None and not dkim and not checks:
+    checks = ctx.incomplete & (_INPUTS_WITH_ARC if trusted_sealers else _INPUTS)
+    arc = (
+        bool(trusted_sealers)
+        and ctx.arc_result == "temperror"
+        and (ctx.arc_sealer is None or ctx.arc_sealer in trusted_sealers)
+    )
+    if spf is None and not dkim and not checks and not arc:
         return None
-    return Undecided(spf, dkim, checks)
+    return Undecided(spf, dkim, checks, arc)
 
 
 _INPUTS = frozenset({"spf", "dkim"})
@@ -238,8 +245,7 @@ class DmarcCheck:
         from_domain = domains[0]
         dkim_pass = [s.domain for s in ctx.dkim if s.result == "pass"]
         spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
-        inputs = _INPUTS_WITH_ARC if self.trusted_sealers else _INPUTS
-        unsure = undecided(ctx, inputs)
+        unsure = undecided(ctx, self.trusted_sealers)
         out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass, unsure))
         if isinstance(out, DmarcOutcome):
             return self._judge(ctx, from_domain, out)
@@ -364,6 +370,8 @@ class DmarcCheck:
         empty when it is."""
         if unsure.checks:
             return f"the {' and '.join(sorted(unsure.checks))} check did not complete"
+        if unsure.arc_chain:
+            return "the ARC chain of a trusted sealer could not be validated (temporary error)"
         spf = unsure.spf_domain
         if spf is not None and (yield from self._aligned(spf, from_domain, org, record.aspf)):
             return f"SPF for {spf} had a temporary error"

@@ -389,24 +389,38 @@ def test_a_dkim_check_over_its_time_budget_defers_instead_of_failing_dmarc(
     assert backend.messages() == []
 
 
-def test_an_arc_check_that_did_not_finish_counts_only_with_trusted_sealers(
+def test_an_unknown_arc_chain_counts_only_when_a_trusted_sealer_could_override(
     dns: DnsServer,
 ) -> None:
-    """A trusted sealer's chain could have overridden the failure: without the ARC
-    result, the failure is not certain. Without trusted sealers ARC changes nothing."""
+    """A trusted sealer's chain could have overridden the failure: without its result
+    (the ARC check did not finish, or a seal's key could not be fetched) the failure
+    is not certain. Without trusted sealers, or when the chain is an untrusted
+    sealer's, ARC changes nothing."""
     from gateway.pipeline.stage import Context, Stage
 
-    async def symbols(sealers: frozenset[str]) -> Any:
+    async def symbols(
+        sealers: frozenset[str],
+        incomplete: frozenset[str] = frozenset(),
+        arc: tuple[str | None, str | None] = (None, None),
+    ) -> Any:
         check = DmarcCheck(resolver(dns))
         check.trusted_sealers = sealers
         ctx = Context("s", "192.0.2.1", 1, "smtp")
         ctx.wire = MSG
-        ctx.incomplete = frozenset({"arc"})
+        ctx.incomplete = incomplete
+        ctx.arc_result, ctx.arc_sealer = arc
         out = check.run(Stage.DATA, ctx)
         return out if isinstance(out, tuple) else await out
 
-    assert asyncio.run(symbols(frozenset({"list.test"}))) == ("dmarc.temperror",)
-    assert asyncio.run(symbols(frozenset())) == ("dmarc.fail", "dmarc.reject")
+    trusted, none = frozenset({"list.test"}), frozenset[str]()
+    refused, deferred = ("dmarc.fail", "dmarc.reject"), ("dmarc.temperror",)
+    assert asyncio.run(symbols(trusted, incomplete=frozenset({"arc"}))) == deferred
+    assert asyncio.run(symbols(none, incomplete=frozenset({"arc"}))) == refused
+    assert asyncio.run(symbols(trusted, arc=("temperror", "list.test"))) == deferred
+    assert asyncio.run(symbols(trusted, arc=("temperror", None))) == deferred
+    assert asyncio.run(symbols(trusted, arc=("temperror", "other.test"))) == refused
+    assert asyncio.run(symbols(none, arc=("temperror", "list.test"))) == refused
+    assert asyncio.run(symbols(trusted, arc=("fail", "list.test"))) == refused
 
 
 # i= equal to d= leaves no room for the "@" or "." before the domain; dkimpy's own
@@ -469,16 +483,26 @@ def test_arc_chain_pass_fail_none(dns: DnsServer) -> None:
     status, _sealer, why = arc_verify(dns, sealed.replace(b"See you.", b"See you!"))
     assert status == "fail" and why
     assert arc_verify(dns, MSG)[0] == "none"
+    # The seal's key cannot be fetched now: not a fail, a temporary error.
+    dns.add({"arc._domainkey.slow.test": [("TIMEOUT", "")]})
+    status, _sealer, why = arc_verify(dns, arc_sealed(MSG, "slow.test"))
+    assert (status, why) == ("temperror", "key lookup for arc._domainkey.slow.test: timeout")
 
 
-@pytest.mark.parametrize("trusted", [True, False])
+@pytest.mark.parametrize("sealer", ["trusted", "untrusted", "unreachable"])
 def test_trusted_arc_sealer_overrides_dmarc_reject(
-    trusted: bool, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+    sealer: str, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
+    """A trusted sealer's passing chain overrides DMARC's reject; an untrusted one
+    does not; a trusted sealer whose key cannot be fetched now leaves the failure
+    uncertain, so the message is deferred (451), not refused for good."""
+    key = ("TIMEOUT", "") if sealer == "unreachable" else ("TXT", ARC_KEY.dns)
+    dns.add({"arc._domainkey.list.test": [key]})
     pol = (
         "actions:\n  dmarc.reject: reject\n  dmarc.temperror: tempfail\n"
-        "checks:\n  dmarc:\n    trusted_arc_sealers: " + ("[list.test]" if trusted else "[]") + "\n"
+        "checks:\n  dmarc:\n    trusted_arc_sealers: "
+        + ("[]" if sealer == "untrusted" else "[list.test]")
+        + "\n"
     )
     gw = gateway_factory(dmarc_config(backend, dns), policy=pol)
     # Forwarded by the list: From alice@signed.test (p=reject), list's own envelope.
@@ -487,12 +511,13 @@ def test_trusted_arc_sealer_overrides_dmarc_reject(
         s.mail("bounces@list.test")
         s.rcpt("bob@example.test")
         code, _ = s.data(arc_sealed(MSG))
-    if trusted:
+    if sealer == "trusted":
         assert code == 250
         [m] = backend.messages()
         assert b"arc=pass" in m["data"] and b"dmarc=fail" in m["data"]
     else:
-        assert code == 550 and backend.messages() == []
+        assert code == (451 if sealer == "unreachable" else 550)
+        assert backend.messages() == []
 
 
 @pytest.mark.parametrize("mode", ["tag", "redirect"])
