@@ -69,6 +69,7 @@ class _Job:
         "failed",
         "keys",
         "message",
+        "names",
         "on_loop",
         "parsed",
         "pending",
@@ -81,6 +82,7 @@ class _Job:
         self.parsed = parsed  # the whole message parsed (small ones), else None
         self.on_loop = False  # verify on the event loop (decided once the tags are known)
         self.preps: list[Any] = []  # dkimrsa.headerprep() per signature, or an error
+        self.names: dict[int, str] = {}  # signature index -> where its key is published
         self.pending: set[str] = set()  # key names not in the DNS cache yet
         self.keys: dict[str, bytes | None] = {}
         self.failed: dict[str, str] = {}  # key name -> temperror reason
@@ -173,7 +175,7 @@ class DkimCheck(OffLoopCheck):
                 job.preps.append("permerror: unparsable signature")
                 continue
             job.preps.append(prep)
-            name = _key_name(prep[0])
+            name = job.names[idx] = _key_name(prep[0])
             ans = self.resolver.cached(name, "TXT")
             if ans is None:
                 job.pending.add(name)
@@ -212,7 +214,7 @@ class DkimCheck(OffLoopCheck):
             algo = _text(sig.get(b"a"))
             length = int(sig[b"l"]) if sig.get(b"l", b"").isdigit() else None
             b = _text(sig.get(b"b")).replace(" ", "")
-            keyname = _key_name(sig)
+            keyname = job.names[idx]
             if keyname in job.failed:
                 result, reason = "temperror", job.failed[keyname]
             else:
