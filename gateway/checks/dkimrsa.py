@@ -44,6 +44,10 @@ _PREHASHED = {
 }
 _MISSING: Any = object()
 MIN_BITS = 1024  # dkimpy's default minkey (RFC 8301: 1024 is the floor)
+# RFC 8301 3.2: verifiers must handle 1024 to 4096 bits and may take more. A verify
+# costs the square of the size (16384 bits: 64 times a 2048-bit one), so a sender
+# cannot make each message dear by signing with a huge key; rspamd's limit too.
+MAX_BITS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,8 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
         raise dkim.KeyFormatError(f"could not parse RSA public key: {e}") from None
     if not isinstance(public, rsa.RSAPublicKey):
         raise dkim.KeyFormatError("k=rsa but p= is not an RSA key")
+    if public.key_size > MAX_BITS:
+        raise dkim.KeyFormatError(f"public key too large: {public.key_size} bits")
     service = tags.get(b"s", b"*")
     return RsaKey(public, public.key_size, service == b"tlsrpt")
 

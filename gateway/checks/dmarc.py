@@ -98,33 +98,31 @@ class DmarcRecord:
 
 @functools.lru_cache(maxsize=4096)
 def parse_record(domain: str, text: str) -> DmarcRecord | None:
-    """A valid DMARC record, or None (RFC 7489 6.6.3: invalid records are ignored).
+    """The DMARC record, or None if it is not one (`v=DMARC1` is not its first tag).
+
+    RFC 9989 4.7 (as RFC 7489 6.3 before it): unknown tags are ignored, and a syntax
+    error in the rest of the record is discarded in favour of the default, not the
+    record with it. A policy without a usable `p` is `p=none`. Discarding the whole
+    record instead would hand the domain to its parent's policy: a subdomain that
+    says `p=none` with one stray word would get the parent's `p=reject`.
 
     Cached: the record text comes from the DNS cache, the same for every message
     of a domain, and the result is immutable."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        k, sep, v = part.strip().partition("=")
-        if not sep:
-            if part.strip():
-                return None
-            continue
-        tags.setdefault(k.strip().lower(), v.strip())
-    if text.strip().split(";")[0].replace(" ", "").lower() != "v=dmarc1":
+    parts = text.split(";")
+    if "".join(parts[0].split()).lower() != "v=dmarc1":
         return None
+    tags: dict[str, str] = {}
+    for part in parts[1:]:
+        k, sep, v = part.strip().partition("=")
+        if sep:  # a word without "=" is a syntax error: ignored
+            tags.setdefault(k.strip().lower(), v.strip())
     policies = ("none", "quarantine", "reject")
     p = tags.get("p", "").lower()
     if p not in policies:
-        if "rua" in tags and not p:
-            p = "none"  # RFC 7489 6.6.3: a record with rua but no p is p=none
-        elif tags.get("psd", "").lower() != "y" or p:
-            return None
-        else:
-            p = "none"
+        p = "none"  # absent or not a policy: RFC 9989 4.7, treated as p=none
     sp, np = tags.get("sp", "").lower() or None, tags.get("np", "").lower() or None
-    if (sp and sp not in policies) or (np and np not in policies):
-        sp = sp if sp in policies else None
-        np = np if np in policies else None
+    sp = sp if sp in policies else None
+    np = np if np in policies else None
     try:
         pct = max(0, min(100, int(tags.get("pct", "100"))))
     except ValueError:
@@ -138,7 +136,9 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
         pct=pct,
         testing=tags.get("t", "n").lower() == "y",
-        psd=tags.get("psd", "u").lower() if tags.get("psd", "u").lower() in "ynu" else "u",
+        psd=tags.get("psd", "u").lower()
+        if tags.get("psd", "u").lower() in ("y", "n", "u")
+        else "u",
     )
 
 

@@ -4,6 +4,7 @@ end to end through real SMTP sessions."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import authres
 import authres.dmarc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,12 +35,23 @@ MSG = (
 )
 
 
+def _public_der(bits: int) -> str:
+    """An RSA public key of that many bits (a number, not a real key: only its size is
+    looked at), base64 DER as a DKIM key record holds it."""
+    public = rsa.RSAPublicNumbers(65537, (1 << (bits - 1)) | 1).public_key()
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der).decode()
+
+
 def zone() -> dict[str, list[tuple[str, Any]]]:
     return {
         "rsa._domainkey.signed.test": [("TXT", RSA.dns)],
         "ed._domainkey.signed.test": [("TXT", ED.dns)],
         "revoked._domainkey.signed.test": [("TXT", "v=DKIM1; k=rsa; p=")],
         "slow._domainkey.signed.test": [("TIMEOUT", "")],
+        "huge._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; p={_public_der(8200)}")],
         "signed.test": [("A", "192.0.2.1")],
         "_dmarc.signed.test": [("TXT", "v=DMARC1; p=reject")],
         "_dmarc.strict.test": [("TXT", "v=DMARC1; p=reject; adkim=s; aspf=s")],
@@ -51,6 +65,9 @@ def zone() -> dict[str, list[tuple[str, Any]]]:
         # DMARCbis tree walk: org record two levels up, no PSL entry for "walk.test".
         "_dmarc.org.walk.test": [("TXT", "v=DMARC1; p=reject; psd=n")],
         "_dmarc.walk.test": [("TXT", "v=DMARC1; p=none; psd=y")],
+        # A subdomain's own record with a syntax error, under a p=reject parent.
+        "_dmarc.typo.signed.test": [("TXT", "v=DMARC1; p=none; reject")],
+        "_dmarc.nop.signed.test": [("TXT", "v=DMARC1; rua=mailto:d@signed.test")],
     }
 
 
@@ -99,6 +116,15 @@ def test_dkim_key_revoked_missing_or_unreachable(dns: DnsServer) -> None:
     assert (missing.result, missing.reason) == ("permerror", "no key for signature")
     [slow] = verify(dns, sign(MSG, RSA, "signed.test", "slow"))
     assert slow.result == "temperror"
+    # Over 8192 bits: refused before any hashing, whatever the signature (RFC 8301 3.2
+    # leaves the ceiling to the verifier; a huge key makes every message dear).
+    for message in (MSG, MSG.replace(b"See you.", b"Altered.")):
+        signed = sign(MSG, RSA, "signed.test", "huge").split(b"From:", 1)[0] + message
+        [huge] = verify(dns, signed)
+        assert (huge.result, huge.reason) == (
+            "permerror",
+            "bad key: public key too large: 8200 bits",
+        )
 
 
 def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
@@ -304,8 +330,14 @@ def test_dmarc_record_parsing_and_from_domains() -> None:
         "s",
         True,
     )
-    assert parse_record("x.test", "v=DMARC1; p=bogus") is None
+    # RFC 9989 4.7: a syntax error is discarded, not the record; no usable p is p=none.
+    for text in ("v=DMARC1; p=bogus", "v=DMARC1; p=none; reject", "v=DMARC1; sp=reject"):
+        rec = parse_record("x.test", text)
+        assert rec is not None and rec.p == "none", text
+    rec = parse_record("x.test", "v=DMARC1;p=reject; sp=sometimes; np=reject;junk; psd=")
+    assert rec is not None and (rec.p, rec.sp, rec.np, rec.psd) == ("reject", None, "reject", "u")
     assert parse_record("x.test", "p=reject; v=DMARC1") is None
+    assert parse_record("x.test", "v=DMARC2; p=reject") is None
     assert from_domains(b"From: a@x.test\r\n\r\n") == ["x.test"]
     assert from_domains(b"From: a@x.test, b@y.test\r\n\r\n") == ["x.test", "y.test"]
     assert from_domains(b"From: a@x.test\r\nFrom: b@x.test\r\n\r\n") is None
@@ -362,6 +394,23 @@ def test_signed_message_delivered_with_dkim_and_dmarc_pass(
     assert results["dkim"].result == "pass" and results["dkim"].header_d == "signed.test"
     assert results["dmarc"].result == "pass" and results["dmarc"].header_from == "signed.test"
     assert results["spf"].result in ("none", "neutral")  # elsewhere.test has no record
+
+
+def test_a_subdomain_record_with_a_syntax_error_is_its_own_policy_not_the_parents(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """typo.signed.test publishes `p=none` with a stray word, nop.signed.test a record
+    without p: both are p=none (RFC 9989 4.7). Before, the record was thrown away and
+    the parent's p=reject refused the mail."""
+    gw = gateway_factory(dmarc_config(backend, dns))
+    for n, domain in enumerate(("typo.signed.test", "nop.signed.test"), 1):
+        unsigned = MSG.replace(b"alice@signed.test", f"alice@{domain}".encode())
+        assert send(gw, unsigned)[0] == 250, domain
+        assert len(backend.messages()) == n
+    for m in backend.messages():
+        head = m["data"].split(b"\r\n\r\n", 1)[0].decode()
+        assert "dmarc=fail" in head and "policy.dmarc=none" in head, head
+    assert send(gw, MSG)[0] == 550  # the parent's own mail: p=reject, as before
 
 
 def test_an_aligned_signature_that_could_not_be_checked_is_a_tempfail_never_a_reject(
