@@ -175,6 +175,12 @@ class Resolver:
             responses = e.responses()  # type: ignore[no-untyped-call]
             resp = responses.get(dns.name.from_text(name)) if responses else None
             result = DnsAnswer(status, (), self._negative_ttl(resp))
+        except (dns.exception.SyntaxError, dns.name.NameTooLong):
+            # Not a name the DNS can hold (an empty or 64-octet label, 256 octets in
+            # all): no such name exists, for good. As SERVFAIL (below) it would be a
+            # temporary error, and a message naming one deferred until it expires.
+            status = DnsStatus.NXDOMAIN
+            result = DnsAnswer(status, (), self.cfg.negative_ttl)
         except (dns.resolver.NoNameservers, dns.resolver.YXDOMAIN, dns.resolver.NoRootSOA):
             status = DnsStatus.SERVFAIL
             result = DnsAnswer(status)

@@ -512,6 +512,18 @@ def arc_sealed(message: bytes, sealer: str = "list.test") -> bytes:
     return b"".join(headers) + with_ar
 
 
+def _without_field(message: bytes, name: bytes) -> list[bytes]:
+    """The message's lines without the header field `name` (and its continuations)."""
+    out: list[bytes] = []
+    skipping = False
+    for line in message.split(b"\r\n")[:-1]:
+        if line[:1] not in (b" ", b"\t"):
+            skipping = line.lower().startswith(name + b":")
+        if not skipping:
+            out.append(line)
+    return out
+
+
 def arc_verify(dns: DnsServer, message: bytes) -> Any:
     from gateway.checks.arc import ArcCheck
 
@@ -532,6 +544,10 @@ def test_arc_chain_pass_fail_none(dns: DnsServer) -> None:
     status, _sealer, why = arc_verify(dns, sealed.replace(b"See you.", b"See you!"))
     assert status == "fail" and why
     assert arc_verify(dns, MSG)[0] == "none"
+    # A set whose seal was removed (RFC 8617 5.2: every instance needs all three).
+    unsealed = b"".join(line + b"\r\n" for line in _without_field(sealed, b"arc-seal"))
+    status, _sealer, why = arc_verify(dns, unsealed)
+    assert status == "fail" and "ncomplete" in why, why
     # The seal's key cannot be fetched now: not a fail, a temporary error.
     dns.add({"arc._domainkey.slow.test": [("TIMEOUT", "")]})
     status, _sealer, why = arc_verify(dns, arc_sealed(MSG, "slow.test"))

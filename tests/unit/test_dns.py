@@ -53,6 +53,22 @@ def test_answers_statuses_and_forms(server: DnsServer) -> None:
     asyncio.run(go())
 
 
+def test_a_name_the_dns_cannot_hold_does_not_exist_rather_than_failing(
+    server: DnsServer,
+) -> None:
+    """An empty label (a DKIM or ARC s= left empty), a 64-octet label or a 256-octet
+    name: permanently absent, never a temporary error that defers a message forever."""
+
+    async def go() -> None:
+        r = resolver(server)
+        for name in ("._domainkey.a.test", "a..test", "x" * 64 + ".test", "abcdefg." * 40 + "test"):
+            ans = await r.query(name, "TXT")
+            assert ans.status is DnsStatus.NXDOMAIN and not ans.temporary, name
+        assert server.queries == []  # nothing was sent
+
+    asyncio.run(go())
+
+
 def test_cache_positive_negative_and_not_failures(server: DnsServer) -> None:
     async def go() -> None:
         r = resolver(server)
