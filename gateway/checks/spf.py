@@ -108,6 +108,11 @@ class SpfCheck(OffLoopCheck):
 
     async def evaluate(self, ip: str, identity: str, helo: str) -> tuple[str, str]:
         """(result, explanation) for one identity; the entry point the RFC suite tests."""
+        domain = (identity.rpartition("@")[2] or helo).rstrip(".")  # pyspf's choice too
+        if domain and "." not in domain:
+            # RFC 7208 4.3: a domain that is not multi-label is "none" at once (a TLD's
+            # record is not the sender's); pyspf would look it up and evaluate it.
+            return "none", "not a multi-label domain"
         key = _key(ip, identity, helo)
         hit = self._cached(key)
         if hit is not None:

@@ -123,6 +123,21 @@ def test_null_sender_checks_helo(
     assert dns_server.asked("mta.fail.test", "TXT") == 1
 
 
+def test_a_single_label_domain_is_none_not_its_tlds_record(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """RFC 7208 4.3: not a multi-label domain, so "none", for MAIL FROM and HELO alike;
+    the record a top-level name publishes says nothing about a sender."""
+    dns_server.add({"tld": [("TXT", "v=spf1 -all")]})
+    gw = gateway_factory(spf_config(backend, dns_server))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("tld")
+        assert s.mail("<>")[0] == 250
+        s.rset()
+        assert s.mail("a@tld")[0] == 250
+    assert dns_server.asked("tld") == 0
+
+
 def test_trusted_clients_skip_spf(
     backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
