@@ -54,6 +54,8 @@ class Address:
         """The mailbox as it goes on the wire to the backend (no route: RFC 5321 C)."""
         if self.is_null:
             return ""
+        if not self.domain:  # RFC 5321 4.5.1's <Postmaster>, the one path without a domain
+            return quote_local(self.local)
         return f"{quote_local(self.local)}@{self.domain}"
 
     @property

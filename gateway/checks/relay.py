@@ -52,7 +52,10 @@ class RelayCheck:
         self.local = DomainMatcher(local_domains)
 
     def is_local(self, addr: Address) -> bool:
-        return addr.domain in self.local and not relay_trick(addr)
+        # RFC 5321 4.5.1: RCPT TO:<Postmaster>, without a domain, MUST be accepted; the
+        # command parser gives that path (and only that one) an empty domain.
+        local = addr.domain in self.local or (not addr.domain and addr.local == "postmaster")
+        return local and not relay_trick(addr)
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...]:
         rcpt = ctx.rcpt

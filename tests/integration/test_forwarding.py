@@ -47,6 +47,26 @@ def test_two_local_recipients_arrive_with_same_envelope_and_received(
     assert ev["rcpts"] == 2 and ev["size"] == len(MSG)
 
 
+def test_postmaster_without_a_domain_is_accepted_and_relayed_as_is(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """RFC 5321 4.5.1: RCPT TO:<Postmaster>, with no domain, MUST be accepted. It is
+    local whatever local_domains says, and goes to the backend as <postmaster>."""
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<Postmaster>") == (250, "250 2.1.5 backend accepted <postmaster>")
+        assert c.cmd("RCPT TO:<postmaster@remote.test>")[0] == 550  # still not a relay
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        assert c.reply()[0] == 250
+    [m] = backend.messages()
+    assert m["rcpt_tos"] == ["postmaster"]
+    assert "RCPT postmaster" in backend.commands()
+
+
 def test_backend_rejects_one_recipient_other_delivered(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
