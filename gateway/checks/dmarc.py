@@ -94,6 +94,13 @@ class DmarcRecord:
     pct: int = 100
     testing: bool = False
     psd: str = "u"
+    # RFC 9989 4.10.1: an invalid p, sp or np without a usable rua means "apply no
+    # DMARC processing". The record still counts in the tree walk (it exists).
+    unusable: bool = False
+
+
+# A reporting URI with a scheme (RFC 3986), the "syntactically valid" rua 4.10.1 asks for.
+_URI = re.compile(r"(?:^|,)\s*[A-Za-z][A-Za-z0-9+.-]*:[^\s,]+")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -101,10 +108,12 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
     """The DMARC record, or None if it is not one (`v=DMARC1` is not its first tag).
 
     RFC 9989 4.7 (as RFC 7489 6.3 before it): unknown tags are ignored, and a syntax
-    error in the rest of the record is discarded in favour of the default, not the
-    record with it. A policy without a usable `p` is `p=none`. Discarding the whole
-    record instead would hand the domain to its parent's policy: a subdomain that
-    says `p=none` with one stray word would get the parent's `p=reject`.
+    error in the rest of the record (a word without "=") is discarded, not the record
+    with it. Discarding the whole record would hand the domain to its parent's policy:
+    a subdomain that says `p=none` with one stray word would get the parent's reject.
+    An absent `p` is `p=none` (4.7). An invalid `p`, `sp` or `np` value (4.10.1): with
+    a reporting URI in `rua`, the record acts as `p=none`; without one, no DMARC
+    processing (`unusable`, reported as a permerror).
 
     Cached: the record text comes from the DNS cache, the same for every message
     of a domain, and the result is immutable."""
@@ -117,12 +126,12 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
         if sep:  # a word without "=" is a syntax error: ignored
             tags.setdefault(k.strip().lower(), v.strip())
     policies = ("none", "quarantine", "reject")
-    p = tags.get("p", "").lower()
-    if p not in policies:
-        p = "none"  # absent or not a policy: RFC 9989 4.7, treated as p=none
+    p = tags.get("p", "none").lower()
     sp, np = tags.get("sp", "").lower() or None, tags.get("np", "").lower() or None
-    sp = sp if sp in policies else None
-    np = np if np in policies else None
+    unusable = False
+    if p not in policies or sp not in (None, *policies) or np not in (None, *policies):
+        p, sp, np = "none", None, None
+        unusable = not _URI.search(tags.get("rua", ""))
     try:
         pct = max(0, min(100, int(tags.get("pct", "100"))))
     except ValueError:
@@ -139,6 +148,7 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
         psd=tags.get("psd", "u").lower()
         if tags.get("psd", "u").lower() in ("y", "n", "u")
         else "u",
+        unusable=unusable,
     )
 
 
@@ -326,6 +336,9 @@ class DmarcCheck:
             return DmarcOutcome("temperror", from_domain=from_domain, reason=str(e))
         if record is None:
             return DmarcOutcome("none", from_domain=from_domain, reason="no DMARC record")
+        if record.unusable:
+            why = f"the DMARC record of {record.domain} has an invalid p, sp or np"
+            return DmarcOutcome("permerror", from_domain=from_domain, reason=why)
         try:
             spf_ok = spf_domain is not None and (
                 yield from self._aligned(spf_domain, from_domain, org, record.aspf)

@@ -68,6 +68,7 @@ def zone() -> dict[str, list[tuple[str, Any]]]:
         # A subdomain's own record with a syntax error, under a p=reject parent.
         "_dmarc.typo.signed.test": [("TXT", "v=DMARC1; p=none; reject")],
         "_dmarc.nop.signed.test": [("TXT", "v=DMARC1; rua=mailto:d@signed.test")],
+        "_dmarc.bad.signed.test": [("TXT", "v=DMARC1; p=rejct")],
     }
 
 
@@ -330,12 +331,27 @@ def test_dmarc_record_parsing_and_from_domains() -> None:
         "s",
         True,
     )
-    # RFC 9989 4.7: a syntax error is discarded, not the record; no usable p is p=none.
-    for text in ("v=DMARC1; p=bogus", "v=DMARC1; p=none; reject", "v=DMARC1; sp=reject"):
+    # RFC 9989 4.7: a syntax error is discarded, not the record; an absent p is p=none.
+    for text in ("v=DMARC1; p=none; reject", "v=DMARC1; sp=reject", "v=DMARC1;;"):
         rec = parse_record("x.test", text)
-        assert rec is not None and rec.p == "none", text
-    rec = parse_record("x.test", "v=DMARC1;p=reject; sp=sometimes; np=reject;junk; psd=")
-    assert rec is not None and (rec.p, rec.sp, rec.np, rec.psd) == ("reject", None, "reject", "u")
+        assert rec is not None and rec.p == "none" and not rec.unusable, text
+    # 4.10.1: an invalid p, sp or np is p=none with a reporting URI, else no processing.
+    for text, unusable in [
+        ("v=DMARC1; p=bogus", True),
+        ("v=DMARC1; p=reject; sp=sometimes", True),
+        ("v=DMARC1; p=rejected; rua=not a uri", True),
+        ("v=DMARC1; p=bogus; rua=mailto:d@x.test", False),
+        ("v=DMARC1; p=reject; np=never; rua=bad, mailto:d@x.test", False),
+    ]:
+        rec = parse_record("x.test", text)
+        assert rec is not None and (rec.p, rec.sp, rec.np, rec.unusable) == (
+            "none",
+            None,
+            None,
+            unusable,
+        ), text
+    rec = parse_record("x.test", "v=DMARC1;p=reject; sp=none; np=reject;junk; psd=")
+    assert rec is not None and (rec.p, rec.sp, rec.np, rec.psd) == ("reject", "none", "reject", "u")
     assert parse_record("x.test", "p=reject; v=DMARC1") is None
     assert parse_record("x.test", "v=DMARC2; p=reject") is None
     assert from_domains(b"From: a@x.test\r\n\r\n") == ["x.test"]
@@ -400,16 +416,22 @@ def test_a_subdomain_record_with_a_syntax_error_is_its_own_policy_not_the_parent
     backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
     """typo.signed.test publishes `p=none` with a stray word, nop.signed.test a record
-    without p: both are p=none (RFC 9989 4.7). Before, the record was thrown away and
-    the parent's p=reject refused the mail."""
+    without p: both are p=none (RFC 9989 4.7); bad.signed.test a misspelt p and no rua:
+    no DMARC processing (4.10.1), a permerror. Before, each record was thrown away
+    and the parent's p=reject refused the mail."""
     gw = gateway_factory(dmarc_config(backend, dns))
-    for n, domain in enumerate(("typo.signed.test", "nop.signed.test"), 1):
+    expected = {
+        "typo.signed.test": "dmarc=fail",
+        "nop.signed.test": "dmarc=fail",
+        "bad.signed.test": "dmarc=permerror",
+    }
+    for n, (domain, result) in enumerate(expected.items(), 1):
         unsigned = MSG.replace(b"alice@signed.test", f"alice@{domain}".encode())
         assert send(gw, unsigned)[0] == 250, domain
         assert len(backend.messages()) == n
-    for m in backend.messages():
-        head = m["data"].split(b"\r\n\r\n", 1)[0].decode()
-        assert "dmarc=fail" in head and "policy.dmarc=none" in head, head
+        head = backend.messages()[-1]["data"].split(b"\r\n\r\n", 1)[0].decode()
+        assert result in head and f"header.from={domain}" in head, head
+        assert "policy.dmarc=reject" not in head, head
     assert send(gw, MSG)[0] == 550  # the parent's own mail: p=reject, as before
 
 
