@@ -104,7 +104,13 @@ class App:
                 stream.close()
                 return
             session = Session(svc, ls, stream)
-            session.task = loop.create_task(self._serve(ls, session))
+            ls.active += 1
+            metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).inc()
+            svc.sessions.add(session)
+            # The task runs the session itself, with no wrapper coroutine: every wait
+            # of a session resumes through each frame of its stack.
+            task = session.task = loop.create_task(session.run())
+            task.add_done_callback(lambda _t: self._closed(ls, session))
 
         def factory() -> Stream:
             s = Stream(loop=loop)
@@ -113,18 +119,10 @@ class App:
 
         return factory
 
-    async def _serve(self, ls: ListenerState, session: Session) -> None:
-        ls.active += 1
-        metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).inc()
-        self.svc.sessions.add(session)
-        try:
-            await session.run()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self.svc.sessions.discard(session)
-            ls.active -= 1
-            metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).dec()
+    def _closed(self, ls: ListenerState, session: Session) -> None:
+        self.svc.sessions.discard(session)
+        ls.active -= 1
+        metrics.child(metrics.ACTIVE_CONNECTIONS, ls.cfg.name).dec()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

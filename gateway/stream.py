@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 _GRAIN = 1.0  # seconds: the coarsest rounding of a read deadline
@@ -212,6 +212,19 @@ class Stream(asyncio.Protocol):
         line = bytes(memoryview(buf)[:i])
         del buf[: i + 2]
         return line
+
+    def wait_line(self, limit: int) -> Awaitable[None]:
+        """What to await before `take_line` again, for a caller that reads lines in
+        its own loop: the plain future of `_more` (no coroutine frame of readline's
+        for each wait to resume through), or, past `limit`, the wait that discards
+        the rest of the line and raises LineTooLong, as readline does."""
+        if len(self._buf) > limit + 1:
+            return self._too_long()
+        return self._more()
+
+    async def _too_long(self) -> None:
+        await self._discard_line()
+        raise LineTooLong
 
     async def readline(self, limit: int) -> bytes:
         """Return one CRLF-terminated line without the CRLF.

@@ -176,7 +176,53 @@ class Session:
         try:
             if not await self._open():
                 return
-            await self._loop()
+            # The command loop is here, not in a coroutine of its own: every wait of
+            # the session resumes through each frame of its stack.
+            limits = self.limits
+            stream = self.stream
+            while True:
+                if self.errors >= limits.max_errors:
+                    self.send(replies.TOO_MANY_ERRORS)
+                    raise SessionEnd
+                self.idle = self.txn is None
+                if self.idle and self.svc.draining:
+                    self.send(replies.SHUTTING_DOWN)
+                    raise SessionEnd
+                self.flush()
+                stream.set_deadline(limits.command_timeout)
+                if stream.write_paused:
+                    # The client pipelines without reading our replies: stop reading
+                    # until it does, so its replies cannot pile up in our memory.
+                    try:
+                        await asyncio.wait_for(stream.drain(), limits.command_timeout)
+                    except TimeoutError:
+                        stream.abort()
+                        raise SessionEnd from None
+                try:
+                    line = stream.take_line(limits.max_command_line)
+                    while line is None:
+                        await stream.wait_line(limits.max_command_line)
+                        line = stream.take_line(limits.max_command_line)
+                except TimeoutError:
+                    self.send(replies.TIMEOUT)
+                    raise SessionEnd from None
+                except LineTooLong:
+                    self.send(replies.LINE_TOO_LONG)
+                    continue
+                finally:
+                    self.idle = False
+                if _CTL.search(line):
+                    self.send(replies.CONTROL_CHARS)
+                    continue
+                verb = line[:4].upper()
+                if len(line) > 4 and line[4:5] != b" ":
+                    verb = line.split(b" ", 1)[0].upper()
+                handler = _COMMANDS.get(verb)
+                if handler is None:
+                    self.send(replies.SYNTAX_UNRECOGNIZED)
+                    continue
+                arg = line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" ")
+                await handler(self, arg)
         except asyncio.CancelledError:
             # Drain: tell the client, so it retries elsewhere, and undo at the backend.
             self.out.clear()
@@ -247,52 +293,6 @@ class Session:
         self.send_raw(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
         self.flush()
         return True
-
-    async def _loop(self) -> None:
-        limits = self.limits
-        stream = self.stream
-        while True:
-            if self.errors >= limits.max_errors:
-                self.send(replies.TOO_MANY_ERRORS)
-                raise SessionEnd
-            self.idle = self.txn is None
-            if self.idle and self.svc.draining:
-                self.send(replies.SHUTTING_DOWN)
-                raise SessionEnd
-            self.flush()
-            stream.set_deadline(limits.command_timeout)
-            if stream.write_paused:
-                # The client pipelines without reading our replies: stop reading
-                # until it does, so its replies cannot pile up in our memory.
-                try:
-                    await asyncio.wait_for(stream.drain(), limits.command_timeout)
-                except TimeoutError:
-                    stream.abort()
-                    raise SessionEnd from None
-            try:
-                line = stream.take_line(limits.max_command_line)
-                if line is None:
-                    line = await stream.readline(limits.max_command_line)
-            except TimeoutError:
-                self.send(replies.TIMEOUT)
-                raise SessionEnd from None
-            except LineTooLong:
-                self.send(replies.LINE_TOO_LONG)
-                continue
-            finally:
-                self.idle = False
-            if _CTL.search(line):
-                self.send(replies.CONTROL_CHARS)
-                continue
-            verb = line[:4].upper()
-            if len(line) > 4 and line[4:5] != b" ":
-                verb = line.split(b" ", 1)[0].upper()
-            handler = _COMMANDS.get(verb)
-            if handler is None:
-                self.send(replies.SYNTAX_UNRECOGNIZED)
-                continue
-            arg = line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" ")
-            await handler(self, arg)
 
     # -- commands ------------------------------------------------------------------
     async def cmd_ehlo(self, arg: str) -> None:
