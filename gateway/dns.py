@@ -31,6 +31,19 @@ from gateway import config, metrics
 from gateway.config import parse_nameserver
 
 
+def ascii_name(name: str) -> str:
+    """A domain as the DNS holds it: U-labels converted to A-labels (RFC 5890), by the
+    codec the resolver itself uses, so that names compared for DMARC alignment are
+    the ones looked up. One that cannot be converted is returned unchanged; looking
+    it up then gives NXDOMAIN (see `_ask`)."""
+    if name.isascii():
+        return name
+    try:
+        return dns.name.from_unicode(name).to_text(omit_final_dot=True)
+    except dns.exception.DNSException:
+        return name
+
+
 class DnsStatus(StrEnum):
     OK = "ok"
     NXDOMAIN = "nxdomain"
@@ -175,7 +188,7 @@ class Resolver:
             responses = e.responses()  # type: ignore[no-untyped-call]
             resp = responses.get(dns.name.from_text(name)) if responses else None
             result = DnsAnswer(status, (), self._negative_ttl(resp))
-        except (dns.exception.SyntaxError, dns.name.NameTooLong):
+        except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException):
             # Not a name the DNS can hold (an empty or 64-octet label, 256 octets in
             # all): no such name exists, for good. As SERVFAIL (below) it would be a
             # temporary error, and a message naming one deferred until it expires.

@@ -15,13 +15,13 @@ import re
 from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from email import policy as email_policy
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.utils import getaddresses
 from typing import Any, ClassVar, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.dns import DnsAnswer, DnsStatus, Resolver
+from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -157,8 +157,10 @@ def from_domains(message: bytes) -> list[str] | None:
     head = header_section(message)
     fields = _plain_from_fields(head)
     if fields is None:  # anything unusual: the email package's parser decides
-        msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
-        fields = msg.get_all("From") or []
+        # Parsed as UTF-8 text (RFC 6532 headers): the bytes parser would read non-ASCII
+        # as unknown octets and hand back a From whose domain is replacement characters.
+        text = head.decode("utf-8", "surrogateescape")
+        fields = HeaderParser(policy=email_policy.compat32).parsestr(text).get_all("From") or []
     if len(fields) != 1:
         return None
     return value_domains(str(fields[0]))
@@ -180,7 +182,10 @@ def value_domains(value: str) -> list[str]:
     if m is not None:
         return [(m.group(1) or m.group(2)).lower()]
     addrs = getaddresses([value])
-    domains = [a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in addrs if "@" in a]
+    # RFC 9989 5.3.1: a U-label domain is converted to its A-label.
+    domains = [
+        ascii_name(a.rpartition("@")[2].strip().lower().rstrip(".")) for _, a in addrs if "@" in a
+    ]
     return domains if len(domains) == len(addrs) else []
 
 
@@ -394,7 +399,8 @@ class DmarcCheck:
         return ""
 
     def _aligned(self, domain: str, from_domain: str, org: str, mode: str) -> Evaluation[bool]:
-        domain = domain.lower().rstrip(".")
+        # An SMTPUTF8 MAIL FROM (or an RFC 8616 d=) may carry U-labels: compared as A-labels.
+        domain = ascii_name(domain.lower().rstrip("."))
         if mode == "s":
             return domain == from_domain
         if domain == from_domain:

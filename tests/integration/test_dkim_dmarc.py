@@ -69,6 +69,10 @@ def zone() -> dict[str, list[tuple[str, Any]]]:
         "_dmarc.typo.signed.test": [("TXT", "v=DMARC1; p=none; reject")],
         "_dmarc.nop.signed.test": [("TXT", "v=DMARC1; rua=mailto:d@signed.test")],
         "_dmarc.bad.signed.test": [("TXT", "v=DMARC1; p=rejct")],
+        # An internationalised domain, bücher.test, as the DNS holds it (A-labels).
+        "_dmarc.xn--bcher-kva.test": [("TXT", "v=DMARC1; p=reject")],
+        "rsa._domainkey.xn--bcher-kva.test": [("TXT", RSA.dns)],
+        "xn--bcher-kva.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
     }
 
 
@@ -435,6 +439,36 @@ def test_a_subdomain_record_with_a_syntax_error_is_its_own_policy_not_the_parent
     assert send(gw, MSG)[0] == 550  # the parent's own mail: p=reject, as before
 
 
+def test_an_internationalised_from_domain_is_evaluated_by_its_a_label(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """RFC 9989 5.3.1 (and RFC 6532 headers): From: jörg@bücher.test is the domain
+    xn--bcher-kva.test. Its signature, or an SPF pass for the U-label MAIL FROM,
+    aligns; a spoof is refused. Before, the UTF-8 From was read as replacement
+    characters and every such message was deferred (451)."""
+    gw = gateway_factory(dmarc_config(backend, dns))
+    message = (
+        "From: Jörg <jörg@bücher.test>\r\nTo: bob@example.test\r\nSubject: grüße\r\n"
+        "Date: Sun, 22 Nov 2026 08:00:00 +0000\r\nMessage-ID: <1@xn--bcher-kva.test>\r\n"
+        "\r\nHallo.\r\n"
+    ).encode()
+
+    def deliver(mail_from: str, body: bytes) -> int:
+        with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+            s.ehlo("client.test")
+            s.mail(mail_from, ["SMTPUTF8"])
+            s.rcpt("bob@example.test")
+            return s.data(body)[0]
+
+    signed = sign(message, RSA, "xn--bcher-kva.test", "rsa")
+    assert deliver("bounces@elsewhere.test", signed) == 250  # aligned DKIM
+    assert deliver("jörg@bücher.test", message) == 250  # aligned SPF, U-label MAIL FROM
+    assert deliver("bounces@elsewhere.test", message) == 550  # neither: p=reject
+    for m in backend.messages():
+        head = m["data"].split(b"\r\n\r\n", 1)[0].decode()
+        assert "dmarc=pass" in head and "header.from=xn--bcher-kva.test" in head, head
+
+
 def test_an_aligned_signature_that_could_not_be_checked_is_a_tempfail_never_a_reject(
     backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
@@ -688,14 +722,15 @@ def test_from_fields_fast_scan_agrees_with_the_email_parser(lines: list[bytes]) 
     """The plain-header scan returns what the email package's parser does, or
     defers to it; DMARC's idea of the From domain must not depend on which ran."""
     from email import policy as email_policy
-    from email.parser import BytesHeaderParser
+    from email.parser import HeaderParser
 
     from gateway.checks.dmarc import _plain_from_fields
     from gateway.headers import header_section
 
     head = header_section(b"\r\n".join(lines) + b"\r\n\r\nbody\r\n")
     fast = _plain_from_fields(head)
-    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    text = head.decode("utf-8", "surrogateescape")
+    parsed = HeaderParser(policy=email_policy.compat32).parsestr(text)
     if fast is not None:
         assert fast == [str(v) for v in parsed.get_all("From") or []]
 
