@@ -64,6 +64,19 @@ def _networks(v: Any) -> list[IPNetwork]:
 Networks = Annotated[list[IPNetwork], BeforeValidator(_networks)]
 
 
+def plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (what a dual-stack `::` listener sees for an IPv4
+    client) as the IPv4 address it is, so that logs, headers, XCLIENT, rate-limit
+    keys and checks all name one client one way; anything else unchanged."""
+    if ip[:7].lower() != "::ffff:":  # the common case costs a slice
+        return ip
+    try:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+    except ValueError:
+        return ip
+    return ip if mapped is None else str(mapped)
+
+
 def network_matcher(nets: list[IPNetwork]) -> Callable[[str], bool]:
     """The one test of "is this client in these networks" (IPv4-mapped IPv6 counts as
     IPv4), cached per address: trusted, proxy, allow and exempt lists all use it."""

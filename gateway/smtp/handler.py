@@ -144,7 +144,7 @@ class Session:
         peer = stream.peername or ("0.0.0.0", 0)
         self.ctx = Context(
             session_id=self.id,
-            client_ip=str(peer[0]),
+            client_ip=config.plain_ip(str(peer[0])),
             client_port=int(peer[1]),
             listener=listener.cfg.name,
         )
@@ -277,7 +277,8 @@ class Session:
                 self.stream.abort()
                 return False
             if info.src_addr is not None:
-                self.ctx.client_ip, self.ctx.client_port = info.src_addr, info.src_port or 0
+                self.ctx.client_ip = config.plain_ip(info.src_addr)
+                self.ctx.client_port = info.src_port or 0
         self.ctx.trusted = self.svc.is_trusted(self.ctx.client_ip)
         # Implicit TLS (465): the handshake is ours, after any PROXY header, so it is
         # timed, counted and uses the certificate current at this moment.

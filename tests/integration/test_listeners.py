@@ -181,10 +181,12 @@ def _proxy_v2(src: str, sport: int, dst: str = "198.51.100.1", dport: int = 25) 
     return sig + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, "mapped"])
 def test_proxy_protocol_from_trusted_network(
-    version: int, backend: Backend, gateway_factory: Callable[..., Gateway]
+    version: int | str, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
+    """ "mapped": a load balancer on a dual-stack socket reports an IPv4 client as
+    ::ffff:192.0.2.77; the gateway names it 192.0.2.77 everywhere, as the others."""
     # This test is about PROXY; it has no DNS server, so sender-authentication checks are off.
     cfg = base_config(
         backend.url,
@@ -194,11 +196,11 @@ def test_proxy_protocol_from_trusted_network(
     )
     cfg["listeners"][0]["proxy_protocol"] = True
     gw = gateway_factory(cfg)
-    header = (
-        b"PROXY TCP4 192.0.2.77 198.51.100.1 40001 25\r\n"
-        if version == 1
-        else _proxy_v2("192.0.2.77", 40001)
-    )
+    header = {
+        1: b"PROXY TCP4 192.0.2.77 198.51.100.1 40001 25\r\n",
+        2: _proxy_v2("192.0.2.77", 40001),
+        "mapped": b"PROXY TCP6 ::FFFF:192.0.2.77 2001:db8::1 40001 25\r\n",
+    }[version]
     with RawClient(gw.port()) as c:
         c.send(header)
         assert c.reply()[0] == 220
