@@ -159,7 +159,9 @@ def from_domains(message: bytes) -> list[str] | None:
     if fields is None:  # anything unusual: the email package's parser decides
         # Parsed as UTF-8 text (RFC 6532 headers): the bytes parser would read non-ASCII
         # as unknown octets and hand back a From whose domain is replacement characters.
-        text = head.decode("utf-8", "surrogateescape")
+        # Octets that are not UTF-8 become U+FFFD here (never surrogates, which the
+        # parser would wrap in a Header that cannot be printed).
+        text = head.decode("utf-8", "replace")
         fields = HeaderParser(policy=email_policy.compat32).parsestr(text).get_all("From") or []
     if len(fields) != 1:
         return None
@@ -182,11 +184,15 @@ def value_domains(value: str) -> list[str]:
     if m is not None:
         return [(m.group(1) or m.group(2)).lower()]
     addrs = getaddresses([value])
-    # RFC 9989 5.3.1: a U-label domain is converted to its A-label.
+    # RFC 9989 5.3.1: a U-label domain is converted to its A-label. One that cannot be
+    # (octets that were not UTF-8, characters IDNA refuses) is no domain: the message
+    # is then malformed, rather than a look-alike of a real domain that DMARC passes by.
     domains = [
         ascii_name(a.rpartition("@")[2].strip().lower().rstrip(".")) for _, a in addrs if "@" in a
     ]
-    return domains if len(domains) == len(addrs) else []
+    if len(domains) != len(addrs) or not all(d.isascii() for d in domains):
+        return []
+    return domains
 
 
 _FIELD_START = re.compile(rb"[!-9;-~]+:")  # field name (printable, no colon) and colon
