@@ -30,7 +30,9 @@ def _component(s: str) -> str:
 
 
 def mailbox_dir(root: Path, rcpt: str) -> Path:
-    local, _, domain = rcpt.rpartition("@")
+    local, at, domain = rcpt.rpartition("@")
+    if not at:  # RFC 5321 4.5.1's bare <postmaster>: this host's, so under localhost
+        local, domain = rcpt, "localhost"
     return root / _component(domain.lower()) / _component(local)
 
 

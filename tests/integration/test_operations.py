@@ -138,8 +138,19 @@ def test_embedded_defaults_deliver_to_maildir(tmp_path: Path) -> None:
             assert s.rcpt("x@remote.test")[0] == 550
             code, msg = s.data(MSG + b".leading dot\r\n")
             assert code == 250 and msg.startswith(b"2.0.0")
+            # RFC 5321 4.5.1: the bare <Postmaster> is this host's postmaster.
+            s.mail("root@sender.test")
+            assert s.rcpt("<Postmaster>")[0] == 250
+            assert s.data(MSG)[0] == 250
     finally:
         gw.stop()
+    [bare] = [
+        f
+        for f in (tmp_path / "mail" / "localhost" / "postmaster" / "new").iterdir()
+        if not f.read_bytes().endswith(b".leading dot\r\n")
+    ]
+    assert b"Delivered-To: postmaster\r\n" in bare.read_bytes()
+    bare.unlink()
     for box in ("postmaster", "other"):
         files = list((tmp_path / "mail" / "localhost" / box / "new").iterdir())
         assert len(files) == 1
