@@ -80,7 +80,7 @@ def test_calls_per_message_is_measured_and_repeatable(tmp_path: Path) -> None:
         assert res["mode"] == "proxy" and res["messages"] == 100
         # The session's own code is in the profile, counted per message.
         loop = [v for k, v in res["functions"].items() if k.startswith("handler.py:")
-                and k.endswith("(_loop)")]  # fmt: skip
+                and k.endswith("(run)")]  # fmt: skip
         assert loop and loop[0] >= 1
         figures.append(res["calls_per_message"])
     assert 100 < figures[0] < 5000
