@@ -291,6 +291,11 @@ def headerprep(d: Any, idx: int) -> Any:
     validate_signature_fields(sig)
     d.domain, d.selector = sig[b"d"], sig[b"s"]
     include_headers = [x.lower() for x in _H_SEP.split(sig[b"h"])]
+    if b"from" not in include_headers:
+        # RFC 6376 6.1.1: the verifier MUST ignore such a signature (PERMFAIL). dkimpy
+        # only refuses to sign without From; verifying, it would pass one, and a pass
+        # that does not cover From could vouch for any From of the signing domain.
+        raise dkim.ValidationError("From field not signed")
     d.include_headers = tuple(include_headers)
     return sig, include_headers, sigheaders
 

@@ -21,7 +21,7 @@ from gateway import config
 from gateway.checks.dkim import OFFLOOP_BYTES, DkimCheck, aggregate
 from gateway.checks.dmarc import DmarcCheck, Undecided, from_domains, parse_record
 from gateway.dns import Resolver
-from tests.support.dkimkeys import ed25519_key, rsa_key, sign
+from tests.support.dkimkeys import ed25519_key, rsa_key, sign, sign_simple_by_hand
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway, base_config
 
@@ -130,6 +130,15 @@ def test_dkim_key_revoked_missing_or_unreachable(dns: DnsServer) -> None:
             "permerror",
             "bad key: public key too large: 8200 bits",
         )
+
+
+def test_dkim_signature_that_does_not_cover_from_is_a_permerror(dns: DnsServer) -> None:
+    """RFC 6376 6.1.1: a verifier MUST refuse a signature whose h= lacks From; such a
+    pass could vouch for any From of the signing domain (DMARC would align it)."""
+    [covered] = verify(dns, sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "from:subject"))
+    assert covered.result == "pass"  # the hand-made signature is a real one
+    [bare] = verify(dns, sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "subject:date"))
+    assert (bare.result, bare.reason) == ("permerror", "From field not signed")
 
 
 def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
@@ -442,6 +451,17 @@ def test_a_subdomain_record_with_a_syntax_error_is_its_own_policy_not_the_parent
         assert result in head and f"header.from={domain}" in head, head
         assert "policy.dmarc=reject" not in head, head
     assert send(gw, MSG)[0] == 550  # the parent's own mail: p=reject, as before
+
+
+def test_a_signature_not_covering_from_does_not_pass_dmarc(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Its From can be anything: the signature vouches for none (before, 250)."""
+    gw = gateway_factory(dmarc_config(backend, dns))
+    signed = sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "subject:date")
+    code, msg = send(gw, signed.replace(b"alice@signed.test", b"ceo@signed.test"))
+    assert code == 550 and b"DMARC" in msg
+    assert send(gw, sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "from:subject"))[0] == 250
 
 
 def test_an_internationalised_from_domain_is_evaluated_by_its_a_label(
