@@ -238,6 +238,9 @@ class DkimCheck(OffLoopCheck):
             return "fail", "key revoked"
         except dkim.DKIMException as e:
             return "permerror", f"bad key: {e}"
+        why = dkimrsa.key_use_error(record, prep[0])
+        if why is not None:
+            return "permerror", why
         if key is None:  # ed25519: dkimpy verifies
             return _outcome(lambda: d.verify(idx=idx, dnsfunc=dnsfunc))
         return _outcome(lambda: dkimrsa.verify(d, idx, prep, key))

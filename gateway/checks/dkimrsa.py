@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import re
 import threading
@@ -99,6 +100,41 @@ class KeyCache:
         if isinstance(hit, dkim.DKIMException):
             raise hit
         return hit
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_terms(record: bytes) -> tuple[frozenset[bytes] | None, frozenset[bytes], bool]:
+    """A key record's h= (hash algorithms allowed; None: any), s= (service types)
+    and whether t= has the s flag. Cached: a record is parsed by KeyCache first, so
+    its tags are valid by the time this is asked."""
+    tags = parse_tags(record)
+
+    def terms(tag: bytes) -> frozenset[bytes]:
+        return frozenset(t.strip().lower() for t in tags[tag].split(b":"))
+
+    hashes = terms(b"h") if b"h" in tags else None
+    services = terms(b"s") if b"s" in tags else frozenset({b"*"})
+    return hashes, services, b"s" in (terms(b"t") if b"t" in tags else frozenset())
+
+
+def key_use_error(record: bytes, sig: dict[bytes, bytes]) -> str | None:
+    """Why RFC 6376 3.6.1 / 6.1.2 forbid using this key for this signature, if they do.
+
+    dkimpy checks none of these when it verifies: a key for another service (s=), a
+    key that allows other hash algorithms only (h=), a strict key (t=s) for a
+    signature whose i= names a subdomain of d=. Each is a PERMFAIL of the signature.
+    """
+    hashes, services, strict = _key_terms(record)
+    if not services & {b"*", b"email", b"tlsrpt"}:  # tlsrpt: refused in verify, as dkimpy
+        return f"key is not for email (s={b':'.join(sorted(services)).decode(errors='replace')})"
+    algorithm = sig.get(b"a", b"")
+    if hashes is not None and algorithm.rpartition(b"-")[2].lower() not in hashes:
+        return f"key does not allow {algorithm.decode(errors='replace')} (h=)"
+    if strict and b"i" in sig:
+        i_domain = sig[b"i"].rpartition(b"@")[2].lower().rstrip(b".")
+        if i_domain != sig.get(b"d", b"").lower().rstrip(b"."):
+            return "key is strict (t=s) and i= names a subdomain of d="
+    return None
 
 
 def _parse(name: str, record: bytes) -> RsaKey | None:

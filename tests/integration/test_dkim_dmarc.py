@@ -11,6 +11,7 @@ from typing import Any
 
 import authres
 import authres.dmarc
+import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -139,6 +140,40 @@ def test_dkim_signature_that_does_not_cover_from_is_a_permerror(dns: DnsServer) 
     assert covered.result == "pass"  # the hand-made signature is a real one
     [bare] = verify(dns, sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "subject:date"))
     assert (bare.result, bare.reason) == ("permerror", "From field not signed")
+
+
+def test_dkim_key_that_may_not_be_used_for_the_signature_is_a_permerror(dns: DnsServer) -> None:
+    """RFC 6376 3.6.1 / 6.1.2, none of which dkimpy checks when it verifies: a key for
+    another service (s=), one allowing other hashes only (h=), a strict key (t=s) for
+    an i= in a subdomain of d=. The same keys, used as they allow, pass."""
+    p = RSA.dns.split("p=", 1)[1]
+    dns.add(
+        {
+            "web._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; s=web; p={p}")],
+            "mail._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; s=web:email; p={p}")],
+            "old._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; h=sha1; p={p}")],
+            "both._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; h=sha1:sha256; p={p}")],
+            "strict._domainkey.signed.test": [("TXT", f"v=DKIM1; k=rsa; t=y:s; p={p}")],
+            "edweb._domainkey.signed.test": [("TXT", ED.dns + "; s=web")],
+        }
+    )
+    refused = {
+        "web": "key is not for email (s=web)",
+        "old": "key does not allow rsa-sha256 (h=)",
+        "edweb": "key is not for email (s=web)",
+    }
+    for selector, why in refused.items():
+        [sig] = verify(dns, sign(MSG, ED if selector == "edweb" else RSA, "signed.test", selector))
+        assert (sig.result, sig.reason) == ("permerror", why), selector
+    for selector in ("mail", "both", "strict"):
+        [sig] = verify(dns, sign(MSG, RSA, "signed.test", selector))
+        assert sig.result == "pass", selector
+    sub = dkim.sign(MSG, b"strict", b"signed.test", RSA.private, identity=b"a@sub.signed.test")
+    [sig] = verify(dns, sub + MSG)
+    assert (sig.result, sig.reason) == (
+        "permerror",
+        "key is strict (t=s) and i= names a subdomain of d=",
+    )
 
 
 def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
