@@ -475,12 +475,14 @@ class DmarcCheck:
         return parse_record(domain, found[0])
 
     def _exists(self, domain: str) -> Evaluation[bool]:
-        """DMARCbis np: a domain with no A, AAAA or MX answer (NXDOMAIN) does not exist."""
+        """For np (RFC 9091 2.1, RFC 9989): a domain is non-existent when its A, AAAA and
+        MX lookups each give NXDOMAIN *or NODATA*, a broader test than RFC 8020's. A
+        name that holds only other records (TXT, say) does not exist for mail."""
         for rtype in ("A", "AAAA", "MX"):
             ans = yield (domain, rtype)
             if ans.temporary:
                 raise DmarcTempError(f"existence of {domain}: {ans.status.value}")
-            if ans.status is not DnsStatus.NXDOMAIN:
+            if ans.status is DnsStatus.OK and ans.records:
                 return True
         return False
 

@@ -268,6 +268,10 @@ def test_dmarc_alignment(dns: DnsServer) -> None:
 def test_dmarc_sp_np_t_pct_none(dns: DnsServer) -> None:
     assert evaluate(dns, "exists.sub.test", None, []).disposition == "quarantine"  # sp
     assert evaluate(dns, "ghost.sub.test", None, []).disposition == "reject"  # np
+    # RFC 9091 2.1: NODATA for A, AAAA and MX is non-existent too (a name with TXT only).
+    dns.add({"txtonly.sub.test": [("TXT", "hello")], "mx.sub.test": [("MX", "10 mx.x.test.")]})
+    assert evaluate(dns, "txtonly.sub.test", None, []).disposition == "reject"  # np
+    assert evaluate(dns, "mx.sub.test", None, []).disposition == "quarantine"  # exists: sp
     out = evaluate(dns, "testing.test", None, [])
     assert (out.result, out.policy, out.disposition) == ("fail", "reject", "quarantine")
     assert evaluate(dns, "sampled.test", None, []).disposition == "quarantine"
