@@ -1,6 +1,7 @@
 """Fuzzing the parsers that read hostile input (hypothesis, bounded in time): address
 paths, header address lists, Authentication-Results removal, PROXY headers, bare
-CR/LF detection. Each property either holds or is a finding."""
+CR/LF detection, the From domain DMARC judges. Each property either holds or is a
+finding."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.address import Address, AddressError, parse_path, split_path
+from gateway.checks.dmarc import from_domains
 from gateway.headers import _authserv_id, strip_forged_ar
 from gateway.rewrite.header import addr_spans, rewrite_value
 from gateway.smtp.data import has_bare_cr_lf, stuff, unstuff
@@ -112,6 +114,22 @@ def test_no_header_claiming_our_name_survives(lines: list[bytes], body: bytes) -
         if colon and name.strip().lower() == b"authentication-results":
             assert _authserv_id(value.decode("utf-8", "replace")) != "gw.test", f
     assert removed <= sum(1 for x in lines if x.lower().startswith(b"authentication-results"))
+
+
+FROM_PIECES = ["a", "@", "bücher.test", "Ü", "<", ">", ",", " ", '"', "=?utf-8?b?w7w=?=",
+               ".", "xn--", "ß", "\u200b", "..", "(", ")", ";", ":", "\\", "\r\n "]  # fmt: skip
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(FROM_PIECES), max_size=14), st.binary(max_size=6), st.booleans())
+def test_from_domains_are_ascii_names_or_nothing(parts: list[str], junk: bytes, two: bool) -> None:
+    """UTF-8 and broken octets in From: never an exception (a From mixing both once
+    crashed the DMARC check), and every domain returned is ASCII, as the DNS holds it
+    (a U-label as its A-label); one that cannot be, makes the message malformed."""
+    value = "".join(parts).encode() + junk
+    message = b"From: " + value + b"\r\n" + (b"From: b@x.test\r\n" if two else b"")
+    domains = from_domains(message + b"Subject: s\r\n\r\nbody\r\n")
+    assert domains is None or all(isinstance(d, str) and d.isascii() for d in domains)
 
 
 @FUZZ
