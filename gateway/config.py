@@ -68,7 +68,7 @@ def plain_ip(ip: str) -> str:
     """An IPv4-mapped IPv6 address (what a dual-stack `::` listener sees for an IPv4
     client) as the IPv4 address it is, so that logs, headers, XCLIENT, rate-limit
     keys and checks all name one client one way; anything else unchanged."""
-    if ip[:7].lower() != "::ffff:":  # the common case costs a slice
+    if ":" not in ip:  # IPv4 (or not an address at all): nothing to parse
         return ip
     try:
         mapped = ipaddress.IPv6Address(ip).ipv4_mapped
@@ -84,11 +84,9 @@ def network_matcher(nets: list[IPNetwork]) -> Callable[[str], bool]:
     @functools.lru_cache(maxsize=4096)
     def match(ip: str) -> bool:
         try:
-            addr = ipaddress.ip_address(ip)
+            addr = ipaddress.ip_address(plain_ip(ip))
         except ValueError:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         return any(addr in n for n in nets)
 
     return match

@@ -214,10 +214,10 @@ class Stream(asyncio.Protocol):
         return line
 
     def wait_line(self, limit: int) -> Awaitable[None]:
-        """What to await before `take_line` again, for a caller that reads lines in
-        its own loop: the plain future of `_more` (no coroutine frame of readline's
-        for each wait to resume through), or, past `limit`, the wait that discards
-        the rest of the line and raises LineTooLong, as readline does."""
+        """What to await before `take_line` again (readline's loop, and the hot
+        callers that run it inline to spare a coroutine frame per wait): the plain
+        future of `_more`, or, past `limit`, the wait that discards the rest of the
+        line and raises LineTooLong."""
         if len(self._buf) > limit + 1:
             return self._too_long()
         return self._more()
@@ -232,14 +232,11 @@ class Stream(asyncio.Protocol):
         Only CRLF ends a line: a bare LF stays inside it, so the caller can
         refuse it instead of treating it as a command boundary.
         """
-        while True:
+        line = self.take_line(limit)
+        while line is None:
+            await self.wait_line(limit)
             line = self.take_line(limit)
-            if line is not None:
-                return line
-            if len(self._buf) > limit + 1:
-                await self._discard_line()
-                raise LineTooLong
-            await self._more()
+        return line
 
     async def _discard_line(self) -> None:
         buf = self._buf

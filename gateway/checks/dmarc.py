@@ -132,6 +132,7 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
     if p not in policies or sp not in (None, *policies) or np not in (None, *policies):
         p, sp, np = "none", None, None
         unusable = not _URI.search(tags.get("rua", ""))
+    psd = tags.get("psd", "u").lower()
     try:
         pct = max(0, min(100, int(tags.get("pct", "100"))))
     except ValueError:
@@ -145,9 +146,7 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
         pct=pct,
         testing=tags.get("t", "n").lower() == "y",
-        psd=tags.get("psd", "u").lower()
-        if tags.get("psd", "u").lower() in ("y", "n", "u")
-        else "u",
+        psd=psd if psd in ("y", "n", "u") else "u",
         unusable=unusable,
     )
 

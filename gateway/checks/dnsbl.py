@@ -34,9 +34,7 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 def reverse_ip(ip: str) -> str:
     """1.2.3.4 -> 4.3.2.1; IPv6 -> reversed nibbles (RFC 5782 2.1 and 2.4)."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = ipaddress.ip_address(config.plain_ip(ip))
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))

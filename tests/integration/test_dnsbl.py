@@ -207,6 +207,7 @@ def test_reverse_and_filters_unit() -> None:
         ".8.b.d.0.1.0.0.2"
     )
     assert reverse_ip("::ffff:192.0.2.1") == "1.2.0.192"
+    assert reverse_ip("0:0:0:0:0:FFFF:c000:201") == "1.2.0.192"  # any spelling of it
     assert code_matches("127.0.0.2", [])
     assert not code_matches("127.0.0.3", ["127.0.0.2"])
     assert code_matches("127.0.0.10", ["127.0.0.8/29"])
