@@ -164,6 +164,9 @@ class Limits(_Strict):
     # NOOP/RSET/VRFY/HELP in a row without a transaction; beyond, each is an error.
     max_junk_commands: Annotated[int, Field(ge=1)] = 100
     bare_linefeed: BareLinefeed = BareLinefeed.REJECT
+    # Received fields a message may carry; more is a mail loop (RFC 5321 6.3 asks for
+    # a threshold of at least 100).
+    max_received_headers: Annotated[int, Field(ge=1)] = 100
     proxy_header_timeout: Annotated[float, Field(gt=0)] = 10.0
 
 

@@ -85,6 +85,25 @@ def header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 4]
 
 
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+
+
+def too_many_received(wire: bytes, limit: int) -> bool:
+    """Whether the header section holds more than `limit` Received fields (the
+    body is never read).
+
+    Why two steps: this runs on every message. A case-folded count of the lines
+    that start with "received" (Received-SPF too) bounds the answer for the
+    price of one copy of the header section; only a message past that bound
+    pays for the exact count of field names.
+    """
+    head = header_section(wire)
+    folded = head.lower()
+    if folded.count(b"\nreceived") + folded.startswith(b"received") <= limit:
+        return False
+    return len(_RECEIVED.findall(head)) > limit
+
+
 _AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")
 _AR_ANYWHERE = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from gateway.config import BareLinefeed
+from gateway.headers import too_many_received
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.stream import Stream
@@ -47,6 +48,14 @@ async def read_message(stream: Stream, max_size: int, bare: BareLinefeed) -> byt
     if raw is None:
         raise DataRefused(replies.SIZE_EXCEEDED)
     return check_wire(raw, bare)
+
+
+def check_hops(wire: bytes, max_received: int) -> None:
+    """RFC 5321 6.3: a message that has passed through more than `max_received`
+    hops is in a loop (between this gateway and its backend, say); relaying it
+    again would only feed the loop."""
+    if too_many_received(wire, max_received):
+        raise DataRefused(replies.MAIL_LOOP)
 
 
 def check_wire(wire: bytes, bare: BareLinefeed) -> bytes:

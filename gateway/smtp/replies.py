@@ -111,6 +111,7 @@ SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
 BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
 NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")
+MAIL_LOOP = r(554, "5.4.6", "Too many hops (Received header fields): mail loop?")
 TOO_MANY_ERRORS = r(421, "4.7.0", "Error: too many errors, closing connection")
 TIMEOUT = r(421, "4.4.2", "Error: timeout exceeded, closing connection")
 TOO_MANY_CONNECTIONS = r(421, "4.7.0", "Error: too many connections, try again later")

@@ -109,6 +109,33 @@ def test_backend_drops_mid_data_gives_4xx_and_nothing_stored(
     assert "DATA" in be.commands()  # the backend really was mid-DATA
 
 
+def test_a_looping_message_is_refused_at_the_hop_limit(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """RFC 5321 6.3: past `limits.max_received_headers` Received fields (default 100)
+    the message is in a loop: 554 5.4.6, the backend sees nothing of it, and the
+    session goes on. A message at the limit still passes, gaining our own field."""
+    gw = gateway_factory(base_config(backend.url))
+    hops = b"".join(b"Received: from hop%d.test by hop%d.test; x\r\n" % (i, i) for i in range(99))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(b"received: from lower.test\r\n" + hops + MSG)[0] == 250  # 100: at the limit
+        [looped] = [m["data"] for m in backend.messages()]
+        fields = [line for line in looped.split(b"\r\n") if line.lower().startswith(b"received:")]
+        assert len(fields) == 101  # the client's 100 and ours
+        # The same message comes round again (say, the backend routes it back to us).
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(looped) == (554, b"5.4.6 Too many hops (Received header fields): mail loop?")
+        s.mail("a@sender.test")
+        s.rcpt("x@example.test")
+        assert s.data(hops + MSG)[0] == 250
+    assert len(backend.messages()) == 2
+    gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("reason") == "mail_loop")
+
+
 def test_backend_451_at_end_of_data_is_relayed(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -66,3 +66,50 @@ def test_split_path_agrees_with_the_quote_aware_walk(arg: str) -> None:
     except AddressError:
         got = None
     assert got == want
+
+
+def _received_fields(wire: bytes) -> int:
+    """The slow reading of the same rule: header lines (not continuations) whose field
+    name, trailing blanks aside, is Received in any case."""
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    n = 0
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") or b":" not in line:
+            continue
+        n += line.split(b":", 1)[0].rstrip(b" \t").lower() == b"received"
+    return n
+
+
+field_names = st.sampled_from(
+    [
+        b"Received",
+        b"received",
+        b"RECEIVED",
+        b"ReCeIvEd",
+        b"Received ",
+        b"Received-SPF",
+        b"X-Received",
+        b"Subject",
+        b"receivedx",
+    ]
+)
+header_line = st.tuples(field_names, st.booleans()).map(
+    lambda t: t[0] + b": from x by y" + (b"\r\n\tReceived: folded" if t[1] else b"")
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(header_line, max_size=12),
+    st.integers(min_value=0, max_value=12),
+    st.integers(min_value=0, max_value=8),
+)
+def test_too_many_received_counts_header_fields_only(
+    lines: list[bytes], body_received: int, limit: int
+) -> None:
+    """The quick bound never decides wrongly: the answer is the exact count of
+    Received fields against the limit, whatever the case, continuation lines,
+    look-alike names or Received lines in the body."""
+    wire = b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    wire += b"Received: in the body\r\n" * body_received
+    assert headers.too_many_received(wire, limit) == (_received_fields(wire) > limit)
