@@ -21,6 +21,7 @@ from gateway.forward.client import (
     SmtpReply,
 )
 from gateway.forward.pool import Pool
+from gateway.headers import header_section
 from gateway.smtp import replies
 
 log = logging.getLogger("gateway.backend")
@@ -152,18 +153,65 @@ def client_tls_context(cfg: config.Backend) -> ssl.SSLContext | None:
     return ctx
 
 
+def _own(r: replies.Reply) -> SmtpReply:
+    """One of our replies in the shape of a backend's, for refusals made on its behalf."""
+    return SmtpReply(r.code, [f"{r.enhanced} {r.text}"])
+
+
+def fit_params(params: list[str], extensions: dict[str, str]) -> tuple[list[str], bool, bool]:
+    """The client's MAIL parameters as this backend session can take them, and whether
+    UTF-8 (addresses, header fields) and 8-bit content may still reach it.
+
+    SMTPUTF8 and BODY=8BITMIME say what a message may hold, not what it holds:
+    senders set them on plain ASCII mail too. A next hop that does not offer the
+    extension would refuse the parameter (555), so it is dropped and the
+    transaction checks instead what actually goes through (RFC 6531 3.2 and RFC
+    6152 3 forbid sending it such content, not the mail itself).
+    """
+    utf8 = eight_bit = True
+    if "SMTPUTF8" in params and "SMTPUTF8" not in extensions:
+        params = [p for p in params if p != "SMTPUTF8"]
+        utf8 = False
+    if "BODY=8BITMIME" in params and "8BITMIME" not in extensions:
+        params = [p for p in params if p != "BODY=8BITMIME"]
+        eight_bit = False
+    return params, utf8, eight_bit
+
+
+async def _refused(reply: SmtpReply) -> SmtpReply:
+    return reply
+
+
 class SmtpTransaction:
-    def __init__(self, target: Target, client: SmtpClient) -> None:
+    def __init__(
+        self, target: Target, client: SmtpClient, utf8: bool = True, eight_bit: bool = True
+    ) -> None:
         self.target = target
         self.client = client
+        # False: the backend lacks SMTPUTF8 / 8BITMIME that the client asked for.
+        self.utf8 = utf8
+        self.eight_bit = eight_bit
 
     # Plain functions handing back the client's coroutine: no frame of their own
     # for the wait on the backend's reply to resume through.
     def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]:
+        if not self.utf8 and not rcpt.isascii():
+            return _refused(_own(replies.SMTPUTF8_UNSUPPORTED))
         return self.client.rcpt(rcpt, params)
 
     def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:
+        if not self.utf8 and not header_section(wire).isascii():
+            return self._refuse_data(replies.UTF8_HEADERS_UNSUPPORTED)
+        if not self.eight_bit and not wire.isascii():
+            return self._refuse_data(replies.EIGHT_BIT_UNSUPPORTED)
         return self.client.data(wire, recipients, prefix)
+
+    async def _refuse_data(self, reply: replies.Reply) -> list[SmtpReply]:
+        """Refused before DATA went out: the backend's transaction is reset here, so
+        the session goes back to the pool clean."""
+        if not await self.client.rset():
+            self.client.close()
+        return [_own(reply)]
 
     async def finish(self) -> None:
         self.target.pool.release(self.client)
@@ -214,7 +262,8 @@ class SmtpBackend:
             if target.breaker.success() or last_error is not None:
                 self._update_gauge()
             if reply.ok:
-                return reply, SmtpTransaction(target, session)
+                _, utf8, eight_bit = fit_params(params, session.extensions)
+                return reply, SmtpTransaction(target, session, utf8, eight_bit)
             target.pool.release(session)
             return reply, None
         self._update_gauge()
@@ -239,9 +288,11 @@ class SmtpBackend:
                     xforward = _xclient_attrs(client)
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
                     # RFC 8689: refuse rather than pass the message on without it.
-                    r = replies.REQUIRETLS_UNSUPPORTED
-                    return SmtpReply(r.code, [f"{r.enhanced} {r.text}"]), session
-                return await session.mail(sender, params, xforward), session
+                    return _own(replies.REQUIRETLS_UNSUPPORTED), session
+                if not sender.isascii() and "SMTPUTF8" not in session.extensions:
+                    return _own(replies.SMTPUTF8_UNSUPPORTED), session
+                fit, _, _ = fit_params(params, session.extensions)
+                return await session.mail(sender, fit, xforward), session
             except BackendLost:
                 session.close()
                 if reused and attempt == 0:

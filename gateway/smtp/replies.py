@@ -102,7 +102,14 @@ NO_VALID_RECIPIENTS = r(554, "5.5.1", "Error: no valid recipients")
 PARAM_UNKNOWN = r(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 PARAM_DUPLICATE = r(501, "5.5.4", "Duplicate MAIL/RCPT parameter")
 SMTPUTF8_REQUIRED = r(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-SMTPUTF8_UNSUPPORTED = r(555, "5.6.7", "SMTPUTF8 is not supported by the destination")
+# The backend lacks SMTPUTF8 / 8BITMIME and the message needs it (RFC 6531, RFC 6152).
+SMTPUTF8_UNSUPPORTED = r(553, "5.6.7", "Non-ASCII address not accepted by the destination")
+UTF8_HEADERS_UNSUPPORTED = r(
+    554, "5.6.9", "UTF-8 header fields cannot be passed on: the destination lacks SMTPUTF8"
+)
+EIGHT_BIT_UNSUPPORTED = r(
+    554, "5.6.3", "8-bit content cannot be passed on: the destination lacks 8BITMIME"
+)
 TLS_REQUIRED = r(530, "5.7.0", "Must issue a STARTTLS command first")
 REQUIRETLS_NEEDS_TLS = r(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first")
 REQUIRETLS_UNSUPPORTED = r(550, "5.7.30", "REQUIRETLS support required but not available here")

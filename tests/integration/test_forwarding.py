@@ -136,6 +136,88 @@ def test_a_looping_message_is_refused_at_the_hop_limit(
     gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("reason") == "mail_loop")
 
 
+def _txn(c: RawClient, mail: str, rcpts: list[str], message: bytes) -> list[tuple[int, str]]:
+    """One transaction on an open session: the replies to MAIL, each RCPT and DATA
+    (and to the message, when DATA was accepted)."""
+    out = [c.cmd(mail.encode())]
+    out += [c.cmd(r.encode()) for r in rcpts]
+    out.append(c.cmd("DATA"))
+    if out[-1][0] == 354:
+        c.send(message + b".\r\n")
+        out.append(c.reply())
+    return out
+
+
+def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Senders set SMTPUTF8 on plain ASCII mail too. A backend without SMTPUTF8
+    (Exchange, older Dovecot LMTP) would refuse the parameter; the gateway drops it
+    and refuses only what really needs it: a UTF-8 address (553 5.6.7) or UTF-8
+    header fields (554 5.6.9), which the backend never sees."""
+    be = backend_factory("--no-smtputf8")
+    gw = gateway_factory(base_config(be.url))
+    utf8_subject = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        mail = "MAIL FROM:<a@sender.test> SMTPUTF8"
+        rcpt_utf8 = "RCPT TO:<jörg@example.test>"
+        first = _txn(c, mail, ["RCPT TO:<x@example.test>", rcpt_utf8], MSG)
+        assert [code for code, _ in first] == [250, 250, 553, 354, 250], first
+        assert first[2][1].startswith("553 5.6.7 ")
+        second = _txn(c, mail, ["RCPT TO:<x@example.test>"], utf8_subject)
+        assert [code for code, _ in second] == [250, 250, 354, 554], second
+        assert second[3][1].startswith("554 5.6.9 ")
+        third = _txn(c, "MAIL FROM:<jörg@sender.test> SMTPUTF8", [], b"")
+        assert third[0][0] == 553 and third[0][1].startswith("553 5.6.7 "), third
+        # The session and the pooled backend session are clean: the next one passes.
+        assert _txn(c, mail, ["RCPT TO:<y@example.test>"], MSG)[-1][0] == 250
+    [m1, m2] = be.messages()
+    assert m1["rcpt_tos"] == ["x@example.test"] and m2["rcpt_tos"] == ["y@example.test"]
+    assert "SMTPUTF8" not in m1["mail_options"]
+    assert all(line.isascii() for line in be.commands())  # no UTF-8 reached it at all
+
+
+def test_smtputf8_mail_to_a_backend_with_it_is_passed_as_is(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        msg = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+        replies = _txn(
+            c, "MAIL FROM:<jörg@sender.test> SMTPUTF8", ["RCPT TO:<jörg@example.test>"], msg
+        )
+        assert [code for code, _ in replies] == [250, 250, 354, 250], replies
+    [m] = backend.messages()
+    assert m["mail_from"] == "jörg@sender.test" and m["rcpt_tos"] == ["jörg@example.test"]
+    assert "SMTPUTF8" in m["mail_options"] and m["data"].endswith(msg)
+
+
+def test_8bitmime_mail_to_a_backend_without_it_passes_when_it_is_7bit(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """RFC 6152 3: 8-bit content must not go to a server that does not offer 8BITMIME,
+    and a relay that cannot convert it refuses it (554 5.6.3); 7-bit content declared
+    BODY=8BITMIME still passes, without the parameter."""
+    be = backend_factory("--no-8bitmime")
+    gw = gateway_factory(base_config(be.url))
+    eight_bit = "Subject: hi\r\n\r\ncafé\r\n".encode()
+    mail = "MAIL FROM:<a@sender.test> BODY=8BITMIME"
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert _txn(c, mail, ["RCPT TO:<x@example.test>"], MSG)[-1][0] == 250
+        refused = _txn(c, mail, ["RCPT TO:<x@example.test>"], eight_bit)[-1]
+        assert refused[0] == 554 and refused[1].startswith("554 5.6.3 "), refused
+        assert _txn(c, mail, ["RCPT TO:<y@example.test>"], MSG)[-1][0] == 250
+    [m1, m2] = be.messages()
+    assert not any(o.upper().startswith("BODY") for o in m1["mail_options"])
+    assert m2["rcpt_tos"] == ["y@example.test"]
+
+
 def test_backend_451_at_end_of_data_is_relayed(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -45,6 +45,8 @@ class Backend:
         session.host_name = hostname
         self.log(f"EHLO {hostname}")
         out = [r for r in responses if "AUTH" not in r]
+        if self.args.no_8bitmime:  # the keyword only; aiosmtpd still takes BODY=
+            out = [r for r in out if "8BITMIME" not in r]
         last = out[-1]
         out[-1] = last.replace("250 ", "250-", 1)
         extra = []
@@ -185,6 +187,8 @@ async def main() -> None:
     p.add_argument("--requiretls", action="store_true")
     p.add_argument("--lmtp-fail", action="append", default=[])
     p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
+    p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
+    p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
     args = p.parse_args()
     if args.lenient:
         from lenient import serve  # tests/support/lenient.py, next to this file
@@ -206,7 +210,7 @@ async def main() -> None:
             handler,
             hostname="backend.test",
             tls_context=tls_ctx,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=not args.no_smtputf8,
             data_size_limit=64 * 1024 * 1024,
         ),
         "127.0.0.1",
