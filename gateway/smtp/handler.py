@@ -825,7 +825,8 @@ class Session:
 
     def _received(self) -> bytes:
         tls_desc = None
-        proto = "ESMTP" if self.esmtp else "SMTP"
+        # RFC 6531 3.7.3: a transaction under SMTPUTF8 is received "with UTF8SMTP(S)".
+        proto = "UTF8SMTP" if self.utf8_txn else "ESMTP" if self.esmtp else "SMTP"
         if self.ctx.tls_version:
             proto += "S"
             tls_desc = (

@@ -194,6 +194,7 @@ def test_smtputf8_mail_to_a_backend_with_it_is_passed_as_is(
     [m] = backend.messages()
     assert m["mail_from"] == "jörg@sender.test" and m["rcpt_tos"] == ["jörg@example.test"]
     assert "SMTPUTF8" in m["mail_options"] and m["data"].endswith(msg)
+    assert b" (smtp-gateway) with UTF8SMTP id " in m["data"].split(b"\r\n", 2)[1]  # RFC 6531 3.7.3
 
 
 def test_8bitmime_mail_to_a_backend_without_it_passes_when_it_is_7bit(
