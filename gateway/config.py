@@ -167,6 +167,12 @@ class Limits(_Strict):
     # Received fields a message may carry; more is a mail loop (RFC 5321 6.3 asks for
     # a threshold of at least 100).
     max_received_headers: Annotated[int, Field(ge=1)] = 100
+    # RFC 5321 / 2920 synchronisation, for untrusted clients: input before our
+    # greeting, or after a command that must wait for its reply (after any command
+    # in a HELO session), ends the session with 554 5.5.0, as Exim and Postfix 3.9 do.
+    enforce_sync: bool = True
+    # Seconds to wait before the greeting, watching for clients that talk first.
+    greet_pause: Annotated[float, Field(ge=0, le=60)] = 0.0
     proxy_header_timeout: Annotated[float, Field(gt=0)] = 10.0
 
 

@@ -293,6 +293,22 @@ class Stream(asyncio.Protocol):
             await self._more()
         return bytes(self._buf[:n])
 
+    @property
+    def pending(self) -> int:
+        """Bytes the peer sent that nobody has read yet."""
+        return len(self._buf)
+
+    async def wait_input(self, seconds: float) -> bool:
+        """Whether the peer sends anything within `seconds` (StreamClosed if it
+        closes instead). Replaces any deadline set before."""
+        self.set_deadline(seconds)
+        try:
+            while not self._buf:
+                await self._more()
+        except TimeoutError:
+            return False
+        return True
+
     def discard_buffer(self) -> int:
         """Drop everything buffered (pipelined plaintext before a TLS upgrade)."""
         n = len(self._buf)

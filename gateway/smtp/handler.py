@@ -138,6 +138,7 @@ class Session:
         self.txn_count = 0
         self.rcpt_tried = 0
         self.utf8_txn = False
+        self.sync = False  # enforce_sync applies to this client (set once it is known)
         self.backend_sender: Address = NULL  # MAIL FROM as the backend got it
         self.idle = False
         self.task: asyncio.Task[None] | None = None
@@ -218,6 +219,8 @@ class Session:
                 if len(line) > 4 and line[4:5] != b" ":
                     verb = line.split(b" ", 1)[0].upper()
                 handler = _COMMANDS.get(verb)
+                if (verb in _LAST_IN_GROUP or not self.esmtp) and stream.pending and self.sync:
+                    self._out_of_sync(replies.SYNC_ERROR, verb.decode("ascii", "replace"))
                 if handler is None:
                     self.send(replies.SYNTAX_UNRECOGNIZED)
                     continue
@@ -291,9 +294,27 @@ class Session:
                 self.send(self._policy_reply(verdict, Stage.CONNECT))
                 self.flush()
                 return False
+        self.sync = self.limits.enforce_sync and not self.ctx.trusted
+        if self.sync:
+            pause = self.limits.greet_pause
+            if self.stream.pending or (pause and await self.stream.wait_input(pause)):
+                self._out_of_sync(replies.PREGREET, "")
         self.send_raw(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
         self.flush()
         return True
+
+    def _out_of_sync(self, reply: Reply, after: str) -> None:
+        """A client that does not wait for our replies is a bulk mailer's shortcut
+        (and half of every SMTP smuggling attempt): one clear reply, then close."""
+        self.send(reply)
+        logs.event(
+            "sync_error",
+            session=self.id,
+            client=self.ctx.client_ip,
+            after=after or "connect",
+            pending=self.stream.pending,
+        )
+        raise SessionEnd
 
     # -- commands ------------------------------------------------------------------
     async def cmd_ehlo(self, arg: str) -> None:
@@ -943,6 +964,11 @@ def _combine_lmtp(results: list[SmtpReply]) -> SmtpReply | Reply:
         return results[0]
     return replies.BACKEND_PARTIAL
 
+
+# RFC 2920 3.1: these end a pipelined group; the client must wait for their reply
+# (HELO too: pipelining is only known from the EHLO reply). QUIT is left out: what
+# follows it is never read anyway.
+_LAST_IN_GROUP = frozenset({b"EHLO", b"HELO", b"DATA", b"NOOP", b"VRFY", b"EXPN", b"TURN"})
 
 _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
     b"EHLO": Session.cmd_ehlo,
