@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.security.helpers import greeted
 from tests.support.procs import Backend, Gateway, base_config, free_port
 from tests.support.smtp import RawClient
 
@@ -158,9 +159,7 @@ def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
     be = backend_factory("--no-smtputf8")
     gw = gateway_factory(base_config(be.url))
     utf8_subject = "Subject: Grüße\r\n\r\nbody\r\n".encode()
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         mail = "MAIL FROM:<a@sender.test> SMTPUTF8"
         rcpt_utf8 = "RCPT TO:<jörg@example.test>"
         first = _txn(c, mail, ["RCPT TO:<x@example.test>", rcpt_utf8], MSG)
@@ -183,9 +182,7 @@ def test_smtputf8_mail_to_a_backend_with_it_is_passed_as_is(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         msg = "Subject: Grüße\r\n\r\nbody\r\n".encode()
         replies = _txn(
             c, "MAIL FROM:<jörg@sender.test> SMTPUTF8", ["RCPT TO:<jörg@example.test>"], msg
@@ -207,9 +204,7 @@ def test_8bitmime_mail_to_a_backend_without_it_passes_when_it_is_7bit(
     gw = gateway_factory(base_config(be.url))
     eight_bit = "Subject: hi\r\n\r\ncafé\r\n".encode()
     mail = "MAIL FROM:<a@sender.test> BODY=8BITMIME"
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         assert _txn(c, mail, ["RCPT TO:<x@example.test>"], MSG)[-1][0] == 250
         refused = _txn(c, mail, ["RCPT TO:<x@example.test>"], eight_bit)[-1]
         assert refused[0] == 554 and refused[1].startswith("554 5.6.3 "), refused
@@ -386,9 +381,7 @@ def test_lmtp_backend_per_recipient_replies(
 
 def test_data_timeout_gives_421(backend: Backend, gateway_factory: Callable[..., Gateway]) -> None:
     gw = gateway_factory(base_config(backend.url, limits={"data_timeout": 0.5}))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         c.cmd("MAIL FROM:<a@sender.test>")
         c.cmd("RCPT TO:<x@example.test>")
         assert c.cmd("DATA")[0] == 354
