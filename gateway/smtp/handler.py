@@ -219,7 +219,7 @@ class Session:
                 if len(line) > 4 and line[4:5] != b" ":
                     verb = line.split(b" ", 1)[0].upper()
                 handler = _COMMANDS.get(verb)
-                if (verb in _LAST_IN_GROUP or not self.esmtp) and stream.pending and self.sync:
+                if self.sync and (verb in _LAST_IN_GROUP or not self.esmtp) and stream.pending:
                     self._out_of_sync(replies.SYNC_ERROR, verb.decode("ascii", "replace"))
                 if handler is None:
                     self.send(replies.SYNTAX_UNRECOGNIZED)
