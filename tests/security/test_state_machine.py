@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.procs import Backend, Gateway, base_config
+from tests.support.procs import ROOT, Backend, Gateway, base_config
 from tests.support.smtp import RawClient
 
 REPLY = re.compile(r"^([2-5][0-9][0-9])([ -])(.*)$")
@@ -28,13 +28,20 @@ ENHANCED = re.compile(r"^([245])\.[0-9]{1,3}\.[0-9]{1,3}( |$)")
 TOKENS = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Backend]]:
+@pytest.fixture(scope="module", params=["trusted", "untrusted"])
+def live(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, Backend]]:
+    """Once from a trusted network, once untrusted: then `enforce_sync` watches every
+    command, and a client that always waits for our reply must never trip it. (No
+    checks in the untrusted run: they would need DNS.)"""
     tmp = tmp_path_factory.mktemp("fsm")
     be = Backend(
         tmp / "spool", "--reject-rcpt", "bad@example.test", "--tempfail-rcpt", "grey@example.test"
     )
     cfg = base_config(be.url, limits={"max_recipients": 5, "max_errors": 10})
+    if request.param == "untrusted":
+        cfg.update(trusted_networks=[], policy=str(ROOT / "bench/proxy-policy.yaml"))
     gw = Gateway(tmp / "gw", cfg)
     yield gw, be
     gw.stop()
@@ -105,6 +112,9 @@ def converse(port: int, commands: list[tuple[str, Any]]) -> dict[int, set[str]]:
             if code == 0:
                 break  # the gateway closed the session (QUIT, 421)
             check_reply(code, text)
+            assert not text.startswith("554 5.5.0"), (
+                f"a client that waits taken as out of sync: {verb}"
+            )
             if verb == "RCPT TO:" and code == 250:
                 accepted.add(arg.split(">")[0].strip("<").lower())
             if verb in ("MAIL FROM:", "RSET", "EHLO", "HELO") and code == 250:
