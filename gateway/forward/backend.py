@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from gateway import config, metrics
@@ -158,7 +158,13 @@ def _own(r: replies.Reply) -> SmtpReply:
     return SmtpReply(r.code, [f"{r.enhanced} {r.text}"])
 
 
-def fit_params(params: list[str], extensions: dict[str, str]) -> tuple[list[str], bool, bool]:
+class Fit(NamedTuple):
+    params: list[str]  # the MAIL parameters this backend session can take
+    utf8: bool  # UTF-8 addresses and header fields may still reach it
+    eight_bit: bool  # 8-bit content may still reach it
+
+
+def fit_params(params: list[str], extensions: dict[str, str]) -> Fit:
     """The client's MAIL parameters as this backend session can take them, and whether
     UTF-8 (addresses, header fields) and 8-bit content may still reach it.
 
@@ -175,7 +181,7 @@ def fit_params(params: list[str], extensions: dict[str, str]) -> tuple[list[str]
     if "BODY=8BITMIME" in params and "8BITMIME" not in extensions:
         params = [p for p in params if p != "BODY=8BITMIME"]
         eight_bit = False
-    return params, utf8, eight_bit
+    return Fit(params, utf8, eight_bit)
 
 
 async def _refused(reply: SmtpReply) -> SmtpReply:
@@ -246,7 +252,7 @@ class SmtpBackend:
             if not target.breaker.allow():
                 continue
             try:
-                reply, session = await self._begin_on(target, client, sender, params)
+                reply, session, fit = await self._begin_on(target, client, sender, params)
             except BackendError as e:
                 last_error = e
                 target.breaker.failure()
@@ -262,8 +268,7 @@ class SmtpBackend:
             if target.breaker.success() or last_error is not None:
                 self._update_gauge()
             if reply.ok:
-                _, utf8, eight_bit = fit_params(params, session.extensions)
-                return reply, SmtpTransaction(target, session, utf8, eight_bit)
+                return reply, SmtpTransaction(target, session, fit.utf8, fit.eight_bit)
             target.pool.release(session)
             return reply, None
         self._update_gauge()
@@ -271,7 +276,7 @@ class SmtpBackend:
 
     async def _begin_on(
         self, target: Target, client: ClientInfo, sender: str, params: list[str]
-    ) -> tuple[SmtpReply, SmtpClient]:
+    ) -> tuple[SmtpReply, SmtpClient, Fit]:
         for attempt in (0, 1):
             session, reused = await target.pool.acquire()
             try:
@@ -286,13 +291,14 @@ class SmtpBackend:
                         )
                 elif self.cfg.xforward and "XFORWARD" in session.extensions:
                     xforward = _xclient_attrs(client)
+                # After XCLIENT, whose EHLO may have changed what the session offers.
+                fit = fit_params(params, session.extensions)
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
                     # RFC 8689: refuse rather than pass the message on without it.
-                    return _own(replies.REQUIRETLS_UNSUPPORTED), session
-                if not sender.isascii() and "SMTPUTF8" not in session.extensions:
-                    return _own(replies.SMTPUTF8_UNSUPPORTED), session
-                fit, _, _ = fit_params(params, session.extensions)
-                return await session.mail(sender, fit, xforward), session
+                    return _own(replies.REQUIRETLS_UNSUPPORTED), session, fit
+                if not sender.isascii() and not fit.utf8:
+                    return _own(replies.SMTPUTF8_UNSUPPORTED), session, fit
+                return await session.mail(sender, fit.params, xforward), session, fit
             except BackendLost:
                 session.close()
                 if reused and attempt == 0:

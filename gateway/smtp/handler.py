@@ -304,8 +304,9 @@ class Session:
         return True
 
     def _out_of_sync(self, reply: Reply, after: str) -> None:
-        """A client that does not wait for our replies is a bulk mailer's shortcut
-        (and half of every SMTP smuggling attempt): one clear reply, then close."""
+        """A client that does not wait for our replies is a bulk mailer's shortcut, and
+        a smuggled second message looks the same (its DATA followed by the content
+        without a 354): one clear reply, then close."""
         self.send(reply)
         logs.event(
             "sync_error",
