@@ -196,6 +196,9 @@ class Backend(_Strict):
     idle_timeout: Annotated[float, Field(gt=0)] = 30.0
     xclient: bool = True
     xforward: bool = True
+    # MAIL goes out with the first RCPT, in one round trip (forward/backend.py,
+    # DeferredTransaction); false: passed through at MAIL.
+    defer_mail: bool = True
     circuit_breaker: CircuitBreaker = CircuitBreaker()
 
     @field_validator("url", mode="before")

@@ -90,6 +90,10 @@ def _xattr(key: str, value: str) -> str:
     return f"{key}={xtext(value)}"
 
 
+def _with_params(command: str, params: list[str]) -> str:
+    return f"{command} {' '.join(params)}" if params else command
+
+
 def _xargs(offered_text: str, attrs: dict[str, str]) -> str:
     """The XCLIENT or XFORWARD arguments for the attributes the backend offers."""
     offered = _offered(offered_text)
@@ -306,51 +310,55 @@ class SmtpClient:
         self.xclient_args = args
         return True
 
-    @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.extensions
+    async def mail(
+        self,
+        sender: str,
+        params: list[str],
+        xforward: dict[str, str] | None = None,
+        rcpt: tuple[str, list[str]] | None = None,
+    ) -> tuple[SmtpReply, SmtpReply | None]:
+        """MAIL, preceded by XFORWARD and followed by the first RCPT when given: one
+        write and one round trip when the backend offers PIPELINING (RFC 2920 lets all
+        three share a group), else one by one.
 
-    async def pipeline(self, commands: list[tuple[str, str]]) -> list[SmtpReply]:
-        """Send several commands in one write and read their replies in order.
-
-        Only when the backend offers PIPELINING (RFC 2920); otherwise one by one.
+        The second reply is the RCPT's, or None when MAIL was refused: an RCPT sent
+        along then only earned a 503, which is read here and dropped. After a 421 to
+        MAIL nothing more is read: the backend is closing, and so must the caller.
         """
-        if not self.pipelining or len(commands) == 1:
-            out = []
-            for name, line in commands:
-                out.append(await self.command(name, line))
-            return out
-        if self.closed:
-            raise BackendLost("backend connection is closed")
-        self.stream.write(
-            b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for _, line in commands)
-        )
-        out = []
-        for name, _ in commands:  # a loop, not a comprehension: one frame less per wait
-            out.append(await self._timed(name))
-        return out
+        mail = _with_params(f"MAIL FROM:<{sender}>", params)
+        xf = self.xforward_line(xforward) if xforward else None
+        rcpt_line = _with_params(f"RCPT TO:<{rcpt[0]}>", rcpt[1]) if rcpt else None
+        if "PIPELINING" in self.extensions:
+            if self.closed:
+                raise BackendLost("backend connection is closed")
+            batch = [line for line in (xf, mail, rcpt_line) if line is not None]
+            wire = "".join([f"{line}\r\n" for line in batch])
+            self.stream.write(wire.encode("utf-8", "surrogateescape"))
+            if xf is not None:
+                self._xforward_ok(await self._timed("xforward"))
+            reply = await self._timed("mail")
+            if rcpt_line is None or reply.code == 421:
+                return reply, None
+            rcpt_reply = await self._timed("rcpt")
+            return reply, (rcpt_reply if reply.ok else None)
+        if xf is not None:
+            self._xforward_ok(await self.command("xforward", xf))
+        reply = await self.command("mail", mail)
+        if rcpt_line is None or not reply.ok:
+            return reply, None
+        return reply, await self.command("rcpt", rcpt_line)
+
+    @staticmethod
+    def _xforward_ok(reply: SmtpReply) -> None:
+        if not reply.ok:
+            raise BackendLost(f"backend refused XFORWARD: {reply}")
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
         args = _xargs(self.extensions.get("XFORWARD", ""), attrs)
         return f"XFORWARD {args}" if args else None
 
-    async def mail(
-        self, sender: str, params: list[str], xforward: dict[str, str] | None = None
-    ) -> SmtpReply:
-        """MAIL, preceded by XFORWARD when given (pipelined together when offered)."""
-        tail = (" " + " ".join(params)) if params else ""
-        mail = ("mail", f"MAIL FROM:<{sender}>{tail}")
-        xf = self.xforward_line(xforward) if xforward else None
-        if xf is None:
-            return await self.command(*mail)
-        xf_reply, reply = await self.pipeline([("xforward", xf), mail])
-        if not xf_reply.ok:
-            raise BackendLost(f"backend refused XFORWARD: {xf_reply}")
-        return reply
-
     def rcpt(self, rcpt: str, params: list[str]) -> Coroutine[None, None, SmtpReply]:
-        tail = (" " + " ".join(params)) if params else ""
-        return self.command("rcpt", f"RCPT TO:<{rcpt}>{tail}")
+        return self.command("rcpt", _with_params(f"RCPT TO:<{rcpt}>", params))
 
     async def data(self, wire: bytes, recipients: int = 1, prefix: bytes = b"") -> list[SmtpReply]:
         """Send DATA and the message; one reply for SMTP, one per recipient for LMTP.

@@ -694,7 +694,7 @@ class Session:
                     self.txn = txn
                     self.backend_sender = sender
                     return None
-        except (BackendUnavailable, BackendError) as e:
+        except BackendError as e:
             why = str(e)
         logs.event("backend_reopen_failed", session=self.id, error=why)
         self.txn_broken = replies.BACKEND_REOPEN_FAILED

@@ -243,8 +243,11 @@ def for_action(action: Action, symbol: str, detail: str | None = None) -> Reply:
 
 def for_backend_error(error: Exception) -> Reply:
     """What the client hears when the backend hop fails mid-transaction (always 4xx)."""
+    from gateway.forward.backend import BackendUnavailable
     from gateway.forward.client import BackendBadReply, BackendTimeout
 
+    if isinstance(error, BackendUnavailable):
+        return BACKEND_UNAVAILABLE
     if isinstance(error, BackendTimeout):
         return BACKEND_TIMEOUT
     if isinstance(error, BackendBadReply):

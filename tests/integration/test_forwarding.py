@@ -14,14 +14,22 @@ from tests.support.smtp import RawClient
 MSG = b"From: a@sender.test\r\nTo: x@example.test\r\nSubject: hi\r\n\r\nbody line\r\n"
 
 
+@pytest.mark.parametrize("defer_mail", [True, False])
 def test_two_local_recipients_arrive_with_same_envelope_and_received(
-    backend: Backend, gateway_factory: Callable[..., Gateway]
+    backend: Backend, gateway_factory: Callable[..., Gateway], defer_mail: bool
 ) -> None:
-    gw = gateway_factory(base_config(backend.url))
+    """Deferred (the default), MAIL goes to the backend with the first RCPT, and the
+    client's MAIL is answered by the gateway; otherwise the backend's answer is relayed."""
+    gw = gateway_factory(base_config(backend.url, backend={"defer_mail": defer_mail}))
     with RawClient(gw.port()) as c:
         assert c.reply()[0] == 220
         assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("MAIL FROM:<a@sender.test>") == (250, "250 2.1.0 backend sender ok")
+        sent = len(backend.commands())
+        mail_reply = "250 2.1.0 Sender OK" if defer_mail else "250 2.1.0 backend sender ok"
+        assert c.cmd("MAIL FROM:<a@sender.test>") == (250, mail_reply)
+        # Not yet at the backend when deferred; already there when not.
+        at_backend = [x for x in backend.commands()[sent:] if x.startswith("MAIL ")]
+        assert bool(at_backend) is not defer_mail
         assert c.cmd("RCPT TO:<x@example.test>") == (
             250,
             "250 2.1.5 backend accepted <x@example.test>",
@@ -86,12 +94,34 @@ def test_backend_rejects_one_recipient_other_delivered(
 
 
 def test_backend_down_at_mail_gives_451(gateway_factory: Callable[..., Gateway]) -> None:
-    gw = gateway_factory(base_config(f"smtp://127.0.0.1:{free_port()}"))
+    bcfg = {"defer_mail": False}
+    gw = gateway_factory(base_config(f"smtp://127.0.0.1:{free_port()}", backend=bcfg))
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("client.test")
         code, msg = s.mail("a@sender.test")
         assert code == 451 and msg.startswith(b"4.4.1")
         assert s.rcpt("x@example.test")[0] == 503  # no transaction was opened
+
+
+def test_backend_down_with_deferred_mail_gives_451_at_rcpt_then_at_mail(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """Deferred MAIL: the first RCPT finds the backend down (451 4.4.1) and nothing
+    of the transaction is accepted; once the circuit breaker has opened, the next
+    transaction hears it at MAIL already."""
+    bcfg = {"circuit_breaker": {"failures": 1, "cooldown": 60}}
+    gw = gateway_factory(base_config(f"smtp://127.0.0.1:{free_port()}", backend=bcfg))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        assert s.mail("a@sender.test")[0] == 250
+        code, msg = s.rcpt("x@example.test")
+        assert code == 451 and msg.startswith(b"4.4.1"), (code, msg)
+        assert s.rcpt("y@example.test")[0] == 451  # the transaction stays deferred
+        assert s.docmd("DATA")[0] == 451
+        s.rset()
+        code, msg = s.mail("a@sender.test")
+        assert code == 451 and msg.startswith(b"4.4.1"), (code, msg)
+    gw.wait_log(lambda e: e.get("event") == "backend_error" and "refused" in e.get("error", ""))
 
 
 def test_backend_drops_mid_data_gives_4xx_and_nothing_stored(
@@ -149,6 +179,39 @@ def _txn(c: RawClient, mail: str, rcpts: list[str], message: bytes) -> list[tupl
     return out
 
 
+@pytest.mark.parametrize(("defer_mail", "pipelining"), [(True, True), (True, False), (False, True)])
+def test_backend_refusal_of_the_sender(
+    backend_factory: Callable[..., Backend],
+    gateway_factory: Callable[..., Gateway],
+    defer_mail: bool,
+    pipelining: bool,
+) -> None:
+    """Deferred, MAIL goes out with each RCPT until the backend takes it (in one write
+    when it offers PIPELINING), and its refusal of the sender, verbatim, is the
+    answer to that RCPT; not deferred, it is the answer to MAIL. Either way the
+    pooled backend session stays in step for the next transaction."""
+    flags = ["--reject-mail", "spam@sender.test"] + (["--pipelining"] if pipelining else [])
+    be = backend_factory(*flags)
+    gw = gateway_factory(base_config(be.url, backend={"defer_mail": defer_mail}))
+    refusal = "553 5.7.1 <spam@sender.test>: backend refuses this sender"
+    rcpts = ["RCPT TO:<x@example.test>", "RCPT TO:<y@example.test>"]
+    with greeted(gw.port()) as c:
+        refused = _txn(c, "MAIL FROM:<spam@sender.test>", rcpts, MSG)
+        if defer_mail:
+            assert refused == [(250, "250 2.1.0 Sender OK"), (553, refusal), (553, refusal),
+                               (554, "554 5.5.1 Error: no valid recipients")]  # fmt: skip
+            assert c.cmd("RSET")[0] == 250
+        else:
+            assert refused[0] == (553, refusal)
+            assert [code for code, _ in refused[1:]] == [503, 503, 503], refused
+        ok = _txn(c, "MAIL FROM:<a@sender.test>", rcpts[:1], MSG)
+        assert [code for code, _ in ok] == [250, 250, 354, 250], ok
+    tried = [x for x in be.commands() if x.startswith("MAIL spam@")]
+    assert len(tried) == (2 if defer_mail else 1)
+    [m] = be.messages()
+    assert (m["mail_from"], m["rcpt_tos"]) == ("a@sender.test", ["x@example.test"])
+
+
 def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
@@ -168,8 +231,11 @@ def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
         second = _txn(c, mail, ["RCPT TO:<x@example.test>"], utf8_subject)
         assert [code for code, _ in second] == [250, 250, 354, 554], second
         assert second[3][1].startswith("554 5.6.9 ")
-        third = _txn(c, "MAIL FROM:<jörg@sender.test> SMTPUTF8", [], b"")
-        assert third[0][0] == 553 and third[0][1].startswith("553 5.6.7 "), third
+        # A UTF-8 sender: refused where MAIL reaches the backend, with the first RCPT.
+        third = _txn(c, "MAIL FROM:<jörg@sender.test> SMTPUTF8", ["RCPT TO:<x@example.test>"], b"")
+        assert [code for code, _ in third] == [250, 553, 554], third
+        assert third[1][1].startswith("553 5.6.7 "), third
+        assert c.cmd("RSET")[0] == 250  # its MAIL was accepted: the transaction is open
         # The session and the pooled backend session are clean: the next one passes.
         assert _txn(c, mail, ["RCPT TO:<y@example.test>"], MSG)[-1][0] == 250
     [m1, m2] = be.messages()
@@ -351,8 +417,9 @@ def test_required_backend_tls_with_wrong_ca_never_delivers_plain(
     gw = gateway_factory(base_config(be.url, backend=bcfg))
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("client.test")
-        code, _ = s.mail("a@sender.test")
-        assert code == 451
+        assert s.mail("a@sender.test")[0] == 250  # MAIL waits for the first RCPT
+        code, msg = s.rcpt("x@example.test")
+        assert code == 451 and msg.startswith(b"4.4.1"), (code, msg)
     assert be.messages() == []
 
 

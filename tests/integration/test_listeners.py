@@ -349,7 +349,8 @@ def test_not_ready_when_every_backend_unavailable(gateway_factory: Callable[...,
         assert r.status == 200
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("c.test")
-        assert s.mail("a@sender.test")[0] == 451
+        assert s.mail("a@sender.test")[0] == 250  # MAIL waits for the first RCPT
+        assert s.rcpt("x@example.test")[0] == 451  # which finds the backend down
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(gw.metrics_url + "/healthz/ready")
     assert ei.value.code == 503

@@ -301,10 +301,29 @@ def test_requiretls_is_refused_rather_than_dropped(
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.starttls(context=no_verify())
         s.ehlo("c.test")
+        # Known only once MAIL reaches the backend: with the first RCPT.
+        assert s.mail("a@sender.test", ["REQUIRETLS"])[0] == 250
+        code, msg = s.rcpt("x@example.test")
+        assert (code, msg[:6]) == (550, b"5.7.30")
+        s.rset()
+        assert s.mail("a@sender.test")[0] == 250  # without it, mail flows
+        assert s.rcpt("x@example.test")[0] == 250
+    assert not be.messages()
+
+
+def test_requiretls_to_a_backend_without_verified_tls_is_refused_at_mail(
+    backend: Backend, gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """Without `backend.tls: required` no backend session can honour REQUIRETLS, which
+    the gateway knows before it has one: refused at MAIL, deferred or not."""
+    cert, key = make_cert(tmp_path / "gw", "gw.test")
+    gw = gateway_factory(tls_listener(base_config(backend.url), cert, key))
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.starttls(context=no_verify())
+        s.ehlo("c.test")
         code, msg = s.mail("a@sender.test", ["REQUIRETLS"])
         assert (code, msg[:6]) == (550, b"5.7.30")
-        assert s.mail("a@sender.test")[0] == 250  # without it, mail flows
-    assert not be.messages()
+    assert not any(c.startswith("MAIL") for c in backend.commands())
 
 
 def test_implicit_tls_behind_proxy_protocol_with_the_hello_in_the_same_packet(

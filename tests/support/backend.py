@@ -54,6 +54,8 @@ class Backend:
             extra.append("250-XCLIENT ADDR NAME PORT HELO PROTO")
         if self.args.xforward:
             extra.append("250-XFORWARD ADDR NAME PORT HELO PROTO")
+        if self.args.pipelining:  # aiosmtpd reads pipelined commands, but does not say so
+            extra.append("250-PIPELINING")
         if self.args.requiretls and server._tls_protocol is not None:
             extra.append("250-REQUIRETLS")  # RFC 8689: over TLS only
         out += extra
@@ -64,6 +66,8 @@ class Backend:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         self.log(f"MAIL {address} {' '.join(options)}")
+        if address.lower() in self.args.reject_mail:
+            return f"553 5.7.1 <{address}>: backend refuses this sender"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 backend sender ok"
@@ -173,7 +177,9 @@ async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--spool", required=True)
+    p.add_argument("--reject-mail", action="append", default=[])
     p.add_argument("--reject-rcpt", action="append", default=[])
+    p.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
     p.add_argument("--tempfail-rcpt", action="append", default=[])
     p.add_argument("--data-reply")
     p.add_argument("--data-delay", type=float, default=0.0)
@@ -195,6 +201,7 @@ async def main() -> None:
 
         await serve(args.port, Path(args.spool))
         return
+    args.reject_mail = [a.lower() for a in args.reject_mail]
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
     args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
     args.lmtp_fail = [a.lower() for a in args.lmtp_fail]

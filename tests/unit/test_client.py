@@ -11,6 +11,7 @@ async def _server(chunks: list[bytes], pipelining: bool, done: asyncio.Event) ->
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"220 fake ESMTP\r\n")
         buf = b""
+        mail_ok = False
         while True:
             data = await r.read(4096)
             if not data:
@@ -20,12 +21,18 @@ async def _server(chunks: list[bytes], pipelining: bool, done: asyncio.Event) ->
             while b"\r\n" in buf:
                 line, buf = buf.split(b"\r\n", 1)
                 verb = line[:4].upper()
-                if verb == b"EHLO":
+                if verb == b"MAIL" and b"refused" in line:
+                    w.write(b"550 5.7.1 sender refused\r\n")
+                    mail_ok = False
+                elif verb == b"RCPT" and not mail_ok:
+                    w.write(b"503 5.5.1 need MAIL\r\n")
+                elif verb == b"EHLO":
                     caps = b"250-PIPELINING\r\n" if pipelining else b""
                     w.write(b"250-fake\r\n" + caps + b"250 XFORWARD ADDR HELO\r\n")
                 elif verb == b"QUIT":
                     w.write(b"221 bye\r\n")
                 else:
+                    mail_ok = mail_ok or verb == b"MAIL"
                     w.write(b"250 2.0.0 ok " + verb + b"\r\n")
         w.close()
         await w.wait_closed()
@@ -34,7 +41,8 @@ async def _server(chunks: list[bytes], pipelining: bool, done: asyncio.Event) ->
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
-async def _mail_with_xforward(pipelining: bool) -> list[bytes]:
+async def _mail_with_xforward(pipelining: bool, sender: str = "a@b.test") -> list[bytes]:
+    """MAIL with XFORWARD and the first RCPT; the packets the server received."""
     chunks: list[bytes] = []
     done = asyncio.Event()
     server = await _server(chunks, pipelining, done)
@@ -42,8 +50,16 @@ async def _mail_with_xforward(pipelining: bool) -> list[bytes]:
     c = await SmtpClient.connect(
         "127.0.0.1", port, helo="gw.test", connect_timeout=2, command_timeout=2, data_timeout=2
     )
-    reply = await c.mail("a@b.test", [], {"ADDR": "192.0.2.1", "HELO": "h.test", "PORT": "1"})
-    assert reply.code == 250 and reply.lines == ["2.0.0 ok MAIL"]
+    attrs = {"ADDR": "192.0.2.1", "HELO": "h.test", "PORT": "1"}
+    reply, rcpt = await c.mail(sender, [], attrs, ("r@c.test", []))
+    if sender.startswith("refused"):
+        # MAIL's refusal is the answer; the RCPT's 503 (if it was sent) is not.
+        assert reply.code == 550 and rcpt is None
+    else:
+        assert reply.code == 250 and reply.lines == ["2.0.0 ok MAIL"]
+        assert rcpt is not None and rcpt.lines == ["2.0.0 ok RCPT"]
+    # The session is in step: the next command gets its own reply.
+    assert (await c.command("noop", "NOOP")).lines == ["2.0.0 ok NOOP"]
     await c.quit()
     await c.stream.wait_closed()
     await done.wait()
@@ -52,10 +68,10 @@ async def _mail_with_xforward(pipelining: bool) -> list[bytes]:
     return chunks
 
 
-def test_xforward_and_mail_pipelined_when_offered() -> None:
+def test_xforward_mail_and_rcpt_pipelined_when_offered() -> None:
     chunks = asyncio.run(_mail_with_xforward(pipelining=True))
     both = [c for c in chunks if b"XFORWARD" in c]
-    assert both and b"MAIL FROM:<a@b.test>" in both[0]
+    assert both and b"MAIL FROM:<a@b.test>\r\nRCPT TO:<r@c.test>\r\n" in both[0]
     # Only offered attributes are sent.
     assert b"XFORWARD ADDR=192.0.2.1 HELO=h.test\r\n" in both[0]
 
@@ -64,3 +80,15 @@ def test_one_by_one_without_pipelining() -> None:
     chunks = asyncio.run(_mail_with_xforward(pipelining=False))
     xf = [c for c in chunks if b"XFORWARD" in c]
     assert xf and b"MAIL" not in xf[0]
+    mail = [c for c in chunks if b"MAIL" in c]
+    assert mail and b"RCPT" not in mail[0]
+
+
+def test_refused_mail_answers_for_the_pipelined_rcpt() -> None:
+    chunks = asyncio.run(_mail_with_xforward(pipelining=True, sender="refused@b.test"))
+    assert any(b"RCPT TO:<r@c.test>" in c for c in chunks)  # sent along, its 503 dropped
+
+
+def test_refused_mail_sends_no_rcpt_one_by_one() -> None:
+    chunks = asyncio.run(_mail_with_xforward(pipelining=False, sender="refused@b.test"))
+    assert not any(b"RCPT" in c for c in chunks)
