@@ -185,6 +185,7 @@ class GatewayProc:
         max_connections: int = 20000,
         dns: str | None = None,
         python_args: tuple[str, ...] = (),
+        log_level: str = "INFO",
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -205,7 +206,8 @@ class GatewayProc:
             # XCLIENT costs a round trip and a re-EHLO per new client.
             "backend": {"url": f"smtp://127.0.0.1:{sink_port}", "pool_size": 64, "xclient": False},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
-            "logging": {"level": "WARNING"},
+            # INFO, the default: a line per transaction and per session, as operators run it.
+            "logging": {"level": log_level},
             "policy": policy,
             "workers": workers,
         }
@@ -417,6 +419,12 @@ def main() -> None:
     p.add_argument("--no-idle", action="store_true")
     p.add_argument("--idle-sessions", type=int, default=10000)
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the gateways' logging.level (default INFO, the gateway's own default; WARNING "
+        "turns off the per-transaction lines)",
+    )
     args = p.parse_args()
     if args.workers is None:
         from gateway.workers import available_cpus
@@ -438,6 +446,7 @@ def main() -> None:
     dns = DnsServer(BENCH_ZONE)
     results: dict[str, Any] = {
         "workers": args.workers,
+        "log_level": args.log_level,
         "repeat": args.repeat,
         "cpus": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -449,7 +458,12 @@ def main() -> None:
                 gateways[mode] = FloorProc(sink_port)
                 continue
             gateways[mode] = GatewayProc(
-                tmp / mode, sink_port, mode_policy(mode, tmp), args.workers, dns=dns.address
+                tmp / mode,
+                sink_port,
+                mode_policy(mode, tmp),
+                args.workers,
+                dns=dns.address,
+                log_level=args.log_level,
             )
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")

@@ -1,48 +1,39 @@
-"""Structured logs: one line per event, JSON or key=value, with the session id."""
+"""Structured logs: one line per event, JSON or key=value, with the session id.
+
+Events (`event()`) do not go through `logging`'s records: a LogRecord, a handler
+lock and a write per line cost a small message 15% of the gateway's throughput at
+INFO (two lines each: the transaction and the disconnect). An event is formatted
+straight into a line, and the lines of one event-loop iteration leave in one write
+at its end. Other loggers' records (warnings, tracebacks) join the same queue in
+order, through the one handler `setup` installs.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
+import os
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, TextIO
 
 _events = logging.getLogger("gateway.events")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            data.update(fields)
-        else:
-            data["msg"] = record.getMessage()
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+# One encoder for every line: json.dumps(..., default=str) builds a new one per call.
+_encode = json.JSONEncoder(default=str).encode
 
 
-class KvFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        head = (
-            f"ts={record.created:.3f} level={record.levelname.lower()} logger={record.name} "
-            f"pid={record.process}"
-        )
-        fields = getattr(record, "fields", None)
-        if fields:
-            body = " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
-        else:
-            body = f"msg={_kv(record.getMessage())}"
-        out = f"{head} {body}"
-        if record.exc_info:
-            out += " exc=" + _kv(self.formatException(record.exc_info))
-        return out
+def _json_line(ts: float, level: str, logger: str, pid: int, fields: dict[str, Any]) -> str:
+    return _encode({"ts": round(ts, 3), "level": level, "logger": logger, "pid": pid, **fields})
+
+
+def _kv_line(ts: float, level: str, logger: str, pid: int, fields: dict[str, Any]) -> str:
+    body = " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
+    return f"ts={ts:.3f} level={level} logger={logger} pid={pid} {body}"
 
 
 def _kv(v: Any) -> str:
@@ -52,11 +43,76 @@ def _kv(v: Any) -> str:
     return json.dumps(s)
 
 
-def setup(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
+class _Output:
+    """The lines not yet written, and where they go."""
+
+    def __init__(self) -> None:
+        self.stream: TextIO = sys.stderr
+        self.format = _json_line
+        self.lines: list[str] = []
+        self.pending = False
+        self.pid = os.getpid()
+        # Threads log too (the SPF library's pool): a line must not fall between
+        # a flush's join and its clear.
+        self.lock = threading.Lock()
+
+    def add(self, line: str) -> None:
+        with self.lock:
+            self.lines.append(line)
+        if self.pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # start-up, shutdown, the CLI: no iteration to wait for
+            self.flush()
+            return
+        self.pending = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.pending = False
+        with self.lock:
+            if not self.lines:
+                return
+            data = "\n".join(self.lines) + "\n"
+            self.lines.clear()
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # as logging.Handler does: a log that cannot be written stops nothing
+
+    def after_fork(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.lines.clear()  # the parent's, which it writes itself
+        self.pending = False
+
+
+_out = _Output()
+atexit.register(_out.flush)
+os.register_at_fork(before=_out.flush, after_in_child=_out.after_fork)
+
+
+class _Handler(logging.Handler):
+    """Every other logger's records, as lines in the same queue (so in order)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"msg": record.getMessage()}
+            if record.exc_info:
+                fields["exc"] = logging.Formatter().formatException(record.exc_info)
+            level = record.levelname.lower()
+            _out.add(_out.format(record.created, level, record.name, record.process or 0, fields))
+        except Exception:
+            self.handleError(record)
+
+
+def setup(level: str = "INFO", fmt: str = "json", stream: TextIO | None = None) -> None:
+    _out.stream = stream or sys.stderr
+    _out.format = _json_line if fmt == "json" else _kv_line
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Handler()]
     root.setLevel(level)
 
 
@@ -68,4 +124,10 @@ def enabled() -> bool:
 
 def event(name: str, **fields: Any) -> None:
     if _events.isEnabledFor(logging.INFO):
-        _events.info(name, extra={"fields": {"event": name, **fields}})
+        fields = {"event": name, **fields}
+        _out.add(_out.format(time.time(), "info", "gateway.events", _out.pid, fields))
+
+
+def flush() -> None:
+    """Write what is queued now (before a process ends without atexit: os._exit)."""
+    _out.flush()

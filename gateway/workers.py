@@ -124,6 +124,7 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
 
                 traceback.print_exc()
             finally:
+                logs.flush()
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = (index, time.monotonic())
