@@ -113,12 +113,15 @@ class Target:
         # Turned off for this target if the backend refuses it (not authorised):
         # mail keeps flowing, the backend just sees the gateway as the client.
         self.use_xclient = cfg.xclient
+        # The SIZE the backend advertised (RFC 1870), once a session has told us; None:
+        # not known yet, or no fixed limit.
+        self.size_limit: int | None = None
         self.pool = Pool(
             self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout, label=self.label
         )
 
     async def _connect(self) -> SmtpClient:
-        return await SmtpClient.connect(
+        client = await SmtpClient.connect(
             self.host,
             self.port,
             helo=self.helo,
@@ -130,6 +133,9 @@ class Target:
             tls_required=self.cfg.tls is config.BackendTls.REQUIRED,
             server_name=self.cfg.server_name,
         )
+        size = client.extensions.get("SIZE", "")
+        self.size_limit = int(size) if size.isdigit() and int(size) > 0 else None
+        return client
 
 
 def client_tls_context(cfg: config.Backend) -> ssl.SSLContext | None:
@@ -300,9 +306,21 @@ class SmtpBackend:
             # handler refuses REQUIRETLS at MAIL unless backend TLS is required).
             if not self.available:
                 raise BackendUnavailable("every backend is in cooldown")
+            if self._too_big(params):
+                # A 552 to RCPT would read as "too many recipients", which RFC 5321
+                # 4.5.3.1.10 tells clients to retry: a size refusal belongs to MAIL.
+                return _own(replies.SIZE_EXCEEDED), None
             return _own(replies.SENDER_OK), DeferredTransaction(self, client, sender, params)
         reply, _, txn = await self.open(client, sender, params)
         return reply, txn
+
+    def _too_big(self, params: list[str]) -> bool:
+        """Whether the declared SIZE exceeds what the target MAIL would go to advertised."""
+        for p in params:
+            if p[:5] == "SIZE=":
+                target = next(t for t in self.targets if t.breaker.allow())
+                return target.size_limit is not None and int(p[5:]) > target.size_limit
+        return False
 
     async def open(
         self,

@@ -212,6 +212,29 @@ def test_backend_refusal_of_the_sender(
     assert (m["mail_from"], m["rcpt_tos"]) == ("a@sender.test", ["x@example.test"])
 
 
+def test_deferred_mail_refuses_a_size_over_the_backends_at_mail_once_it_is_known(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """A backend's size refusal must not answer RCPT: a 552 there reads as "too many
+    recipients", which RFC 5321 4.5.3.1.10 tells clients to retry. Once a backend
+    session has advertised its SIZE, a larger declared size is refused at MAIL; before
+    any session exists, the first RCPT carries the backend's own refusal."""
+    be = backend_factory("--size-limit", "10000")
+    gw = gateway_factory(base_config(be.url))
+    rcpt = ["RCPT TO:<x@example.test>"]
+    with greeted(gw.port()) as c:
+        too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
+        first = _txn(c, "MAIL FROM:<a@sender.test> SIZE=20000", rcpt, MSG)
+        assert [code for code, _ in first] == [250, 552, 554], first
+        assert first[1][1] != too_big  # the backend's own words (aiosmtpd's)
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd("MAIL FROM:<a@sender.test> SIZE=20000") == (552, too_big)
+        ok = _txn(c, "MAIL FROM:<a@sender.test> SIZE=9000", rcpt, MSG)
+        assert [code for code, _ in ok] == [250, 250, 354, 250], ok
+    # (aiosmtpd refuses a SIZE over its limit before its command log sees it.)
+    assert [x for x in be.commands() if x.startswith("MAIL")] == ["MAIL a@sender.test SIZE=9000"]
+
+
 def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -195,6 +195,7 @@ async def main() -> None:
     p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
     p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
     p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
+    p.add_argument("--size-limit", type=int, default=64 * 1024 * 1024, help="advertised SIZE")
     args = p.parse_args()
     if args.lenient:
         from lenient import serve  # tests/support/lenient.py, next to this file
@@ -218,7 +219,7 @@ async def main() -> None:
             hostname="backend.test",
             tls_context=tls_ctx,
             enable_SMTPUTF8=not args.no_smtputf8,
-            data_size_limit=64 * 1024 * 1024,
+            data_size_limit=args.size_limit,
         ),
         "127.0.0.1",
         args.port,
