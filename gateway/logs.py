@@ -59,15 +59,14 @@ class _Output:
     def add(self, line: str) -> None:
         with self.lock:
             self.lines.append(line)
-        if self.pending:
-            return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # start-up, shutdown, the CLI: no iteration to wait for
+        except RuntimeError:  # start-up, shutdown, the CLI, a thread: no iteration to wait for
             self.flush()
             return
-        self.pending = True
-        loop.call_soon(self.flush)
+        if not self.pending:  # (a loop that stopped before its flush leaves it set)
+            self.pending = True
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.pending = False

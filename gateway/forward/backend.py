@@ -265,9 +265,10 @@ class DeferredTransaction:
         reply, rcpt_reply, txn = await self.backend.open(
             self.client, self.sender, self.params, (rcpt, params)
         )
-        if txn is None or rcpt_reply is None:
+        if txn is None:
             return reply  # MAIL refused: its reply is the answer
         self.opened = txn
+        assert rcpt_reply is not None  # sent along with an accepted MAIL, so answered
         return rcpt_reply
 
     def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:

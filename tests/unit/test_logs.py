@@ -78,3 +78,20 @@ def test_key_value_format_and_tracebacks(out: Recording) -> None:
     assert event.startswith("ts=") and " level=info logger=gateway.events pid=" in event
     assert event.endswith(' event=transaction session=abc reply="250 2.0.0 ok"\n')
     assert "msg=crashed" in crash and "ValueError: boom" in crash
+
+
+def test_a_loop_that_stops_before_its_flush_loses_nothing(out: Recording) -> None:
+    loop = asyncio.new_event_loop()
+
+    def last() -> None:
+        logs.event("last_in_loop")  # queued for the end of an iteration that never comes
+        loop.stop()
+
+    try:
+        loop.call_soon(last)
+        loop.run_forever()
+    finally:
+        loop.close()
+    logs.event("after_loop")  # no loop now: written at once, with what was queued
+    lines = [json.loads(line)["event"] for w in out.writes for line in w.splitlines()]
+    assert lines == ["last_in_loop", "after_loop"]
