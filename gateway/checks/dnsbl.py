@@ -16,6 +16,7 @@ and an unhealthy zone is skipped until it recovers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,10 @@ ERROR_CODES = frozenset(f"127.255.255.{n}" for n in range(252, 256))
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
+@functools.lru_cache(maxsize=4096)
 def reverse_ip(ip: str) -> str:
-    """1.2.3.4 -> 4.3.2.1; IPv6 -> reversed nibbles (RFC 5782 2.1 and 2.4)."""
+    """1.2.3.4 -> 4.3.2.1; IPv6 -> reversed nibbles (RFC 5782 2.1 and 2.4). Cached:
+    a client comes back, and parsing an address costs more than the lookup."""
     addr = ipaddress.ip_address(config.plain_ip(ip))
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))

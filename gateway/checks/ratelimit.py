@@ -50,6 +50,7 @@ def parse_rate(rate: str) -> tuple[int, float]:
     return n, period
 
 
+@functools.lru_cache(maxsize=4096)  # a client comes back; parsing is the dear part
 def network_of(ip: str, v4: int = 24, v6: int = 64) -> str:
     addr = ipaddress.ip_address(ip)
     prefix = v4 if addr.version == 4 else v6
