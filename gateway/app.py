@@ -40,11 +40,15 @@ def build_backend(settings: config.Settings) -> Backend:
 
 
 class App:
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(
+        self, settings: config.Settings, limits_table: tuple[str | None, int] = (None, 0)
+    ) -> None:
+        """`limits_table`: the file all workers count rate limits in, and this
+        worker's index (store/shared.py); None: this process counts alone."""
         reseed_session_ids()
         self.settings = settings
         self.resolver = Resolver(settings.dns)
-        self.store = make_store(settings.store)
+        self.store = make_store(settings.store, *limits_table)
         self.checks = build_checks(settings, self.resolver, self.store)
         self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -90,26 +91,36 @@ def cmd_run(path: str | None) -> int:
     workers.ensure_free(addresses)
     # Before anything imports prometheus_client (multiprocess mode is chosen at import).
     mp_dir, created = workers.prepare_multiproc(settings.metrics.multiproc_dir)
+    table = None
     try:
-        # Policy and TLS errors stop the master, not every worker.
-        pol = cmd_validate(settings)
-        rl = pol.checks.ratelimit
-        if rl.enabled and (rl.limits or rl.concurrency) and not settings.store.redis_url:
-            logs.event(
-                "config_warning",
-                message=f"rate limits are counted in memory by each of {count} workers; "
-                "set store.redis_url (or workers: 1) for exact limits",
-            )
-        return workers.supervise(count, lambda _i: _serve(settings, reuse_port=True))
+        cmd_validate(settings)  # policy and TLS errors stop the master, not every worker
+        if not settings.store.redis_url:
+            # The workers count rate limits in one table, as one process would
+            # (store/shared.py); made even with no limits yet, for a reload that adds one.
+            from gateway.store.shared import SharedStore
+
+            path = os.path.join(mp_dir, "ratelimit.table")
+            SharedStore.create(path, count)
+            table = path
+        return workers.supervise(
+            count, lambda i: _serve(settings, reuse_port=True, limits_table=(table, i))
+        )
     finally:
+        if table is not None:
+            os.unlink(table)
         workers.cleanup(mp_dir, created)
 
 
-def _serve(settings: config.Settings, *, reuse_port: bool) -> int:
+def _serve(
+    settings: config.Settings,
+    *,
+    reuse_port: bool,
+    limits_table: tuple[str | None, int] = (None, 0),
+) -> int:
     from gateway.app import App
 
     async def serve() -> None:
-        app = App(settings)
+        app = App(settings, limits_table)
         app.reuse_port = reuse_port
         await app.run()
 

@@ -270,7 +270,7 @@ class Store(_Strict):
     """Where rate and concurrency limits keep their counts."""
 
     # redis://[:password@]host:port/db, rediss:// (TLS) or unix://path; unset: in
-    # memory, per process (exact for one process only).
+    # memory, in a table the workers of this machine share (store/shared.py).
     redis_url: str | None = None
     key_prefix: str = "smtp-gateway:"
     timeout: Annotated[float, Field(gt=0)] = 0.5  # seconds per Redis operation

@@ -88,7 +88,7 @@ class HttpEndpoint:
         else:
             entries = await self.store.entries(prefix, exact)
             out = {"entries": [e._asdict() for e in entries]}
-        out["pid"] = os.getpid()  # in-memory counts belong to one process
+        out["pid"] = os.getpid()  # which worker answered (they share one table)
         return 200, "application/json", json.dumps(out).encode() + b"\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -2,8 +2,8 @@
 
 With Redis the command talks to Redis itself (any replica's view is the same
 view). In memory the counts live inside the running gateway, so it asks the
-gateway's own HTTP endpoint on loopback (workers > 1 each count for
-themselves, which is why the in-memory store is documented as one process).
+gateway's own HTTP endpoint on loopback (any worker: with workers > 1 they all
+count in one shared table, store/shared.py).
 """
 
 from __future__ import annotations

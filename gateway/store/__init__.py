@@ -1,4 +1,5 @@
-"""Rate-limit state: in memory (one process) or in Redis (shared by replicas)."""
+"""Rate-limit state: in memory (one process, or the workers of one machine through a
+shared table) or in Redis (shared by replicas)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
     Store: TypeAlias = MemoryStore | RedisStore
 
 
-def make_store(settings: config.Store) -> Store:
+def make_store(settings: config.Store, table: str | None = None, worker: int = 0) -> Store:
+    """Redis when configured; else in memory, in the workers' shared `table` if given."""
     if settings.redis_url:
         # Imported only when configured: redis-py costs memory in every worker.
         from gateway.store.redis import RedisStore
@@ -26,4 +28,8 @@ def make_store(settings: config.Store) -> Store:
             timeout=settings.timeout,
             lease_ttl=settings.lease_ttl,
         )
+    if table is not None:
+        from gateway.store.shared import SharedStore
+
+        return SharedStore(table, worker)
     return MemoryStore()

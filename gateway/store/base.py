@@ -22,6 +22,21 @@ class GcraOp(NamedTuple):
     cost: int
 
 
+# Clock arithmetic in floats: a request exactly on the allowed rate must not be
+# refused because of rounding in repeated additions.
+_EPSILON = 1e-6
+
+
+def gcra_new_tat(tat: float, now: float, op: GcraOp) -> float | None:
+    """GCRA (see store/memory.py): the key's theoretical arrival time after charging
+    `op`, or None if the limit refuses it. `tat` is the stored one (`now` if none)."""
+    t = op.period / op.amount
+    new_tat = max(tat, now) + op.cost * t
+    if new_tat - now > t * (op.amount + op.burst) + _EPSILON:
+        return None
+    return new_tat
+
+
 class Entry(NamedTuple):
     """One key's state. rate: seconds of debt (how far the TAT is ahead of now);
     conc: slots held."""

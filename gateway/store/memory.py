@@ -1,4 +1,6 @@
 """In-memory limit state for one process: GCRA arrival times and concurrency counts.
+(The workers of one machine share theirs through store/shared.py, which makes the
+same decisions on a table they all map.)
 
 GCRA (the generic cell rate algorithm) keeps one number per key, the
 theoretical arrival time (TAT). A limit of `count` per `period` with `burst`
@@ -14,11 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.store.base import CONC, RATE, Entry, GcraOp
-
-# Clock arithmetic in floats: a request exactly on the allowed rate must not be
-# refused because of rounding in repeated additions.
-_EPSILON = 1e-6
+from gateway.store.base import CONC, RATE, Entry, GcraOp, gcra_new_tat
 
 
 class MemoryStore:
@@ -35,10 +33,8 @@ class MemoryStore:
         now = self.clock()
         news = []
         for i, op in enumerate(ops):
-            t = op.period / op.amount
-            tat = max(self._tat.get(op.key, now), now)
-            new_tat = tat + op.cost * t
-            if new_tat - now > t * (op.amount + op.burst) + _EPSILON:
+            new_tat = gcra_new_tat(self._tat.get(op.key, now), now, op)
+            if new_tat is None:
                 return i
             news.append(new_tat)
         for op, new_tat in zip(ops, news, strict=True):

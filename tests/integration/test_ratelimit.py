@@ -129,3 +129,29 @@ def test_operator_reset_lifts_an_in_memory_limit(
     assert "1 key(s) removed" in ratelimit_cli(gw, "reset", "msgs:127.0.0.1")
     assert "nothing counted" in ratelimit_cli(gw, "show", "msgs:127.0.0.1")
     assert send(gw.port())[0] == 250
+
+
+def test_workers_count_one_limit_together(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """With two workers (SO_REUSEPORT spreads the connections over both) a client
+    gets its limit once, not once per worker, and either worker shows the count."""
+    pol = (
+        "actions:\n  ratelimit.exceeded: tempfail\n"
+        + OFF
+        + "  ratelimit:\n    limits:\n"
+        + "      - {name: msgs, key: client_ip, unit: messages, rate: 20/hour}\n"
+    )
+    cfg = base_config(backend.url, trusted_networks=[], workers=2)
+    gw = gateway_factory(cfg, policy=pol, ready=False)
+    gw.wait_log(
+        lambda e: len({x["pid"] for x in gw.events() if x.get("event") == "ready"}) >= 2,
+        timeout=20,
+    )
+    codes = [send(gw.port())[0] for _ in range(30)]
+    assert codes.count(250) == 20 and codes.count(450) == 10, codes
+    served = {e["pid"] for e in gw.events() if e.get("event") == "disconnect"}
+    assert len(served) == 2  # both workers took sessions, and counted in one table
+    assert len(backend.messages()) == 20
+    for _ in range(4):  # whichever worker answers the operator sees the same count
+        assert "20.0 of 20 messages used" in ratelimit_cli(gw, "show", "msgs:127.0.0.1")

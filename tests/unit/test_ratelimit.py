@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from gateway.checks.ratelimit import network_of, parse_rate
 from gateway.store.base import CONC, RATE, Entry, GcraOp
 from gateway.store.memory import MemoryStore
+from gateway.store.shared import SharedStore
 
 
 class Clock:
@@ -24,17 +28,35 @@ def gcra(s: MemoryStore, key: str, period: float, n: int, burst: int, cost: int 
     return s.take([GcraOp(key, period, n, burst, cost)]) == -1
 
 
-def test_sender_at_the_allowed_rate_is_never_refused() -> None:
+Make = Callable[..., MemoryStore]
+
+
+@pytest.fixture(params=["memory", "shared"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Make:
+    """Each store's decisions must be the same: one process's dictionaries, or the
+    table the workers of one machine share (here as its only worker)."""
+
+    def build(clock: Callable[[], float] = time.monotonic) -> MemoryStore:
+        if request.param == "memory":
+            return MemoryStore(clock)
+        path = str(tmp_path / "limits.table")
+        SharedStore.create(path, workers=1, rate_slots=1024, conc_slots=256)
+        return SharedStore(path, 0, clock)
+
+    return build
+
+
+def test_sender_at_the_allowed_rate_is_never_refused(make: Make) -> None:
     clock = Clock()
-    s = MemoryStore(clock)
+    s = make(clock)
     for _ in range(10_000):  # 10/second, exactly every 0.1 s, no burst
         assert gcra(s, "k", 1.0, 10, 0)
         clock.t += 0.1
 
 
-def test_capacity_then_refusal_then_drain_on_time() -> None:
+def test_capacity_then_refusal_then_drain_on_time(make: Make) -> None:
     clock = Clock()
-    s = MemoryStore(clock)
+    s = make(clock)
     # 6/minute (one cell per 10 s) plus a burst of 2: eight at once, the ninth refused.
     assert [gcra(s, "k", 60, 6, 2) for _ in range(9)] == [True] * 8 + [False]
     clock.t += 9.99
@@ -46,9 +68,9 @@ def test_capacity_then_refusal_then_drain_on_time() -> None:
     assert [gcra(s, "k", 60, 6, 2) for _ in range(4)] == [True, True, True, False]
 
 
-def test_refusals_do_not_consume_capacity_and_costs_count() -> None:
+def test_refusals_do_not_consume_capacity_and_costs_count(make: Make) -> None:
     clock = Clock()
-    s = MemoryStore(clock)
+    s = make(clock)
     assert gcra(s, "b", 1.0, 1000, 0, cost=1000)  # 1000 bytes/second: one 1000-byte message
     for _ in range(50):
         assert not gcra(s, "b", 1.0, 1000, 0, cost=10)
@@ -56,8 +78,8 @@ def test_refusals_do_not_consume_capacity_and_costs_count() -> None:
     assert gcra(s, "b", 1.0, 1000, 0, cost=1000)
 
 
-def test_concurrency_slots() -> None:
-    s = MemoryStore()
+def test_concurrency_slots(make: Make) -> None:
+    s = make()
     assert s.acquire("c", 2) and s.acquire("c", 2) and not s.acquire("c", 2)
     s.release("c")
     assert s.acquire("c", 2)
@@ -74,9 +96,9 @@ def test_parse_rate_and_networks() -> None:
     assert network_of("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
 
 
-def test_take_is_all_or_nothing_across_limits() -> None:
+def test_take_is_all_or_nothing_across_limits(make: Make) -> None:
     clock = Clock()
-    s = MemoryStore(clock)
+    s = make(clock)
     small = GcraOp("rate:small:x", 60, 1, 0, 1)
     big = GcraOp("rate:big:x", 60, 100, 0, 1)
     assert s.take([big, small]) == -1
@@ -88,9 +110,9 @@ def test_take_is_all_or_nothing_across_limits() -> None:
     assert debt == pytest.approx(0.6)  # one cell of 60/100 s, not eleven
 
 
-def test_operators_show_and_reset() -> None:
+def test_operators_show_and_reset(make: Make) -> None:
     clock = Clock()
-    s = MemoryStore(clock)
+    s = make(clock)
     assert gcra(s, "rate:per_ip:192.0.2.1", 60, 2, 0)
     assert gcra(s, "rate:per_ip:192.0.2.10", 60, 2, 0)
     assert s.acquire("conc:conns:192.0.2.1", 5)
@@ -107,10 +129,10 @@ def test_operators_show_and_reset() -> None:
     assert asyncio.run(s.entries("per_ip:", exact=False)) == []
 
 
-def test_operator_routes_answer_loopback_only() -> None:
+def test_operator_routes_answer_loopback_only(make: Make) -> None:
     from gateway.http import HttpEndpoint
 
-    store = MemoryStore()
+    store = make()
     assert store.acquire("conc:conns:192.0.2.1", 3)
     http = HttpEndpoint(lambda: (True, {}), store)
     status, _, body = asyncio.run(http.route("GET", "/ratelimit?key=conns", "192.0.2.9"))
@@ -145,3 +167,79 @@ def test_store_and_limit_config_errors_name_the_key(tmp_path: Path) -> None:
     )
     with pytest.raises(config.ConfigError, match=r"checks\.ratelimit\.limits\.0\.name"):
         policy.load(str(pol), all_known_symbols())
+
+
+def _forked(children: int, work: Callable[[int], int]) -> list[int]:
+    """Run work(i) in `children` forked processes, started together; their results."""
+    go_r, go_w = os.pipe()
+    pids = []
+    for i in range(children):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            os.close(r)
+            code = 0
+            try:
+                os.read(go_r, 1)  # every child is forked before any starts
+                os.write(w, str(work(i)).encode())
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(w)
+        pids.append((pid, r))
+    os.write(go_w, b"g" * children)
+    os.close(go_r)
+    os.close(go_w)
+    out = []
+    for pid, r in pids:
+        with os.fdopen(r, "rb") as f:
+            out.append(int(f.read() or b"-1"))
+        assert os.waitpid(pid, 0)[1] == 0
+    return out
+
+
+def test_workers_sharing_a_table_count_as_one(tmp_path: Path) -> None:
+    """Two processes taking from one limit at once: exactly its capacity is allowed
+    in all, however their takes interleave (per worker it was twice that; without
+    the lock, updates are lost and more gets through)."""
+    path = str(tmp_path / "limits.table")
+    SharedStore.create(path, workers=2)
+    op = GcraOp("rate:per_ip:192.0.2.1", 3600, 500, 0, 1)
+
+    def work(i: int) -> int:
+        s = SharedStore(path, i)
+        return sum(s.take([op]) == -1 for _ in range(2000))
+
+    allowed = _forked(2, work)
+    assert sum(allowed) == 500, allowed
+    s = SharedStore(path, 0)
+    [entry] = asyncio.run(s.entries("per_ip:", exact=False))
+    assert entry.key == "per_ip:192.0.2.1" and entry.value == pytest.approx(3600, abs=5)
+
+
+def test_concurrency_is_shared_and_a_restarted_worker_frees_its_slots(tmp_path: Path) -> None:
+    path = str(tmp_path / "limits.table")
+    SharedStore.create(path, workers=2)
+    w0, w1 = SharedStore(path, 0), SharedStore(path, 1)
+    assert w0.acquire("conc:conns:192.0.2.1", 3) and w0.acquire("conc:conns:192.0.2.1", 3)
+    assert w1.acquire("conc:conns:192.0.2.1", 3)
+    assert not w1.acquire("conc:conns:192.0.2.1", 3)  # 3 in all, across the workers
+    w1.release("conc:conns:192.0.2.1")
+    w1.release("conc:conns:192.0.2.1")  # one more than it holds: never below zero
+    assert w1.acquire("conc:conns:192.0.2.1", 3)
+    assert not w0.acquire("conc:conns:192.0.2.1", 3)
+    SharedStore(path, 0)  # worker 0 restarted: the connections it counted are gone
+    assert w1.acquire("conc:conns:192.0.2.1", 3) and w1.acquire("conc:conns:192.0.2.1", 3)
+    assert not w1.acquire("conc:conns:192.0.2.1", 3)
+
+
+def test_a_full_probe_window_never_refuses_wrongly(tmp_path: Path) -> None:
+    """More live keys than slots: a key may lose its debt (the table is too small),
+    but a key within its limit is never refused because of another's."""
+    path = str(tmp_path / "limits.table")
+    SharedStore.create(path, workers=1, rate_slots=8, conc_slots=8)
+    s = SharedStore(path, 0)
+    for n in range(200):
+        assert s.take([GcraOp(f"rate:l:{n}", 3600, 1, 0, 1)]) == -1
+    for n in range(40):
+        assert s.acquire(f"conc:c:{n}", 1)  # beyond 8 keys: not counted, not refused

@@ -1,0 +1,239 @@
+"""Limit state shared by the workers of one machine: GCRA arrival times and
+concurrency counts in a memory-mapped table, under a POSIX record lock.
+
+Why: with `workers: N` and the in-memory store, each process counted for itself,
+so a client got N times its limit. Redis shares counts between machines; this
+shares them between the processes of one, with nothing to run. The master creates
+the table file before it forks; every worker maps it.
+
+Why a record lock (`lockf`): the kernel drops it when its holder dies, so a worker
+killed inside the few microseconds it holds the lock cannot wedge the others, as a
+semaphore would. A concurrency slot is counted per worker, and a worker that
+(re)starts clears its own counts: a crashed worker's connections are gone, and so
+are the slots they held.
+
+Keys are found by a 64-bit hash in a bounded probe window; a rate key whose
+arrival time has passed is the same as an absent one, so its slot is free again.
+The key text (its first bytes) is kept only for `smtp-gateway ratelimit show`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from fcntl import LOCK_EX, LOCK_UN, lockf
+from typing import Any
+
+from gateway.store.base import CONC, RATE, Entry, GcraOp, gcra_new_tat
+from gateway.store.memory import MemoryStore
+
+_MAGIC = b"SGWLIM01"
+_HEADER = struct.Struct("<8sIII")  # magic, rate slots, concurrency slots, workers
+_HEADER_SIZE = 64
+KEY_BYTES = 64  # of a key's text kept for operators; matching is by hash
+PROBE = 32
+
+
+def _hash(key: str) -> int:
+    """Python's own string hash: every worker is forked from the master, so all
+    share its hash secret (and a string caches its hash). 0 marks an empty slot."""
+    return (hash(key) & 0xFFFF_FFFF_FFFF_FFFF) or 1
+
+
+class SharedStore(MemoryStore):
+    """The in-memory store's decisions, made on a table all workers share."""
+
+    def __init__(
+        self,
+        path: str,
+        worker: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(clock)
+        self.fd = os.open(path, os.O_RDWR)
+        size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, size)
+        magic, rate_slots, conc_slots, workers = _HEADER.unpack_from(self.mm, 0)
+        if magic != _MAGIC or not 0 <= worker < workers:
+            raise ValueError(f"{path}: not a limit table for worker {worker}")
+        self.worker: int = worker
+        self.workers: int = workers
+        view = memoryview(self.mm)
+        at = _HEADER_SIZE
+
+        def region(n: int, fmt: str, width: int) -> Any:
+            """n items of struct format `fmt` (memoryview's typing knows only bytes)."""
+            nonlocal at
+            part = view[at : at + n * width].cast(fmt)  # type: ignore[call-overload]
+            at += n * width
+            return part
+
+        self.rate_slots: int = rate_slots
+        self.conc_slots: int = conc_slots
+        self.r_hash = region(rate_slots, "Q", 8)
+        self.r_tat = region(rate_slots, "d", 8)
+        self.r_key = region(rate_slots, "B", KEY_BYTES)
+        self.c_hash = region(conc_slots, "Q", 8)
+        self.c_count = region(conc_slots * workers, "i", 4)
+        self.c_key = region(conc_slots, "B", KEY_BYTES)
+        with self._locked():  # a (re)started worker holds no connections yet
+            counts = self.c_count
+            for slot in range(conc_slots):
+                counts[slot * workers + worker] = 0
+
+    @staticmethod
+    def create(path: str, workers: int, rate_slots: int = 65536, conc_slots: int = 16384) -> None:
+        """A fresh, empty table (sparse: pages are used as keys arrive)."""
+        size = _HEADER_SIZE + rate_slots * (16 + KEY_BYTES) + conc_slots * (8 + 4 * workers)
+        size += conc_slots * KEY_BYTES
+        with open(path, "wb") as f:
+            f.write(_HEADER.pack(_MAGIC, rate_slots, conc_slots, workers))
+            f.truncate(size)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        lockf(self.fd, LOCK_EX)
+        try:
+            yield
+        finally:
+            lockf(self.fd, LOCK_UN)
+
+    def _set_key(self, keys: Any, slot: int, key: str) -> None:
+        raw = key.encode()[:KEY_BYTES]
+        keys[slot * KEY_BYTES : (slot + 1) * KEY_BYTES] = raw.ljust(KEY_BYTES, b"\0")
+
+    def _key(self, keys: Any, slot: int) -> tuple[str, bool]:
+        """The key's text as kept, and whether it was cut short."""
+        raw = bytes(keys[slot * KEY_BYTES : (slot + 1) * KEY_BYTES]).rstrip(b"\0")
+        return raw.decode("utf-8", "replace"), len(raw) == KEY_BYTES
+
+    # -- rates --------------------------------------------------------------------
+    def _rate_slot(self, key: str, now: float) -> int:
+        """The slot of `key`, claimed for it if it has none: a free or drained slot in
+        its window, else the one closest to drained (a full window means a table too
+        small: the limit that loses its debt is the one nearest to having none). A
+        claimed slot starts with its arrival time at `now`, the same as no entry."""
+        h, n = _hash(key), self.rate_slots
+        hashes, tats = self.r_hash, self.r_tat
+        start = h % n
+        free = -1
+        for i in range(PROBE):
+            slot = (start + i) % n
+            if hashes[slot] == h:
+                return slot
+            if free < 0 and (hashes[slot] == 0 or tats[slot] <= now):
+                free = slot
+        if free < 0:
+            free = min(((start + i) % n for i in range(PROBE)), key=lambda s: tats[s])
+        hashes[free] = h
+        tats[free] = now
+        self._set_key(self.r_key, free, key)
+        return free
+
+    def take(self, ops: Sequence[GcraOp]) -> int:
+        now = self.clock()
+        lockf(self.fd, LOCK_EX)  # not `with self._locked()`: a third of the cost, per message
+        try:
+            slots, news = [], []
+            for i, op in enumerate(ops):
+                slot = self._rate_slot(op.key, now)
+                new_tat = gcra_new_tat(self.r_tat[slot], now, op)
+                if new_tat is None:
+                    return i
+                slots.append(slot)
+                news.append(new_tat)
+            for slot, new_tat in zip(slots, news, strict=True):
+                self.r_tat[slot] = new_tat
+        finally:
+            lockf(self.fd, LOCK_UN)
+        return -1
+
+    # -- concurrency --------------------------------------------------------------
+    def _conc_slot(self, h: int, claim: bool) -> int:
+        n, w = self.conc_slots, self.workers
+        hashes, counts = self.c_hash, self.c_count
+        start = h % n
+        free = -1
+        for i in range(PROBE):
+            slot = (start + i) % n
+            if hashes[slot] == h:
+                return slot
+            if free < 0 and not any(counts[slot * w : (slot + 1) * w]):
+                free = slot
+        return free if claim else -1
+
+    def acquire(self, key: str, limit: int) -> bool:
+        h, w = _hash(key), self.workers
+        lockf(self.fd, LOCK_EX)
+        try:
+            slot = self._conc_slot(h, claim=True)
+            if slot < 0:
+                return True  # every slot near it is busy: not counted, never refused
+            row = slot * w
+            if sum(self.c_count[row : row + w]) >= limit:
+                return False
+            if self.c_hash[slot] != h:
+                self.c_hash[slot] = h
+                self._set_key(self.c_key, slot, key)
+            self.c_count[row + self.worker] += 1
+        finally:
+            lockf(self.fd, LOCK_UN)
+        return True
+
+    def release(self, key: str) -> None:
+        lockf(self.fd, LOCK_EX)
+        try:
+            slot = self._conc_slot(_hash(key), claim=False)
+            if slot >= 0:
+                i = slot * self.workers + self.worker
+                self.c_count[i] = max(0, self.c_count[i] - 1)
+        finally:
+            lockf(self.fd, LOCK_UN)
+
+    # -- operators ------------------------------------------------------------------
+    def _matches(self, kind: str, prefix: str, exact: bool) -> Iterator[tuple[int, str]]:
+        hashes, keys, n = (
+            (self.r_hash, self.r_key, self.rate_slots)
+            if kind == RATE
+            else (self.c_hash, self.c_key, self.conc_slots)
+        )
+        head = f"{kind}:{prefix}"
+        h = _hash(head)
+        for slot in range(n):
+            if not hashes[slot] or (exact and hashes[slot] != h):
+                continue
+            key, cut = self._key(keys, slot)
+            if exact or key.startswith(head) or (cut and head.startswith(key)):
+                yield slot, key
+
+    async def entries(self, prefix: str, exact: bool) -> list[Entry]:
+        now = self.clock()
+        out = []
+        with self._locked():
+            for slot, key in self._matches(RATE, prefix, exact):
+                if self.r_tat[slot] > now:
+                    out.append(Entry(RATE, key[len(RATE) + 1 :], self.r_tat[slot] - now))
+            w = self.workers
+            for slot, key in self._matches(CONC, prefix, exact):
+                held = sum(self.c_count[slot * w : (slot + 1) * w])
+                if held:
+                    out.append(Entry(CONC, key[len(CONC) + 1 :], held))
+        return sorted(out)
+
+    async def reset(self, prefix: str, exact: bool) -> int:
+        now, n, w = self.clock(), 0, self.workers
+        with self._locked():
+            for slot, _ in list(self._matches(RATE, prefix, exact)):
+                n += self.r_tat[slot] > now
+                self.r_hash[slot] = 0
+            for slot, _ in list(self._matches(CONC, prefix, exact)):
+                n += any(self.c_count[slot * w : (slot + 1) * w])
+                self.c_count[slot * w : (slot + 1) * w] = memoryview(bytes(4 * w)).cast("i")
+        return n
+
+    async def close(self) -> None:
+        pass
