@@ -44,6 +44,19 @@ def _hash(key: str) -> int:
     return (hash(key) & 0xFFFF_FFFF_FFFF_FFFF) or 1
 
 
+def _probe(hashes: Any, n: int, h: int, free: Callable[[int], bool]) -> tuple[int, int]:
+    """In the window of hash h: the slot holding h (or -1), and the first free one
+    before it (or -1)."""
+    first_free = -1
+    for i in range(PROBE):
+        slot = (h + i) % n
+        if hashes[slot] == h:
+            return slot, first_free
+        if first_free < 0 and free(slot):
+            first_free = slot
+    return -1, first_free
+
+
 class SharedStore(MemoryStore):
     """The in-memory store's decisions, made on a table all workers share."""
 
@@ -119,16 +132,11 @@ class SharedStore(MemoryStore):
         claimed slot starts with its arrival time at `now`, the same as no entry."""
         h, n = _hash(key), self.rate_slots
         hashes, tats = self.r_hash, self.r_tat
-        start = h % n
-        free = -1
-        for i in range(PROBE):
-            slot = (start + i) % n
-            if hashes[slot] == h:
-                return slot
-            if free < 0 and (hashes[slot] == 0 or tats[slot] <= now):
-                free = slot
+        slot, free = _probe(hashes, n, h, lambda s: hashes[s] == 0 or tats[s] <= now)
+        if slot >= 0:
+            return slot
         if free < 0:
-            free = min(((start + i) % n for i in range(PROBE)), key=lambda s: tats[s])
+            free = min(((h + i) % n for i in range(PROBE)), key=lambda s: tats[s])
         hashes[free] = h
         tats[free] = now
         self._set_key(self.r_key, free, key)
@@ -154,17 +162,12 @@ class SharedStore(MemoryStore):
 
     # -- concurrency --------------------------------------------------------------
     def _conc_slot(self, h: int, claim: bool) -> int:
-        n, w = self.conc_slots, self.workers
-        hashes, counts = self.c_hash, self.c_count
-        start = h % n
-        free = -1
-        for i in range(PROBE):
-            slot = (start + i) % n
-            if hashes[slot] == h:
-                return slot
-            if free < 0 and not any(counts[slot * w : (slot + 1) * w]):
-                free = slot
-        return free if claim else -1
+        """The slot of hash h; else, if `claim`, one with no connection counted."""
+        w, counts = self.workers, self.c_count
+        slot, free = _probe(
+            self.c_hash, self.conc_slots, h, lambda s: not any(counts[s * w : (s + 1) * w])
+        )
+        return slot if slot >= 0 else (free if claim else -1)
 
     def acquire(self, key: str, limit: int) -> bool:
         h, w = _hash(key), self.workers
