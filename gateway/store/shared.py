@@ -198,44 +198,53 @@ class SharedStore(MemoryStore):
             lockf(self.fd, LOCK_UN)
 
     # -- operators ------------------------------------------------------------------
-    def _matches(self, kind: str, prefix: str, exact: bool) -> Iterator[tuple[int, str]]:
+    def _matches(self, kind: str, prefix: str, exact: bool) -> list[tuple[int, int, str]]:
+        """(slot, hash, key text) of what an operator named. Read without the lock:
+        a scan of the table would hold up every worker's decisions for milliseconds,
+        and an operator's view a decision old is as good."""
         hashes, keys, n = (
             (self.r_hash, self.r_key, self.rate_slots)
             if kind == RATE
             else (self.c_hash, self.c_key, self.conc_slots)
         )
         head = f"{kind}:{prefix}"
-        h = _hash(head)
+        if exact:
+            h = _hash(head)
+            slot, _ = _probe(hashes, n, h, lambda s: False)
+            return [] if slot < 0 else [(slot, h, self._key(keys, slot)[0])]
+        out = []
         for slot in range(n):
-            if not hashes[slot] or (exact and hashes[slot] != h):
-                continue
-            key, cut = self._key(keys, slot)
-            if exact or key.startswith(head) or (cut and head.startswith(key)):
-                yield slot, key
+            h = hashes[slot]
+            if h:
+                key, cut = self._key(keys, slot)
+                if key.startswith(head) or (cut and head.startswith(key)):
+                    out.append((slot, h, key))
+        return out
 
     async def entries(self, prefix: str, exact: bool) -> list[Entry]:
-        now = self.clock()
+        now, w = self.clock(), self.workers
         out = []
-        with self._locked():
-            for slot, key in self._matches(RATE, prefix, exact):
-                if self.r_tat[slot] > now:
-                    out.append(Entry(RATE, key[len(RATE) + 1 :], self.r_tat[slot] - now))
-            w = self.workers
-            for slot, key in self._matches(CONC, prefix, exact):
-                held = sum(self.c_count[slot * w : (slot + 1) * w])
-                if held:
-                    out.append(Entry(CONC, key[len(CONC) + 1 :], held))
+        for slot, _, key in self._matches(RATE, prefix, exact):
+            if self.r_tat[slot] > now:
+                out.append(Entry(RATE, key[len(RATE) + 1 :], self.r_tat[slot] - now))
+        for slot, _, key in self._matches(CONC, prefix, exact):
+            held = sum(self.c_count[slot * w : (slot + 1) * w])
+            if held:
+                out.append(Entry(CONC, key[len(CONC) + 1 :], held))
         return sorted(out)
 
     async def reset(self, prefix: str, exact: bool) -> int:
         now, n, w = self.clock(), 0, self.workers
-        with self._locked():
-            for slot, _ in list(self._matches(RATE, prefix, exact)):
-                n += self.r_tat[slot] > now
-                self.r_hash[slot] = 0
-            for slot, _ in list(self._matches(CONC, prefix, exact)):
-                n += any(self.c_count[slot * w : (slot + 1) * w])
-                self.c_count[slot * w : (slot + 1) * w] = memoryview(bytes(4 * w)).cast("i")
+        rates, conns = self._matches(RATE, prefix, exact), self._matches(CONC, prefix, exact)
+        with self._locked():  # each slot cleared only if it still holds the key found
+            for slot, h, _ in rates:
+                if self.r_hash[slot] == h:
+                    n += self.r_tat[slot] > now
+                    self.r_hash[slot] = 0
+            for slot, h, _ in conns:
+                if self.c_hash[slot] == h:
+                    n += any(self.c_count[slot * w : (slot + 1) * w])
+                    self.c_count[slot * w : (slot + 1) * w] = memoryview(bytes(4 * w)).cast("i")
         return n
 
     async def close(self) -> None:
