@@ -160,8 +160,12 @@ def client_tls_context(cfg: config.Backend) -> ssl.SSLContext | None:
 
 
 def _own(r: replies.Reply) -> SmtpReply:
-    """One of our replies in the shape of a backend's, for refusals made on its behalf."""
+    """One of our replies in the shape of a backend's, for answers given on its behalf."""
     return SmtpReply(r.code, [f"{r.enhanced} {r.text}"])
+
+
+# The gateway's own answer to a deferred MAIL: made once, it goes out on every message.
+_SENDER_OK = _own(replies.SENDER_OK)
 
 
 class Fit(NamedTuple):
@@ -311,7 +315,7 @@ class SmtpBackend:
                 # A 552 to RCPT would read as "too many recipients", which RFC 5321
                 # 4.5.3.1.10 tells clients to retry: a size refusal belongs to MAIL.
                 return _own(replies.SIZE_EXCEEDED), None
-            return _own(replies.SENDER_OK), DeferredTransaction(self, client, sender, params)
+            return _SENDER_OK, DeferredTransaction(self, client, sender, params)
         reply, _, txn = await self.open(client, sender, params)
         return reply, txn
 

@@ -246,6 +246,3 @@ class SharedStore(MemoryStore):
                     n += any(self.c_count[slot * w : (slot + 1) * w])
                     self.c_count[slot * w : (slot + 1) * w] = memoryview(bytes(4 * w)).cast("i")
         return n
-
-    async def close(self) -> None:
-        pass
