@@ -22,7 +22,7 @@ from gateway.forward.client import (
 )
 from gateway.forward.pool import Pool
 from gateway.headers import header_section
-from gateway.smtp import replies
+from gateway.smtp import dsn, replies
 
 log = logging.getLogger("gateway.backend")
 
@@ -182,7 +182,8 @@ def fit_params(params: list[str], extensions: dict[str, str]) -> Fit:
     senders set them on plain ASCII mail too. A next hop that does not offer the
     extension would refuse the parameter (555), so it is dropped and the
     transaction checks instead what actually goes through (RFC 6531 3.2 and RFC
-    6152 3 forbid sending it such content, not the mail itself).
+    6152 3 forbid sending it such content, not the mail itself). The DSN
+    parameters go the same way (see smtp/dsn.py).
     """
     utf8 = eight_bit = True
     if "SMTPUTF8" in params and "SMTPUTF8" not in extensions:
@@ -191,7 +192,7 @@ def fit_params(params: list[str], extensions: dict[str, str]) -> Fit:
     if "BODY=8BITMIME" in params and "8BITMIME" not in extensions:
         params = [p for p in params if p != "BODY=8BITMIME"]
         eight_bit = False
-    return Fit(params, utf8, eight_bit)
+    return Fit(dsn.for_backend(params, extensions, dsn.MAIL_KEYS), utf8, eight_bit)
 
 
 async def _refused(reply: SmtpReply) -> SmtpReply:
@@ -213,7 +214,9 @@ class SmtpTransaction:
     def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]:
         if not self.utf8 and not rcpt.isascii():
             return _refused(_own(replies.SMTPUTF8_UNSUPPORTED))
-        return self.client.rcpt(rcpt, params)
+        return self.client.rcpt(
+            rcpt, dsn.for_backend(params, self.client.extensions, dsn.RCPT_KEYS)
+        )
 
     def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:
         if not self.utf8 and not header_section(wire).isascii():
@@ -391,6 +394,8 @@ class SmtpBackend:
                     xforward = _xclient_attrs(client)
                 # After XCLIENT, whose EHLO may have changed what the session offers.
                 fit = fit_params(params, session.extensions)
+                if rcpt is not None and rcpt[1]:
+                    rcpt = (rcpt[0], dsn.for_backend(rcpt[1], session.extensions, dsn.RCPT_KEYS))
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
                     # RFC 8689: refuse rather than pass the message on without it.
                     return _own(replies.REQUIRETLS_UNSUPPORTED), None, session, fit

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import ssl
 import time
 from collections.abc import Coroutine
 
 from gateway import metrics
+from gateway.smtp.dsn import xtext
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
 MAX_REPLY_LINE = 4096
@@ -60,22 +60,6 @@ class SmtpReply:
 
     def __str__(self) -> str:
         return f"{self.code} {' / '.join(self.lines)}"
-
-
-_XCHAR = re.compile(r"[!-*,-<>-~]*")  # xchar: 33-126 except "+" and "="
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext, as XCLIENT/XFORWARD attribute values require."""
-    if _XCHAR.fullmatch(value):
-        return value  # nearly always: addresses and host names
-    out = []
-    for ch in value.encode("utf-8", "surrogateescape"):
-        if 33 <= ch <= 126 and ch not in (43, 61):
-            out.append(chr(ch))
-        else:
-            out.append(f"+{ch:02X}")
-    return "".join(out)
 
 
 @functools.lru_cache(maxsize=64)

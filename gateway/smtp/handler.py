@@ -28,7 +28,7 @@ from gateway.pipeline.runner import Runner
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import Verdict
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
-from gateway.smtp import replies, tls
+from gateway.smtp import dsn, replies, tls
 from gateway.smtp.data import DataRefused, check_hops, read_message
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.replies import Action, Reply
@@ -93,6 +93,7 @@ def ehlo_lines(settings: config.Settings, listener: config.Listener, tls_active:
         f"SIZE {settings.limits.max_message_size}",
         "8BITMIME",
         "SMTPUTF8",
+        "DSN",
         "ENHANCEDSTATUSCODES",
     ]
     if listener.tls is config.TlsMode.STARTTLS and not tls_active:
@@ -134,6 +135,8 @@ class Session:
         self.txn_broken: Reply | None = None
         self.client_info: ClientInfo | None = None
         self.mail_params: list[str] = []
+        # The DSN parameters of the recipients that had some, by backend address.
+        self.rcpt_params: dict[Address, list[str]] = {}
         self.txn_start = 0.0
         self.txn_count = 0
         self.rcpt_tried = 0
@@ -391,6 +394,12 @@ class Session:
                     self.send(replies.SYNTAX_ARGS)
                     return
                 fwd.append("SMTPUTF8")
+            elif key in dsn.MAIL_KEYS:
+                param = dsn.mail_param(key, val)
+                if param is None:
+                    self.send(replies.DSN_SYNTAX)
+                    return
+                fwd.append(param)
             else:
                 self.send(replies.PARAM_UNKNOWN)
                 return
@@ -398,6 +407,8 @@ class Session:
         self.ctx.mail_from = addr
         self.utf8_txn = "SMTPUTF8" in params
         self.rcpt_tried = 0
+        if self.rcpt_params:
+            self.rcpt_params = {}
         self.txn_start = time.monotonic()
         if self.svc.runner.has_checks(Stage.MAIL):
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
@@ -445,9 +456,13 @@ class Session:
         if parsed is None:
             return
         addr, params = parsed
-        if params:
-            self.send(replies.PARAM_UNKNOWN)
-            return
+        rcpt_params: list[str] = []
+        for key, val in params.items():
+            param = dsn.rcpt_param(key, val, self.utf8_txn) if key in dsn.RCPT_KEYS else None
+            if param is None:
+                self.send(replies.DSN_SYNTAX if key in dsn.RCPT_KEYS else replies.PARAM_UNKNOWN)
+                return
+            rcpt_params.append(param)
         if len(self.ctx.recipients) >= self.limits.max_recipients:
             self.send(replies.TOO_MANY_RECIPIENTS)
             metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
@@ -484,7 +499,7 @@ class Session:
             targets = refused
             if rewriter.srs is not None and not await self._srs_if_forwarding(targets):
                 return
-        await self._backend_rcpts(original, targets)
+        await self._backend_rcpts(original, targets, rcpt_params)
 
     def _expand(
         self, rewriter: Rewriter, original: Address, addr: Address
@@ -523,7 +538,9 @@ class Session:
         logs.event("srs_forward", session=self.id, sender=str(sender), srs=str(srs_sender))
         return True
 
-    async def _backend_rcpts(self, original: Address, targets: list[Address]) -> None:
+    async def _backend_rcpts(
+        self, original: Address, targets: list[Address], params: list[str]
+    ) -> None:
         """RCPT each (rewritten) address at the backend; one reply to the client.
 
         With a fan-out, any 4xx defers the whole recipient (the client retries; an
@@ -532,6 +549,10 @@ class Session:
         accepts it and permanent failures of single members are logged.
         """
         assert self.txn is not None
+        if targets != [original] and not any(p[:6] == "ORCPT=" for p in params):
+            orcpt = dsn.orcpt_for(str(original))
+            if orcpt is not None:
+                params = [*params, orcpt]
         results: list[SmtpReply] = []
         accepted: list[Address] = []
         for t in targets:
@@ -543,7 +564,7 @@ class Session:
                 metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
                 return
             try:
-                r = await self.txn.rcpt(str(t), [])
+                r = await self.txn.rcpt(str(t), params)
             except BackendError as e:
                 await self._backend_failed(e)
                 return
@@ -551,6 +572,8 @@ class Session:
             if r.ok:
                 self.ctx.recipients.append(t)
                 accepted.append(t)
+                if params:  # for a transaction opened again (_rebegin)
+                    self.rcpt_params[t] = params
         if targets != [original]:
             self.ctx.rewritten.append((original, tuple(targets)))
         temp = next((r for r in results if 400 <= r.code < 500), None)
@@ -685,7 +708,7 @@ class Session:
                 why = f"MAIL: {reply}"
             else:
                 for rcpt in recipients:
-                    r = await txn.rcpt(str(rcpt), [])
+                    r = await txn.rcpt(str(rcpt), self.rcpt_params.get(rcpt, []))
                     if not r.ok:
                         await txn.abort()
                         why = f"RCPT {rcpt}: {r}"

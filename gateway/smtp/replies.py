@@ -101,6 +101,7 @@ TLS_NOT_OFFERED = r(502, "5.5.1", "Error: STARTTLS not offered here")
 NO_VALID_RECIPIENTS = r(554, "5.5.1", "Error: no valid recipients")
 PARAM_UNKNOWN = r(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 PARAM_DUPLICATE = r(501, "5.5.4", "Duplicate MAIL/RCPT parameter")
+DSN_SYNTAX = r(501, "5.5.4", "Malformed DSN parameter (RET, ENVID, NOTIFY or ORCPT: RFC 3461)")
 SMTPUTF8_REQUIRED = r(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 # The backend lacks SMTPUTF8 / 8BITMIME and the message needs it (RFC 6531, RFC 6152).
 SMTPUTF8_UNSUPPORTED = r(553, "5.6.7", "Non-ASCII address not accepted by the destination")

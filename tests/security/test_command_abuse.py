@@ -34,7 +34,8 @@ def gw(backend: Backend, gateway_factory: Callable[..., Gateway]) -> Gateway:
         (b"MAIL FROM:<a@sender.test> SIZE=abc", 501, "5.5.4"),
         (b"MAIL FROM:<a@sender.test> SIZE=10 SIZE=20", 501, "5.5.4"),
         (b"MAIL FROM:<a@sender.test> BODY=BINARYMIME", 501, "5.5.4"),
-        (b"MAIL FROM:<a@sender.test> RET=HDRS", 555, "5.5.4"),
+        (b"MAIL FROM:<a@sender.test> RET=ALL", 501, "5.5.4"),  # DSN: FULL or HDRS
+        (b"MAIL FROM:<a@sender.test> MT-PRIORITY=3", 555, "5.5.4"),  # not offered
         (b"MAIL TO:<a@sender.test>", 501, "5.5.4"),
         (b"MAIL FROM:a@sender.test", 501, "5.1.7"),
         (b"X" * 5000, 500, "5.5.6"),  # line too long

@@ -56,6 +56,8 @@ class Backend:
             extra.append("250-XFORWARD ADDR NAME PORT HELO PROTO")
         if self.args.pipelining:  # aiosmtpd reads pipelined commands, but does not say so
             extra.append("250-PIPELINING")
+        if self.args.dsn:
+            extra.append("250-DSN")
         if self.args.requiretls and server._tls_protocol is not None:
             extra.append("250-REQUIRETLS")  # RFC 8689: over TLS only
         out += extra
@@ -123,6 +125,8 @@ class Backend:
             "xforward": getattr(session, "xforward", {}),
             "tls": session.ssl is not None,
             "requiretls": getattr(session, "requiretls", False),
+            "dsn_mail": getattr(envelope, "dsn_mail", []),
+            "dsn_rcpt": getattr(envelope, "dsn_rcpt", {}),
             "peer": list(session.peer) if session.peer else None,
         }
         tmp = self.spool / f".msg-{self.count}.tmp"
@@ -131,15 +135,41 @@ class Backend:
         return f"250 2.0.0 backend queued as B{self.count}"
 
 
+_DSN_KEYS = ("RET=", "ENVID=", "NOTIFY=", "ORCPT=")
+
+
+def _take_dsn(arg: str) -> tuple[str, list[str]]:
+    """The command argument without its DSN parameters, and those as written."""
+    words = arg.split()
+    found = [w for w in words[1:] if w.upper().startswith(_DSN_KEYS)]
+    return " ".join(w for w in words if w not in found), found
+
+
 class BackendSMTP(SMTP):
+    """aiosmtpd refuses parameters it does not know (555), and upper-cases those it
+    keeps: REQUIRETLS and, with --dsn, the DSN parameters are recorded here as sent."""
+
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """aiosmtpd refuses parameters it does not know; REQUIRETLS is recorded here."""
         if arg and self.event_handler.args.requiretls and self._tls_protocol is not None:
             words = arg.split()
             found = any(w.upper() == "REQUIRETLS" for w in words)
             self.session.requiretls = found  # type: ignore[attr-defined]
             arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+        if arg and self.event_handler.args.dsn:
+            arg, found = _take_dsn(arg)
+            self.envelope.dsn_mail = found  # type: ignore[attr-defined]
+            self.envelope.dsn_rcpt = {}  # type: ignore[attr-defined]
         await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg and self.event_handler.args.dsn:
+            arg, found = _take_dsn(arg)
+            if found:
+                self.event_handler.log(f"RCPT-DSN {arg} {' '.join(found)}")
+                rcpts = getattr(self.envelope, "dsn_rcpt", {})
+                rcpts[arg.split()[0][3:].strip("<>")] = found
+                self.envelope.dsn_rcpt = rcpts  # type: ignore[attr-defined]
+        await super().smtp_RCPT(arg)
 
     async def smtp_XCLIENT(self, arg: str) -> None:
         if self.event_handler.args.refuse_xclient:
@@ -180,6 +210,7 @@ async def main() -> None:
     p.add_argument("--reject-mail", action="append", default=[])
     p.add_argument("--reject-rcpt", action="append", default=[])
     p.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
+    p.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461)")
     p.add_argument("--tempfail-rcpt", action="append", default=[])
     p.add_argument("--data-reply")
     p.add_argument("--data-delay", type=float, default=0.0)

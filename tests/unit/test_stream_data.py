@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from gateway.config import BareLinefeed
-from gateway.forward.client import xtext
 from gateway.smtp import replies
 from gateway.smtp.data import DataRefused, check_wire, read_message, stuff, unstuff
+from gateway.smtp.dsn import xtext
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
