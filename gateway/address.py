@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gateway.dns import ascii_name
+
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
@@ -64,6 +66,20 @@ class Address:
 
 
 NULL = Address("", "")
+
+
+def ascii_path(path: str) -> str | None:
+    """`local@domain` for a next hop without SMTPUTF8: a UTF-8 domain as A-labels
+    (RFC 5890: the same domain, in the form every MTA takes), as Postfix does. A
+    UTF-8 local part has no ASCII form (RFC 6531 leaves none), hence None, as for
+    a domain that cannot be converted."""
+    if path.isascii():
+        return path
+    local, at, domain = path.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    domain = ascii_name(domain)
+    return f"{local}@{domain}" if domain.isascii() and "\\" not in domain else None
 
 
 def quote_local(local: str) -> str:

@@ -12,17 +12,22 @@ from __future__ import annotations
 from typing import ClassVar
 
 from gateway.address import Address
+from gateway.dns import ascii_name
 from gateway.pipeline.stage import Context, Stage
 
 DENIED = "relay.denied"
 
 
 class DomainMatcher:
-    """Exact names and `*.example.org` wildcards (which match subdomains only)."""
+    """Exact names and `*.example.org` wildcards (which match subdomains only).
+
+    An internationalised domain has two spellings, U-labels (SMTPUTF8 mail) and
+    A-labels (all other mail), and both name it: names are compared as A-labels."""
 
     __slots__ = ("_exact", "_suffixes")
 
     def __init__(self, domains: list[str]) -> None:
+        domains = [ascii_name(d) for d in domains]
         self._exact = frozenset(d for d in domains if not d.startswith("*."))
         self._suffixes = tuple(d[1:] for d in domains if d.startswith("*."))
 
@@ -32,6 +37,8 @@ class DomainMatcher:
     def __contains__(self, domain: object) -> bool:
         if not isinstance(domain, str):
             return False
+        if not domain.isascii():
+            domain = ascii_name(domain)
         return domain in self._exact or (bool(self._suffixes) and domain.endswith(self._suffixes))
 
 

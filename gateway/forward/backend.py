@@ -14,6 +14,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from gateway import config, metrics
+from gateway.address import ascii_path
 from gateway.forward.client import (
     BackendError,
     BackendLost,
@@ -213,7 +214,10 @@ class SmtpTransaction:
     # for the wait on the backend's reply to resume through.
     def rcpt(self, rcpt: str, params: list[str]) -> Awaitable[SmtpReply]:
         if not self.utf8 and not rcpt.isascii():
-            return _refused(_own(replies.SMTPUTF8_UNSUPPORTED))
+            ascii_rcpt = ascii_path(rcpt)
+            if ascii_rcpt is None:
+                return _refused(_own(replies.SMTPUTF8_UNSUPPORTED))
+            rcpt = ascii_rcpt
         return self.client.rcpt(
             rcpt, dsn.for_backend(params, self.client.extensions, dsn.RCPT_KEYS)
         )
@@ -399,13 +403,19 @@ class SmtpBackend:
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
                     # RFC 8689: refuse rather than pass the message on without it.
                     return _own(replies.REQUIRETLS_UNSUPPORTED), None, session, fit
-                if not sender.isascii() and not fit.utf8:
-                    return _own(replies.SMTPUTF8_UNSUPPORTED), None, session, fit
+                if not fit.utf8 and not sender.isascii():
+                    ascii_sender = ascii_path(sender)
+                    if ascii_sender is None:
+                        return _own(replies.SMTPUTF8_UNSUPPORTED), None, session, fit
+                    sender = ascii_sender
                 if rcpt is not None and not fit.utf8 and not rcpt[0].isascii():
-                    # MAIL alone; the RCPT is refused as SmtpTransaction.rcpt would.
-                    reply, _ = await session.mail(sender, fit.params, xforward)
-                    refused = _own(replies.SMTPUTF8_UNSUPPORTED) if reply.ok else None
-                    return reply, refused, session, fit
+                    ascii_rcpt = ascii_path(rcpt[0])
+                    if ascii_rcpt is None:
+                        # MAIL alone; the RCPT is refused as SmtpTransaction.rcpt would.
+                        reply, _ = await session.mail(sender, fit.params, xforward)
+                        refused = _own(replies.SMTPUTF8_UNSUPPORTED) if reply.ok else None
+                        return reply, refused, session, fit
+                    rcpt = (ascii_rcpt, rcpt[1])
                 reply, rcpt_reply = await session.mail(sender, fit.params, xforward, rcpt)
                 return reply, rcpt_reply, session, fit
             except BackendLost:

@@ -267,6 +267,35 @@ def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
     assert all(line.isascii() for line in be.commands())  # no UTF-8 reached it at all
 
 
+def test_utf8_domains_reach_a_backend_without_smtputf8_as_a_labels(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """An internationalised domain has an ASCII spelling (RFC 5890 A-labels) that
+    names the same domain, so only a UTF-8 local part needs SMTPUTF8 at the backend.
+    Relay control knows the domain by either spelling; IDNA 2008 keeps ß (IDNA
+    2003 would have mapped it to ss, another domain)."""
+    be = backend_factory("--no-smtputf8")
+    cfg = base_config(be.url, local_domains=["bücher.example", "straße.example"])
+    gw = gateway_factory(cfg)
+    rcpts = [
+        "RCPT TO:<x@Bücher.example>",  # sent with MAIL (deferred)
+        "RCPT TO:<y@xn--bcher-kva.example>",
+        "RCPT TO:<z@straße.example>",
+        "RCPT TO:<jörg@bücher.example>",  # no ASCII form
+    ]
+    with greeted(gw.port()) as c:
+        got = _txn(c, "MAIL FROM:<a@sender.bücher.example> SMTPUTF8", rcpts, MSG)
+    assert [code for code, _ in got] == [250, 250, 250, 250, 553, 354, 250], got
+    [m] = be.messages()
+    assert m["mail_from"] == "a@sender.xn--bcher-kva.example"
+    assert m["rcpt_tos"] == [
+        "x@xn--bcher-kva.example",
+        "y@xn--bcher-kva.example",
+        "z@xn--strae-oqa.example",
+    ]
+    assert all(line.isascii() for line in be.commands())
+
+
 def test_smtputf8_mail_to_a_backend_with_it_is_passed_as_is(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:

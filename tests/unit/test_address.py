@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.address import NULL, Address, AddressError, parse_path, split_path
+from gateway.address import NULL, Address, AddressError, ascii_path, parse_path, split_path
 from gateway.checks.relay import RelayCheck, relay_trick
 
 
@@ -128,3 +128,17 @@ def test_xtext_fast_path_matches_the_rfc_definition(s: str) -> None:
         for b in s.encode("utf-8", "surrogateescape")
     )
     assert xtext(s) == ref
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        ("a@example.test", "a@example.test"),
+        ("a@bücher.example", "a@xn--bcher-kva.example"),
+        ("a@faß.de", "a@xn--fa-hia.de"),  # IDNA 2008: ß stays (2003 made it "ss")
+        ("jörg@example.test", None),  # a UTF-8 local part has no ASCII form
+        ("a@☃.net", None),  # not a valid IDNA 2008 label
+    ],
+)
+def test_ascii_path_for_a_backend_without_smtputf8(path: str, want: str | None) -> None:
+    assert ascii_path(path) == want
