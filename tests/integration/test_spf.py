@@ -193,8 +193,9 @@ def test_slow_dns_does_not_stall_other_sessions(
 def test_dns_answers_pyspf_takes_from_the_cache_count_as_hits(
     backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    """pyspf runs in a worker thread; an answer it finds in the DNS cache is counted
-    as a cache hit all the same (by the event loop, which owns the metrics)."""
+    """An answer pyspf finds in the DNS cache counts as a cache hit, whether pyspf
+    runs in a worker thread (the first time: the loop counts for it, as it owns the
+    metrics) or on the loop (the next two, all answers cached)."""
     dns_server.add(ZONE)
     gw = gateway_factory(spf_config(backend, dns_server))
     hit = 'smtp_gateway_dns_cache_total{result="hit"}'
@@ -205,3 +206,57 @@ def test_dns_answers_pyspf_takes_from_the_cache_count_as_hits(
             assert s.mail("a@pass.test")[0] == 250
     assert dns_server.asked("pass.test", "TXT") == 1
     assert gw.metric(hit) - before == 2
+
+
+def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
+    dns_server: DnsServer,
+) -> None:
+    """A thread hop costs more CPU than pyspf's whole evaluation from cached answers,
+    so `run` answers at once (no awaitable) when the cache holds everything, and
+    sends the evaluation to a thread, from the start, at the first answer it lacks:
+    the exp= lookup included, whose failure pyspf itself swallows."""
+    import asyncio
+
+    from gateway import config
+    from gateway.address import parse_path
+    from gateway.checks.spf import SpfCheck
+    from gateway.dns import Resolver
+    from gateway.pipeline.stage import Context, Stage
+
+    dns_server.add(
+        {
+            "outer.test": [("TXT", "v=spf1 include:inner.test -all exp=why.outer.test")],
+            "inner.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+            "why.outer.test": [("TXT", "%{i} is not a server of %{d}")],
+        }
+    )
+
+    async def go() -> list[tuple[bool, str, str]]:
+        resolver = Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5))
+        check = SpfCheck(resolver)
+        check.cache_ttl = 0  # no verdict cache: every call evaluates
+        out = []
+
+        async def spf(ip: str) -> None:
+            ctx = Context("s", ip, 25000, "smtp", helo="client.test")
+            ctx.mail_from = parse_path("<a@outer.test>")
+            r = check.run(Stage.MAIL, ctx)
+            on_loop = isinstance(r, tuple)
+            symbols = r if isinstance(r, tuple) else await r
+            out.append((on_loop, symbols[0], ctx.auth[-1].reason))
+
+        # Only the two records cached, not the explanation: the loop's attempt
+        # misses it, and the thread must give the sender's own explanation.
+        await resolver.query("outer.test", "TXT")
+        await resolver.query("inner.test", "TXT")
+        await spf("198.51.100.1")
+        await spf("192.0.2.7")  # everything cached now
+        await spf("198.51.100.2")
+        check.close()
+        return out
+
+    first, second, third = asyncio.run(go())
+    assert first == (False, "spf.fail", "198.51.100.1 is not a server of outer.test")
+    assert second[:2] == (True, "spf.pass")
+    assert third == (True, "spf.fail", "198.51.100.2 is not a server of outer.test")
+    assert dns_server.asked("why.outer.test", "TXT") == 1
