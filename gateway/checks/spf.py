@@ -1,19 +1,20 @@
 """SPF (RFC 7208) with pyspf, for MAIL FROM, or HELO when MAIL FROM is null.
 
-pyspf is synchronous and does its own DNS. We replace its DNS function with
-one that reads our resolver's cache directly and, on a miss, asks the
-resolver on the event loop and waits in the worker thread; pyspf itself runs
-in a small bounded thread pool. The loop never blocks, every lookup goes
-through the one cache, and the 10-lookup and 2-void-lookup limits stay
-pyspf's (tested against the RFC 7208 suite).
+pyspf is synchronous and does its own DNS. We replace its DNS function with one
+that answers from our resolver's cache, or from the answers already fetched for
+this evaluation, and at a name neither holds stops the evaluation. The loop then
+fetches what was missing (awaiting, so other sessions go on) and pyspf starts
+again from the top with it, until it needs nothing more. The 10-lookup and
+2-void-lookup limits stay pyspf's (tested against the RFC 7208 suite).
 
-Chosen over pre-fetching because SPF's lookups depend on each other's
-answers. With a warm cache the evaluation is a cheap computation, cheaper than
-the thread hop itself (about 140 µs of CPU on a two-core VM, against 160 for a
-typical evaluation), so it is first tried on the loop with the cache alone, and
-goes to the thread, from the start, only at an answer the cache lacks. On repeat
-senders even that is skipped: verdicts are cached per (client IP, identity) for a
-short time.
+Why start over rather than run pyspf in a worker thread that waits for each
+answer (this module's first design): an SPF evaluation's lookups depend on each
+other's answers, so they are one after another in any design, and a thread hop
+costs more CPU than pyspf's whole evaluation from answers at hand (about 140 µs
+a hop on a two-core VM, two per answer fetched, against about 50 µs for a typical
+evaluation). A known sender domain, from a new IP or local part, is evaluated
+synchronously, without a task. On repeat senders even that is skipped: verdicts
+are cached per (client IP, identity) for a short time.
 """
 
 from __future__ import annotations
@@ -26,37 +27,58 @@ from typing import Any, ClassVar
 
 import spf
 
-from gateway.checks.base import OffLoopCheck
-from gateway.dns import Resolver
+from gateway.dns import DnsAnswer, Resolver
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+# Passes of pyspf for one evaluation at most. Each pass stops at the first answer
+# it lacks and the next one has it, so this bounds the distinct lookups; pyspf's
+# own limits allow a record about 115 (10 DNS mechanisms, an MX lookup and 10 A
+# lookups for each, the explanation). A typical evaluation takes 2 to 5.
+MAX_PASSES = 128
 
 _tls = threading.local()
 
 
-class _NotCached(Exception):
-    """An evaluation on the loop needs an answer the cache does not hold."""
+class _Missing(Exception):
+    """The evaluation needs an answer it does not have yet."""
+
+
+class _Answers:
+    """What one evaluation has asked for: the answers fetched for it (kept even when
+    the cache may not keep them: a temporary error, a TTL of 0) and those it lacked."""
+
+    __slots__ = ("fetched", "missing", "resolver")
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.fetched: dict[tuple[str, str], DnsAnswer] = {}
+        self.missing: set[tuple[str, str]] = set()
+
+    def lookup(self, name: str, qtype: str) -> list[Any]:
+        ans = self.fetched.get((name, qtype)) or self.resolver.cached(name, qtype)
+        if ans is None:
+            # Noted as well as raised: pyspf swallows every exception around the
+            # exp= lookup, and a pass that lacked anything is not used.
+            self.missing.add((name, qtype))
+            raise _Missing(name)
+        if ans.temporary:
+            raise spf.TempError(f"DNS {ans.status.value} for {name}/{qtype}")
+        return [((name, qtype), v) for v in ans.records]
+
+    async def fetch_missing(self) -> None:
+        """Every answer the last pass lacked, asked for at once (usually one)."""
+        wanted = sorted(self.missing)
+        self.missing.clear()
+        found = await asyncio.gather(*(self.resolver.query(n, t) for n, t in wanted))
+        self.fetched.update(zip(wanted, found, strict=True))
 
 
 def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[Any]:
     """pyspf's DNSLookup contract: [((name, qtype), value), ...]; TempError on failure."""
-    resolver: Resolver = _tls.resolver
-    loop: asyncio.AbstractEventLoop | None = _tls.loop
-    if loop is None:  # on the loop itself: the cache or nothing
-        cached = resolver.cached(name, qtype)
-        if cached is None:
-            # Noted as well as raised: pyspf swallows every exception around the
-            # exp= lookup, and an evaluation that missed anything is not used.
-            _tls.missed = True
-            raise _NotCached(name)
-        ans = cached
-    else:
-        ans = resolver.query_from_thread(name, qtype, loop, timeout)
-    if ans.temporary:
-        raise spf.TempError(f"DNS {ans.status.value} for {name}/{qtype}")
-    return [((name, qtype), v) for v in ans.records]
+    answers: _Answers = _tls.answers
+    return answers.lookup(name, qtype)
 
 
 spf.DNSLookup = _lookup
@@ -67,14 +89,14 @@ def _key(ip: str, identity: str, helo: str) -> tuple[str, str, str]:
     return (ip, identity.lower(), helo.lower())
 
 
-class SpfCheck(OffLoopCheck):
+class SpfCheck:
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
     symbols: ClassVar[frozenset[str]] = frozenset(f"spf.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
 
-    def __init__(self, resolver: Resolver, *, threads: int = 8) -> None:
-        super().__init__(resolver, threads=threads, name="spf")
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
         self.timeout = 10.0
         self.cache_ttl = 60.0
         self._cache: dict[tuple[str, str, str], tuple[float, str, str]] = {}
@@ -84,7 +106,8 @@ class SpfCheck(OffLoopCheck):
         self.cache_ttl = options.result_cache_ttl
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
-        """Synchronous for a repeat sender whose verdict is cached: no task, no timer."""
+        """Synchronous when no DNS answer has to be waited for: a repeat sender whose
+        verdict is cached, or a sender domain whose records are."""
         helo = ctx.helo or ""
         sender = ctx.mail_from
         if sender is None:
@@ -96,14 +119,14 @@ class SpfCheck(OffLoopCheck):
             scope, identity = "mailfrom", str(sender)
             domain = sender.domain
         verdict = self._quick(ctx.client_ip, identity, helo)
-        if verdict is not None:
+        if isinstance(verdict, tuple):
             return self._record(ctx, scope, domain, helo, verdict)
-        return self._run_async(ctx, scope, domain, identity, helo)
+        return self._run_async(ctx, scope, domain, identity, helo, verdict)
 
     async def _run_async(
-        self, ctx: Context, scope: str, domain: str, identity: str, helo: str
+        self, ctx: Context, scope: str, domain: str, identity: str, helo: str, answers: _Answers
     ) -> tuple[str, ...]:
-        verdict = await self._in_thread(ctx.client_ip, identity, helo)
+        verdict = await self._complete(ctx.client_ip, identity, helo, answers)
         return self._record(ctx, scope, domain, helo, verdict)
 
     @staticmethod
@@ -126,11 +149,13 @@ class SpfCheck(OffLoopCheck):
     async def evaluate(self, ip: str, identity: str, helo: str) -> tuple[str, str]:
         """(result, explanation) for one identity; the entry point the RFC suite tests."""
         verdict = self._quick(ip, identity, helo)
-        return verdict if verdict is not None else await self._in_thread(ip, identity, helo)
+        if isinstance(verdict, tuple):
+            return verdict
+        return await self._complete(ip, identity, helo, verdict)
 
-    def _quick(self, ip: str, identity: str, helo: str) -> tuple[str, str] | None:
-        """The verdict without leaving the loop (a rule, the verdict cache, or an
-        evaluation whose every DNS answer is cached), else None."""
+    def _quick(self, ip: str, identity: str, helo: str) -> tuple[str, str] | _Answers:
+        """The verdict without waiting (a rule, the verdict cache, or a pass of pyspf
+        with every answer in the DNS cache), else what that pass lacked."""
         domain = (identity.rpartition("@")[2] or helo).rstrip(".")  # pyspf's choice too
         if domain and "." not in domain:
             # RFC 7208 4.3: a domain that is not multi-label is "none" at once (a TLD's
@@ -140,41 +165,49 @@ class SpfCheck(OffLoopCheck):
         hit = self._cached(key)
         if hit is not None:
             return hit
-        now = time.monotonic()
-        verdict = self._check(ip, identity, helo, None)
-        if verdict is not None:
-            self._remember(key, now, verdict)
+        answers = _Answers(self.resolver)
+        verdict = self._pass(ip, identity, helo, answers)
+        if verdict is None:
+            return answers
+        self._remember(key, verdict)
         return verdict
 
-    async def _in_thread(self, ip: str, identity: str, helo: str) -> tuple[str, str]:
-        now = time.monotonic()
-        loop = asyncio.get_running_loop()
-        verdict = await loop.run_in_executor(self.pool, self._check, ip, identity, helo, loop)
-        assert verdict is not None  # in a thread every lookup gets its answer
-        self._remember(_key(ip, identity, helo), now, verdict)
+    async def _complete(
+        self, ip: str, identity: str, helo: str, answers: _Answers
+    ) -> tuple[str, str]:
+        """Fetch what the last pass lacked and pass again, within the check's timeout."""
+        verdict: tuple[str, str] | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                for _ in range(MAX_PASSES):
+                    await answers.fetch_missing()
+                    verdict = self._pass(ip, identity, helo, answers)
+                    if verdict is not None:
+                        break
+                else:
+                    return "permerror", f"SPF evaluation needs over {MAX_PASSES} rounds of DNS"
+        except TimeoutError:
+            return "temperror", f"SPF evaluation incomplete after {self.timeout:g} s"
+        assert verdict is not None
+        self._remember(_key(ip, identity, helo), verdict)
         return verdict
 
-    def _remember(self, key: tuple[str, str, str], now: float, verdict: tuple[str, str]) -> None:
+    def _remember(self, key: tuple[str, str, str], verdict: tuple[str, str]) -> None:
         if verdict[0] != "temperror" and self.cache_ttl > 0:
             if len(self._cache) > 50_000:
                 self._cache.clear()
-            self._cache[key] = (now + self.cache_ttl, *verdict)
+            self._cache[key] = (time.monotonic() + self.cache_ttl, *verdict)
 
-    def _check(
-        self, ip: str, identity: str, helo: str, loop: asyncio.AbstractEventLoop | None
-    ) -> tuple[str, str] | None:
-        """pyspf's verdict; with no `loop` (called on the loop itself), from the DNS
-        cache alone, and None as soon as it lacks an answer."""
-        _tls.resolver = self.resolver
-        _tls.loop = loop
-        _tls.missed = False
+    def _pass(self, ip: str, identity: str, helo: str, answers: _Answers) -> tuple[str, str] | None:
+        """pyspf's verdict from the answers at hand; None if it lacked any."""
+        _tls.answers = answers
         try:
             q = spf.query(i=ip, s=identity, h=helo, querytime=self.timeout)
             result, _code, why = q.check()
-        except _NotCached:
+        except _Missing:
             return None
         except Exception as e:  # pyspf raises on malformed input it did not expect
             verdict = "permerror", f"SPF evaluation failed: {e}"
         else:
             verdict = str(result), str(why)
-        return None if _tls.missed else verdict
+        return None if answers.missing else verdict

@@ -211,10 +211,11 @@ def test_dns_answers_pyspf_takes_from_the_cache_count_as_hits(
 def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
     dns_server: DnsServer,
 ) -> None:
-    """A thread hop costs more CPU than pyspf's whole evaluation from cached answers,
-    so `run` answers at once (no awaitable) when the cache holds everything, and
-    sends the evaluation to a thread, from the start, at the first answer it lacks:
-    the exp= lookup included, whose failure pyspf itself swallows."""
+    """`run` answers at once (no awaitable) when the DNS cache holds every answer,
+    and otherwise fetches what the evaluation lacked and runs pyspf again: the exp=
+    lookup included, whose failure pyspf itself swallows (its explanation must be
+    the sender's, not pyspf's default). A lookup that cannot finish in the check's
+    timeout makes a temperror."""
     import asyncio
 
     from gateway import config
@@ -228,6 +229,7 @@ def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
             "outer.test": [("TXT", "v=spf1 include:inner.test -all exp=why.outer.test")],
             "inner.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
             "why.outer.test": [("TXT", "%{i} is not a server of %{d}")],
+            "slow.test": ZONE["slow.test"],
         }
     )
 
@@ -252,11 +254,13 @@ def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
         await spf("198.51.100.1")
         await spf("192.0.2.7")  # everything cached now
         await spf("198.51.100.2")
-        check.close()
+        check.timeout = 0.2  # slow.test's answer takes 0.6 s
+        out.append((False, *await check.evaluate("192.0.2.1", "a@slow.test", "client.test")))
         return out
 
-    first, second, third = asyncio.run(go())
+    first, second, third, slow = asyncio.run(go())
     assert first == (False, "spf.fail", "198.51.100.1 is not a server of outer.test")
     assert second[:2] == (True, "spf.pass")
     assert third == (True, "spf.fail", "198.51.100.2 is not a server of outer.test")
     assert dns_server.asked("why.outer.test", "TXT") == 1
+    assert slow == (False, "temperror", "SPF evaluation incomplete after 0.2 s")

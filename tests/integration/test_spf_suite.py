@@ -101,7 +101,6 @@ def run_scenario(dns: DnsServer, data: dict[str, Any]) -> list[tuple[str, Any, s
         for name, t in data["tests"].items():
             result, _why = await check.evaluate(t["host"], t["mailfrom"], t["helo"])
             out.append((name, t["result"], result))
-        check.close()
         return out
 
     return asyncio.run(go())
