@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import authres
+import pytest
 
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway, base_config
@@ -264,3 +265,31 @@ def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
     assert third == (True, "spf.fail", "198.51.100.2 is not a server of outer.test")
     assert dns_server.asked("why.outer.test", "TXT") == 1
     assert slow == (False, "temperror", "SPF evaluation incomplete after 0.2 s")
+
+
+def test_an_evaluation_that_keeps_needing_answers_ends_as_permerror(
+    dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass of pyspf stops at the first answer it lacks; the number of passes is
+    bounded (a chain of includes needs one per link)."""
+    import asyncio
+
+    from gateway import config
+    from gateway.checks import spf
+    from gateway.dns import Resolver
+
+    dns_server.add(
+        {
+            "chain0.test": [("TXT", "v=spf1 include:chain1.test -all")],
+            "chain1.test": [("TXT", "v=spf1 include:chain2.test -all")],
+            "chain2.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        }
+    )
+
+    async def go(passes: int) -> tuple[str, str]:
+        monkeypatch.setattr(spf, "MAX_PASSES", passes)
+        check = spf.SpfCheck(Resolver(config.Dns(nameservers=[dns_server.address])))
+        return await check.evaluate("192.0.2.1", "a@chain0.test", "client.test")
+
+    assert asyncio.run(go(3))[0] == "pass"  # three answers to fetch: three passes after the first
+    assert asyncio.run(go(2)) == ("permerror", "SPF evaluation needs over 2 rounds of DNS")
