@@ -6,7 +6,7 @@ never a pass). Answers are cached per (name, type) for their TTL, negative
 answers for the SOA minimum (bounded), failures not at all. Concurrent asks
 for the same key share one query.
 
-The cache may be read from worker threads (pyspf runs off the loop) through
+The cache may be read from worker threads (dkimpy's ARC validation runs off the loop) through
 `peek`, which only does dictionary reads; all writes happen on the loop.
 """
 
@@ -124,7 +124,7 @@ class Resolver:
     def query_from_thread(
         self, name: str, rdtype: str, loop: asyncio.AbstractEventLoop, timeout: float
     ) -> DnsAnswer:
-        """For synchronous libraries running in a worker thread (pyspf, dkimpy's ARC):
+        """For synchronous libraries running in a worker thread (dkimpy's ARC):
         a cached answer at once, else the loop asks and this thread waits for it."""
         ans = self.peek(name, rdtype)
         if ans is not None:

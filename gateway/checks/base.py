@@ -38,7 +38,7 @@ def active_stages(check: Check) -> frozenset[Stage]:
 
 
 class OffLoopCheck:
-    """Base for checks that run a synchronous library (pyspf, dkimpy) off the event
+    """Base for checks that run a synchronous library (dkimpy) off the event
     loop: a small bounded thread pool of their own, and our shared resolver."""
 
     def __init__(self, resolver: Resolver, *, threads: int, name: str) -> None:
