@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.security.helpers import greeted
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.smtp import RawClient
 
@@ -110,9 +111,7 @@ def test_malformed_dsn_parameters_are_refused_with_501_and_the_session_goes_on(
 ) -> None:
     be = backend_factory("--dsn")
     gw = gateway_factory(base_config(be.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         for bad in MAIL_BAD:
             code, text = c.cmd(f"MAIL FROM:<a@sender.test> {bad}")
             assert (code, text[4:9]) == (501, "5.5.4"), (bad, text)
