@@ -50,26 +50,30 @@ class _Output:
         self.stream: TextIO = sys.stderr
         self.format = _json_line
         self.lines: list[str] = []
-        self.pending = False
+        # The loop whose next iteration writes the queue, once a flush is scheduled.
+        self.pending: asyncio.AbstractEventLoop | None = None
         self.pid = os.getpid()
-        # Threads log too (the SPF library's pool): a line must not fall between
-        # a flush's join and its clear.
+        # Threads log too (the DKIM and ARC pools): a line must not fall between a
+        # flush's join and its clear.
         self.lock = threading.Lock()
 
     def add(self, line: str) -> None:
         with self.lock:
             self.lines.append(line)
+        pending = self.pending
+        if pending is not None and pending.is_running():
+            return  # its flush is scheduled (asking for the running loop costs a getpid)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # start-up, shutdown, the CLI, a thread: no iteration to wait for
             self.flush()
             return
-        if not self.pending:  # (a loop that stopped before its flush leaves it set)
-            self.pending = True
-            loop.call_soon(self.flush)
+        # (A loop that stopped before its flush left `pending` behind: scheduled anew.)
+        self.pending = loop
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self.pending = False
+        self.pending = None
         with self.lock:
             if not self.lines:
                 return
@@ -85,7 +89,7 @@ class _Output:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.lines.clear()  # the parent's, which it writes itself
-        self.pending = False
+        self.pending = None
 
 
 _out = _Output()

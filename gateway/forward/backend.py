@@ -218,9 +218,7 @@ class SmtpTransaction:
             if ascii_rcpt is None:
                 return _refused(_own(replies.SMTPUTF8_UNSUPPORTED))
             rcpt = ascii_rcpt
-        return self.client.rcpt(
-            rcpt, dsn.for_backend(params, self.client.extensions, dsn.RCPT_KEYS)
-        )
+        return self.client.rcpt(rcpt, params)
 
     def data(self, wire: bytes, recipients: int, prefix: bytes = b"") -> Awaitable[list[SmtpReply]]:
         if not self.utf8 and not header_section(wire).isascii():
@@ -398,8 +396,6 @@ class SmtpBackend:
                     xforward = _xclient_attrs(client)
                 # After XCLIENT, whose EHLO may have changed what the session offers.
                 fit = fit_params(params, session.extensions)
-                if rcpt is not None and rcpt[1]:
-                    rcpt = (rcpt[0], dsn.for_backend(rcpt[1], session.extensions, dsn.RCPT_KEYS))
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
                     # RFC 8689: refuse rather than pass the message on without it.
                     return _own(replies.REQUIRETLS_UNSUPPORTED), None, session, fit

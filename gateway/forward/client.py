@@ -17,7 +17,7 @@ import time
 from collections.abc import Coroutine
 
 from gateway import metrics
-from gateway.smtp.dsn import xtext
+from gateway.smtp import dsn
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
 MAX_REPLY_LINE = 4096
@@ -71,7 +71,7 @@ def _offered(text: str) -> frozenset[str]:
 def _xattr(key: str, value: str) -> str:
     """One `NAME=xtext` attribute; cached, since a client's address and HELO repeat
     across its connections (the port does not, hence per attribute, not per line)."""
-    return f"{key}={xtext(value)}"
+    return f"{key}={dsn.xtext(value)}"
 
 
 def _with_params(command: str, params: list[str]) -> str:
@@ -311,7 +311,7 @@ class SmtpClient:
         """
         mail = _with_params(f"MAIL FROM:<{sender}>", params)
         xf = self.xforward_line(xforward) if xforward else None
-        rcpt_line = _with_params(f"RCPT TO:<{rcpt[0]}>", rcpt[1]) if rcpt else None
+        rcpt_line = self._rcpt_line(*rcpt) if rcpt else None
         if "PIPELINING" in self.extensions:
             if self.closed:
                 raise BackendLost("backend connection is closed")
@@ -342,7 +342,14 @@ class SmtpClient:
         return f"XFORWARD {args}" if args else None
 
     def rcpt(self, rcpt: str, params: list[str]) -> Coroutine[None, None, SmtpReply]:
-        return self.command("rcpt", _with_params(f"RCPT TO:<{rcpt}>", params))
+        return self.command("rcpt", self._rcpt_line(rcpt, params))
+
+    def _rcpt_line(self, rcpt: str, params: list[str]) -> str:
+        """RCPT TO, without the DSN parameters if this session does not offer DSN (it
+        would refuse them: see smtp/dsn.py)."""
+        return _with_params(
+            f"RCPT TO:<{rcpt}>", dsn.for_backend(params, self.extensions, dsn.RCPT_KEYS)
+        )
 
     async def data(self, wire: bytes, recipients: int = 1, prefix: bytes = b"") -> list[SmtpReply]:
         """Send DATA and the message; one reply for SMTP, one per recipient for LMTP.

@@ -456,13 +456,16 @@ class Session:
         if parsed is None:
             return
         addr, params = parsed
-        rcpt_params: list[str] = []
+        dsn_params: list[str] = []
         for key, val in params.items():
-            param = dsn.rcpt_param(key, val, self.utf8_txn) if key in dsn.RCPT_KEYS else None
-            if param is None:
-                self.send(replies.DSN_SYNTAX if key in dsn.RCPT_KEYS else replies.PARAM_UNKNOWN)
+            if key not in dsn.RCPT_KEYS:
+                self.send(replies.PARAM_UNKNOWN)
                 return
-            rcpt_params.append(param)
+            param = dsn.rcpt_param(key, val, self.utf8_txn)
+            if param is None:
+                self.send(replies.DSN_SYNTAX)
+                return
+            dsn_params.append(param)
         if len(self.ctx.recipients) >= self.limits.max_recipients:
             self.send(replies.TOO_MANY_RECIPIENTS)
             metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
@@ -499,7 +502,7 @@ class Session:
             targets = refused
             if rewriter.srs is not None and not await self._srs_if_forwarding(targets):
                 return
-        await self._backend_rcpts(original, targets, rcpt_params)
+        await self._backend_rcpts(original, targets, dsn_params)
 
     def _expand(
         self, rewriter: Rewriter, original: Address, addr: Address
