@@ -176,6 +176,45 @@ def test_dkim_key_that_may_not_be_used_for_the_signature_is_a_permerror(dns: Dns
     )
 
 
+def test_dkim_rsa_sha1_is_refused_without_a_key_lookup(dns: DnsServer) -> None:
+    """RFC 8301 3.1: rsa-sha1 "MUST NOT be used for signing or verifying". dkimpy
+    still verifies it, so this signature is a good one that only the rule refuses."""
+    sha1 = dkim.sign(MSG, b"sha1", b"signed.test", RSA.private, signature_algorithm=b"rsa-sha1")
+    assert dkim.verify(sha1 + MSG, dnsfunc=lambda *_, **__: RSA.dns.encode())  # a real one
+    [sig] = verify(dns, sha1 + MSG)
+    assert (sig.result, sig.domain, sig.algorithm, sig.reason) == (
+        "permerror",
+        "signed.test",
+        "rsa-sha1",
+        "rsa-sha1 is not accepted (RFC 8301)",
+    )
+    assert dns.asked("sha1._domainkey.signed.test") == 0
+    # Beside an rsa-sha256 signature of the same domain, the message still passes.
+    sigs = verify(dns, sha1 + sign(MSG, RSA, "signed.test", "rsa"))
+    assert [s.result for s in sigs] == ["permerror", "pass"] and aggregate(sigs) == "pass"
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        # RFC 6376 3.5: i= is dkim-quoted-printable; "=40" is "@", "=2E" is ".".
+        ("i=u=40signed.test; ", ("pass", "")),
+        ("i=u@sub=2Esigned.test; ", ("pass", "")),
+        ("i=u=40other.test; ", ("permerror", "i= domain is not a subdomain of d=")),
+        ("i=u=4@signed.test; ", ("permerror", "i= value is not dkim-quoted-printable")),
+        # q= is a list; unrecognised query methods "MUST be ignored".
+        ("q=foo/bar:dns/txt:exam/ple; ", ("pass", "")),
+        ("q=foo/bar; ", ("permerror", "q= value is not dns/txt")),
+    ],
+)
+def test_dkim_tag_forms_rfc6376_allows(
+    dns: DnsServer, tags: str, expected: tuple[str, str]
+) -> None:
+    signed = sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "from:subject", tags)
+    [sig] = verify(dns, signed)
+    assert (sig.result, sig.reason.split(" (")[0]) == expected
+
+
 def test_dkim_two_signatures_one_good_one_bad(dns: DnsServer) -> None:
     good = sign(MSG, ED, "signed.test", "ed")
     # A second signature over different content: it covers "Subject: other", so it fails.

@@ -61,11 +61,15 @@ def sign(
     return bytes(sig) + message
 
 
-def sign_simple_by_hand(message: bytes, key: Key, domain: str, selector: str, h: str) -> bytes:
+def sign_simple_by_hand(
+    message: bytes, key: Key, domain: str, selector: str, h: str, tags: str = ""
+) -> bytes:
     """An rsa-sha256, c=simple/simple signature over the fields named in `h`, made by
     hand: dkimpy refuses to sign what a verifier must refuse (h= without From), and a
-    test of that refusal needs such a signature. Each name in h= takes its field from
-    the bottom up (RFC 6376 5.4.2); the message's body must already be canonical."""
+    test of that refusal needs such a signature; dkimpy also cannot write some tag
+    forms RFC 6376 allows (`tags`, put before b=, as "i=u=40x.test; "). Each name in
+    h= takes its field from the bottom up (RFC 6376 5.4.2); the message's body must
+    already be canonical."""
     head, body = message.split(b"\r\n\r\n", 1)
     fields: list[bytes] = []
     for line in head.split(b"\r\n"):
@@ -80,7 +84,8 @@ def sign_simple_by_hand(message: bytes, key: Key, domain: str, selector: str, h:
                 taken.append(f)
                 break
     bh = base64.b64encode(hashlib.sha256(body).digest()).decode()
-    value = f" v=1; a=rsa-sha256; c=simple/simple; d={domain}; s={selector}; h={h}; bh={bh}; b="
+    value = f" v=1; a=rsa-sha256; c=simple/simple; d={domain}; s={selector}; h={h}; bh={bh}; "
+    value += f"{tags}b="
     signed = b"".join(f + b"\r\n" for f in taken) + b"DKIM-Signature:" + value.encode()
     private = serialization.load_pem_private_key(key.private, password=None)
     assert isinstance(private, rsa.RSAPrivateKey)
