@@ -6,8 +6,8 @@ never a pass). Answers are cached per (name, type) for their TTL, negative
 answers for the SOA minimum (bounded), failures not at all. Concurrent asks
 for the same key share one query.
 
-The cache may be read from worker threads (dkimpy's ARC validation runs off the loop) through
-`peek`, which only does dictionary reads; all writes happen on the loop.
+The cache is used on the loop only: a check that does its work in a worker thread
+(DKIM or ARC on a large message) fetches what it needs first and takes the answers along.
 """
 
 from __future__ import annotations
@@ -120,23 +120,6 @@ class Resolver:
         if ans is not None:
             _count_hit()
         return ans
-
-    def query_from_thread(
-        self, name: str, rdtype: str, loop: asyncio.AbstractEventLoop, timeout: float
-    ) -> DnsAnswer:
-        """For synchronous libraries running in a worker thread (dkimpy's ARC):
-        a cached answer at once, else the loop asks and this thread waits for it."""
-        ans = self.peek(name, rdtype)
-        if ans is not None:
-            # Counted by the loop: the buffered metrics are not safe from threads.
-            loop.call_soon_threadsafe(_count_hit)
-            return ans
-        fut = asyncio.run_coroutine_threadsafe(self.query(name, rdtype), loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            return DnsAnswer(DnsStatus.TIMEOUT)
 
     def _store(self, key: tuple[str, str], ans: DnsAnswer) -> None:
         if ans.temporary or ans.ttl <= 0:

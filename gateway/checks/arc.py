@@ -1,22 +1,25 @@
-"""ARC (RFC 8617) chain validation with dkimpy.
+"""ARC (RFC 8617) chain validation: `arcverify` to dkimpy's verdicts, keys by our resolver.
 
-dkimpy has no async ARC API, so validation runs in a worker thread whose DNS
-function asks our resolver (cache first). The chain status is recorded in
-Authentication-Results; the sealer of a passing chain is remembered so that
-DMARC may honour a configured list of trusted sealers (mailing lists,
-forwarders) when their chain vouches for a message DMARC would refuse.
+The chain status is recorded in Authentication-Results; the sealer of a passing
+chain is remembered so that DMARC may honour a configured list of trusted
+sealers (mailing lists, forwarders) when their chain vouches for a message DMARC
+would refuse. As for DKIM, a chain whose keys are cached and whose message is
+small is validated on the event loop, synchronously; a key not in the cache is
+fetched without blocking; a large message's body hash is made in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import dkim
 
+from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
-from gateway.dns import DnsStatus, Resolver
+from gateway.checks.dkim import OFFLOOP_BYTES, on_loop
+from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -34,60 +37,88 @@ class ArcCheck(OffLoopCheck):
 
     def __init__(self, resolver: Resolver, *, threads: int = 2) -> None:
         super().__init__(resolver, threads=threads, name="arc")
+        self.keys = dkimrsa.KeyCache()
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
-        """Synchronous for the common unsealed message: no task, no timer, no thread."""
+        """Synchronous for the unsealed message, and for a sealed one whose keys are
+        cached and whose body is small: no task, no timer, no thread."""
         message = ctx.message or b""
         if not _sealed(message):
             return self._record(ctx, ("none", None, ""))
-        return self._run_async(ctx, message)
+        # The handler's DATA reader makes every line end CRLF (check_wire).
+        verdict = self._start(message, crlf_clean=True)
+        if isinstance(verdict, tuple):
+            return self._record(ctx, verdict)
+        return self._finish(ctx, verdict)
 
-    async def _run_async(self, ctx: Context, message: bytes) -> tuple[str, ...]:
-        return self._record(ctx, await self.verify(message))
+    async def _finish(self, ctx: Context, pending: Awaitable[arcverify.Verdict]) -> tuple[str, ...]:
+        return self._record(ctx, await pending)
 
     @staticmethod
-    def _record(ctx: Context, verdict: tuple[str, str | None, str]) -> tuple[str, ...]:
+    def _record(ctx: Context, verdict: arcverify.Verdict) -> tuple[str, ...]:
         result, sealer, why = verdict
         ctx.arc_result, ctx.arc_sealer = result, sealer
         props = {"header.oldest-pass": "0"} if result == "pass" else {}
         ctx.auth.append(AuthResult("arc", result, props, why))
         return (f"arc.{result}",)
 
-    async def verify(self, message: bytes) -> tuple[str, str | None, str]:
+    async def verify(self, message: bytes, *, crlf_clean: bool = False) -> arcverify.Verdict:
         """(chain status, domain of the newest seal, reason); the tested entry point."""
         if not _sealed(message):
             return "none", None, ""
+        verdict = self._start(message, crlf_clean=crlf_clean)
+        return verdict if isinstance(verdict, tuple) else await verdict
+
+    def _start(
+        self, message: bytes, *, crlf_clean: bool
+    ) -> arcverify.Verdict | Awaitable[arcverify.Verdict]:
+        """The verdict when the structure decides it or everything is at hand; else
+        what to await for it (keys to fetch, or a large body to hash)."""
+        chain = arcverify.parse_chain(message, crlf_clean=crlf_clean)
+        if isinstance(chain, tuple):
+            return chain
+        answers: dict[str, DnsAnswer] = {}
+        missing = []
+        for name in chain.key_names():
+            ans = self.resolver.cached(name, "TXT")
+            if ans is None:
+                missing.append(name)
+            else:
+                answers[name] = ans
+        newest = chain.sets[0].ams.get(b"c", b"")
+        small = len(message) <= OFFLOOP_BYTES and on_loop(len(message), [newest])
+        if not missing and small:
+            return self._validate(chain, answers)
+        return self._complete(chain, answers, missing, small)
+
+    async def _complete(
+        self,
+        chain: arcverify.Chain,
+        answers: dict[str, DnsAnswer],
+        missing: list[str],
+        small: bool,
+    ) -> arcverify.Verdict:
+        for name in missing:
+            answers[name] = await self.resolver.query(name, "TXT")
+        if small:
+            return self._validate(chain, answers)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._verify, message, loop)
+        return await loop.run_in_executor(self.pool, self._validate, chain, answers)
 
-    def _verify(
-        self, message: bytes, loop: asyncio.AbstractEventLoop
-    ) -> tuple[str, str | None, str]:
-        unreachable: list[str] = []  # keys that could not be fetched now
-
-        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            text = (name.decode() if isinstance(name, bytes) else name).rstrip(".")
-            ans = self.resolver.query_from_thread(text, "TXT", loop, timeout)
-            if ans.temporary:
-                unreachable.append(f"key lookup for {text}: {ans.status.value}")
+    def _validate(self, chain: arcverify.Chain, answers: dict[str, DnsAnswer]) -> arcverify.Verdict:
+        def key(name: str) -> dkimrsa.RsaKey | None:
+            ans = answers[name]
             if ans.status is not DnsStatus.OK or not ans.records:
-                return None
-            return b"".join(ans.records[0])
+                raise dkim.KeyFormatError(f"missing public key: {name}")
+            return self.keys.get(name, b"".join(ans.records[0]))
 
-        try:
-            cv, results, why = dkim.arc_verify(message, dnsfunc=dnsfunc)
-        except Exception as e:  # dkimpy on input it did not expect
-            return "fail", None, f"ARC validation error: {e}"
-        status = cv.decode() if isinstance(cv, bytes) else str(cv)
-        sealer = None
-        if results:
-            newest: dict[str, Any] = max(results, key=lambda r: int(r.get("instance", 0)))
-            d = newest.get("as-domain")
-            sealer = (d.decode() if isinstance(d, bytes) else str(d or "")).lower() or None
-        if status != "pass" and unreachable:
+        status, sealer, why = arcverify.validate(chain, key)
+        if status != "pass":
             # dkimpy reads a key it could not fetch as a broken chain; it is unknown.
-            return "temperror", sealer, unreachable[0]
-        return status if status in RESULTS else "fail", sealer, str(why or "")[:200]
+            for name, ans in answers.items():
+                if ans.temporary:
+                    return "temperror", sealer, f"key lookup for {name}: {ans.status.value}"
+        return status, sealer, why
 
 
 def _sealed(message: bytes) -> bool:

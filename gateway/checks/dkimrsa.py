@@ -379,7 +379,7 @@ _EOL = re.compile(rb"\r?\n")
 _BTAG = re.compile(rb"([;\s]b\s*=)[a-zA-Z0-9+/=]*(?:\s+[a-zA-Z0-9+/=]+)*(?:\r?\n\Z)?")
 
 
-def _relaxed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+def relaxed_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     """RFC 6376 3.4.2, exactly as dkimpy's Relaxed.canonicalize_headers does it."""
     unfolded = value.replace(b"\r\n", b"")
     if (
@@ -450,8 +450,8 @@ def hash_headers(
     selected = select_headers(headers, include)
     sig_name, sig_value = sigheader[0], strip_b(sigheader[1])
     if relaxed:
-        selected = [_relaxed(n, v) for n, v in selected]
-        sig_name, sig_value = _relaxed(sig_name, sig_value)
+        selected = [relaxed_field(n, v) for n, v in selected]
+        sig_name, sig_value = relaxed_field(sig_name, sig_value)
     for name, value in selected:
         h.update(name)
         h.update(b":")
@@ -468,6 +468,14 @@ def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:
     `prep` is what `headerprep(d, idx)` returned (parsed once by the caller).
     """
     sig, include_headers, sigheaders = prep
+    return verify_sig(d, sig, include_headers, sigheaders[idx], key)
+
+
+def verify_sig(
+    d: Any, sig: dict[bytes, bytes], include_headers: list[bytes], sigheader: Any, key: RsaKey
+) -> bool:
+    """dkimpy's verify_sig_process for any signature field (DKIM-Signature, and ARC's
+    two): the body hash when the field has bh=, then the header hash, RSA by OpenSSL."""
     if key.tlsrpt:
         raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
     try:
@@ -480,20 +488,21 @@ def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:
     prehashed = _PREHASHED[algorithm]
     hasher = dkim.HASH_ALGORITHMS[algorithm]
 
-    if canon.body_algorithm is Relaxed:
-        body = relaxed_body(d.body)
-    else:
-        body = canon.canonicalize_body(d.body)
-    if b"l" in sig:
-        body = body[: int(sig[b"l"])]
-    if hasher(body).digest() != base64.b64decode(sig[b"bh"].translate(None, _SPACE)):
-        raise dkim.ValidationError(f"body hash mismatch (expected {sig[b'bh']!r})")
+    if b"bh" in sig:
+        if canon.body_algorithm is Relaxed:
+            body = relaxed_body(d.body)
+        else:
+            body = canon.canonicalize_body(d.body)
+        if b"l" in sig:
+            body = body[: int(sig[b"l"])]
+        if hasher(body).digest() != base64.b64decode(sig[b"bh"].translate(None, _SPACE)):
+            raise dkim.ValidationError(f"body hash mismatch (expected {sig[b'bh']!r})")
 
     if b"from" in include_headers:  # dkimpy's bug#644046 guard: extra From fields count
         include_headers = [*include_headers, b"from"]
     h = hasher()
     hash_headers(
-        h, canon.header_algorithm.name == b"relaxed", d.headers, include_headers, sigheaders[idx]
+        h, canon.header_algorithm.name == b"relaxed", d.headers, include_headers, sigheader
     )
     signature = base64.b64decode(sig[b"b"].translate(None, _SPACE))
     try:

@@ -713,6 +713,40 @@ def test_arc_chain_pass_fail_none(dns: DnsServer) -> None:
     assert (status, why) == ("temperror", "key lookup for arc._domainkey.slow.test: timeout")
 
 
+def test_arc_on_the_loop_when_keys_are_cached_in_a_thread_when_large(dns: DnsServer) -> None:
+    """The first chain waits for its seal's key. After that, a small message's chain
+    is validated synchronously: `run` returns the symbols, not an awaitable. A large
+    relaxed body (over what the loop may hash) is validated in the check's thread.
+    Each path tells a good chain from one whose body changed after sealing."""
+    from gateway.checks.arc import ArcCheck
+    from gateway.pipeline.stage import Context, Stage
+
+    dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
+    big = MSG + (b"x" * 70 + b"\r\n") * 500  # ~36 KB: relaxed, over the loop's share
+
+    async def go() -> list[tuple[bool, Any]]:
+        check = ArcCheck(resolver(dns))
+        out: list[tuple[bool, Any]] = []
+        try:
+            for m in (MSG, big):
+                sealed = arc_sealed(m)
+                for wire in (sealed, sealed.replace(b"See you.", b"See you!")):
+                    ctx = Context("s", "192.0.2.1", 1, "smtp")
+                    ctx.wire = wire
+                    r = check.run(Stage.DATA, ctx)
+                    out.append((isinstance(r, tuple), r if isinstance(r, tuple) else await r))
+        finally:
+            check.close()
+        return out
+
+    assert asyncio.run(go()) == [
+        (False, ("arc.pass",)),
+        (True, ("arc.fail",)),
+        (False, ("arc.pass",)),
+        (False, ("arc.fail",)),
+    ]
+
+
 @pytest.mark.parametrize("sealer", ["trusted", "untrusted", "unreachable"])
 def test_trusted_arc_sealer_overrides_dmarc_reject(
     sealer: str, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
