@@ -60,11 +60,14 @@ class Chain:
     d: Any  # the message, parsed by dkimrsa.parse
     sets: list[ArcSet]  # newest first, every instance from the newest down to 1
 
+    def verifies(self) -> list[str]:
+        """The key of each verification validation may make: the newest message
+        signature's, then every seal's."""
+        return [key_name(self.sets[0].ams), *(key_name(s.seal) for s in self.sets)]
+
     def key_names(self) -> list[str]:
-        """The keys validation needs: the newest message signature's, every seal's."""
-        names = {key_name(self.sets[0].ams)}
-        names.update(key_name(s.seal) for s in self.sets)
-        return sorted(names)
+        """The keys validation needs, each once."""
+        return sorted(set(self.verifies()))
 
 
 def key_name(sig: dict[bytes, bytes]) -> str:

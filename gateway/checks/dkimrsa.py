@@ -109,6 +109,15 @@ class KeyCache:
             raise hit
         return hit
 
+    def bits(self, name: str, record: bytes) -> int:
+        """The key's size, for the cost of verifying with it: an RSA key's own; a key
+        dkimpy verifies (ed25519) costs about what RSA-2048 does; an unusable key, 0."""
+        try:
+            key = self.get(name, record)
+        except dkim.DKIMException:
+            return 0
+        return 2048 if key is None else key.bits
+
 
 @functools.lru_cache(maxsize=1024)
 def _key_terms(record: bytes) -> tuple[frozenset[bytes] | None, frozenset[bytes], bool]:

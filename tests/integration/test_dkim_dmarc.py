@@ -747,6 +747,66 @@ def test_arc_on_the_loop_when_keys_are_cached_in_a_thread_when_large(dns: DnsSer
     ]
 
 
+def test_dear_verifications_go_to_the_thread_even_with_keys_cached(dns: DnsServer) -> None:
+    """An RSA verification costs with the square of the key size (20 µs at 2048
+    bits, 66 at 4096, 243 at 8192): a message that asks for many dear ones would hold
+    the loop, so it is verified in the check's thread, keys cached or not. Seven DKIM
+    signatures and an ARC chain of eight hops, with 4096-bit keys; the same with
+    2048-bit keys stays on the loop. A chain of nine hops goes to the thread anyway:
+    each seal hashes every set before it."""
+    from gateway.checks.arc import LOOP_SETS, ArcCheck
+    from gateway.pipeline.stage import Context, Stage
+
+    big_key = rsa_key(4096)
+    dns.add({"big._domainkey.signed.test": [("TXT", big_key.dns)]})
+
+    def chained(hops: int, key: Any) -> bytes:
+        message = MSG
+        for n in range(1, hops + 1):
+            hop = f"h{n}.{'big' if key is big_key else 'std'}.test"
+            dns.add({f"arc._domainkey.{hop}": [("TXT", key.dns)]})
+            ar = f"Authentication-Results: {hop}; spf=pass{'; arc=pass' if n > 1 else ''}\r\n"
+            message = ar.encode() + message
+            sealed = dkim.arc_sign(message, b"arc", hop.encode(), key.private, hop.encode())
+            message = b"".join(sealed) + message
+        return message
+
+    def signed(key: Any, selector: str) -> bytes:
+        message = MSG
+        for _ in range(7):
+            message = sign(message, key, "signed.test", selector)
+        return message
+
+    cases = [
+        ("dkim", signed(RSA, "rsa"), True),
+        ("dkim", signed(big_key, "big"), False),
+        ("arc", chained(LOOP_SETS, ARC_KEY), True),
+        ("arc", chained(LOOP_SETS, big_key), False),
+        ("arc", chained(LOOP_SETS + 1, ARC_KEY), False),
+    ]
+
+    async def go() -> list[tuple[str, bool]]:
+        arc, dkim_check = ArcCheck(resolver(dns)), DkimCheck(resolver(dns))
+        dkim_check.max_signatures = 7
+        out = []
+        try:
+            for name, wire, _ in cases:
+                check = arc if name == "arc" else dkim_check
+                for _ in range(2):  # the second time, every key is in the cache
+                    ctx = Context("s", "192.0.2.1", 1, "smtp")
+                    ctx.wire = wire
+                    r = check.run(Stage.DATA, ctx)
+                    symbols = r if isinstance(r, tuple) else await r
+                    assert symbols == (f"{name}.pass",)
+                out.append((name, isinstance(r, tuple)))
+        finally:
+            arc.close()
+            dkim_check.close()
+        return out
+
+    assert asyncio.run(go()) == [(name, on_loop) for name, _, on_loop in cases]
+
+
 @pytest.mark.parametrize("sealer", ["trusted", "untrusted", "unreachable"])
 def test_trusted_arc_sealer_overrides_dmarc_reject(
     sealer: str, backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]

@@ -315,6 +315,11 @@ def test_work_that_would_hold_the_loop_goes_to_a_thread() -> None:
     assert not on_loop(8192, [b"relaxed/relaxed"] * 3)  # every signature pays again
     assert not on_loop(100_000, [b"simple"] * 3)  # c=simple means simple/simple
     assert on_loop(4096, [])
+    # RSA verifications count too, with the square of the key size.
+    assert on_loop(4096, [b"relaxed/simple"] * 5, [2048] * 5)
+    assert on_loop(4096, [b"relaxed/simple"] * 5, [4096] * 5)
+    assert not on_loop(4096, [b"relaxed/simple"] * 2, [8192] * 2)
+    assert not on_loop(4096, [b"relaxed/relaxed"], [2048] * 25)  # an ARC chain of 24 hops
 
 
 def test_relaxed_body_of_a_large_message_verifies_in_the_thread_alike() -> None:
@@ -339,10 +344,11 @@ def test_relaxed_body_of_a_large_message_verifies_in_the_thread_alike() -> None:
             out = []
             for m in (message, message.replace(b"word", b"ward", 1)):
                 job = check._prepare(m, crlf_clean=True)
-                assert not isinstance(job, list) and not job.on_loop
+                assert not isinstance(job, list)
                 for name in list(job.pending):
                     job.keys[name] = record
                 job.pending.clear()
+                assert not check._on_loop(job)
                 [s] = await check._complete(job)
                 out.append(s.result)
             return out
