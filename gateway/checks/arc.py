@@ -114,7 +114,7 @@ class ArcCheck(OffLoopCheck):
         return await loop.run_in_executor(self.pool, self._validate, chain, answers)
 
     def _validate(self, chain: arcverify.Chain, answers: dict[str, DnsAnswer]) -> arcverify.Verdict:
-        def key(name: str) -> dkimrsa.RsaKey | None:
+        def key(name: str) -> dkimrsa.PublicKey:
             record = _record(answers[name])
             if record is None:
                 raise dkim.KeyFormatError(f"missing public key: {name}")

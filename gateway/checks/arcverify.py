@@ -37,9 +37,9 @@ _H_SEP = re.compile(rb"\s*:\s*")
 MAX_INSTANCE = 50
 # (chain status, domain of the newest seal, reason); status is pass, fail or none.
 Verdict = tuple[str, str | None, str]
-# Key name (s._domainkey.d) -> the RSA key, None for a key that cannot verify RSA
-# (ed25519); raises dkim.DKIMException for a key that is missing or unusable.
-KeyLookup = Callable[[str], dkimrsa.RsaKey | None]
+# Key name (s._domainkey.d) -> its key; raises dkim.DKIMException for a key that is
+# missing or unusable. (An ed25519 key cannot verify ARC's rsa-sha256: not valid.)
+KeyLookup = Callable[[str], dkimrsa.PublicKey]
 
 
 @dataclass(slots=True)
@@ -190,10 +190,7 @@ def _verified(
 ) -> bool:
     """One signature, as dkimpy's verify_sig: any problem with it or its key is False."""
     try:
-        key = keys(key_name(sig))
-        if key is None:
-            return False
-        return dkimrsa.verify_sig(d, sig, include, field, key)
+        return dkimrsa.verify_sig(d, sig, include, field, keys(key_name(sig)))
     except dkim.DKIMException:
         return False
 

@@ -1,11 +1,11 @@
 """DKIM (RFC 6376; ed25519 per RFC 8463): every signature, not only the first.
 
 Keys are fetched through our resolver first (so they are cached within TTL
-and a DNS failure is a temperror, never a fail). dkimpy parses and
-canonicalises; RSA signatures are verified by OpenSSL (`dkimrsa`), ed25519 ones
-by dkimpy. A small message is verified on the event loop (tens of microseconds:
-a thread hop would cost more than the work); one whose canonicalisation and
-hashing would hold the loop is verified in a worker thread (see on_loop).
+and a DNS failure is a temperror, never a fail). `dkimrsa` parses, canonicalises
+and verifies to dkimpy's rules, with OpenSSL for RSA and ed25519. A small message
+is verified on the event loop (tens of microseconds: a thread hop would cost more
+than the work); one whose canonicalisation and hashing would hold the loop is
+verified in a worker thread (see on_loop).
 """
 
 from __future__ import annotations
@@ -217,9 +217,6 @@ class DkimCheck(OffLoopCheck):
     def _verify_all(self, job: _Job) -> list[DkimSignature]:
         keys = job.keys
 
-        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            return keys.get(_text(name).lower().rstrip("."))
-
         out = []
         d = job.parsed or dkimrsa.parse(job.message, crlf_clean=job.crlf_clean)
         for idx, prep in enumerate(job.preps):
@@ -237,12 +234,12 @@ class DkimCheck(OffLoopCheck):
             elif keyname in job.failed:
                 result, reason = "temperror", job.failed[keyname]
             else:
-                result, reason = self._verify_one(d, idx, prep, keyname, keys.get(keyname), dnsfunc)
+                result, reason = self._verify_one(d, idx, prep, keyname, keys.get(keyname))
             out.append(DkimSignature(domain, selector, algo, result, reason[:200], length, b))
         return out
 
     def _verify_one(
-        self, d: Any, idx: int, prep: Any, keyname: str, record: bytes | None, dnsfunc: Any
+        self, d: Any, idx: int, prep: Any, keyname: str, record: bytes | None
     ) -> tuple[str, str]:
         """(result, reason) for one signature, per RFC 6376 6.1 and RFC 8601 2.7.1.
 
@@ -260,8 +257,6 @@ class DkimCheck(OffLoopCheck):
         why = dkimrsa.key_use_error(record, prep[0])
         if why is not None:
             return "permerror", why
-        if key is None:  # ed25519: dkimpy verifies
-            return _outcome(lambda: d.verify(idx=idx, dnsfunc=dnsfunc))
         return _outcome(lambda: dkimrsa.verify(d, idx, prep, key))
 
 

@@ -1,4 +1,4 @@
-"""DKIM RSA verification with the `cryptography` package (OpenSSL), dkimpy for the rest.
+"""DKIM verification with the `cryptography` package (OpenSSL), dkimpy for the rest.
 
 dkimpy's RSA is pure Python: about 0.45 ms per verify, more than the whole CPU
 budget of a message at the benchmark's rates. OpenSSL does the same in ~25 µs.
@@ -14,8 +14,8 @@ each of those steps against dkimpy, on good, tampered and odd input. The one
 place where the validation differs on purpose is named at the function.
 
 Keys are parsed once per distinct TXT record (an LRU), not once per message.
-Anything this module does not handle itself (ed25519 keys) is reported as
-`None`, and the caller falls back to dkimpy.
+ed25519 keys (RFC 8463) are verified here too, by OpenSSL, so that every
+signature gets the same parsing, validation and canonicalisation.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import dkim
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import (
     CanonicalizationPolicy,
     InvalidCanonicalizationPolicyError,
@@ -52,6 +52,7 @@ _PREHASHED = {
     b"rsa-sha1": utils.Prehashed(hashes.SHA1()),
 }
 _MISSING: Any = object()
+ED25519_BITS = 256
 MIN_BITS = 1024  # dkimpy's default minkey (RFC 8301: 1024 is the floor)
 # RFC 8301 3.2: verifiers must handle 1024 to 4096 bits and may take more. A verify
 # costs the square of the size (16384 bits: 64 times a 2048-bit one), so a sender
@@ -60,9 +61,9 @@ MAX_BITS = 8192
 
 
 @dataclass(frozen=True, slots=True)
-class RsaKey:
-    public: rsa.RSAPublicKey
-    bits: int
+class PublicKey:
+    public: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+    bits: int  # an RSA key's size; 256 for ed25519
     tlsrpt: bool  # s=tlsrpt: a key only for TLS reports (RFC 8460), never for mail
 
 
@@ -81,17 +82,15 @@ class KeyCache:
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
-        self._keys: OrderedDict[bytes, RsaKey | dkim.DKIMException | None] = OrderedDict()
+        self._keys: OrderedDict[bytes, PublicKey | dkim.DKIMException] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def get(self, name: str, record: bytes) -> RsaKey | None:
-        """The RSA key in `record`; None for a valid key dkimpy verifies with (ed25519).
-
-        Raises KeyRevoked, or dkim.KeyFormatError as dkimpy's own key loader would.
-        """
+    def get(self, name: str, record: bytes) -> PublicKey:
+        """The key in `record` (RSA or ed25519). Raises KeyRevoked, or
+        dkim.KeyFormatError as dkimpy's own key loader would."""
         with self._lock:
             hit = self._keys.get(record, _MISSING)
             if hit is not _MISSING:
@@ -107,16 +106,17 @@ class KeyCache:
                     self._keys.popitem(last=False)
         if isinstance(hit, dkim.DKIMException):
             raise hit
-        return hit
+        key: PublicKey = hit
+        return key
 
     def bits(self, name: str, record: bytes) -> int:
-        """The key's size, for the cost of verifying with it: an RSA key's own; a key
-        dkimpy verifies (ed25519) costs about what RSA-2048 does; an unusable key, 0."""
+        """The key's size, for the cost of verifying with it: an RSA key's own; an
+        ed25519 one costs about what RSA-2048 does; an unusable key, 0."""
         try:
             key = self.get(name, record)
         except dkim.DKIMException:
             return 0
-        return 2048 if key is None else key.bits
+        return 2048 if key.bits == ED25519_BITS else key.bits
 
 
 @functools.lru_cache(maxsize=1024)
@@ -154,8 +154,8 @@ def key_use_error(record: bytes, sig: dict[bytes, bytes]) -> str | None:
     return None
 
 
-def _parse(name: str, record: bytes) -> RsaKey | None:
-    """RFC 6376 3.6.1 key record, with dkimpy's `evaluate_pk` semantics for RSA."""
+def _parse(name: str, record: bytes) -> PublicKey:
+    """RFC 6376 3.6.1 key record, with dkimpy's `evaluate_pk` semantics."""
     if not record:
         raise dkim.KeyFormatError(f"missing public key: {name}")
     try:
@@ -167,14 +167,18 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
     if b"v" in tags and tags[b"v"] != b"DKIM1":
         raise dkim.KeyFormatError("bad version")
     kind = tags.get(b"k", b"rsa")
+    service = tags.get(b"s", b"*")
     if kind == b"ed25519":
-        try:  # dkimpy (pynacl) verifies these; what it would refuse is refused here
+        try:  # what dkimpy would refuse is refused here, with its words
             dkim.evaluate_pk(name.encode(), record)
+            raw = base64.b64decode(tags[b"p"])
+            return PublicKey(
+                ed25519.Ed25519PublicKey.from_public_bytes(raw), ED25519_BITS, service == b"tlsrpt"
+            )
         except dkim.KeyFormatError:
             raise
         except Exception as e:
             raise dkim.KeyFormatError(str(e)) from None
-        return None
     if kind != b"rsa":
         raise dkim.KeyFormatError(f"unknown algorithm in k= tag: {kind!r}")
     if b"p" not in tags:
@@ -188,8 +192,7 @@ def _parse(name: str, record: bytes) -> RsaKey | None:
         raise dkim.KeyFormatError("k=rsa but p= is not an RSA key")
     if public.key_size > MAX_BITS:
         raise dkim.KeyFormatError(f"public key too large: {public.key_size} bits")
-    service = tags.get(b"s", b"*")
-    return RsaKey(public, public.key_size, service == b"tlsrpt")
+    return PublicKey(public, public.key_size, service == b"tlsrpt")
 
 
 LOG = logging.getLogger("dkimpy")  # passed in: dkimpy looks its logger up per object
@@ -470,7 +473,7 @@ def hash_headers(
     h.update(sig_value.rstrip())
 
 
-def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:
+def verify(d: Any, idx: int, prep: Any, key: PublicKey) -> bool:
     """Verify signature `idx` of dkim.DKIM `d` with `key`: dkimpy's verify_sig_process,
     RSA by OpenSSL. Raises the dkimpy exception dkimpy would for the same input.
 
@@ -481,10 +484,11 @@ def verify(d: Any, idx: int, prep: Any, key: RsaKey) -> bool:
 
 
 def verify_sig(
-    d: Any, sig: dict[bytes, bytes], include_headers: list[bytes], sigheader: Any, key: RsaKey
+    d: Any, sig: dict[bytes, bytes], include_headers: list[bytes], sigheader: Any, key: PublicKey
 ) -> bool:
     """dkimpy's verify_sig_process for any signature field (DKIM-Signature, and ARC's
-    two): the body hash when the field has bh=, then the header hash, RSA by OpenSSL."""
+    two): the body hash when the field has bh=, then the header hash, verified by
+    OpenSSL (RSA; ed25519 over the SHA-256 of the header hash input, RFC 8463)."""
     if key.tlsrpt:
         raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
     try:
@@ -492,9 +496,12 @@ def verify_sig(
     except InvalidCanonicalizationPolicyError as e:
         raise dkim.MessageFormatError(f"invalid c= value: {e.args[0]}") from None
     algorithm = sig[b"a"]
-    if algorithm not in _PREHASHED:
+    public = key.public
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        if algorithm != b"ed25519-sha256":
+            raise dkim.ValidationError(f"algorithm {algorithm!r} does not match an ed25519 key")
+    elif algorithm not in _PREHASHED:
         raise dkim.ValidationError(f"algorithm {algorithm!r} does not match an RSA key")
-    prehashed = _PREHASHED[algorithm]
     hasher = dkim.HASH_ALGORITHMS[algorithm]
 
     if b"bh" in sig:
@@ -515,7 +522,10 @@ def verify_sig(
     )
     signature = base64.b64decode(sig[b"b"].translate(None, _SPACE))
     try:
-        key.public.verify(signature, h.digest(), padding.PKCS1v15(), prehashed)
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, h.digest())
+            return True
+        public.verify(signature, h.digest(), padding.PKCS1v15(), _PREHASHED[algorithm])
     except InvalidSignature:
         return False
     if key.bits < MIN_BITS:

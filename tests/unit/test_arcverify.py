@@ -57,7 +57,7 @@ def theirs(message: bytes, zone: dict[str, bytes]) -> arcverify.Verdict:
 def ours(message: bytes, zone: dict[str, bytes]) -> arcverify.Verdict:
     cache = dkimrsa.KeyCache()
 
-    def key(name: str) -> dkimrsa.RsaKey | None:
+    def key(name: str) -> dkimrsa.PublicKey:
         if name not in zone:
             raise dkim.KeyFormatError(f"missing public key: {name}")
         return cache.get(name, zone[name])
@@ -159,7 +159,7 @@ def test_only_the_newest_message_signature_is_verified() -> None:
     asked: list[str] = []
     cache = dkimrsa.KeyCache()
 
-    def key(name: str) -> dkimrsa.RsaKey | None:
+    def key(name: str) -> dkimrsa.PublicKey:
         asked.append(name)
         return cache.get(name, ZONE[name])
 
@@ -195,7 +195,7 @@ def test_a_seal_must_say_none_first_and_pass_after(instance: int, cv: bytes) -> 
     assert isinstance(parsed, arcverify.Chain)
     cache = dkimrsa.KeyCache()
 
-    def key(name: str) -> dkimrsa.RsaKey | None:
+    def key(name: str) -> dkimrsa.PublicKey:
         return cache.get(name, ZONE[name])
 
     assert arcverify.validate(parsed, key)[0] == "pass"
