@@ -77,7 +77,10 @@ class ArcCheck(OffLoopCheck):
     ) -> arcverify.Verdict | Awaitable[arcverify.Verdict]:
         """The verdict when the structure decides it or everything is at hand; else
         what to await for it (keys to fetch, or a large body to hash)."""
-        chain = arcverify.parse_chain(message, crlf_clean=crlf_clean)
+        try:
+            chain = arcverify.parse_chain(message, crlf_clean=crlf_clean)
+        except Exception as e:  # dkimpy's helpers on input they did not expect
+            return _broken(e)
         if isinstance(chain, tuple):
             return chain
         answers: dict[str, DnsAnswer] = {}
@@ -120,13 +123,23 @@ class ArcCheck(OffLoopCheck):
                 raise dkim.KeyFormatError(f"missing public key: {name}")
             return self.keys.get(name, record)
 
-        status, sealer, why = arcverify.validate(chain, key)
+        try:
+            status, sealer, why = arcverify.validate(chain, key)
+        except Exception as e:  # as in _start: the chain is broken, not the check
+            return _broken(e)
         if status != "pass":
             # dkimpy reads a key it could not fetch as a broken chain; it is unknown.
             for name, ans in answers.items():
                 if ans.temporary:
                     return "temperror", sealer, f"key lookup for {name}: {ans.status.value}"
         return status, sealer, why
+
+
+def _broken(e: Exception) -> arcverify.Verdict:
+    """A chain that made a helper raise: a broken chain (fail), as the dkimpy-based
+    check said, never a crashed check (which the policy would turn into a tempfail
+    for good, so that a sender could never get such a message through)."""
+    return "fail", None, f"ARC validation error: {e}"[:200]
 
 
 def _record(ans: DnsAnswer) -> bytes | None:

@@ -713,6 +713,19 @@ def test_arc_chain_pass_fail_none(dns: DnsServer) -> None:
     assert (status, why) == ("temperror", "key lookup for arc._domainkey.slow.test: timeout")
 
 
+def test_arc_chain_that_makes_a_helper_raise_is_broken_not_a_check_error(dns: DnsServer) -> None:
+    """bh= of one base64 character and padding passes dkimpy's field validation, then
+    makes base64 raise (dkimpy's arc_verify raises too). That is a broken chain, as
+    the dkimpy-based check said: a crashed check would be a tempfail for ever."""
+    import re
+
+    dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
+    odd = re.sub(rb"bh=[A-Za-z0-9+/=]+", b"bh=A===", arc_sealed(MSG), count=1)
+    status, sealer, why = arc_verify(dns, odd)
+    assert (status, sealer) == ("fail", None)
+    assert why.startswith("ARC validation error: Invalid base64"), why
+
+
 def test_arc_on_the_loop_when_keys_are_cached_in_a_thread_when_large(dns: DnsServer) -> None:
     """The first chain waits for its seal's key. After that, a small message's chain
     is validated synchronously: `run` returns the symbols, not an awaitable. A large
