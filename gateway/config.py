@@ -156,6 +156,10 @@ class Listener(_Strict):
 
 class Limits(_Strict):
     max_message_size: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
+    # Bytes of header fields a message may have (the checks parse them on the event
+    # loop). sendmail's default is 32 KiB; heavy real headers (long Received and ARC
+    # chains) stay under 64.
+    max_header_size: Annotated[int, Field(ge=1024)] = 256 * 1024
     max_recipients: Annotated[int, Field(ge=1)] = 100
     max_command_line: Annotated[int, Field(ge=512)] = 2048
     command_timeout: Annotated[float, Field(gt=0)] = 300.0

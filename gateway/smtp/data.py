@@ -50,10 +50,25 @@ async def read_message(stream: Stream, max_size: int, bare: BareLinefeed) -> byt
     return check_wire(raw, bare)
 
 
-def check_hops(wire: bytes, max_received: int) -> None:
-    """RFC 5321 6.3: a message that has passed through more than `max_received`
-    hops is in a loop (between this gateway and its backend, say); relaying it
-    again would only feed the loop."""
+def check_header_section(wire: bytes, max_size: int, max_received: int) -> None:
+    """The header section's two limits, the cheap one first.
+
+    Its size (`max_size` bytes of header fields, the empty line after them not
+    counted): every check that reads header fields (DKIM, ARC, DMARC, the header
+    rewriter) parses them on the event loop, at about 20 ms a megabyte, so a
+    message of header fields up to the message size limit would hold the loop for
+    a second. Only the first max_size + 2 bytes are searched.
+
+    Its hops (RFC 5321 6.3): a message that has passed through more than
+    `max_received` hops is in a loop (between this gateway and its backend, say);
+    relaying it again would only feed the loop.
+    """
+    if (
+        len(wire) > max_size
+        and not wire.startswith(b"\r\n")  # no header fields at all
+        and wire.find(b"\r\n\r\n", 0, max_size + 2) < 0
+    ):
+        raise DataRefused(replies.HEADER_TOO_BIG)
     if too_many_received(wire, max_received):
         raise DataRefused(replies.MAIL_LOOP)
 

@@ -29,7 +29,7 @@ from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import Verdict
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import dsn, replies, tls
-from gateway.smtp.data import DataRefused, check_hops, read_message
+from gateway.smtp.data import DataRefused, check_header_section, read_message
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.replies import Action, Reply
 from gateway.stream import LineTooLong, Stream, StreamClosed
@@ -619,7 +619,8 @@ class Session:
             wire = await read_message(
                 self.stream, self.limits.max_message_size, self.limits.bare_linefeed
             )
-            check_hops(wire, self.limits.max_received_headers)
+            limits = self.limits
+            check_header_section(wire, limits.max_header_size, limits.max_received_headers)
         except TimeoutError:
             self.send(replies.TIMEOUT)
             await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)

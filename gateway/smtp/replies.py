@@ -116,6 +116,7 @@ REQUIRETLS_NEEDS_TLS = r(530, "5.7.10", "REQUIRETLS needs a TLS session: issue S
 REQUIRETLS_UNSUPPORTED = r(550, "5.7.30", "REQUIRETLS support required but not available here")
 
 SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = r(552, "5.3.4", "Message header size exceeds fixed maximum size")
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
 BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
 NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")

@@ -167,6 +167,39 @@ def test_a_looping_message_is_refused_at_the_hop_limit(
     gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("reason") == "mail_loop")
 
 
+def test_a_header_section_over_the_limit_is_refused(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """`limits.max_header_size` bytes of header fields (the empty line after them not
+    counted): a message with more gets 552 5.3.4 once its DATA is read, the backend
+    sees nothing of it, and the session goes on. Header fields of exactly the limit
+    pass, and so does a body of any size under `max_message_size`."""
+    gw = gateway_factory(base_config(backend.url, limits={"max_header_size": 4096}))
+    head = b"From: a@sender.test\r\nTo: x@example.test\r\n"
+    pad = b"X-Pad: " + b"p" * 91 + b"\r\n"  # 100 bytes: lines the backend takes
+    filler = 4096 - len(head) - 40 * len(pad) - len(b"X-Pad: \r\n")
+    at_limit = head + 40 * pad + b"X-Pad: " + b"p" * filler + b"\r\n"
+    assert len(at_limit) == 4096
+    body = b"\r\n" + b"body line\r\n" * 2000  # 22 KB of body: not counted
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+        s.ehlo("client.test")
+        for message, expected in (
+            (at_limit + body, 250),
+            (at_limit[:-2] + b"p\r\n" + body, 552),  # one byte over
+            (at_limit + b"X-No-Body: the section never ends\r\n", 552),
+            (MSG, 250),
+        ):
+            s.mail("a@sender.test")
+            s.rcpt("x@example.test")
+            code, text = s.data(message)
+            assert code == expected, (code, text)
+            if code == 552:
+                assert text == b"5.3.4 Message header size exceeds fixed maximum size"
+    delivered = [m["data"] for m in backend.messages()]
+    assert len(delivered) == 2 and delivered[0].endswith(body)
+    gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("reason") == "header_too_big")
+
+
 def _txn(c: RawClient, mail: str, rcpts: list[str], message: bytes) -> list[tuple[int, str]]:
     """One transaction on an open session: the replies to MAIL, each RCPT and DATA
     (and to the message, when DATA was accepted)."""
