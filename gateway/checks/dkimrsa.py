@@ -10,8 +10,8 @@ CRLF message (dkimpy splits the whole message with a regex), the tag-list parse
 and verify_headerprep around them, header selection (names lowered at every
 step), relaxed canonicalisation of only the signed fields, and the removal of
 the b= value (dkimpy's pattern backtracks). Tests hold the whole verifier and
-each of those steps against dkimpy, on good, tampered and odd input. The one
-place where the validation differs on purpose is named at the function.
+each of those steps against dkimpy, on good, tampered and odd input. The
+places where the validation differs on purpose are named at the function.
 
 Keys are parsed once per distinct TXT record (an LRU), not once per message.
 ed25519 keys (RFC 8463) are verified here too, by OpenSSL, so that every
