@@ -61,8 +61,10 @@ class ArcCheck(OffLoopCheck):
     def _record(ctx: Context, verdict: arcverify.Verdict) -> tuple[str, ...]:
         result, sealer, why = verdict
         ctx.arc_result, ctx.arc_sealer = result, sealer
-        props = {"header.oldest-pass": "0"} if result == "pass" else {}
-        ctx.auth.append(AuthResult("arc", result, props, why))
+        # No header.oldest-pass: 0 would claim that every older message signature
+        # still validates, and only the newest is verified (RFC 8617 5.2 makes the
+        # rest optional).
+        ctx.auth.append(AuthResult("arc", result, {}, why))
         return (f"arc.{result}",)
 
     async def verify(self, message: bytes, *, crlf_clean: bool = False) -> arcverify.Verdict:

@@ -846,6 +846,7 @@ def test_trusted_arc_sealer_overrides_dmarc_reject(
         assert code == 250
         [m] = backend.messages()
         assert b"arc=pass" in m["data"] and b"dmarc=fail" in m["data"]
+        assert b"oldest-pass" not in m["data"]  # not computed: never claimed
     else:
         assert code == (451 if sealer == "unreachable" else 550)
         assert backend.messages() == []
