@@ -1,6 +1,6 @@
 """Random byte edits for the differential tests against dkimpy.
 
-Hypothesis draws where and what; `edit` applies it so that every line end stays
+Hypothesis draws where and what; `edit_byte` applies it so that every line end stays
 CRLF, as the DATA reader guarantees to the verifiers (a bare CR or LF is refused
 or normalised before any check sees the message)."""
 
