@@ -18,7 +18,7 @@ import dkim
 
 from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
-from gateway.checks.dkim import on_loop
+from gateway.checks.dkim import OFFLOOP_BYTES, on_loop
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
@@ -79,8 +79,13 @@ class ArcCheck(OffLoopCheck):
     ) -> arcverify.Verdict | Awaitable[arcverify.Verdict]:
         """The verdict when the structure decides it or everything is at hand; else
         what to await for it (keys to fetch, or a large body to hash)."""
+        # A large message: only its header section is parsed on the loop; the thread
+        # that hashes its body parses the whole of it (as DKIM does).
+        whole = message if len(message) > OFFLOOP_BYTES else None
         try:
-            chain = arcverify.parse_chain(message, crlf_clean=crlf_clean)
+            chain = arcverify.parse_chain(
+                message if whole is None else header_section(message), crlf_clean=crlf_clean
+            )
         except Exception as e:  # dkimpy's helpers on input they did not expect
             return _broken(e)
         if isinstance(chain, tuple):
@@ -93,9 +98,9 @@ class ArcCheck(OffLoopCheck):
                 missing.append(name)
             else:
                 answers[name] = ans
-        if not missing and self._on_loop(chain, answers):
+        if whole is None and not missing and self._on_loop(chain, answers):
             return self._validate(chain, answers)
-        return self._complete(chain, answers, missing)
+        return self._complete(chain, answers, missing, whole, crlf_clean)
 
     def _on_loop(self, chain: arcverify.Chain, answers: dict[str, DnsAnswer]) -> bool:
         """Validate on the loop? As for DKIM: the newest message signature's body
@@ -109,15 +114,37 @@ class ArcCheck(OffLoopCheck):
         return on_loop(len(chain.d.body), [newest], bits)
 
     async def _complete(
-        self, chain: arcverify.Chain, answers: dict[str, DnsAnswer], missing: list[str]
+        self,
+        chain: arcverify.Chain,
+        answers: dict[str, DnsAnswer],
+        missing: list[str],
+        whole: bytes | None,
+        crlf_clean: bool,
     ) -> arcverify.Verdict:
         # At once: a chain's sealers (a list, a forwarder) publish their keys apart.
         fetched = await asyncio.gather(*(self.resolver.query(n, "TXT") for n in missing))
         answers.update(zip(missing, fetched, strict=True))
-        if self._on_loop(chain, answers):
+        if whole is None and self._on_loop(chain, answers):
             return self._validate(chain, answers)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._validate, chain, answers)
+        return await loop.run_in_executor(
+            self.pool, self._validate_whole, chain, answers, whole, crlf_clean
+        )
+
+    def _validate_whole(
+        self,
+        chain: arcverify.Chain,
+        answers: dict[str, DnsAnswer],
+        whole: bytes | None,
+        crlf_clean: bool,
+    ) -> arcverify.Verdict:
+        """In the thread: the large message parsed whole (its body) first."""
+        if whole is not None:
+            try:
+                chain.d = dkimrsa.parse(whole, crlf_clean=crlf_clean)
+            except Exception as e:  # as in _start
+                return _broken(e)
+        return self._validate(chain, answers)
 
     def _validate(self, chain: arcverify.Chain, answers: dict[str, DnsAnswer]) -> arcverify.Verdict:
         def key(name: str) -> dkimrsa.PublicKey:
