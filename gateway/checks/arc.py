@@ -18,8 +18,8 @@ import dkim
 
 from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
-from gateway.checks.dkim import OFFLOOP_BYTES, on_loop
-from gateway.dns import DnsAnswer, DnsStatus, Resolver
+from gateway.checks.dkim import OFFLOOP_BYTES, key_record, on_loop
+from gateway.dns import DnsAnswer, Resolver
 from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
@@ -108,7 +108,7 @@ class ArcCheck(OffLoopCheck):
         And not a long chain: each seal hashes every set before it."""
         if len(chain.sets) > LOOP_SETS:
             return False
-        records = {name: _record(ans) for name, ans in answers.items()}
+        records = {name: key_record(ans) for name, ans in answers.items()}
         bits = [self.keys.bits(n, r) for n in chain.verifies() if (r := records[n]) is not None]
         newest = chain.sets[0].ams.get(b"c", b"")
         return on_loop(len(chain.d.body), [newest], bits)
@@ -148,7 +148,7 @@ class ArcCheck(OffLoopCheck):
 
     def _validate(self, chain: arcverify.Chain, answers: dict[str, DnsAnswer]) -> arcverify.Verdict:
         def key(name: str) -> dkimrsa.PublicKey:
-            record = _record(answers[name])
+            record = key_record(answers[name])
             if record is None:
                 raise dkim.KeyFormatError(f"missing public key: {name}")
             return self.keys.get(name, record)
@@ -170,13 +170,6 @@ def _broken(e: Exception) -> arcverify.Verdict:
     check said, never a crashed check (which the policy would turn into a tempfail
     for good, so that a sender could never get such a message through)."""
     return "fail", None, f"ARC validation error: {e}"[:200]
-
-
-def _record(ans: DnsAnswer) -> bytes | None:
-    """The key record a TXT answer holds, if it holds one."""
-    if ans.status is not DnsStatus.OK or not ans.records:
-        return None
-    return b"".join(ans.records[0])
 
 
 def _sealed(message: bytes) -> bool:

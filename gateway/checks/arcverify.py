@@ -31,7 +31,6 @@ from gateway.checks import dkimrsa
 
 ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
 _INSTANCE = re.compile(rb"[\s;]?i\s*=\s*(\d+)", re.MULTILINE | re.IGNORECASE)
-_H_SEP = re.compile(rb"\s*:\s*")
 
 # RFC 8617 4.2.1: instances are numbered 1 to 50 (dkimpy accepts any number).
 MAX_INSTANCE = 50
@@ -63,16 +62,11 @@ class Chain:
     def verifies(self) -> list[str]:
         """The key of each verification validation may make: the newest message
         signature's, then every seal's."""
-        return [key_name(self.sets[0].ams), *(key_name(s.seal) for s in self.sets)]
+        return [dkimrsa.key_name(self.sets[0].ams), *(dkimrsa.key_name(s.seal) for s in self.sets)]
 
     def key_names(self) -> list[str]:
         """The keys validation needs, each once."""
         return sorted(set(self.verifies()))
-
-
-def key_name(sig: dict[bytes, bytes]) -> str:
-    """Where a signature's key is published (RFC 6376 3.6.2.1): s._domainkey.d."""
-    return (sig[b"s"] + b"._domainkey." + sig[b"d"]).decode("ascii", "replace").lower()
 
 
 def parse_chain(message: bytes, *, crlf_clean: bool) -> Chain | Verdict:
@@ -146,7 +140,7 @@ def _arc_set(d: Any, fields: list[tuple[int, tuple[bytes, bytes]]], instance: in
 
     ams = _tags(mine[b"arc-message-signature"])
     dkim.validate_signature_fields(ams, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"], True)
-    ams_include = [x.lower() for x in _H_SEP.split(ams[b"h"])]
+    ams_include = dkimrsa.signed_names(ams)
     if b"arc-seal" in ams_include:
         raise dkim.ParameterError("The Arc-Message-Signature MUST NOT sign ARC-Seal")
     # The message signature signs itself as written (its own c=), not relaxed.
@@ -190,7 +184,7 @@ def _verified(
 ) -> bool:
     """One signature, as dkimpy's verify_sig: any problem with it or its key is False."""
     try:
-        return dkimrsa.verify_sig(d, sig, include, field, keys(key_name(sig)))
+        return dkimrsa.verify_sig(d, sig, include, field, keys(dkimrsa.key_name(sig)))
     except dkim.DKIMException:
         return False
 

@@ -100,19 +100,19 @@ class _Job:
     def take(self, name: str, ans: DnsAnswer) -> None:
         if ans.temporary:
             self.failed[name] = f"key lookup {ans.status.value}"
-        elif ans.status is not DnsStatus.OK or not ans.records:
-            self.keys[name] = None  # no key: permerror
         else:
-            self.keys[name] = b"".join(ans.records[0])
+            self.keys[name] = key_record(ans)  # None, no key: permerror
 
 
 def _text(v: Any) -> str:
     return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v or "")
 
 
-def _key_name(sig: dict[bytes, bytes]) -> str:
-    """Where a signature's key is published (RFC 6376 3.6.2.1): s._domainkey.d."""
-    return f"{_text(sig.get(b's'))}._domainkey.{_text(sig.get(b'd'))}".lower()
+def key_record(ans: DnsAnswer) -> bytes | None:
+    """The key record a TXT answer holds (its strings joined), if it holds one."""
+    if ans.status is not DnsStatus.OK or not ans.records:
+        return None
+    return b"".join(ans.records[0])
 
 
 class DkimCheck(OffLoopCheck):
@@ -187,7 +187,7 @@ class DkimCheck(OffLoopCheck):
             job.preps.append(prep)
             if prep[0].get(b"a") in REFUSED_ALGORITHMS:
                 continue  # no key is needed to refuse it
-            name = job.names[idx] = _key_name(prep[0])
+            name = job.names[idx] = dkimrsa.key_name(prep[0])
             ans = self.resolver.cached(name, "TXT")
             if ans is None:
                 job.pending.add(name)

@@ -357,6 +357,17 @@ def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
             )
 
 
+def key_name(sig: dict[bytes, bytes]) -> str:
+    """Where a signature's key is published (RFC 6376 3.6.2.1): s._domainkey.d. For
+    DKIM-Signature and ARC's two signatures alike, once their tags are validated."""
+    return (sig[b"s"] + b"._domainkey." + sig[b"d"]).decode("ascii", "replace").lower()
+
+
+def signed_names(sig: dict[bytes, bytes]) -> list[bytes]:
+    """The header field names in a signature's h=, lower-case, in order."""
+    return [x.lower() for x in _H_SEP.split(sig[b"h"])]
+
+
 def headerprep(d: Any, idx: int) -> Any:
     """dkimpy's DKIM.verify_headerprep(idx), with our tag parser and without its
     debug line, which formats the whole signature even when nothing logs it:
@@ -371,7 +382,7 @@ def headerprep(d: Any, idx: int) -> Any:
     d.signature_fields = sig
     validate_signature_fields(sig)
     d.domain, d.selector = sig[b"d"], sig[b"s"]
-    include_headers = [x.lower() for x in _H_SEP.split(sig[b"h"])]
+    include_headers = signed_names(sig)
     if b"from" not in include_headers:
         # RFC 6376 6.1.1: the verifier MUST ignore such a signature (PERMFAIL). dkimpy
         # only refuses to sign without From; verifying, it would pass one, and a pass
