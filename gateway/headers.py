@@ -12,11 +12,15 @@ from typing import Any
 
 from gateway.pipeline.results import AuthResult
 
-_UNSAFE = re.compile(r"[^\x21-\x7e]")
+# Besides what is not printable ASCII, the characters that would end the
+# from-domain token of a Received field or open a comment, a quoted string, a
+# path or an address there (Postfix neuters the same set in the HELO name).
+_UNSAFE = re.compile(r'[^\x21-\x7e]|[<>()\\";@]')
 
 
 def _clean(s: str, limit: int = 255) -> str:
-    """Client-chosen text (HELO) reduced to printable ASCII without spaces."""
+    """Client-chosen text (HELO) as one token a Received parser reads as the
+    from-domain: `EHLO a)(by`, say, must not unbalance the field's comments."""
     return _UNSAFE.sub("?", s[:limit]) or "unknown"
 
 

@@ -112,3 +112,29 @@ def test_no_header_injection_through_addresses_or_rewriting(
                           b"subject"}, names  # fmt: skip
     assert b"friend@example.test" in head  # the rewrite did happen
     assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+
+
+HELOS = [
+    ("evil.test) by mx.bank.test (", b"evil.test?"),  # the rest of the line is ignored
+    ("a)(by.bank.test", b"a??by.bank.test"),
+    ('x;dkim=pass"<ceo@bank.test>\\', b"x?dkim=pass??ceo?bank.test??"),
+    ("[IPv6:2001:db8::1]", b"[IPv6:2001:db8::1]"),  # an address literal, kept
+    ("mx-1.client.test", b"mx-1.client.test"),
+]
+
+
+@pytest.mark.parametrize(("helo", "written"), HELOS, ids=range(len(HELOS)))
+def test_a_hostile_helo_is_one_inert_token_in_received(
+    helo: str, written: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The HELO name goes into the from-domain of our Received field. Characters that
+    would close or open a comment, a quoted string or a path there become `?`, as
+    Postfix neuters them, so a Received parser downstream reads the fields as we wrote
+    them (the name's own parentheses would otherwise pair with ours)."""
+    gw = gateway_factory(base_config(backend.url))
+    with greeted(gw.port(), helo=False) as c:
+        assert c.cmd(f"EHLO {helo}")[0] == 250
+        assert send_message(c) == 250
+    [m] = backend.messages()
+    first = m["data"].split(b"\r\n", 1)[0]
+    assert first == b"Received: from " + written + b" ([127.0.0.1])"
