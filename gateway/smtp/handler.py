@@ -675,9 +675,9 @@ class Session:
                 Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
             )
             return
-        final = _combine_lmtp(results)
+        final = _combine_lmtp(results, self.ctx.recipients)
         if isinstance(final, Reply):
-            self.send(final)
+            self.send_raw(final.wire())  # the backend's verdict: not a client error
         else:
             self.relay(final)
         code = final.code
@@ -982,15 +982,23 @@ def _reply_action(r: SmtpReply) -> Action:
     return Action.REJECT if r.code >= 500 else Action.TEMPFAIL
 
 
-def _combine_lmtp(results: list[SmtpReply]) -> SmtpReply | Reply:
-    """LMTP gives one reply per recipient; SMTP can only give one.
+def _combine_lmtp(results: list[SmtpReply], recipients: list[Address]) -> SmtpReply | Reply:
+    """LMTP gives one reply per recipient (in RCPT order); SMTP can only give one.
 
-    All the same class: relay the first. Mixed: a 4xx, so the client retries
-    every recipient; duplicates are possible, loss is not.
+    All of one class: relay the first. Any temporary failure among them: a 4xx,
+    so the client retries every recipient; duplicates are possible, loss is not.
+    Only deliveries and permanent refusals: a 4xx would make every retry deliver
+    again to the same recipients and be refused again by the others, for the
+    days the client keeps retrying. So a 5xx that names the refused recipients:
+    the sender gets a bounce saying who did not get the message, and those who
+    did get it get it once.
     """
     if len(results) == 1 or len({r.code // 100 for r in results}) == 1:
         return results[0]
-    return replies.BACKEND_PARTIAL
+    if any(400 <= r.code < 500 for r in results) or len(results) != len(recipients):
+        return replies.BACKEND_PARTIAL
+    refused = [(str(a), str(r)) for a, r in zip(recipients, results, strict=True) if r.code >= 500]
+    return replies.partial_refusal(len(results) - len(refused), refused)
 
 
 # RFC 2920 3.1: these end a pipelined group; the client must wait for their reply

@@ -133,6 +133,11 @@ BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
 BACKEND_PARTIAL = r(451, "4.3.0", "Delivery incomplete at next hop, try again later")
+# An LMTP next hop delivered to some recipients and refused the others for good; one
+# line per refused recipient follows (partial_refusal).
+BACKEND_PARTIAL_REFUSED = r(
+    554, "5.3.0", "Delivered to {delivered} of {total} recipients; the next hop refused:"
+)
 # The backend transaction had to be opened again (SRS sender, quarantine redirect) and
 # the next hop refused it: everything already accepted must be retried.
 BACKEND_REOPEN_FAILED = r(
@@ -255,6 +260,26 @@ def for_backend_error(error: Exception) -> Reply:
     if isinstance(error, BackendBadReply):
         return BACKEND_BAD_REPLY
     return BACKEND_LOST
+
+
+_LISTED_REFUSALS = 5
+
+
+def partial_refusal(delivered: int, refused: list[tuple[str, str]]) -> Reply:
+    """BACKEND_PARTIAL_REFUSED with a line per refused (recipient, backend reply).
+
+    The client bounces the message to its sender with this text, so the sender
+    learns who did not get it; the first five are named, each line printable
+    ASCII and short enough for a reply line (RFC 5321 4.5.3.1.5).
+    """
+    base = BACKEND_PARTIAL_REFUSED
+    lines = [base.text.format(delivered=delivered, total=delivered + len(refused))]
+    for rcpt, why in refused[:_LISTED_REFUSALS]:
+        text = f"<{rcpt}> {why}"
+        lines.append("".join(c if " " <= c <= "~" else "?" for c in text)[:400])
+    if len(refused) > _LISTED_REFUSALS:
+        lines.append(f"and {len(refused) - _LISTED_REFUSALS} more")
+    return Reply(base.code, base.enhanced, "\n".join(lines), base.reason)
 
 
 def from_backend(code: int, lines: list[str]) -> Reply:

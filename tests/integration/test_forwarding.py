@@ -511,24 +511,51 @@ def test_required_backend_tls_with_wrong_ca_never_delivers_plain(
 def test_lmtp_backend_per_recipient_replies(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
-    be = backend_factory("--lmtp", "--lmtp-fail", "full@example.test")
+    be = backend_factory(
+        "--lmtp", "--lmtp-fail", "full@example.test", "--lmtp-refuse", "over@example.test"
+    )
     gw = gateway_factory(base_config(f"lmtp://127.0.0.1:{be.port}"))
-    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
-        s.ehlo("client.test")
-        s.mail("a@sender.test")
-        s.rcpt("x@example.test")
-        s.rcpt("y@example.test")
-        code, msg = s.data(MSG)
-        assert code == 250 and b"backend delivered" in msg
-        # One recipient fails at DATA, one succeeds: SMTP can carry one answer only,
-        # so the client gets a 4xx and retries; duplicates are possible, loss is not.
-        s.mail("a@sender.test")
-        s.rcpt("x@example.test")
-        s.rcpt("full@example.test")
-        code, msg = s.data(MSG)
-        assert code == 451 and msg.startswith(b"4.3.0")
-    assert [m["rcpt_tos"] for m in be.messages()] == [["x@example.test", "y@example.test"]]
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+
+        def transaction(*rcpts: str) -> tuple[int, str]:
+            c.cmd("MAIL FROM:<a@sender.test>")
+            for rcpt in rcpts:
+                assert c.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(MSG + b".\r\n")
+            return c.reply()
+
+        code, text = transaction("x@example.test", "y@example.test")
+        assert code == 250 and "backend delivered" in text
+        # One recipient fails for now at DATA, one succeeds: SMTP can carry one answer
+        # only, so the client gets a 4xx and retries; duplicates are possible, loss is not.
+        code, text = transaction("x@example.test", "full@example.test")
+        assert code == 451 and text.startswith("451 4.3.0")
+        # A temporary failure beside a permanent one: still a retry.
+        code, text = transaction("full@example.test", "over@example.test")
+        assert code == 451 and text.startswith("451 4.3.0")
+        # Delivered to some, refused for good to the others: a retry would deliver to
+        # the same recipients again at every attempt, so a 5xx that names the refused.
+        code, text = transaction("x@example.test", "over@example.test", "y@example.test")
+        assert code == 554
+        assert text.split("\n") == [
+            "554-5.3.0 Delivered to 2 of 3 recipients; the next hop refused:",
+            "554 5.3.0 <over@example.test> 552 5.2.2 <over@example.test> backend mailbox"
+            " over quota",
+        ]
+    assert [m["rcpt_tos"] for m in be.messages()] == [
+        ["x@example.test", "y@example.test"],
+        ["x@example.test", "y@example.test"],
+    ]
     assert be.commands()[1].startswith("EHLO")  # LHLO, logged by the shared handler
+    ev = gw.wait_log(lambda e: e.get("event") == "transaction" and str(e.get("backend", ""))
+                     .startswith("554"))  # fmt: skip
+    assert ev["outcome"] == "rejected"
+    # The backend's verdict, not a client error: it does not count toward max_errors.
+    assert gw.metric('smtp_gateway_transactions_total{outcome="rejected",reason="backend"}') == 1
+    assert gw.metric("smtp_gateway_command_errors_total{") == 0
 
 
 def test_data_timeout_gives_421(backend: Backend, gateway_factory: Callable[..., Gateway]) -> None:

@@ -101,15 +101,20 @@ class Backend:
             return str(self.args.data_reply)
         if self.args.lmtp:
             # LMTP: one reply per accepted recipient (RFC 2033 4.2).
-            per = []
+            per, delivered = [], []
             for rcpt in envelope.rcpt_tos:
                 if rcpt.lower() in self.args.lmtp_fail:
                     per.append(f"452 4.2.2 <{rcpt}> backend mailbox full")
+                elif rcpt.lower() in self.args.lmtp_refuse:
+                    per.append(f"552 5.2.2 <{rcpt}> backend mailbox over quota")
                 else:
                     per.append(f"250 2.0.0 <{rcpt}> backend delivered")
+                    delivered.append(rcpt)
             if any(p.startswith("4") for p in per):
                 return "\r\n".join(per)
-            self._store(session, envelope)
+            if delivered:  # what a real LMTP server keeps: the accepted recipients' copies
+                envelope.rcpt_tos = delivered
+                self._store(session, envelope)
             return "\r\n".join(per)
         return self._store(session, envelope)
 
@@ -222,7 +227,8 @@ async def main() -> None:
     p.add_argument("--tls-key")
     p.add_argument("--lmtp", action="store_true")
     p.add_argument("--requiretls", action="store_true")
-    p.add_argument("--lmtp-fail", action="append", default=[])
+    p.add_argument("--lmtp-fail", action="append", default=[])  # 452 at end of DATA
+    p.add_argument("--lmtp-refuse", action="append", default=[])  # 552 at end of DATA
     p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
     p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
     p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
@@ -237,6 +243,7 @@ async def main() -> None:
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
     args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
     args.lmtp_fail = [a.lower() for a in args.lmtp_fail]
+    args.lmtp_refuse = [a.lower() for a in args.lmtp_refuse]
     handler = Backend(args)
     server_cls = BackendLMTP if args.lmtp else BackendSMTP
     tls_ctx = None

@@ -128,6 +128,18 @@ def test_reply_wire_format() -> None:
     assert (r.code, r.enhanced, r.reason) == (550, "5.7.1", "relay.denied")
 
 
+def test_partial_refusal_names_five_refused_recipients_in_safe_lines() -> None:
+    refused = [(f"u{i}@example.test", f"550 5.1.1 gone\x1b[{i}m" + "x" * 500) for i in range(7)]
+    r = replies.partial_refusal(3, refused)
+    assert (r.code, r.enhanced, r.reason) == (554, "5.3.0", "backend_partial_refused")
+    lines = r.wire().split(b"\r\n")[:-1]
+    assert lines[0] == b"554-5.3.0 Delivered to 3 of 10 recipients; the next hop refused:"
+    for i, line in enumerate(lines[1:6]):
+        assert line.startswith(b"554-5.3.0 <u%d@example.test> 550 5.1.1 gone?[" % i)
+    assert all(len(x) <= 512 and x.isascii() and b"\x1b" not in x for x in lines)
+    assert lines[6] == b"554 5.3.0 and 2 more"
+
+
 @pytest.mark.parametrize(
     ("data", "bare"),
     [
