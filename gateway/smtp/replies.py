@@ -3,7 +3,7 @@
 Checks emit symbols, the policy turns them into actions, and only this module
 turns an action or a protocol event into wire text with an RFC 3463 enhanced
 status code. Replies relayed from the backend are not ours and pass through
-`Reply.from_backend` untouched.
+`from_backend` untouched, but for the code of a 421 (see there).
 
 Each entry's key doubles as the closed-set `reason` label in metrics and logs.
 """
@@ -283,7 +283,13 @@ def partial_refusal(delivered: int, refused: list[tuple[str, str]]) -> Reply:
 
 
 def from_backend(code: int, lines: list[str]) -> Reply:
-    """A backend reply relayed verbatim (its own enhanced code stays in the text)."""
+    """A backend reply relayed verbatim (its own enhanced code stays in the text),
+    but for a 421. That code says the server is closing the channel (RFC 5321
+    3.8), and a client takes it so; but it is the backend closing its session,
+    not we ours, which stays open for the client's next transaction. So a 421
+    goes on as a 451 with the backend's text: the same retry, no false close."""
+    if code == 421:
+        code = 451
     return Reply(code, "", "\n".join(lines) if lines else "", "backend")
 
 

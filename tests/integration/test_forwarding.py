@@ -383,6 +383,30 @@ def test_backend_451_at_end_of_data_is_relayed(
     gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("outcome") == "tempfailed")
 
 
+def test_a_backend_421_reaches_the_client_as_451_and_the_session_stays_open(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """A 421 says "closing the channel" (RFC 5321 3.8). From the backend it is the
+    backend's session that ends, not the client's with us: relayed as is, it would
+    tell the client a lie (we keep reading) and make it drop the session."""
+    be = backend_factory(
+        "--shutdown-rcpt", "down@example.test", "--data-reply", "421 4.3.2 backend going down"
+    )
+    gw = gateway_factory(base_config(be.url))
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<down@example.test>") == (451, "451 4.3.2 backend shutting down")
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        assert c.reply() == (451, "451 4.3.2 backend going down")
+        assert c.cmd("NOOP")[0] == 250  # still our session
+    assert be.messages() == []
+
+
 def test_backend_slow_beyond_timeout_gives_4xx(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

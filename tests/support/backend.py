@@ -82,6 +82,8 @@ class Backend:
             return f"550 5.1.1 <{address}>: backend says user unknown"
         if address.lower() in self.args.tempfail_rcpt:
             return f"450 4.2.0 <{address}>: backend greylisted"
+        if address.lower() in self.args.shutdown_rcpt:
+            return "421 4.3.2 backend shutting down"
         envelope.rcpt_tos.append(address)
         return f"250 2.1.5 backend accepted <{address}>"
 
@@ -229,6 +231,7 @@ async def main() -> None:
     p.add_argument("--requiretls", action="store_true")
     p.add_argument("--lmtp-fail", action="append", default=[])  # 452 at end of DATA
     p.add_argument("--lmtp-refuse", action="append", default=[])  # 552 at end of DATA
+    p.add_argument("--shutdown-rcpt", action="append", default=[])  # 421 to this RCPT
     p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
     p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
     p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
@@ -242,6 +245,7 @@ async def main() -> None:
     args.reject_mail = [a.lower() for a in args.reject_mail]
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]
     args.tempfail_rcpt = [a.lower() for a in args.tempfail_rcpt]
+    args.shutdown_rcpt = [a.lower() for a in args.shutdown_rcpt]
     args.lmtp_fail = [a.lower() for a in args.lmtp_fail]
     args.lmtp_refuse = [a.lower() for a in args.lmtp_refuse]
     handler = Backend(args)
