@@ -11,6 +11,7 @@ Each entry's key doubles as the closed-set `reason` label in metrics and logs.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -290,7 +291,15 @@ def from_backend(code: int, lines: list[str]) -> Reply:
     goes on as a 451 with the backend's text: the same retry, no false close."""
     if code == 421:
         code = 451
-    return Reply(code, "", "\n".join(lines) if lines else "", "backend")
+    # And its text as RFC 5321 4.2 allows it (HT and printable ASCII) in lines of at
+    # most 512 octets (4.5.3.1.5): what the backend writes is not always meant for
+    # a client's terminal or parser (a NUL, an escape sequence, a runaway line).
+    text = [_NOT_TEXT.sub("?", line)[:_MAX_REPLY_TEXT] for line in lines]
+    return Reply(code, "", "\n".join(text), "backend")
+
+
+_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")
+_MAX_REPLY_TEXT = 512 - len("250-") - len("\r\n")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -407,6 +407,23 @@ def test_a_backend_421_reaches_the_client_as_451_and_the_session_stays_open(
     assert be.messages() == []
 
 
+def test_a_backend_reply_reaches_the_client_as_rfc_5321_reply_text(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Control characters become `?` and a line over 512 octets is cut there."""
+    text = "2.0.0 queued\x1b[31m\x7f\tas B1 " + "x" * 600
+    be = backend_factory("--data-reply", f"250 {text}")
+    gw = gateway_factory(base_config(be.url))
+    with greeted(gw.port()) as c:
+        c.cmd("MAIL FROM:<a@sender.test>")
+        c.cmd("RCPT TO:<x@example.test>")
+        c.cmd("DATA")
+        c.send(MSG + b".\r\n")
+        code, line = c.reply()
+    assert code == 250
+    assert line == ("250 2.0.0 queued?[31m?\tas B1 " + "x" * 600)[:510]
+
+
 def test_backend_slow_beyond_timeout_gives_4xx(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
