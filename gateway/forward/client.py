@@ -22,6 +22,12 @@ from gateway.stream import LineTooLong, Stream, StreamClosed
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
+# The reply classes each command may get (RFC 5321 4.3.2); DATA's 3xx must be 354.
+# Anything else means the backend is not answering what we asked, most likely
+# because it sent a reply nobody asked for and every reply since is one behind:
+# a 250 read as DATA's answer would then be taken for the message's acceptance.
+_FINAL_CLASSES = frozenset({2, 4, 5})
+_DATA_CLASSES = frozenset({3, 4, 5})
 
 
 class BackendError(Exception):
@@ -174,6 +180,12 @@ class SmtpClient:
         return self.broken or t is None or t.is_closing() or self.stream.at_eof
 
     @property
+    def reusable(self) -> bool:
+        """Open, and every reply read: fit to go back to (or come out of) the pool.
+        Data from an idle session is the backend closing it (421) or noise."""
+        return not self.closed and not self.stream.pending
+
+    @property
     def tls_active(self) -> bool:
         return self.stream.tls_object is not None
 
@@ -228,11 +240,15 @@ class SmtpClient:
         except BackendError:
             self._failed(name)
             raise
+        klass = code // 100
+        if klass not in (_DATA_CLASSES if name == "data" else _FINAL_CLASSES):
+            self._failed(name)
+            self.close()
+            raise BackendBadReply(f"backend answered {name} with {code}")
         # The deadline is left as it is: nothing reads an idle backend session, and
         # the next command sets its own.
         series = _SERIES.get(name) or _new_series(name)
         series[0].observe(time.perf_counter() - start)
-        klass = code // 100
         (series[1].get(klass) or _new_class(series[1], name, klass)).inc()
         self.last_used = time.monotonic()
         return SmtpReply(code, lines)
@@ -244,10 +260,22 @@ class SmtpClient:
     def command(self, name: str, line: str) -> Coroutine[None, None, SmtpReply]:
         """Send one command; await the result for its reply. A plain function (the
         write happens at the call) so that waiting for the reply costs no extra frame."""
-        if self.closed:
-            raise BackendLost("backend connection is closed")
+        if self.closed or self.stream.pending:
+            self._check_in_step(name)  # raises
         self.stream.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return self._timed(name)
+
+    def _check_in_step(self, name: str) -> None:
+        """Before a write that expects replies: the session must be open and every
+        reply it sent must have been read. A byte already waiting is a reply to
+        nothing we asked (or the start of an unannounced close), and reading on
+        would pair each later reply with the wrong command."""
+        if self.closed:
+            raise BackendLost("backend connection is closed")
+        if self.stream.pending:
+            self._failed(name)
+            self.close()
+            raise BackendBadReply("backend sent a reply that nothing asked for")
 
     # -- commands ---------------------------------------------------------------
     async def ehlo(self, helo: str) -> None:
@@ -313,8 +341,7 @@ class SmtpClient:
         xf = self.xforward_line(xforward) if xforward else None
         rcpt_line = self._rcpt_line(*rcpt) if rcpt else None
         if "PIPELINING" in self.extensions:
-            if self.closed:
-                raise BackendLost("backend connection is closed")
+            self._check_in_step("mail")
             batch = [line for line in (xf, mail, rcpt_line) if line is not None]
             wire = "".join([f"{line}\r\n" for line in batch])
             self.stream.write(wire.encode("utf-8", "surrogateescape"))
@@ -360,7 +387,12 @@ class SmtpClient:
         """
         reply = await self.command("data", "DATA")
         if reply.code != 354:
+            if reply.code < 400:
+                self._failed("data")
+                self.close()
+                raise BackendBadReply(f"backend answered DATA with {reply.code}")
             return [reply]
+        self._check_in_step("data")  # nothing may follow the 354 before our message
         self.stream.writelines([prefix, wire, b".\r\n"])
         try:
             await self.stream.drain()

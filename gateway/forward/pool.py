@@ -39,7 +39,7 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             client = self._idle.pop()  # most recently used first: least likely timed out
-            if client.closed or now - client.last_used > self.idle_timeout:
+            if not client.reusable or now - client.last_used > self.idle_timeout:
                 client.close()
                 continue
             self._gauge.set(len(self._idle))
@@ -48,7 +48,7 @@ class Pool:
         return await self._factory(), False
 
     def release(self, client: SmtpClient) -> None:
-        if client.closed or len(self._idle) >= self.size:
+        if not client.reusable or len(self._idle) >= self.size:
             client.close()
             return
         self._idle.append(client)

@@ -424,6 +424,47 @@ def test_a_backend_reply_reaches_the_client_as_rfc_5321_reply_text(
     assert line == ("250 2.0.0 queued?[31m?\tas B1 " + "x" * 600)[:510]
 
 
+def test_a_backend_reply_one_behind_never_becomes_a_250_for_the_message(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """A backend that sends a reply nobody asked for (here after MAIL) puts every later
+    reply one behind its command: read on, RCPT y's 250 would have answered DATA and
+    been relayed as the message's acceptance, for a message the backend never saw.
+    Unread bytes before a command, or a reply of the wrong class, end that session."""
+    be = backend_factory("--lenient", "--extra-reply-after", "MAIL")
+    gw = gateway_factory(base_config(be.url))
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        c.cmd("RCPT TO:<x@example.test>")  # read with MAIL: it gets the unrequested one
+        assert c.cmd("RCPT TO:<y@example.test>") == (
+            451,
+            "451 4.4.0 Next hop returned an invalid reply, try again later",
+        )
+        code, _ = c.cmd("DATA")
+        assert code == 451
+    assert be.messages() == []
+    ev = gw.wait_log(lambda e: e.get("event") == "backend_error")
+    assert ev["error"] == "backend sent a reply that nothing asked for"
+
+
+def test_a_backend_session_with_unread_replies_is_not_pooled(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """An extra reply after the end of DATA would have answered the next transaction's
+    MAIL on the pooled session; that session is closed instead of reused."""
+    be = backend_factory("--lenient", "--extra-reply-after", ".")
+    gw = gateway_factory(base_config(be.url))
+    with greeted(gw.port()) as c:
+        for _ in range(3):
+            c.cmd("MAIL FROM:<a@sender.test>")
+            assert c.cmd("RCPT TO:<x@example.test>") == (250, "250 2.1.5 ok")
+            assert c.cmd("DATA")[0] == 354
+            c.send(MSG + b".\r\n")
+            assert c.reply()[1].startswith("250 2.0.0 queued as L")
+    assert len(be.messages()) == 3
+    assert sum(cmd.startswith("EHLO") for cmd in be.commands()) == 3  # a session each
+
+
 def test_backend_slow_beyond_timeout_gives_4xx(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -3,6 +3,10 @@ whatever the line ending (`\\n.\\n`, `\\r\\n.\\n`, ...), as some real MTAs do, a
 reads whatever follows as new commands. It is the backend that SMTP smuggling
 exploits; the gateway must make sure it never sees two messages for one.
 
+With `extra_after` (a verb, or "." for the end of DATA) it also misbehaves the
+other way: after its reply to that command it sends one more reply that nothing
+asked for, which puts every later reply one behind its command.
+
 Spool format as tests/support/backend.py (msg-N.json, commands.log).
 """
 
@@ -13,10 +17,13 @@ import base64
 import json
 from pathlib import Path
 
+EXTRA = b"250 2.0.0 unrequested\r\n"
+
 
 class Lenient:
-    def __init__(self, spool: Path) -> None:
+    def __init__(self, spool: Path, extra_after: str | None = None) -> None:
         self.spool = spool
+        self.extra_after = extra_after
         spool.mkdir(parents=True, exist_ok=True)
         self.count = 0
         self.log = open(spool / "commands.log", "a", buffering=1)  # noqa: SIM115
@@ -57,6 +64,8 @@ class Lenient:
                            "data": base64.b64encode(body).decode()}  # fmt: skip
                     (self.spool / f"msg-{self.count:05d}.json").write_text(json.dumps(rec))
                     writer.write(f"250 2.0.0 queued as L{self.count}\r\n".encode())
+                    if self.extra_after == ".":
+                        writer.write(EXTRA)
                 elif verb == "RSET":
                     mail_from, rcpts = "", []
                     writer.write(b"250 2.0.0 ok\r\n")
@@ -66,6 +75,8 @@ class Lenient:
                     return
                 else:
                     writer.write(b"250 2.0.0 ok\r\n")
+                if verb == self.extra_after:
+                    writer.write(EXTRA)
                 await writer.drain()
         except ConnectionError:
             return
@@ -73,8 +84,8 @@ class Lenient:
             writer.close()
 
 
-async def serve(port: int, spool: Path) -> None:
-    handler = Lenient(spool)
+async def serve(port: int, spool: Path, extra_after: str | None = None) -> None:
+    handler = Lenient(spool, extra_after)
     server = await asyncio.start_server(handler.session, "127.0.0.1", port)
     print("READY", flush=True)
     async with server:

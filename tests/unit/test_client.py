@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.forward.client import SmtpClient
+from gateway.forward.client import BackendBadReply, SmtpClient
 
 
 async def _server(chunks: list[bytes], pipelining: bool, done: asyncio.Event) -> asyncio.Server:
@@ -92,3 +92,59 @@ def test_refused_mail_answers_for_the_pipelined_rcpt() -> None:
 def test_refused_mail_sends_no_rcpt_one_by_one() -> None:
     chunks = asyncio.run(_mail_with_xforward(pipelining=False, sender="refused@b.test"))
     assert not any(b"RCPT" in c for c in chunks)
+
+
+async def _answers(replies: dict[bytes, bytes], steps: list[str]) -> list[str]:
+    """Each step against a server that answers each verb with `replies[verb]` (else
+    250); what each step got: the reply, or the error and whether the session closed."""
+
+    done = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 fake ESMTP\r\n")
+        while line := await r.readline():
+            w.write(replies.get(line[:4].upper(), b"250 2.0.0 ok\r\n"))
+        w.close()
+        await w.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = await SmtpClient.connect(
+        "127.0.0.1", port, helo="gw.test", connect_timeout=2, command_timeout=2, data_timeout=2
+    )
+    got = []
+    for step in steps:
+        try:
+            if step == "DATA":
+                got.append(str((await c.data(b"Subject: x\r\n\r\nx\r\n"))[0]))
+            else:
+                got.append(str(await c.command(step.lower(), step)))
+        except BackendBadReply as e:
+            got.append(f"{e} (closed: {c.closed})")
+    c.close()
+    await c.stream.wait_closed()
+    await done.wait()
+    server.close()
+    await server.wait_closed()
+    return got
+
+
+def test_a_reply_of_the_wrong_class_is_a_bad_reply_and_ends_the_session() -> None:
+    """RFC 5321 4.3.2: DATA gets 354, 4xx or 5xx; the others 2xx, 4xx or 5xx. A 250
+    to DATA (a reply one behind) must never count as the message's acceptance."""
+    assert asyncio.run(_answers({b"DATA": b"250 2.0.0 ok\r\n"}, ["DATA"])) == [
+        "backend answered data with 250 (closed: True)"
+    ]
+    assert asyncio.run(_answers({b"RCPT": b"354 go ahead\r\n"}, ["RCPT"])) == [
+        "backend answered rcpt with 354 (closed: True)"
+    ]
+    assert asyncio.run(_answers({b"MAIL": b"150 what\r\n"}, ["MAIL"])) == [
+        "backend answered mail with 150 (closed: True)"
+    ]
+    # The expected classes pass: a refused DATA is an answer, not an error.
+    assert asyncio.run(_answers({b"DATA": b"554 5.7.1 no\r\n"}, ["RCPT", "DATA"])) == [
+        "250 2.0.0 ok",
+        "554 5.7.1 no",
+    ]
+    assert asyncio.run(_answers({b"DATA": b"354 go\r\n"}, ["DATA"])) == ["250 2.0.0 ok"]
