@@ -15,6 +15,7 @@ import functools
 import ssl
 import time
 from collections.abc import Coroutine
+from typing import NoReturn
 
 from gateway import metrics
 from gateway.smtp import dsn
@@ -261,21 +262,20 @@ class SmtpClient:
         """Send one command; await the result for its reply. A plain function (the
         write happens at the call) so that waiting for the reply costs no extra frame."""
         if self.closed or self.stream.pending:
-            self._check_in_step(name)  # raises
+            self._out_of_step(name)
         self.stream.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return self._timed(name)
 
-    def _check_in_step(self, name: str) -> None:
-        """Before a write that expects replies: the session must be open and every
-        reply it sent must have been read. A byte already waiting is a reply to
-        nothing we asked (or the start of an unannounced close), and reading on
-        would pair each later reply with the wrong command."""
+    def _out_of_step(self, name: str) -> NoReturn:
+        """Called before a write that expects replies, when the session is closed or
+        has bytes nobody read. Such a byte is a reply to nothing we asked (or the
+        start of an unannounced close), and reading on would pair each later reply
+        with the wrong command: the session ends here."""
         if self.closed:
             raise BackendLost("backend connection is closed")
-        if self.stream.pending:
-            self._failed(name)
-            self.close()
-            raise BackendBadReply("backend sent a reply that nothing asked for")
+        self._failed(name)
+        self.close()
+        raise BackendBadReply("backend sent a reply that nothing asked for")
 
     # -- commands ---------------------------------------------------------------
     async def ehlo(self, helo: str) -> None:
@@ -341,7 +341,8 @@ class SmtpClient:
         xf = self.xforward_line(xforward) if xforward else None
         rcpt_line = self._rcpt_line(*rcpt) if rcpt else None
         if "PIPELINING" in self.extensions:
-            self._check_in_step("mail")
+            if self.closed or self.stream.pending:
+                self._out_of_step("mail")
             batch = [line for line in (xf, mail, rcpt_line) if line is not None]
             wire = "".join([f"{line}\r\n" for line in batch])
             self.stream.write(wire.encode("utf-8", "surrogateescape"))
@@ -392,7 +393,8 @@ class SmtpClient:
                 self.close()
                 raise BackendBadReply(f"backend answered DATA with {reply.code}")
             return [reply]
-        self._check_in_step("data")  # nothing may follow the 354 before our message
+        if self.stream.pending:  # nothing may follow the 354 before our message
+            self._out_of_step("data")
         self.stream.writelines([prefix, wire, b".\r\n"])
         try:
             await self.stream.drain()
