@@ -246,6 +246,8 @@ class SmtpClient:
             self._failed(name)
             self.close()
             raise BackendBadReply(f"backend answered {name} with {code}")
+        if code == 421:
+            self.broken = True  # the backend is closing this session (RFC 5321 3.8)
         # The deadline is left as it is: nothing reads an idle backend session, and
         # the next command sets its own.
         series = _SERIES.get(name) or _new_series(name)

@@ -397,6 +397,8 @@ def test_a_backend_421_reaches_the_client_as_451_and_the_session_stays_open(
         assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
         assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
         assert c.cmd("RCPT TO:<down@example.test>") == (451, "451 4.3.2 backend shutting down")
+        # That backend session is over, whether or not the backend has closed it yet.
+        assert c.cmd("RCPT TO:<y@example.test>")[1].startswith("451 4.4.2 ")
         assert c.cmd("RSET")[0] == 250
         assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
         assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
