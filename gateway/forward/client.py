@@ -401,13 +401,26 @@ class SmtpClient:
         try:
             await self.stream.drain()
         except StreamClosed:
-            self.broken = True
-            raise BackendLost("backend closed the connection during DATA") from None
+            return [await self._early_refusal()] * (recipients if self.lmtp else 1)
         replies = [await self._timed("data_end", self.data_timeout)]
         if self.lmtp:
             for _ in range(recipients - 1):
                 replies.append(await self._timed("data_end", self.data_timeout))
         return replies
+
+    async def _early_refusal(self) -> SmtpReply:
+        """The reply of a backend that closed while the message was still going out.
+
+        Some refuse a message before its end (too big, say), reply and close. That
+        reply, when it arrived whole, is the answer: a permanent refusal reported as
+        a lost connection would have the client retry, for days, a message this
+        backend will never take. A positive one cannot be: the message was not all
+        sent."""
+        self.broken = True
+        reply = await self._timed("data_end")  # BackendLost if no whole reply came
+        if reply.ok:
+            raise BackendLost("backend closed the connection during DATA")
+        return reply
 
     async def rset(self) -> bool:
         try:

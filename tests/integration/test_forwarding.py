@@ -467,6 +467,25 @@ def test_a_backend_session_with_unread_replies_is_not_pooled(
     assert sum(cmd.startswith("EHLO") for cmd in be.commands()) == 3  # a session each
 
 
+def test_a_backend_that_refuses_a_message_before_its_end_is_heard(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """It replies 552 after the first line and closes while the gateway is still
+    sending: its refusal is the answer, not "connection lost" (451), which the client
+    would retry for days with a message this backend will never take."""
+    be = backend_factory("--lenient", "--refuse-early")
+    gw = gateway_factory(base_config(be.url))
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000  # 8 MB: more than
+    with greeted(gw.port()) as c:  # the socket buffers take, so the write is cut short
+        c.cmd("MAIL FROM:<a@sender.test>")
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(big + b".\r\n")
+        assert c.reply() == (552, "552 5.3.4 message too big for this backend")
+        assert c.cmd("NOOP")[0] == 250
+    assert be.messages() == []
+
+
 def test_backend_slow_beyond_timeout_gives_4xx(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

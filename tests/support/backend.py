@@ -234,6 +234,7 @@ async def main() -> None:
     p.add_argument("--shutdown-rcpt", action="append", default=[])  # 421 to this RCPT
     p.add_argument("--lenient", action="store_true", help="raw lenient DATA (smuggling tests)")
     p.add_argument("--extra-reply-after", help="lenient: one unrequested reply after VERB or .")
+    p.add_argument("--refuse-early", action="store_true", help="lenient: 552 mid-DATA, close")
     p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
     p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
     p.add_argument("--size-limit", type=int, default=64 * 1024 * 1024, help="advertised SIZE")
@@ -241,7 +242,7 @@ async def main() -> None:
     if args.lenient:
         from lenient import serve  # tests/support/lenient.py, next to this file
 
-        await serve(args.port, Path(args.spool), args.extra_reply_after)
+        await serve(args.port, Path(args.spool), args.extra_reply_after, args.refuse_early)
         return
     args.reject_mail = [a.lower() for a in args.reject_mail]
     args.reject_rcpt = [a.lower() for a in args.reject_rcpt]

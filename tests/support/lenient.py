@@ -5,7 +5,9 @@ exploits; the gateway must make sure it never sees two messages for one.
 
 With `extra_after` (a verb, or "." for the end of DATA) it also misbehaves the
 other way: after its reply to that command it sends one more reply that nothing
-asked for, which puts every later reply one behind its command.
+asked for, which puts every later reply one behind its command. With
+`refuse_early` it refuses every message after its first line, then closes, as
+some servers do with a message too big for them.
 
 Spool format as tests/support/backend.py (msg-N.json, commands.log).
 """
@@ -21,9 +23,12 @@ EXTRA = b"250 2.0.0 unrequested\r\n"
 
 
 class Lenient:
-    def __init__(self, spool: Path, extra_after: str | None = None) -> None:
+    def __init__(
+        self, spool: Path, extra_after: str | None = None, refuse_early: bool = False
+    ) -> None:
         self.spool = spool
         self.extra_after = extra_after
+        self.refuse_early = refuse_early
         spool.mkdir(parents=True, exist_ok=True)
         self.count = 0
         self.log = open(spool / "commands.log", "a", buffering=1)  # noqa: SIM115
@@ -50,6 +55,11 @@ class Lenient:
                 elif verb == "DATA":
                     writer.write(b"354 go ahead\r\n")
                     await writer.drain()
+                    if self.refuse_early:
+                        await reader.readline()
+                        writer.write(b"552 5.3.4 message too big for this backend\r\n")
+                        await writer.drain()
+                        return
                     body = b""
                     while True:
                         # Lenient: any line that is "." ends the data (bare LF counts).
@@ -84,8 +94,10 @@ class Lenient:
             writer.close()
 
 
-async def serve(port: int, spool: Path, extra_after: str | None = None) -> None:
-    handler = Lenient(spool, extra_after)
+async def serve(
+    port: int, spool: Path, extra_after: str | None = None, refuse_early: bool = False
+) -> None:
+    handler = Lenient(spool, extra_after, refuse_early)
     server = await asyncio.start_server(handler.session, "127.0.0.1", port)
     print("READY", flush=True)
     async with server:
