@@ -432,21 +432,28 @@ def test_a_backend_reply_one_behind_never_becomes_a_250_for_the_message(
     """A backend that sends a reply nobody asked for (here after MAIL) puts every later
     reply one behind its command: read on, RCPT y's 250 would have answered DATA and
     been relayed as the message's acceptance, for a message the backend never saw.
-    Unread bytes before a command, or a reply of the wrong class, end that session."""
+    Unread bytes before a command, or a reply of the wrong class, end that session:
+    which of the two notices it first depends on when the backend's replies arrive,
+    but it is by DATA at the latest."""
     be = backend_factory("--lenient", "--extra-reply-after", "MAIL")
     gw = gateway_factory(base_config(be.url))
     with greeted(gw.port()) as c:
         assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        c.cmd("RCPT TO:<x@example.test>")  # read with MAIL: it gets the unrequested one
-        assert c.cmd("RCPT TO:<y@example.test>") == (
-            451,
-            "451 4.4.0 Next hop returned an invalid reply, try again later",
-        )
-        code, _ = c.cmd("DATA")
-        assert code == 451
+        # RCPT x is read with MAIL (defer_mail): it gets the unrequested reply.
+        assert c.cmd("RCPT TO:<x@example.test>") == (250, "250 2.0.0 unrequested")
+        c.cmd("RCPT TO:<y@example.test>")  # out of step noticed here, or else:
+        final = c.cmd("DATA")
+        if final[0] == 354:  # the gateway's own; the backend's DATA comes after the message
+            c.send(MSG + b".\r\n")
+            final = c.reply()  # where RCPT y's 250 answers DATA: a wrong class
+    assert final == (451, "451 4.4.0 Next hop returned an invalid reply, try again later")
     assert be.messages() == []
-    ev = gw.wait_log(lambda e: e.get("event") == "backend_error")
-    assert ev["error"] == "backend sent a reply that nothing asked for"
+    gw.wait_log(  # logged as backend_error at RCPT, or with the transaction at DATA
+        lambda e: (
+            e.get("error")
+            in ("backend sent a reply that nothing asked for", "backend answered data with 250")
+        )
+    )
 
 
 def test_a_backend_session_with_unread_replies_is_not_pooled(

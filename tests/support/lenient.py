@@ -3,7 +3,7 @@ whatever the line ending (`\\n.\\n`, `\\r\\n.\\n`, ...), as some real MTAs do, a
 reads whatever follows as new commands. It is the backend that SMTP smuggling
 exploits; the gateway must make sure it never sees two messages for one.
 
-With `extra_after` (a verb, or "." for the end of DATA) it also misbehaves the
+With `extra_after` ("MAIL", or "." for the end of DATA) it also misbehaves the
 other way: after its reply to that command it sends one more reply that nothing
 asked for, which puts every later reply one behind its command. With
 `refuse_early` it refuses every message after its first line, then closes, as
@@ -33,6 +33,11 @@ class Lenient:
         self.count = 0
         self.log = open(spool / "commands.log", "a", buffering=1)  # noqa: SIM115
 
+    def _extra(self, after: str) -> bytes:
+        """The unrequested reply, in the same write as the requested one: one segment,
+        so the gateway has both the moment it reads the first (no race in the tests)."""
+        return EXTRA if after == self.extra_after else b""
+
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 lenient.test ESMTP\r\n")
         mail_from, rcpts = "", []
@@ -48,7 +53,7 @@ class Lenient:
                     writer.write(b"250-lenient.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
                 elif verb == "MAIL":
                     mail_from, rcpts = cmd[10:].strip().strip("<>").split(">")[0], []
-                    writer.write(b"250 2.1.0 ok\r\n")
+                    writer.write(b"250 2.1.0 ok\r\n" + self._extra(verb))
                 elif verb == "RCPT":
                     rcpts.append(cmd[8:].strip().strip("<>").split(">")[0])
                     writer.write(b"250 2.1.5 ok\r\n")
@@ -73,9 +78,8 @@ class Lenient:
                     rec = {"mail_from": mail_from, "rcpt_tos": rcpts,
                            "data": base64.b64encode(body).decode()}  # fmt: skip
                     (self.spool / f"msg-{self.count:05d}.json").write_text(json.dumps(rec))
-                    writer.write(f"250 2.0.0 queued as L{self.count}\r\n".encode())
-                    if self.extra_after == ".":
-                        writer.write(EXTRA)
+                    queued = f"250 2.0.0 queued as L{self.count}\r\n".encode()
+                    writer.write(queued + self._extra("."))
                 elif verb == "RSET":
                     mail_from, rcpts = "", []
                     writer.write(b"250 2.0.0 ok\r\n")
@@ -85,8 +89,6 @@ class Lenient:
                     return
                 else:
                     writer.write(b"250 2.0.0 ok\r\n")
-                if verb == self.extra_after:
-                    writer.write(EXTRA)
                 await writer.drain()
         except ConnectionError:
             return
