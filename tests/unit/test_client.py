@@ -41,15 +41,27 @@ async def _server(chunks: list[bytes], pipelining: bool, done: asyncio.Event) ->
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+async def _client(server: asyncio.Server) -> SmtpClient:
+    port = server.sockets[0].getsockname()[1]
+    return await SmtpClient.connect(
+        "127.0.0.1", port, helo="gw.test", connect_timeout=2, command_timeout=2, data_timeout=2
+    )
+
+
+async def _ended(c: SmtpClient, done: asyncio.Event, server: asyncio.Server) -> None:
+    """Both ends closed and the server gone (no transport left for a ResourceWarning)."""
+    await c.stream.wait_closed()
+    await done.wait()
+    server.close()
+    await server.wait_closed()
+
+
 async def _mail_with_xforward(pipelining: bool, sender: str = "a@b.test") -> list[bytes]:
     """MAIL with XFORWARD and the first RCPT; the packets the server received."""
     chunks: list[bytes] = []
     done = asyncio.Event()
     server = await _server(chunks, pipelining, done)
-    port = server.sockets[0].getsockname()[1]
-    c = await SmtpClient.connect(
-        "127.0.0.1", port, helo="gw.test", connect_timeout=2, command_timeout=2, data_timeout=2
-    )
+    c = await _client(server)
     attrs = {"ADDR": "192.0.2.1", "HELO": "h.test", "PORT": "1"}
     reply, rcpt = await c.mail(sender, [], attrs, ("r@c.test", []))
     if sender.startswith("refused"):
@@ -61,10 +73,7 @@ async def _mail_with_xforward(pipelining: bool, sender: str = "a@b.test") -> lis
     # The session is in step: the next command gets its own reply.
     assert (await c.command("noop", "NOOP")).lines == ["2.0.0 ok NOOP"]
     await c.quit()
-    await c.stream.wait_closed()
-    await done.wait()
-    server.close()
-    await server.wait_closed()
+    await _ended(c, done, server)
     return chunks
 
 
@@ -109,10 +118,7 @@ async def _answers(replies: dict[bytes, bytes], steps: list[str]) -> list[str]:
         done.set()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    c = await SmtpClient.connect(
-        "127.0.0.1", port, helo="gw.test", connect_timeout=2, command_timeout=2, data_timeout=2
-    )
+    c = await _client(server)
     got = []
     for step in steps:
         try:
@@ -123,10 +129,7 @@ async def _answers(replies: dict[bytes, bytes], steps: list[str]) -> list[str]:
         except BackendBadReply as e:
             got.append(f"{e} (closed: {c.closed})")
     c.close()
-    await c.stream.wait_closed()
-    await done.wait()
-    server.close()
-    await server.wait_closed()
+    await _ended(c, done, server)
     return got
 
 
