@@ -390,7 +390,7 @@ class SmtpClient:
         """
         reply = await self.command("data", "DATA")
         if reply.code != 354:
-            if reply.code < 400:
+            if reply.code < 400:  # a 3xx but 354 (_timed let only 3xx, 4xx and 5xx by)
                 self._failed("data")
                 self.close()
                 raise BackendBadReply(f"backend answered DATA with {reply.code}")

@@ -264,6 +264,14 @@ def for_backend_error(error: Exception) -> Reply:
 
 
 _LISTED_REFUSALS = 5
+# RFC 5321 4.2: reply text is HT and printable ASCII, a line at most 512 octets with
+# its code and CRLF (4.5.3.1.5).
+_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")
+_MAX_REPLY_TEXT = 512 - len("250-") - len("\r\n")
+
+
+def _reply_text(text: str, limit: int = _MAX_REPLY_TEXT) -> str:
+    return _NOT_TEXT.sub("?", text)[:limit]
 
 
 def partial_refusal(delivered: int, refused: list[tuple[str, str]]) -> Reply:
@@ -276,8 +284,7 @@ def partial_refusal(delivered: int, refused: list[tuple[str, str]]) -> Reply:
     base = BACKEND_PARTIAL_REFUSED
     lines = [base.text.format(delivered=delivered, total=delivered + len(refused))]
     for rcpt, why in refused[:_LISTED_REFUSALS]:
-        text = f"<{rcpt}> {why}"
-        lines.append("".join(c if " " <= c <= "~" else "?" for c in text)[:400])
+        lines.append(_reply_text(f"<{rcpt}> {why}", 400))
     if len(refused) > _LISTED_REFUSALS:
         lines.append(f"and {len(refused) - _LISTED_REFUSALS} more")
     return Reply(base.code, base.enhanced, "\n".join(lines), base.reason)
@@ -291,15 +298,10 @@ def from_backend(code: int, lines: list[str]) -> Reply:
     goes on as a 451 with the backend's text: the same retry, no false close."""
     if code == 421:
         code = 451
-    # And its text as RFC 5321 4.2 allows it (HT and printable ASCII) in lines of at
-    # most 512 octets (4.5.3.1.5): what the backend writes is not always meant for
-    # a client's terminal or parser (a NUL, an escape sequence, a runaway line).
-    text = [_NOT_TEXT.sub("?", line)[:_MAX_REPLY_TEXT] for line in lines]
+    # And its text as reply text may be: what the backend writes is not always fit
+    # for a client's terminal or parser (a NUL, an escape sequence, a runaway line).
+    text = [_reply_text(line) for line in lines]
     return Reply(code, "", "\n".join(text), "backend")
-
-
-_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")
-_MAX_REPLY_TEXT = 512 - len("250-") - len("\r\n")
 
 
 @functools.lru_cache(maxsize=1024)
