@@ -29,6 +29,17 @@ def _component(s: str) -> str:
     return safe or "%00"
 
 
+def _sync_dir(path: Path) -> None:
+    """The rename into new/ is a change to the directory: until the directory is
+    synced, a crash right after our 250 can leave the message in tmp/, where no
+    reader looks, or nowhere (the file's own fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def mailbox_dir(root: Path, rcpt: str) -> Path:
     local, at, domain = rcpt.rpartition("@")
     if not at:  # RFC 5321 4.5.1's bare <postmaster>: this host's, so under localhost
@@ -95,6 +106,7 @@ class MaildirBackend:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, box / "new" / name)
+            _sync_dir(box / "new")
         return base
 
     async def close(self) -> None:
