@@ -93,6 +93,7 @@ class MaildirBackend:
         base = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(_counter)}.{self.host}"
         for i, rcpt in enumerate(recipients):
             box = mailbox_dir(self.root, rcpt)
+            created = not (box / "new").is_dir()
             for sub in ("tmp", "new", "cur"):
                 (box / sub).mkdir(parents=True, exist_ok=True)
             head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode(
@@ -107,6 +108,9 @@ class MaildirBackend:
                 os.fsync(f.fileno())
             os.rename(tmp, box / "new" / name)
             _sync_dir(box / "new")
+            if created:  # a new mailbox: its own name, and its domain's, are new entries
+                for parent in (box, box.parent, box.parent.parent):
+                    _sync_dir(parent)
         return base
 
     async def close(self) -> None:

@@ -22,11 +22,15 @@ def test_the_file_and_the_rename_are_synced_before_delivery_returns(
 
     monkeypatch.setattr(os, "fsync", fsync)
     backend = MaildirBackend(str(tmp_path))
-    base = backend.deliver("a@sender.test", ["x@example.test", "y@example.test"], b"S: x\r\n")
-    for i, rcpt in enumerate(["x@example.test", "y@example.test"]):
-        box = mailbox_dir(tmp_path, rcpt)
+    rcpts = ["x@example.test", "y@example.test"]
+    mailbox_dir(tmp_path, rcpts[1]).joinpath("new").mkdir(parents=True)  # y's exists
+    base = backend.deliver("a@sender.test", rcpts, b"S: x\r\n")
+    x, y = (mailbox_dir(tmp_path, r) for r in rcpts)
+    for i, box in enumerate((x, y)):
         assert (box / "new" / f"{base}R{i}").read_bytes().endswith(b"S: x\r\n")
-        # The file (then still in tmp/), and new/ after the rename into it.
-        assert synced[2 * i] == str(box / "tmp" / f"{base}R{i}")
-        assert synced[2 * i + 1] == str(box / "new")
-    assert len(synced) == 4
+    assert synced == [
+        # The file (then still in tmp/), new/ after the rename into it, and for a
+        # mailbox made now, the directories that gained an entry.
+        str(x / "tmp" / f"{base}R0"), str(x / "new"), str(x), str(x.parent), str(tmp_path),
+        str(y / "tmp" / f"{base}R1"), str(y / "new"),
+    ]  # fmt: skip
