@@ -23,12 +23,6 @@ from gateway.stream import LineTooLong, Stream, StreamClosed
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
-# The reply classes each command may get (RFC 5321 4.3.2); DATA's 3xx must be 354.
-# Anything else means the backend is not answering what we asked, most likely
-# because it sent a reply nobody asked for and every reply since is one behind:
-# a 250 read as DATA's answer would then be taken for the message's acceptance.
-_FINAL_CLASSES = frozenset({2, 4, 5})
-_DATA_CLASSES = frozenset({3, 4, 5})
 
 
 class BackendError(Exception):
@@ -242,7 +236,12 @@ class SmtpClient:
             self._failed(name)
             raise
         klass = code // 100
-        if klass not in (_DATA_CLASSES if name == "data" else _FINAL_CLASSES):
+        # What the command may get (RFC 5321 4.3.2): DATA 354, the others 2xx; any
+        # 4xx or 5xx. Anything else means the backend is not answering what we asked,
+        # most likely because it sent a reply nobody asked for and every reply since
+        # is one behind: a 250 read as DATA's answer would be taken for the message's
+        # acceptance.
+        if klass != 4 and klass != 5 and (code != 354 if name == "data" else klass != 2):
             self._failed(name)
             self.close()
             raise BackendBadReply(f"backend answered {name} with {code}")
@@ -390,11 +389,7 @@ class SmtpClient:
         """
         reply = await self.command("data", "DATA")
         if reply.code != 354:
-            if reply.code < 400:  # a 3xx but 354 (_timed let only 3xx, 4xx and 5xx by)
-                self._failed("data")
-                self.close()
-                raise BackendBadReply(f"backend answered DATA with {reply.code}")
-            return [reply]
+            return [reply]  # refused (_timed lets nothing else by)
         if self.stream.pending:  # nothing may follow the 354 before our message
             self._out_of_step("data")
         self.stream.writelines([prefix, wire, b".\r\n"])
