@@ -235,17 +235,26 @@ ACTION_REPLIES: dict[Action, Reply] = {
 }
 
 
+# RFC 5321 4.2: reply text is HT and printable ASCII, a line at most 512 octets with
+# its code and CRLF (4.5.3.1.5).
+_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")
+_MAX_REPLY_TEXT = 512 - len("250-") - len("\r\n")
+
+
+def _reply_text(text: str, limit: int = _MAX_REPLY_TEXT) -> str:
+    return _NOT_TEXT.sub("?", text)[:limit]
+
+
 def for_action(action: Action, symbol: str, detail: str | None = None) -> Reply:
     """The reply for a refusing action, worded by the symbol that decided it.
 
-    `detail` fills a `{detail}` slot (a DNSBL zone and its reason); it is reduced to
-    printable ASCII so nothing a DNS zone says can break the reply line.
+    `detail` fills a `{detail}` slot (a DNSBL zone and its reason); it is made reply
+    text (_reply_text) so nothing a DNS zone says can break the reply line.
     """
     base = SYMBOL_REPLIES.get(symbol, {}).get(action) or ACTION_REPLIES[action]
     text = base.text
     if "{detail}" in text:
-        safe = "".join(c if " " <= c <= "~" else " " for c in (detail or "a block list"))
-        text = text.replace("{detail}", safe[:200])
+        text = text.replace("{detail}", _reply_text(detail or "a block list", 200))
     return Reply(base.code, base.enhanced, text, symbol)
 
 
@@ -264,14 +273,6 @@ def for_backend_error(error: Exception) -> Reply:
 
 
 _LISTED_REFUSALS = 5
-# RFC 5321 4.2: reply text is HT and printable ASCII, a line at most 512 octets with
-# its code and CRLF (4.5.3.1.5).
-_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")
-_MAX_REPLY_TEXT = 512 - len("250-") - len("\r\n")
-
-
-def _reply_text(text: str, limit: int = _MAX_REPLY_TEXT) -> str:
-    return _NOT_TEXT.sub("?", text)[:limit]
 
 
 def partial_refusal(delivered: int, refused: list[tuple[str, str]]) -> Reply:
