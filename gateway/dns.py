@@ -107,7 +107,7 @@ class Resolver:
         return (name.lower().rstrip("."), rdtype.upper())
 
     def peek(self, name: str, rdtype: str) -> DnsAnswer | None:
-        """A cached, unexpired answer, or None. Safe from other threads."""
+        """A cached, unexpired answer, or None; not counted (see `cached`)."""
         hit = self._cache.get(self._key(name, rdtype))
         if hit is None or hit[0] < time.monotonic():
             return None
