@@ -26,6 +26,7 @@ from gateway.smtp.handler import (
     requiretls_possible,
     reseed_session_ids,
 )
+from gateway.smtp.memory import MessageMemory, auto_limit
 from gateway.store import make_store
 from gateway.stream import Stream
 
@@ -41,10 +42,14 @@ def build_backend(settings: config.Settings) -> Backend:
 
 class App:
     def __init__(
-        self, settings: config.Settings, limits_table: tuple[str | None, int] = (None, 0)
+        self,
+        settings: config.Settings,
+        limits_table: tuple[str | None, int] = (None, 0),
+        workers: int = 1,
     ) -> None:
         """`limits_table`: the file all workers count rate limits in, and this
-        worker's index (store/shared.py); None: this process counts alone."""
+        worker's index (store/shared.py); None: this process counts alone.
+        `workers`: how many processes share the machine's memory (memory.auto_limit)."""
         reseed_session_ids()
         self.settings = settings
         self.resolver = Resolver(settings.dns)
@@ -71,6 +76,10 @@ class App:
             is_trusted=config.network_matcher(settings.trusted_networks),
             is_proxy=config.network_matcher(settings.proxy_networks),
             is_local=RelayCheck(settings.local_domains).is_local,
+            memory=MessageMemory(
+                settings.limits.max_data_memory
+                or auto_limit(workers, settings.limits.max_message_size)
+            ),
         )
         self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()
@@ -80,6 +89,9 @@ class App:
         self._metrics_task: asyncio.Task[None] | None = None
         self.reuse_port = False
         metrics.child(metrics.BUILD, __version__).set(1)
+        memory = self.svc.memory
+        metrics.child(metrics.MESSAGE_MEMORY_LIMIT).set(memory.limit)
+        metrics.sample(lambda: metrics.child(metrics.MESSAGE_MEMORY).set(memory.used))
 
     # -- readiness ----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -84,7 +84,7 @@ def cmd_run(path: str | None) -> int:
     count = settings.workers or workers.available_cpus()
     if count == 1:
         cmd_validate(settings)
-        return _serve(settings, reuse_port=False)
+        return _serve(settings, reuse_port=False, workers=1)
     addresses = [(lc.address, lc.port) for lc in settings.listeners]
     if settings.metrics.listen:
         addresses.append(config.split_hostport(settings.metrics.listen))
@@ -103,7 +103,8 @@ def cmd_run(path: str | None) -> int:
             SharedStore.create(path, count)
             table = path
         return workers.supervise(
-            count, lambda i: _serve(settings, reuse_port=True, limits_table=(table, i))
+            count,
+            lambda i: _serve(settings, reuse_port=True, limits_table=(table, i), workers=count),
         )
     finally:
         if table is not None:
@@ -116,11 +117,12 @@ def _serve(
     *,
     reuse_port: bool,
     limits_table: tuple[str | None, int] = (None, 0),
+    workers: int,
 ) -> int:
     from gateway.app import App
 
     async def serve() -> None:
-        app = App(settings, limits_table)
+        app = App(settings, limits_table, workers)
         app.reuse_port = reuse_port
         await app.run()
 

@@ -18,7 +18,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -178,6 +186,21 @@ class Limits(_Strict):
     # Seconds to wait before the greeting, watching for clients that talk first.
     greet_pause: Annotated[float, Field(ge=0, le=60)] = 0.0
     proxy_header_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Bytes of message data each process may hold at once (smtp/memory.py); past it
+    # 452 4.3.1. None: a quarter of the memory available (the container's limit if
+    # lower), shared among the workers.
+    max_data_memory: Annotated[int, Field(ge=1024)] | None = None
+
+    @field_validator("max_data_memory")
+    @classmethod
+    def _room_for_one(cls, v: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("max_message_size")
+        if v is not None and size is not None and v < size:
+            raise ValueError(
+                f"{v} is less than max_message_size ({size}):"
+                " a message of the largest size could never be taken"
+            )
+        return v
 
 
 class CircuitBreaker(_Strict):

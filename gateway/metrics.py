@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from typing import Any, overload
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -120,10 +121,22 @@ class BufferedHistogram(_Buffered):
                 bucket.inc(n)
 
 
+_samplers: list[Callable[[], None]] = []
+
+
+def sample(fn: Callable[[], None]) -> None:
+    """Have `fn` set its gauges at every flush: for a level that changes with every
+    message (message memory in use), where an update per change would cost the
+    hot path and a reading a second is all a scrape needs."""
+    _samplers.append(fn)
+
+
 def flush() -> None:
     """Write every buffered update to prometheus-client. One series that cannot be
     written (a bug: say, a labelled metric updated without labels) is logged and
     dropped; it must not stop the others, the periodic flush or a scrape."""
+    for fn in _samplers:
+        fn()
     pending = _dirty[:]
     _dirty.clear()
     for b in pending:
@@ -202,6 +215,16 @@ MESSAGE_SIZE = Histogram(
     P + "message_size_bytes",
     "Size of messages received in DATA",
     buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+)
+MESSAGE_MEMORY = Gauge(
+    P + "message_memory_bytes",
+    "Bytes of message data held in memory (being read, checked or relayed)",
+    multiprocess_mode="livesum",
+)
+MESSAGE_MEMORY_LIMIT = Gauge(
+    P + "message_memory_limit_bytes",
+    "The budget for message data in memory (limits.max_data_memory), over all workers",
+    multiprocess_mode="livesum",
 )
 CHECK_RESULTS = Counter(
     P + "check_results_total",

@@ -250,7 +250,13 @@ class Stream(asyncio.Protocol):
             buf += keep
             await self._more()
 
-    async def read_until(self, marker: bytes, max_size: int, keep: int = 0) -> bytes | None:
+    async def read_until(
+        self,
+        marker: bytes,
+        max_size: int,
+        keep: int = 0,
+        room: Callable[[int], bool] | None = None,
+    ) -> bytes | None:
         """The bytes before `marker` (consumed with it), or None if they exceeded max_size.
 
         The first `keep` bytes of the marker stay with the data (the CRLF that ends
@@ -259,6 +265,8 @@ class Stream(asyncio.Protocol):
         Past `max_size` the content is discarded as it arrives (the marker is still
         searched for, so the session stays in step) and None is returned: the caller
         refuses with a size error without ever having held more than max_size bytes.
+        The same happens when `room`, asked before each wait for more bytes with the
+        number buffered so far, says there is no room for them (a memory budget).
         """
         buf = self._buf
         mlen = len(marker)
@@ -270,7 +278,7 @@ class Stream(asyncio.Protocol):
                 data = None if discarding or i > max_size else bytes(memoryview(buf)[: i + keep])
                 del buf[: i + mlen]
                 return data
-            if len(buf) > max_size or discarding:
+            if discarding or len(buf) > max_size or (room is not None and not room(len(buf))):
                 discarding = True
                 drop = len(buf) - (mlen - 1)
                 if drop > 0:

@@ -21,6 +21,7 @@ import re
 from gateway.config import BareLinefeed
 from gateway.headers import too_many_received
 from gateway.smtp import replies
+from gateway.smtp.memory import Reservation
 from gateway.smtp.replies import Reply
 from gateway.stream import Stream
 
@@ -34,19 +35,27 @@ class DataRefused(Exception):
         self.reply = reply
 
 
-async def read_message(stream: Stream, max_size: int, bare: BareLinefeed) -> bytes:
+async def read_message(
+    stream: Stream, max_size: int, bare: BareLinefeed, room: Reservation
+) -> bytes:
     """The message in wire form: dot-stuffed, CRLF-terminated lines, without the final dot.
 
-    Raises DataRefused after the whole DATA section was consumed, so the
-    session stays in step with the client.
+    `room` holds the message's share of the process's memory budget: grown while
+    the message arrives, fitted to its size once read (the caller releases it
+    when the transaction ends). Raises DataRefused after the whole DATA section
+    was consumed, so the session stays in step with the client.
     """
     if await stream.peek(3) == b".\r\n":
         await stream.read_exactly(3)
         return b""
     # max_size counts the content without the final CRLF, as before `keep`.
-    raw = await stream.read_until(EOD, max_size, keep=2)
+    raw = await stream.read_until(EOD, max_size, keep=2, room=room.grow)
     if raw is None:
-        raise DataRefused(replies.SIZE_EXCEEDED)
+        refused = room.refused
+        room.release()
+        raise DataRefused(replies.NO_MEMORY if refused else replies.SIZE_EXCEEDED)
+    if not room.fit(len(raw)):
+        raise DataRefused(replies.NO_MEMORY)
     return check_wire(raw, bare)
 
 

@@ -30,6 +30,7 @@ from gateway.pipeline.verdict import Verdict
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import dsn, replies, tls
 from gateway.smtp.data import DataRefused, check_header_section, read_message
+from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.replies import Action, Reply
 from gateway.stream import LineTooLong, Stream, StreamClosed
@@ -82,6 +83,7 @@ class Services:
     is_proxy: Callable[[str], bool]
     # A recipient in local_domains without routing tricks (relay control's rule).
     is_local: Callable[[Address], bool]
+    memory: MessageMemory  # message data in this process (limits.max_data_memory)
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
@@ -133,6 +135,7 @@ class Session:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
+        self.room = Reservation(svc.memory)  # the message's bytes, from DATA to its end
         self.client_info: ClientInfo | None = None
         self.mail_params: list[str] = []
         # The DSN parameters of the recipients that had some, by backend address.
@@ -372,6 +375,9 @@ class Session:
                 if int(val) > self.limits.max_message_size:
                     self.send(replies.SIZE_EXCEEDED)
                     return
+                if int(val) > self.svc.memory.available:
+                    self._no_memory()
+                    return
                 fwd.append(f"SIZE={val}")
             elif key == "BODY":
                 if val is None or val.upper() not in ("7BIT", "8BITMIME"):
@@ -403,6 +409,10 @@ class Session:
             else:
                 self.send(replies.PARAM_UNKNOWN)
                 return
+        mem = self.svc.memory
+        if mem.used >= mem.limit:
+            self._no_memory()
+            return
         self.ctx.new_transaction()
         self.ctx.mail_from = addr
         self.utf8_txn = "SMTPUTF8" in params
@@ -444,6 +454,14 @@ class Session:
         self.client_info, self.mail_params = info, fwd
         self.txn_broken = None
         self.relay(reply)
+
+    def _no_memory(self) -> None:
+        """MAIL while this process holds all the message data it may (or less room
+        than the SIZE the client declared): 452 4.3.1, so the client comes back
+        when the messages in flight are through, instead of sending one we would
+        have to discard."""
+        self.send(replies.NO_MEMORY)
+        self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
 
     async def cmd_rcpt(self, arg: str) -> None:
         if self.ctx.mail_from is None:
@@ -613,76 +631,84 @@ class Session:
             return
         self.send(replies.START_DATA)
         self.flush()
-        self.stream.set_high_water(self.limits.max_message_size + 65536)
-        self.stream.set_deadline(self.limits.data_timeout)
+        # The message's bytes are charged to the process's budget as they arrive
+        # (smtp/memory.py) and released however this ends.
         try:
-            wire = await read_message(
-                self.stream, self.limits.max_message_size, self.limits.bare_linefeed
+            self.stream.set_high_water(self.limits.max_message_size + 65536)
+            self.stream.set_deadline(self.limits.data_timeout)
+            try:
+                wire = await read_message(
+                    self.stream, self.limits.max_message_size, self.limits.bare_linefeed, self.room
+                )
+                limits = self.limits
+                check_header_section(wire, limits.max_header_size, limits.max_received_headers)
+            except TimeoutError:
+                self.send(replies.TIMEOUT)
+                await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
+                raise SessionEnd from None
+            except DataRefused as e:
+                self.send(e.reply)
+                action = Action.TEMPFAIL if e.reply.temporary else Action.REJECT
+                await self._end_txn(action, e.reply.reason, abort=True)
+                return
+            finally:
+                self.stream.set_high_water(256 * 1024)
+            size = len(wire)
+            metrics.child(metrics.MESSAGE_SIZE).observe(size)
+            self.ctx.wire = wire
+            verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
+            if verdict.refuses:
+                self.send(self._policy_reply(verdict, Stage.DATA))
+                await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
+                return
+            prefix = self._received()
+            rewriter = self.svc.runner.policy.rewriter
+            if rewriter.active:
+                # After every check: DMARC judged the From the client sent.
+                wire = rewriter.headers(wire)
+                prefix += self._original_recipient()
+            # Only we speak for our authserv-id, whoever the client is (trusted or not).
+            wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
+            if forged:
+                logs.event("forged_ar_removed", session=self.id, count=forged)
+            prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
+            policy = self.svc.runner.policy
+            if self.ctx.tags:
+                prefix += headers.tag(policy.tag.header, self.ctx.tags)
+            n_rcpts = len(self.ctx.recipients)
+            if self.ctx.quarantine:
+                prefix += headers.quarantine(
+                    policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
+                )
+                if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
+                    refused = await self._redirect(policy.quarantine.recipient)
+                    if refused is not None:
+                        self.send(refused)
+                        await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
+                        return
+                    n_rcpts = 1
+            txn = self.txn
+            assert txn is not None
+            try:
+                results = await txn.data(wire, n_rcpts, prefix)
+            except BackendError as e:
+                self.send(replies.for_backend_error(e))
+                await self._end_txn(
+                    Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
+                )
+                return
+            final = _combine_lmtp(results, self.ctx.recipients)
+            if isinstance(final, Reply):
+                self.send_raw(final.wire())  # the backend's verdict: not a client error
+            else:
+                self.relay(final)
+            code = final.code
+            action = (
+                Action.ACCEPT if code < 300 else Action.TEMPFAIL if code < 500 else Action.REJECT
             )
-            limits = self.limits
-            check_header_section(wire, limits.max_header_size, limits.max_received_headers)
-        except TimeoutError:
-            self.send(replies.TIMEOUT)
-            await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
-            raise SessionEnd from None
-        except DataRefused as e:
-            self.send(e.reply)
-            await self._end_txn(Action.REJECT, e.reply.reason, abort=True)
-            return
+            await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
         finally:
-            self.stream.set_high_water(256 * 1024)
-        size = len(wire)
-        metrics.child(metrics.MESSAGE_SIZE).observe(size)
-        self.ctx.wire = wire
-        verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
-        if verdict.refuses:
-            self.send(self._policy_reply(verdict, Stage.DATA))
-            await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
-            return
-        prefix = self._received()
-        rewriter = self.svc.runner.policy.rewriter
-        if rewriter.active:
-            # After every check: DMARC judged the From the client sent.
-            wire = rewriter.headers(wire)
-            prefix += self._original_recipient()
-        # Only we speak for our authserv-id, whoever the client is (trusted or not).
-        wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
-        if forged:
-            logs.event("forged_ar_removed", session=self.id, count=forged)
-        prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
-        policy = self.svc.runner.policy
-        if self.ctx.tags:
-            prefix += headers.tag(policy.tag.header, self.ctx.tags)
-        n_rcpts = len(self.ctx.recipients)
-        if self.ctx.quarantine:
-            prefix += headers.quarantine(
-                policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
-            )
-            if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
-                refused = await self._redirect(policy.quarantine.recipient)
-                if refused is not None:
-                    self.send(refused)
-                    await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
-                    return
-                n_rcpts = 1
-        txn = self.txn
-        assert txn is not None
-        try:
-            results = await txn.data(wire, n_rcpts, prefix)
-        except BackendError as e:
-            self.send(replies.for_backend_error(e))
-            await self._end_txn(
-                Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
-            )
-            return
-        final = _combine_lmtp(results, self.ctx.recipients)
-        if isinstance(final, Reply):
-            self.send_raw(final.wire())  # the backend's verdict: not a client error
-        else:
-            self.relay(final)
-        code = final.code
-        action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
-        await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
+            self.room.release()
 
     def _original_recipient(self) -> bytes:
         """X-Original-To (or the configured name) for a single rewritten recipient;

@@ -119,6 +119,9 @@ REQUIRETLS_UNSUPPORTED = r(550, "5.7.30", "REQUIRETLS support required but not a
 SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = r(552, "5.3.4", "Message header size exceeds fixed maximum size")
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
+# The process's budget for message data is spent (smtp/memory.py): at MAIL, or at
+# the end of a DATA transfer that did not fit (RFC 1870 6.1; RFC 3463 4.3.1).
+NO_MEMORY = r(452, "4.3.1", "Insufficient system storage, try again later")
 BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
 NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")
 MAIL_LOOP = r(554, "5.4.6", "Too many hops (Received header fields): mail loop?")

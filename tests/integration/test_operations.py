@@ -31,6 +31,10 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         ("listeners:\n  - port: 70000\n", "listeners.0.port"),
         ("backend:\n  url: http://x\n", "backend.url"),
         ("limits:\n  max_recipients: 0\n", "limits.max_recipients"),
+        (
+            "limits:\n  max_message_size: 2000000\n  max_data_memory: 1000000\n",
+            "limits.max_data_memory: 1000000 is less than max_message_size",
+        ),
         ("trusted_networks: [not-a-net]\n", "trusted_networks"),
         ("listeners:\n  - tls: starttls\n", "listeners.0"),
         ("local_domains: ['*.']\n", "local_domains"),

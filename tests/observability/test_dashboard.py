@@ -90,6 +90,7 @@ def test_every_alert_uses_existing_metrics_and_has_summary_and_runbook() -> None
         "SmtpGatewayCertificateExpiringSoon",
         "SmtpGatewayNoTraffic",
         "SmtpGatewayRateLimitStoreErrors",
+        "SmtpGatewayMessageMemoryFull",
     }
     for rule in rules:
         check_refs(f"alert {rule['alert']}", rule["expr"], series)
@@ -156,7 +157,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
         [tool, "check", "rules", "alerts.yaml"], cwd=GRAFANA, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 7 rules found" in check.stdout
+    assert "SUCCESS: 8 rules found" in check.stdout
     test = subprocess.run(
         [tool, "test", "rules", "alerts-test.yaml"], cwd=GRAFANA, capture_output=True, text=True
     )

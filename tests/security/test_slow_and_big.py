@@ -128,3 +128,57 @@ def test_memory_stays_bounded_while_refusing_a_flood(
     assert after - before < 15_000, f"RSS grew {after - before} kB over 300 refused sessions"
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:  # and it still serves
         assert s.noop()[0] == 250
+
+
+def _wait_metric(gw: Gateway, name: str, pred: Callable[[float], bool]) -> float:
+    """Poll /metrics until `name` satisfies `pred` (a scrape flushes the answering
+    process's figures, so with one worker each reading is exact)."""
+    deadline = time.monotonic() + 10
+    while True:
+        value = gw.metric(name + " ")
+        if pred(value):
+            return value
+        assert time.monotonic() < deadline, f"{name} stayed at {value}"
+        time.sleep(0.05)
+
+
+def test_messages_beyond_the_memory_budget_get_452_and_the_rest_goes_through(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The gateway holds each message in memory until the backend answers. With
+    the budget taken by one large message in flight, another that does not fit is
+    refused with 452 4.3.1 (at MAIL when its SIZE says so, else at its end),
+    the session stays in step, the first is delivered, and once it is through the
+    refused one is taken."""
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000}
+    gw = gateway_factory(base_config(backend.url, limits=limits))
+    assert gw.metric("smtp_gateway_message_memory_limit_bytes ") == 1_500_000
+    line = b"x" * 998 + b"\r\n"
+    second = b"Subject: second\r\n\r\n" + line * 700  # 700 KB
+    with greeted(gw.port(), timeout=30) as a:
+        a.cmd("MAIL FROM:<a@sender.test>")
+        a.cmd("RCPT TO:<x@example.test>")
+        assert a.cmd("DATA")[0] == 354
+        a.send(b"Subject: first\r\n\r\n" + line * 900)  # 900 KB, and no end yet
+        # Held: 900 KB and at most a reservation step ahead, so under 600 KB is left.
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v >= 900_000)
+        with greeted(gw.port(), timeout=30) as b:
+            code, text = b.cmd("MAIL FROM:<b@sender.test> SIZE=700000")
+            assert code == 452 and text.startswith("452 4.3.1"), text
+            assert b.cmd("MAIL FROM:<b@sender.test>")[0] == 250  # no SIZE: we find out
+            assert b.cmd("RCPT TO:<y@example.test>")[0] == 250
+            assert b.cmd("DATA")[0] == 354
+            b.send(second + b".\r\n")
+            code, text = b.reply()
+            assert code == 452 and text.startswith("452 4.3.1"), text
+            assert b.cmd("NOOP")[0] == 250  # in step after the discarded transfer
+        a.send(b".\r\n")
+        code, text = a.reply()
+        assert code == 250, text
+    assert [m["rcpt_tos"] for m in backend.messages()] == [["x@example.test"]]
+    _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v == 0)
+    deferred = 'smtp_gateway_transactions_total{outcome="tempfailed",reason="no_memory"}'
+    assert gw.metric(deferred) == 2
+    code, _ = deliver(gw.port(), second, sender="b@sender.test", rcpts=("y@example.test",))
+    assert code == 250
+    assert len(backend.messages()) == 2

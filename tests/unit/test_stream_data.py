@@ -10,6 +10,7 @@ from gateway.config import BareLinefeed
 from gateway.smtp import replies
 from gateway.smtp.data import DataRefused, check_wire, read_message, stuff, unstuff
 from gateway.smtp.dsn import xtext
+from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
@@ -21,6 +22,10 @@ def fed(*chunks: bytes, eof: bool = True) -> Stream:
     if eof:
         s.eof_received()
     return s
+
+
+def room(limit: int = 1 << 30) -> Reservation:
+    return Reservation(MessageMemory(limit))
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -45,7 +50,7 @@ def test_readline_too_long_discards_to_next_line() -> None:
 def test_read_message_in_chunks_split_across_marker() -> None:
     async def go() -> bytes:
         s = Stream()
-        task = asyncio.create_task(read_message(s, 10_000, BareLinefeed.REJECT))
+        task = asyncio.create_task(read_message(s, 10_000, BareLinefeed.REJECT, room()))
         for chunk in (b"Subject: x\r\n\r\nline1\r\n..dot\r", b"\n.", b"\r", b"\nNOOP\r\n"):
             await asyncio.sleep(0)
             s.data_received(chunk)
@@ -59,14 +64,14 @@ def test_read_message_in_chunks_split_across_marker() -> None:
 
 
 def test_empty_message_and_leading_dot() -> None:
-    assert run(read_message(fed(b".\r\n"), 100, BareLinefeed.REJECT)) == b""
-    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT)) == b"..x\r\n"
+    assert run(read_message(fed(b".\r\n"), 100, BareLinefeed.REJECT, room())) == b""
+    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT, room())) == b"..x\r\n"
 
 
 def test_oversize_is_drained_and_refused_with_session_in_sync() -> None:
     s = fed(b"a" * 500 + b"\r\n" + b"b" * 500 + b"\r\n.\r\nNOOP\r\n")
     with pytest.raises(DataRefused) as ei:
-        run(read_message(s, 600, BareLinefeed.REJECT))
+        run(read_message(s, 600, BareLinefeed.REJECT, room()))
     assert ei.value.reply is replies.SIZE_EXCEEDED
     assert run(s.readline(100)) == b"NOOP"
 

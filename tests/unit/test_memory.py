@@ -1,0 +1,126 @@
+"""The process's budget for message data: what it lets through, what it refuses,
+and that every byte charged comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from gateway.config import BareLinefeed
+from gateway.smtp import replies
+from gateway.smtp.data import DataRefused, read_message
+from gateway.smtp.memory import CHUNK, MessageMemory, Reservation, auto_limit, available_memory
+from gateway.stream import Stream
+
+
+def test_a_message_that_fits_is_held_at_its_size_and_released() -> None:
+    mem = MessageMemory(10_000)
+    r = Reservation(mem)
+    assert r.fit(4_000)
+    assert (mem.used, r.held, mem.available) == (4_000, 4_000, 6_000)
+    r.release()
+    r.release()  # twice is harmless: every way out of a transaction may release
+    assert (mem.used, r.held) == (0, 0)
+
+
+def test_what_others_hold_decides_whether_a_message_fits() -> None:
+    mem = MessageMemory(10_000)
+    a, b = Reservation(mem), Reservation(mem)
+    assert a.fit(7_000)
+    assert not b.fit(3_001)
+    assert b.refused and b.held == 0 and mem.used == 7_000
+    b.release()
+    assert b.fit(3_000)  # exactly the rest
+    assert mem.available == 0
+    a.release()
+    b.release()
+    assert mem.used == 0
+
+
+def test_growing_reserves_ahead_but_never_past_the_limit() -> None:
+    mem = MessageMemory(CHUNK * 3)
+    a, b = Reservation(mem), Reservation(mem)
+    assert a.grow(1_000)
+    assert a.held == 1_000 + CHUNK  # room for the next reads without asking again
+    assert a.grow(CHUNK)  # within what it holds: nothing changes
+    assert a.held == 1_000 + CHUNK
+    assert b.grow(CHUNK)
+    assert mem.used <= mem.limit
+    # b holds what is left after a; a cannot grow into it.
+    assert not a.grow(mem.limit - b.held + 1)
+    assert a.refused and mem.used <= mem.limit
+    # a's final size is what it read, not what it reserved ahead.
+    assert a.fit(5_000) and a.held == 5_000
+    a.release()
+    b.release()
+    assert mem.used == 0
+
+
+def test_a_transfer_that_outgrows_the_budget_is_discarded_in_step() -> None:
+    """The reader stops holding the message once the budget cannot take it, reads
+    on to its end (the session stays in step) and refuses it with 452 4.3.1."""
+    chunk = b"x" * 998 + b"\r\n"
+    chunk *= 64  # 64 KB
+    buffered: list[int] = []
+
+    async def go() -> tuple[DataRefused, int, bytes]:
+        mem = MessageMemory(CHUNK * 2)
+        other = Reservation(mem)
+        assert other.fit(CHUNK)  # another transaction holds half
+        r = Reservation(mem)
+        s = Stream()
+
+        async def feed() -> None:
+            for c in [chunk] * 8 + [b".\r\nNOOP\r\n"]:  # 512 KB, then the end
+                await asyncio.sleep(0)  # a turn of the loop: the reader looks in between
+                buffered.append(s.pending)
+                s.data_received(c)
+
+        feeder = asyncio.create_task(feed())
+        with pytest.raises(DataRefused) as ei:
+            await read_message(s, 10 * CHUNK, BareLinefeed.REJECT, r)
+        await feeder
+        return ei.value, mem.used, await s.readline(100)
+
+    refused, used, after = asyncio.run(go())
+    assert refused.reply is replies.NO_MEMORY
+    assert str(refused.reply).startswith("452 4.3.1")
+    assert used == CHUNK  # only the other transaction's share is left
+    assert after == b"NOOP"
+    # Discarded as it arrived: the buffer never held more than the room there was.
+    assert max(buffered) <= CHUNK + len(chunk), buffered
+
+
+def test_a_message_read_whole_is_refused_if_it_does_not_fit() -> None:
+    """A message that was already in the buffer when the reader looked (no wait,
+    so no growing) is still held to the budget."""
+    mem = MessageMemory(5_000)
+    s = Stream()
+    s.data_received(b"Subject: x\r\n\r\n" + b"y" * 6_000 + b"\r\n.\r\nQUIT\r\n")
+    r = Reservation(mem)
+    with pytest.raises(DataRefused) as ei:
+        asyncio.run(read_message(s, 100_000, BareLinefeed.REJECT, r))
+    assert ei.value.reply is replies.NO_MEMORY
+    assert mem.used == 0
+    assert asyncio.run(s.readline(100)) == b"QUIT"
+
+
+def test_size_limit_is_still_a_552_when_memory_is_plenty() -> None:
+    s = Stream()
+    s.data_received(b"z" * 3_000 + b"\r\n.\r\n")
+    r = Reservation(MessageMemory(1 << 30))
+    with pytest.raises(DataRefused) as ei:
+        asyncio.run(read_message(s, 1_000, BareLinefeed.REJECT, r))
+    assert ei.value.reply is replies.SIZE_EXCEEDED
+    assert r.held == 0
+
+
+def test_automatic_budget_is_a_share_of_memory_per_worker() -> None:
+    total = available_memory()
+    assert 0 < total <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert auto_limit(1, 1024) == total // 4
+    assert auto_limit(2, 1024) == total // 4 // 2
+    # Never below one message of the largest size: such a message must stay possible.
+    assert auto_limit(1, total) == total
