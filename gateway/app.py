@@ -33,11 +33,11 @@ from gateway.stream import Stream
 log = logging.getLogger("gateway.app")
 
 
-def build_backend(settings: config.Settings) -> Backend:
+def build_backend(settings: config.Settings, workers: int = 1) -> Backend:
     urls = settings.backend.url
     if urls[0].startswith("maildir:"):
         return MaildirBackend(urls[0][len("maildir:") :])
-    return SmtpBackend(settings.backend, settings.hostname)
+    return SmtpBackend(settings.backend, settings.hostname, workers)
 
 
 class App:
@@ -58,7 +58,7 @@ class App:
         self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)
         self.runner = Runner(self.checks, pol)
-        self.backend = build_backend(settings)
+        self.backend = build_backend(settings, workers)
         self.listeners = [
             ListenerState(
                 cfg=lc,

@@ -220,6 +220,10 @@ class Backend(_Strict):
     command_timeout: Annotated[float, Field(gt=0)] = 60.0
     data_timeout: Annotated[float, Field(gt=0)] = 600.0
     pool_size: Annotated[int, Field(ge=0)] = 16
+    # Sessions open to each backend target at once from this instance (its workers
+    # share them); beyond, a transaction waits up to connect_timeout for one, then
+    # 451 4.4.5 (forward/pool.py). None: no cap.
+    max_sessions: Annotated[int, Field(ge=1)] | None = 100
     idle_timeout: Annotated[float, Field(gt=0)] = 30.0
     xclient: bool = True
     xforward: bool = True

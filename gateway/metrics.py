@@ -244,8 +244,14 @@ BACKEND_LATENCY = Histogram(
 )
 BACKEND_CONNECTS = Counter(
     P + "backend_connects_total",
-    "Backend connection attempts by result",
+    "Backend connection attempts by result (ok, refused, timeout, busy: a 4xx greeting, failed)",
     ["result"],
+)
+BACKEND_SESSION_WAITS = Counter(
+    P + "backend_session_waits_total",
+    "Transactions that waited for a backend session at backend.max_sessions, by target"
+    " and result (ok: got one; timeout: the client got 451 4.4.5)",
+    ["target", "result"],
 )
 BACKEND_UP = Gauge(
     P + "backend_available",
@@ -354,6 +360,18 @@ BACKEND_BREAKER_OPEN = Gauge(
 BACKEND_POOL_IDLE = Gauge(
     P + "backend_pool_idle_sessions",
     "Idle backend sessions kept for reuse, per target",
+    ["target"],
+    multiprocess_mode="livesum",
+)
+BACKEND_SESSIONS_OPEN = Gauge(
+    P + "backend_sessions_open",
+    "Backend sessions open (in use, idle or connecting) per target; backend.max_sessions caps it",
+    ["target"],
+    multiprocess_mode="livesum",
+)
+BACKEND_SESSIONS_WAITING = Gauge(
+    P + "backend_session_waiters",
+    "Transactions waiting for a backend session at backend.max_sessions, per target",
     ["target"],
     multiprocess_mode="livesum",
 )

@@ -126,6 +126,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
          [(f"max by (target) (smtp_gateway_backend_circuit_open{{{SEL}}})", "open {{target}}"),
           (f"sum by (target) (smtp_gateway_backend_pool_idle_sessions{{{SEL}}})",
            "idle {{target}}")], "short", "ts"),
+        ("Backend sessions and waiting transactions",
+         "Sessions open to each target (capped by backend.max_sessions) and transactions"
+         " waiting for one; a wait that runs out is a 451 4.4.5 (reason backend_busy).",
+         [(f"sum by (target) (smtp_gateway_backend_sessions_open{{{SEL}}})", "open {{target}}"),
+          (f"sum by (target) (smtp_gateway_backend_session_waiters{{{SEL}}})",
+           "waiting {{target}}")], "short", "ts"),
     ]),
     ("DNS", [
         ("DNS queries by outcome",

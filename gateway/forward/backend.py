@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from gateway import config, metrics
 from gateway.address import ascii_path
 from gateway.forward.client import (
+    BackendBusy,
     BackendError,
     BackendLost,
     SmtpClient,
@@ -29,7 +30,12 @@ log = logging.getLogger("gateway.backend")
 
 
 class BackendUnavailable(BackendError):
-    """No target could take the transaction; the client must get a 4xx."""
+    """No target could take the transaction; the client must get a 4xx. `busy`:
+    the last one tried was up but had no session for us (BackendBusy)."""
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +106,14 @@ class Breaker:
 
 
 class Target:
-    def __init__(self, url: str, cfg: config.Backend, helo: str, index: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        cfg: config.Backend,
+        helo: str,
+        index: int = 0,
+        max_open: int | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self.label = str(index)  # metrics label: the position in backend.url
         self.url = url
@@ -118,7 +131,12 @@ class Target:
         # not known yet, or no fixed limit.
         self.size_limit: int | None = None
         self.pool = Pool(
-            self._connect, size=cfg.pool_size, idle_timeout=cfg.idle_timeout, label=self.label
+            self._connect,
+            size=cfg.pool_size,
+            idle_timeout=cfg.idle_timeout,
+            label=self.label,
+            max_open=max_open,
+            wait=cfg.connect_timeout,  # waiting for a session is part of getting one
         )
 
     async def _connect(self) -> SmtpClient:
@@ -294,9 +312,12 @@ class DeferredTransaction:
 
 
 class SmtpBackend:
-    def __init__(self, cfg: config.Backend, helo: str) -> None:
+    def __init__(self, cfg: config.Backend, helo: str, workers: int = 1) -> None:
         self.cfg = cfg
-        self.targets = [Target(u, cfg, helo, i) for i, u in enumerate(cfg.url)]
+        # backend.max_sessions is what the backend sees from this instance: the
+        # workers share it (rounded up).
+        cap = None if cfg.max_sessions is None else -(-cfg.max_sessions // max(1, workers))
+        self.targets = [Target(u, cfg, helo, i, cap) for i, u in enumerate(cfg.url)]
         self._update_gauge()
 
     @property
@@ -350,6 +371,10 @@ class SmtpBackend:
                 reply, rcpt_reply, session, fit = await self._begin_on(
                     target, client, sender, params, rcpt
                 )
+            except BackendBusy as e:  # up, but no session for us now: not a failure
+                last_error = e
+                log.warning("backend %s busy: %s", target.url, e)
+                continue
             except BackendError as e:
                 last_error = e
                 target.breaker.failure()
@@ -370,7 +395,10 @@ class SmtpBackend:
             target.pool.release(session)
             return reply, None, None
         self._update_gauge()
-        raise BackendUnavailable(str(last_error or "every backend is in cooldown"))
+        raise BackendUnavailable(
+            str(last_error or "every backend is in cooldown"),
+            busy=isinstance(last_error, BackendBusy),
+        )
 
     async def _begin_on(
         self,

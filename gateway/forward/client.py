@@ -14,7 +14,7 @@ import contextlib
 import functools
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import NoReturn
 
 from gateway import metrics
@@ -31,6 +31,13 @@ class BackendError(Exception):
 
 class BackendLost(BackendError):
     """Connection refused, reset or closed."""
+
+
+class BackendBusy(BackendLost):
+    """The backend is up but takes no session now: a 4xx greeting (its connection
+    limit, say), or no session free within the wait (backend.max_sessions). Not a
+    failure for the circuit breaker: opening it would turn away all mail, the
+    sessions the backend is serving included, because some could not be added."""
 
 
 class BackendTimeout(BackendError):
@@ -124,6 +131,8 @@ class SmtpClient:
         self.last_used = time.monotonic()
         self.broken = False
         self.xclient_args: str | None = None
+        # Told once when this session closes (the pool counts the open ones).
+        self.on_close: Callable[[SmtpClient], None] | None = None
 
     @classmethod
     async def connect(
@@ -154,7 +163,8 @@ class SmtpClient:
         try:
             greeting = await client._timed("greeting")
             if greeting.code != 220:
-                raise BackendLost(f"backend greeting: {greeting}")
+                busy = 400 <= greeting.code < 500
+                raise (BackendBusy if busy else BackendLost)(f"backend greeting: {greeting}")
             await client.ehlo(helo)
             if tls is not None:
                 if "STARTTLS" in client.extensions:
@@ -162,9 +172,10 @@ class SmtpClient:
                     await client.ehlo(helo)
                 elif tls_required:
                     raise BackendTlsError("backend does not offer STARTTLS")
-        except BaseException:
+        except BaseException as e:
             client.close()
-            metrics.child(metrics.BACKEND_CONNECTS, "failed").inc()
+            result = "busy" if isinstance(e, BackendBusy) else "failed"
+            metrics.child(metrics.BACKEND_CONNECTS, result).inc()
             raise
         metrics.child(metrics.BACKEND_CONNECTS, "ok").inc()
         return client
@@ -187,6 +198,9 @@ class SmtpClient:
     def close(self) -> None:
         self.broken = True
         self.stream.close()
+        told, self.on_close = self.on_close, None
+        if told is not None:
+            told(self)
 
     # -- wire ---------------------------------------------------------------
     async def _timed(self, name: str, limit: float | None = None) -> SmtpReply:

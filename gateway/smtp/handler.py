@@ -442,8 +442,9 @@ class Session:
             reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
             self.ctx.new_transaction()
-            self.send(replies.BACKEND_UNAVAILABLE)
-            self._txn_outcome(Action.TEMPFAIL, "backend_unavailable", error=str(e))
+            refused = replies.for_backend_error(e)
+            self.send(refused)
+            self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
             return
         if txn is None:
             self.ctx.new_transaction()

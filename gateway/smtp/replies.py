@@ -133,6 +133,8 @@ TOO_MANY_CONNECTIONS = r(421, "4.7.0", "Error: too many connections, try again l
 SHUTTING_DOWN = r(421, "4.3.2", "Service shutting down, closing connection")
 
 BACKEND_UNAVAILABLE = r(451, "4.4.1", "Next hop unavailable, try again later")
+# Up, but no session for us: its connection limit, or backend.max_sessions.
+BACKEND_BUSY = r(451, "4.4.5", "Next hop busy, try again later")
 BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
@@ -267,7 +269,7 @@ def for_backend_error(error: Exception) -> Reply:
     from gateway.forward.client import BackendBadReply, BackendTimeout
 
     if isinstance(error, BackendUnavailable):
-        return BACKEND_UNAVAILABLE
+        return BACKEND_BUSY if error.busy else BACKEND_UNAVAILABLE
     if isinstance(error, BackendTimeout):
         return BACKEND_TIMEOUT
     if isinstance(error, BackendBadReply):

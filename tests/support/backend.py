@@ -29,6 +29,7 @@ class Backend:
         self.spool.mkdir(parents=True, exist_ok=True)
         self.count = 0
         self.connections = 0
+        self.open_now = 0  # connections open at this moment (--max-connections)
         self.cmdlog = open(self.spool / "commands.log", "a", buffering=1)  # noqa: SIM115
 
     def log(self, line: str) -> None:
@@ -195,9 +196,23 @@ class BackendSMTP(SMTP):
         await self.push("250 2.0.0 backend XFORWARD ok")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.event_handler.connections += 1
-        self.event_handler.log(f"CONNECT {self.event_handler.connections}")
+        h = self.event_handler
+        h.connections += 1
+        h.open_now += 1
+        h.log(f"CONNECT {h.connections} OPEN {h.open_now}")
+        self.busy = h.args.max_connections is not None and h.open_now > h.args.max_connections
+        if self.busy:  # as Exim or Exchange at their connection limit
+            h.log("BUSY")
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.3.2 backend.test Too many connections, try again later\r\n")
+            transport.close()
+            return
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.event_handler.open_now -= 1
+        if not self.busy:
+            super().connection_lost(exc)
 
 
 class BackendLMTP(BackendSMTP):
@@ -238,6 +253,7 @@ async def main() -> None:
     p.add_argument("--no-smtputf8", action="store_true", help="offer no SMTPUTF8 (refuse it)")
     p.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
     p.add_argument("--size-limit", type=int, default=64 * 1024 * 1024, help="advertised SIZE")
+    p.add_argument("--max-connections", type=int, help="beyond: 421 greeting, close")
     args = p.parse_args()
     if args.lenient:
         from lenient import serve  # tests/support/lenient.py, next to this file
