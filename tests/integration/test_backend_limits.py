@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from tests.security.helpers import greeted
 from tests.support.procs import Backend, Gateway, base_config
@@ -47,89 +46,80 @@ def _wait_metric(gw: Gateway, sample: str, want: float) -> None:
 
 
 def test_a_backend_at_its_connection_limit_does_not_trip_the_breaker(
-    tmp_path: Path, gateway_factory: Callable[..., Gateway]
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
     """Transactions over the backend's limit get 451 4.4.5 and are retried; the
     circuit breaker stays closed, so the sessions the backend does serve, and every
     transaction after the peak, go through. (Counting a busy greeting as a failure
     opened the breaker after five, and then every client got 451 for its cooldown.)"""
-    backend = Backend(tmp_path / "spool", "--max-connections", "2")
-    try:
-        gw = gateway_factory(base_config(backend.url, backend={"max_sessions": None}))
-        held = []
-        refused = []
-        for _ in range(8):  # 2 the backend takes, then 6: more than the breaker's 5
-            c, code, text = _open_transaction(gw.port())
-            (held if code == 250 else refused).append((c, text))
-        assert len(held) == 2
-        assert all(t.startswith("451 4.4.5") for _, t in refused), refused
-        for c, _ in refused:
-            c.sock.close()
-        for c, _ in held:
-            assert _finish(c)[0] == 250
-        assert deliver(gw.port(), MSG)[0] == 250  # right after the peak
-        assert len(backend.messages()) == 3
-        assert gw.metric("smtp_gateway_backend_circuit_open") == 0
-        assert gw.metric('smtp_gateway_backend_connects_total{result="busy"}') == 6
-    finally:
-        backend.stop()
+    backend = backend_factory("--max-connections", "2")
+    gw = gateway_factory(base_config(backend.url, backend={"max_sessions": None}))
+    held = []
+    refused = []
+    for _ in range(8):  # 2 the backend takes, then 6: more than the breaker's 5
+        c, code, text = _open_transaction(gw.port())
+        (held if code == 250 else refused).append((c, text))
+    assert len(held) == 2
+    assert all(t.startswith("451 4.4.5") for _, t in refused), refused
+    for c, _ in refused:
+        c.sock.close()
+    for c, _ in held:
+        assert _finish(c)[0] == 250
+    assert deliver(gw.port(), MSG)[0] == 250  # right after the peak
+    assert len(backend.messages()) == 3
+    assert gw.metric("smtp_gateway_backend_circuit_open") == 0
+    assert gw.metric('smtp_gateway_backend_connects_total{result="busy"}') == 6
 
 
 def test_transactions_beyond_max_sessions_wait_for_a_session_to_come_free(
-    tmp_path: Path, gateway_factory: Callable[..., Gateway]
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
     """With backend.max_sessions at the backend's limit, the second transaction
     waits for the first one's session instead of being refused, and the backend
     never sees more sessions than its limit."""
-    backend = Backend(tmp_path / "spool", "--max-connections", "1")
-    try:
-        gw = gateway_factory(base_config(backend.url, backend={"max_sessions": 1}))
-        first, code, _ = _open_transaction(gw.port())
-        assert code == 250
-        second: dict[str, object] = {}
+    backend = backend_factory("--max-connections", "1")
+    gw = gateway_factory(base_config(backend.url, backend={"max_sessions": 1}))
+    first, code, _ = _open_transaction(gw.port())
+    assert code == 250
+    second: dict[str, object] = {}
 
-        def run_second() -> None:
-            c, code, text = _open_transaction(gw.port())
-            second["rcpt"] = (code, text)
-            second["end"] = _finish(c) if code == 250 else None
+    def run_second() -> None:
+        c, code, text = _open_transaction(gw.port())
+        second["rcpt"] = (code, text)
+        second["end"] = _finish(c) if code == 250 else None
 
-        t = threading.Thread(target=run_second)
-        t.start()
-        _wait_metric(gw, 'smtp_gateway_backend_session_waiters{target="0"}', 1)
-        assert _finish(first)[0] == 250
-        t.join(30)
-        assert isinstance(second["rcpt"], tuple) and second["rcpt"][0] == 250, second
-        assert isinstance(second["end"], tuple) and second["end"][0] == 250
-        assert len(backend.messages()) == 2
-        assert _max_open_at_backend(backend) == 1
-        assert "BUSY" not in backend.commands()
-        assert gw.metric('smtp_gateway_backend_session_waits_total{result="ok",target="0"}') == 1
-    finally:
-        backend.stop()
+    t = threading.Thread(target=run_second)
+    t.start()
+    _wait_metric(gw, 'smtp_gateway_backend_session_waiters{target="0"}', 1)
+    assert _finish(first)[0] == 250
+    t.join(30)
+    assert isinstance(second["rcpt"], tuple) and second["rcpt"][0] == 250, second
+    assert isinstance(second["end"], tuple) and second["end"][0] == 250
+    assert len(backend.messages()) == 2
+    assert _max_open_at_backend(backend) == 1
+    assert "BUSY" not in backend.commands()
+    assert gw.metric('smtp_gateway_backend_session_waits_total{result="ok",target="0"}') == 1
 
 
 def test_a_transaction_that_waits_too_long_gets_451_4_4_5_and_nothing_else_suffers(
-    tmp_path: Path, gateway_factory: Callable[..., Gateway]
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
-    backend = Backend(tmp_path / "spool")
-    try:
-        cfg = base_config(backend.url, backend={"max_sessions": 1, "connect_timeout": 1})
-        gw = gateway_factory(cfg)
-        first, code, _ = _open_transaction(gw.port())
-        assert code == 250
-        start = time.monotonic()
-        second, code, text = _open_transaction(gw.port())
-        assert code == 451 and text.startswith("451 4.4.5"), text
-        assert 0.9 < time.monotonic() - start < 5  # the wait is the connect timeout
-        assert second.cmd("RSET")[0] == 250
-        assert _finish(first)[0] == 250
-        # The session is free again: the same client's retry goes through.
-        assert second.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        assert second.cmd("RCPT TO:<x@example.test>")[0] == 250
-        assert _finish(second)[0] == 250
-        assert len(backend.messages()) == 2
-        waits = "smtp_gateway_backend_session_waits_total"
-        assert gw.metric(f'{waits}{{result="timeout",target="0"}}') == 1
-        assert gw.metric("smtp_gateway_backend_circuit_open") == 0
-    finally:
-        backend.stop()
+    backend = backend_factory()
+    cfg = base_config(backend.url, backend={"max_sessions": 1, "connect_timeout": 1})
+    gw = gateway_factory(cfg)
+    first, code, _ = _open_transaction(gw.port())
+    assert code == 250
+    start = time.monotonic()
+    second, code, text = _open_transaction(gw.port())
+    assert code == 451 and text.startswith("451 4.4.5"), text
+    assert 0.9 < time.monotonic() - start < 5  # the wait is the connect timeout
+    assert second.cmd("RSET")[0] == 250
+    assert _finish(first)[0] == 250
+    # The session is free again: the same client's retry goes through.
+    assert second.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+    assert second.cmd("RCPT TO:<x@example.test>")[0] == 250
+    assert _finish(second)[0] == 250
+    assert len(backend.messages()) == 2
+    waits = "smtp_gateway_backend_session_waits_total"
+    assert gw.metric(f'{waits}{{result="timeout",target="0"}}') == 1
+    assert gw.metric("smtp_gateway_backend_circuit_open") == 0

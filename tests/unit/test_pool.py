@@ -60,6 +60,14 @@ async def _turns(n: int = 5) -> None:
         await asyncio.sleep(0)
 
 
+async def _use_once(pool: Pool, served: list[Any], name: Any) -> None:
+    """Acquire, note the turn, hold the session a moment, give it back."""
+    s, _ = await pool.acquire()
+    served.append(name)
+    await _turns(2)
+    pool.release(s)
+
+
 def test_without_a_cap_every_acquire_connects() -> None:
     async def go() -> int:
         pool = make_pool(None)
@@ -131,16 +139,9 @@ def test_waiters_are_served_in_order_and_newcomers_queue_behind_them() -> None:
         pool = make_pool(1)
         a, _ = await pool.acquire()
         served: list[int] = []
-
-        async def one(i: int) -> None:
-            s, _ = await pool.acquire()
-            served.append(i)
-            await _turns(2)
-            pool.release(s)
-
         tasks = []
         for i in range(4):
-            tasks.append(asyncio.create_task(one(i)))
+            tasks.append(asyncio.create_task(_use_once(pool, served, i)))
             await _turns()
         pool.release(a)
         await asyncio.gather(*tasks)
@@ -190,16 +191,10 @@ def test_a_newcomer_does_not_take_the_session_a_waiter_was_woken_for() -> None:
         pool = make_pool(1)
         a, _ = await pool.acquire()
         order: list[str] = []
-
-        async def one(name: str) -> None:
-            s, _ = await pool.acquire()
-            order.append(name)
-            await _turns(2)
-            pool.release(s)
-
-        waiters = [asyncio.create_task(one(n)) for n in ("first", "second")]
+        waiters = [asyncio.create_task(_use_once(pool, order, n)) for n in ("first", "second")]
         await _turns()
-        newcomer = asyncio.create_task(one("newcomer"))  # runs before the woken one resumes
+        # Its first step runs before the woken waiter resumes.
+        newcomer = asyncio.create_task(_use_once(pool, order, "newcomer"))
         pool.release(a)
         await asyncio.gather(*waiters, newcomer)
         return order
