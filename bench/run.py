@@ -14,7 +14,8 @@ Shapes: small (4 KB, 1 rcpt, 20 sessions, new connection per message), large
 
 For each: messages/s (median of --repeat), ratio to direct (median of the
 per-repeat ratios), CPU ms per message of the gateway processes (user+sys from
-/proc), peak resident memory. Then the latency and idle-session figures.
+/proc), peak resident memory. Then the latency and idle-session figures, and
+bench/peak.py's burst of large messages at a slow backend.
 
 Usage: python bench/run.py [--repeat 3] [--scale 1.0] [--workers N] [--json FILE]
 (--workers defaults to the gateway's own default: one per available CPU.)
@@ -418,6 +419,9 @@ def main() -> None:
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-idle", action="store_true")
     p.add_argument("--idle-sessions", type=int, default=10000)
+    p.add_argument("--no-peak", action="store_true")
+    p.add_argument("--peak-clients", type=int, default=200, help="bench/peak.py's burst")
+    p.add_argument("--peak-size", type=int, default=2_000_000)
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument(
         "--log-level",
@@ -505,6 +509,11 @@ def main() -> None:
                 f"{i['rss_before_mb']:.0f} -> {i['rss_after_mb']:.0f} MB, "
                 f"{i['kb_per_session']:.1f} KB per session"
             )
+        if not args.no_peak:
+            from peak import measure_peak, print_peak
+
+            results["peak"] = measure_peak(args.peak_clients, args.peak_size, tmp)
+            print_peak(results["peak"])
     finally:
         for g in gateways.values():
             g.stop()

@@ -252,6 +252,7 @@ class Session:
             await self._abort_txn("local_error")
         finally:
             self.stream.close()
+            self.room.release()
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
@@ -367,6 +368,7 @@ class Session:
             return
         addr, params = parsed
         fwd: list[str] = []
+        declared = 0
         for key, val in params.items():
             if key == "SIZE":
                 if val is None or not val.isdigit():
@@ -375,9 +377,7 @@ class Session:
                 if int(val) > self.limits.max_message_size:
                     self.send(replies.SIZE_EXCEEDED)
                     return
-                if int(val) > self.svc.memory.available:
-                    self._no_memory()
-                    return
+                declared = int(val)
                 fwd.append(f"SIZE={val}")
             elif key == "BODY":
                 if val is None or val.upper() not in ("7BIT", "8BITMIME"):
@@ -409,9 +409,14 @@ class Session:
             else:
                 self.send(replies.PARAM_UNKNOWN)
                 return
-        mem = self.svc.memory
-        if mem.used >= mem.limit:
-            self._no_memory()
+        # The message's room in the process's memory budget: what SIZE= declares is
+        # held from here (released when the transaction ends), so a message that
+        # cannot fit is refused before it is sent; without SIZE=, a MAIL while the
+        # budget is spent. See smtp/memory.py.
+        room = self.room.fit(declared) if declared else self.svc.memory.available > 0
+        if not room:
+            self.send(replies.NO_MEMORY)
+            self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
             return
         self.ctx.new_transaction()
         self.ctx.mail_from = addr
@@ -424,6 +429,7 @@ class Session:
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
             if verdict.refuses:
                 self.ctx.new_transaction()
+                self.room.release()
                 self.send(self._policy_reply(verdict, Stage.MAIL))
                 self._txn_outcome(verdict.action, verdict.symbol)
                 return
@@ -442,12 +448,14 @@ class Session:
             reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
             self.ctx.new_transaction()
+            self.room.release()
             refused = replies.for_backend_error(e)
             self.send(refused)
             self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
             return
         if txn is None:
             self.ctx.new_transaction()
+            self.room.release()
             self.relay(reply)
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
             return
@@ -455,14 +463,6 @@ class Session:
         self.client_info, self.mail_params = info, fwd
         self.txn_broken = None
         self.relay(reply)
-
-    def _no_memory(self) -> None:
-        """MAIL while this process holds all the message data it may (or less room
-        than the SIZE the client declared): 452 4.3.1, so the client comes back
-        when the messages in flight are through, instead of sending one we would
-        have to discard."""
-        self.send(replies.NO_MEMORY)
-        self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
 
     async def cmd_rcpt(self, arg: str) -> None:
         if self.ctx.mail_from is None:
@@ -632,84 +632,79 @@ class Session:
             return
         self.send(replies.START_DATA)
         self.flush()
-        # The message's bytes are charged to the process's budget as they arrive
-        # (smtp/memory.py) and released however this ends.
+        self.stream.set_high_water(self.limits.max_message_size + 65536)
+        self.stream.set_deadline(self.limits.data_timeout)
         try:
-            self.stream.set_high_water(self.limits.max_message_size + 65536)
-            self.stream.set_deadline(self.limits.data_timeout)
-            try:
-                wire = await read_message(
-                    self.stream, self.limits.max_message_size, self.limits.bare_linefeed, self.room
-                )
-                limits = self.limits
-                check_header_section(wire, limits.max_header_size, limits.max_received_headers)
-            except TimeoutError:
-                self.send(replies.TIMEOUT)
-                await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
-                raise SessionEnd from None
-            except DataRefused as e:
-                self.send(e.reply)
-                action = Action.TEMPFAIL if e.reply.temporary else Action.REJECT
-                await self._end_txn(action, e.reply.reason, abort=True)
-                return
-            finally:
-                self.stream.set_high_water(256 * 1024)
-            size = len(wire)
-            metrics.child(metrics.MESSAGE_SIZE).observe(size)
-            self.ctx.wire = wire
-            verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
-            if verdict.refuses:
-                self.send(self._policy_reply(verdict, Stage.DATA))
-                await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
-                return
-            prefix = self._received()
-            rewriter = self.svc.runner.policy.rewriter
-            if rewriter.active:
-                # After every check: DMARC judged the From the client sent.
-                wire = rewriter.headers(wire)
-                prefix += self._original_recipient()
-            # Only we speak for our authserv-id, whoever the client is (trusted or not).
-            wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
-            if forged:
-                logs.event("forged_ar_removed", session=self.id, count=forged)
-            prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
-            policy = self.svc.runner.policy
-            if self.ctx.tags:
-                prefix += headers.tag(policy.tag.header, self.ctx.tags)
-            n_rcpts = len(self.ctx.recipients)
-            if self.ctx.quarantine:
-                prefix += headers.quarantine(
-                    policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
-                )
-                if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
-                    refused = await self._redirect(policy.quarantine.recipient)
-                    if refused is not None:
-                        self.send(refused)
-                        await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
-                        return
-                    n_rcpts = 1
-            txn = self.txn
-            assert txn is not None
-            try:
-                results = await txn.data(wire, n_rcpts, prefix)
-            except BackendError as e:
-                self.send(replies.for_backend_error(e))
-                await self._end_txn(
-                    Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
-                )
-                return
-            final = _combine_lmtp(results, self.ctx.recipients)
-            if isinstance(final, Reply):
-                self.send_raw(final.wire())  # the backend's verdict: not a client error
-            else:
-                self.relay(final)
-            code = final.code
-            action = (
-                Action.ACCEPT if code < 300 else Action.TEMPFAIL if code < 500 else Action.REJECT
+            # Charged to the process's memory budget as it arrives (smtp/memory.py);
+            # _end_txn gives it back.
+            wire = await read_message(
+                self.stream, self.limits.max_message_size, self.limits.bare_linefeed, self.room
             )
-            await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
+            limits = self.limits
+            check_header_section(wire, limits.max_header_size, limits.max_received_headers)
+        except TimeoutError:
+            self.send(replies.TIMEOUT)
+            await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)
+            raise SessionEnd from None
+        except DataRefused as e:
+            self.send(e.reply)
+            action = Action.TEMPFAIL if e.reply.temporary else Action.REJECT
+            await self._end_txn(action, e.reply.reason, abort=True)
+            return
         finally:
-            self.room.release()
+            self.stream.set_high_water(256 * 1024)
+        size = len(wire)
+        metrics.child(metrics.MESSAGE_SIZE).observe(size)
+        self.ctx.wire = wire
+        verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
+        if verdict.refuses:
+            self.send(self._policy_reply(verdict, Stage.DATA))
+            await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
+            return
+        prefix = self._received()
+        rewriter = self.svc.runner.policy.rewriter
+        if rewriter.active:
+            # After every check: DMARC judged the From the client sent.
+            wire = rewriter.headers(wire)
+            prefix += self._original_recipient()
+        # Only we speak for our authserv-id, whoever the client is (trusted or not).
+        wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
+        if forged:
+            logs.event("forged_ar_removed", session=self.id, count=forged)
+        prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
+        policy = self.svc.runner.policy
+        if self.ctx.tags:
+            prefix += headers.tag(policy.tag.header, self.ctx.tags)
+        n_rcpts = len(self.ctx.recipients)
+        if self.ctx.quarantine:
+            prefix += headers.quarantine(
+                policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
+            )
+            if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
+                refused = await self._redirect(policy.quarantine.recipient)
+                if refused is not None:
+                    self.send(refused)
+                    await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
+                    return
+                n_rcpts = 1
+        txn = self.txn
+        assert txn is not None
+        try:
+            results = await txn.data(wire, n_rcpts, prefix)
+        except BackendError as e:
+            self.send(replies.for_backend_error(e))
+            await self._end_txn(
+                Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
+            )
+            return
+        final = _combine_lmtp(results, self.ctx.recipients)
+        if isinstance(final, Reply):
+            self.send_raw(final.wire())  # the backend's verdict: not a client error
+        else:
+            self.relay(final)
+        code = final.code
+        action = Action.ACCEPT if code < 300 else Action.TEMPFAIL if code < 500 else Action.REJECT
+        await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
 
     def _original_recipient(self) -> bytes:
         """X-Original-To (or the configured name) for a single rewritten recipient;
@@ -949,6 +944,7 @@ class Session:
     ) -> None:
         txn, self.txn = self.txn, None
         self.txn_broken = None
+        self.room.release()  # the message's bytes, or what its SIZE= reserved
         if txn is not None:
             if abort:
                 with contextlib.suppress(BackendError):

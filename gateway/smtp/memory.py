@@ -15,6 +15,10 @@ another): with eight 10 MB messages held at once, the process grew by 1.1 to
 memory the process may use, which leaves room for that and for the rest of the
 process (about 60 MB).
 
+A client that declares SIZE= (RFC 1870; MTAs do when the server offers SIZE)
+has that much held from MAIL to the end of its transaction, so a message that
+cannot fit is refused before it is sent rather than after.
+
 Charging is cheap on the hot path: a message that arrives in the buffer whole
 is charged once, at its size, and released once. Only a message that has to be
 waited for is also charged as it grows, in steps of CHUNK bytes, so that many

@@ -30,6 +30,8 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
             "2",  # the default here: each worker's metrics reach a scrape within a second
             "--idle-sessions",
             "300",
+            "--peak-clients",
+            "20",
             "--json",
             str(out),
         ],
@@ -63,6 +65,18 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
     assert res["latency"]["gateway"]["p99"] >= res["latency"]["gateway"]["p50"] > 0
     assert res["idle"]["sessions"] == 300 and res["idle"]["rss_after_mb"] > 0
     assert {c["check"] for c in res["checks"]} >= {"relay"}
+    # The peak: each client's message ended in a 250 the gateway counted or a 4xx
+    # (the harness stops otherwise); the guards were set and something got through.
+    peak = {c["case"]: c for c in res["peak"]["cases"]}
+    assert set(peak) == {"guarded", "unguarded"}
+    for case in peak.values():
+        assert sum(case["replies"].values()) == 20
+        assert (
+            0
+            < case["delivered"]
+            == sum(n for reply, n in case["replies"].items() if reply.startswith("250"))
+        )
+        assert case["rss_peak_mb"] >= case["rss_base_mb"] > 0
 
 
 def test_calls_per_message_is_measured_and_repeatable(tmp_path: Path) -> None:

@@ -182,3 +182,28 @@ def test_messages_beyond_the_memory_budget_get_452_and_the_rest_goes_through(
     code, _ = deliver(gw.port(), second, sender="b@sender.test", rcpts=("y@example.test",))
     assert code == 250
     assert len(backend.messages()) == 2
+
+
+def test_a_declared_size_holds_its_room_from_mail_until_the_transaction_ends(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """SIZE= (RFC 1870) reserves the message's room at MAIL, so a message that
+    cannot fit is refused before it is sent, not after; RSET gives the room back."""
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000}
+    gw = gateway_factory(base_config(backend.url, limits=limits))
+    with greeted(gw.port()) as a, greeted(gw.port()) as b:
+        assert a.cmd("MAIL FROM:<a@sender.test> SIZE=1000000")[0] == 250
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v == 1_000_000)
+        code, text = b.cmd("MAIL FROM:<b@sender.test> SIZE=700000")
+        assert code == 452 and text.startswith("452 4.3.1"), text
+        assert b.cmd("MAIL FROM:<b@sender.test> SIZE=400000")[0] == 250  # what is left fits
+        assert b.cmd("RSET")[0] == 250
+        assert a.cmd("RSET")[0] == 250
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v == 0)
+        assert b.cmd("MAIL FROM:<b@sender.test> SIZE=700000")[0] == 250
+        assert b.cmd("RCPT TO:<y@example.test>")[0] == 250
+        assert b.cmd("DATA")[0] == 354
+        b.send(b"Subject: fits\r\n\r\n" + b"z" * 998 + b"\r\n.\r\n")
+        assert b.reply()[0] == 250
+    assert len(backend.messages()) == 1
+    _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v == 0)
