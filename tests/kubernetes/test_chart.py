@@ -151,6 +151,8 @@ def test_values_schema_rejects_bad_values() -> None:
         {"redis": {"url": "http://redis:6379"}},
         {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Nearest"}},
         {"gateway": {"hostname": "mx", "localDomains": ["x"], "backend": {"url": "mx:25"}}},
+        {"gateway": {"hostname": "mx", "localDomains": ["x"],
+                     "backend": {"url": "smtp://mx:25", "maxSessions": 0}}},
         {"unknownKey": 1},
     ):  # fmt: skip
         with pytest.raises(helm_python.HelmError):
@@ -177,6 +179,9 @@ def test_rendered_config_is_accepted_by_config_check(case: str, tmp_path: Path) 
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK (2 listener(s)" in out.stdout
+    # Each pod caps its sessions to the backend (the backend sees replicas x this).
+    cfg = yaml.safe_load((etc / "config" / "gateway.yaml").read_text())
+    assert cfg["backend"]["max_sessions"] == 100
 
 
 def test_dockerfile_is_hardened_and_lints() -> None:

@@ -53,6 +53,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.gateway.backend.serverName }}
 {{- $_ := set $backend "server_name" .Values.gateway.backend.serverName }}
 {{- end }}
+{{- if .Values.gateway.backend.maxSessions }}
+{{- $_ := set $backend "max_sessions" (int .Values.gateway.backend.maxSessions) }}
+{{- end }}
 {{- $cfg := dict
   "hostname" .Values.gateway.hostname
   "listeners" $listeners
