@@ -218,7 +218,8 @@ MESSAGE_SIZE = Histogram(
 )
 MESSAGE_MEMORY = Gauge(
     P + "message_memory_bytes",
-    "Bytes of message data held in memory (being read, checked or relayed)",
+    "Bytes of the message memory budget in use: messages being read, checked or relayed,"
+    " and the declared SIZE= of transactions not yet at DATA",
     multiprocess_mode="livesum",
 )
 MESSAGE_MEMORY_LIMIT = Gauge(
@@ -369,7 +370,7 @@ BACKEND_SESSIONS_OPEN = Gauge(
     ["target"],
     multiprocess_mode="livesum",
 )
-BACKEND_SESSIONS_WAITING = Gauge(
+BACKEND_SESSION_WAITERS = Gauge(
     P + "backend_session_waiters",
     "Transactions waiting for a backend session at backend.max_sessions, per target",
     ["target"],

@@ -50,7 +50,7 @@ class Pool:
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._open_gauge = metrics.child(metrics.BACKEND_SESSIONS_OPEN, label)
-        self._waiting_gauge = metrics.child(metrics.BACKEND_SESSIONS_WAITING, label)
+        self._waiting_gauge = metrics.child(metrics.BACKEND_SESSION_WAITERS, label)
         metrics.sample(self._sample)
 
     def _sample(self) -> None:

@@ -135,7 +135,9 @@ class Session:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
-        self.room = Reservation(svc.memory)  # the message's bytes, from DATA to its end
+        # The transaction's share of the message memory budget: its SIZE= from MAIL,
+        # its bytes from DATA, until the transaction ends.
+        self.room = Reservation(svc.memory)
         self.client_info: ClientInfo | None = None
         self.mail_params: list[str] = []
         # The DSN parameters of the recipients that had some, by backend address.
@@ -703,7 +705,7 @@ class Session:
         else:
             self.relay(final)
         code = final.code
-        action = Action.ACCEPT if code < 300 else Action.TEMPFAIL if code < 500 else Action.REJECT
+        action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
         await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
 
     def _original_recipient(self) -> bytes:

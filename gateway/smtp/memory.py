@@ -66,7 +66,7 @@ class Reservation:
     def __init__(self, memory: MessageMemory) -> None:
         self._memory = memory
         self.held = 0
-        self.refused = False  # grow() said no during this transfer
+        self.refused = False  # grow() said no during this transfer (release() resets)
 
     def grow(self, size: int) -> bool:
         """Room for `size` bytes of this message (and CHUNK more, when there is
@@ -90,7 +90,6 @@ class Reservation:
         mem = self._memory
         if mem.used - self.held + size > mem.limit:
             self.release()
-            self.refused = True
             return False
         mem.used += size - self.held
         self.held = size

@@ -30,7 +30,7 @@ def test_what_others_hold_decides_whether_a_message_fits() -> None:
     a, b = Reservation(mem), Reservation(mem)
     assert a.fit(7_000)
     assert not b.fit(3_001)
-    assert b.refused and b.held == 0 and mem.used == 7_000
+    assert b.held == 0 and mem.used == 7_000
     b.release()
     assert b.fit(3_000)  # exactly the rest
     assert mem.available == 0
@@ -124,3 +124,17 @@ def test_automatic_budget_is_a_share_of_memory_per_worker() -> None:
     assert auto_limit(2, 1024) == total // 4 // 2
     # Never below one message of the largest size: such a message must stay possible.
     assert auto_limit(1, total) == total
+
+
+def test_a_size_refused_at_mail_does_not_turn_a_later_oversize_into_a_452() -> None:
+    """A MAIL whose SIZE= did not fit, then one that did: if that message is then
+    over max_message_size, its answer is the size limit's 552, not 452."""
+    mem = MessageMemory(10_000)
+    r = Reservation(mem)
+    assert not r.fit(20_000)  # the first MAIL's SIZE=
+    assert r.fit(5_000)  # the second MAIL's
+    s = Stream()
+    s.data_received(b"w" * 8_000 + b"\r\n.\r\n")
+    with pytest.raises(DataRefused) as ei:
+        asyncio.run(read_message(s, 6_000, BareLinefeed.REJECT, r))
+    assert ei.value.reply is replies.SIZE_EXCEEDED
