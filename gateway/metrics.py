@@ -218,8 +218,7 @@ MESSAGE_SIZE = Histogram(
 )
 MESSAGE_MEMORY = Gauge(
     P + "message_memory_bytes",
-    "Bytes of the message memory budget in use: messages being read, checked or relayed,"
-    " and the declared SIZE= of transactions not yet at DATA",
+    "Bytes of message data held in memory (being read, checked or relayed)",
     multiprocess_mode="livesum",
 )
 MESSAGE_MEMORY_LIMIT = Gauge(

@@ -135,8 +135,7 @@ class Session:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
-        # The transaction's share of the message memory budget: its SIZE= from MAIL,
-        # its bytes from DATA, until the transaction ends.
+        # The message's share of the memory budget, from DATA to the transaction's end.
         self.room = Reservation(svc.memory)
         self.client_info: ClientInfo | None = None
         self.mail_params: list[str] = []
@@ -411,12 +410,13 @@ class Session:
             else:
                 self.send(replies.PARAM_UNKNOWN)
                 return
-        # The message's room in the process's memory budget: what SIZE= declares is
-        # held from here (released when the transaction ends), so a message that
-        # cannot fit is refused before it is sent; without SIZE=, a MAIL while the
-        # budget is spent. See smtp/memory.py.
-        room = self.room.fit(declared) if declared else self.svc.memory.available > 0
-        if not room:
+        # The process's memory budget (smtp/memory.py): a message whose SIZE= does
+        # not fit in what is left now, or any while nothing is, is refused before it
+        # is sent. Checked, not reserved, as Postfix checks its queue's free space:
+        # a reservation would let a client hold the budget with one MAIL line and
+        # no bytes (the bytes themselves are charged as they arrive).
+        left = self.svc.memory.available
+        if declared > left or left <= 0:
             self.send(replies.NO_MEMORY)
             self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
             return
@@ -431,7 +431,6 @@ class Session:
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
             if verdict.refuses:
                 self.ctx.new_transaction()
-                self.room.release()
                 self.send(self._policy_reply(verdict, Stage.MAIL))
                 self._txn_outcome(verdict.action, verdict.symbol)
                 return
@@ -450,14 +449,12 @@ class Session:
             reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
             self.ctx.new_transaction()
-            self.room.release()
             refused = replies.for_backend_error(e)
             self.send(refused)
             self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
             return
         if txn is None:
             self.ctx.new_transaction()
-            self.room.release()
             self.relay(reply)
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
             return
@@ -946,7 +943,7 @@ class Session:
     ) -> None:
         txn, self.txn = self.txn, None
         self.txn_broken = None
-        self.room.release()  # the message's bytes, or what its SIZE= reserved
+        self.room.release()  # the message's bytes
         if txn is not None:
             if abort:
                 with contextlib.suppress(BackendError):

@@ -16,8 +16,10 @@ memory the process may use, which leaves room for that and for the rest of the
 process (about 60 MB).
 
 A client that declares SIZE= (RFC 1870; MTAs do when the server offers SIZE)
-has that much held from MAIL to the end of its transaction, so a message that
-cannot fit is refused before it is sent rather than after.
+is refused at MAIL when that does not fit in what is left, before it sends
+anything. The SIZE= is checked, not reserved: a reservation would let any
+client hold the budget with one MAIL line and no bytes, where now holding it
+takes sending that many bytes.
 
 Charging is cheap on the hot path: a message that arrives in the buffer whole
 is charged once, at its size, and released once. Only a message that has to be

@@ -126,9 +126,9 @@ def test_automatic_budget_is_a_share_of_memory_per_worker() -> None:
     assert auto_limit(1, total) == total
 
 
-def test_a_size_refused_at_mail_does_not_turn_a_later_oversize_into_a_452() -> None:
-    """A MAIL whose SIZE= did not fit, then one that did: if that message is then
-    over max_message_size, its answer is the size limit's 552, not 452."""
+def test_a_failed_fit_does_not_turn_a_later_oversize_into_a_452() -> None:
+    """Only a transfer that outgrew the budget is a memory refusal: after a fit
+    that failed, a message over max_message_size still gets the size limit's 552."""
     mem = MessageMemory(10_000)
     r = Reservation(mem)
     assert not r.fit(20_000)  # the first MAIL's SIZE=
