@@ -28,6 +28,9 @@ from gateway.smtp import dsn, replies
 
 log = logging.getLogger("gateway.backend")
 
+# Seconds between "backend busy" log lines of one target (Target.busy).
+BUSY_LOG_INTERVAL = 10.0
+
 
 class BackendUnavailable(BackendError):
     """No target could take the transaction; the client must get a 4xx. `busy`:
@@ -130,6 +133,8 @@ class Target:
         # The SIZE the backend advertised (RFC 1870), once a session has told us; None:
         # not known yet, or no fixed limit.
         self.size_limit: int | None = None
+        self._busy_logged = -BUSY_LOG_INTERVAL
+        self._busy_unlogged = 0
         self.pool = Pool(
             self._connect,
             size=cfg.pool_size,
@@ -138,6 +143,18 @@ class Target:
             max_open=max_open,
             wait=cfg.connect_timeout,  # waiting for a session is part of getting one
         )
+
+    def busy(self, error: BackendBusy) -> None:
+        """Log that the target had no session for us: at a peak that is every
+        deferred transaction, so one line per BUSY_LOG_INTERVAL with the count of
+        the others (each transaction's own log line has its reason)."""
+        now = time.monotonic()
+        if now - self._busy_logged < BUSY_LOG_INTERVAL:
+            self._busy_unlogged += 1
+            return
+        more, self._busy_unlogged, self._busy_logged = self._busy_unlogged, 0, now
+        also = f" ({more} more since the last such line)" if more else ""
+        log.warning("backend %s busy: %s%s", self.url, error, also)
 
     async def _connect(self) -> SmtpClient:
         client = await SmtpClient.connect(
@@ -373,7 +390,7 @@ class SmtpBackend:
                 )
             except BackendBusy as e:  # up, but no session for us now: not a failure
                 last_error = e
-                log.warning("backend %s busy: %s", target.url, e)
+                target.busy(e)
                 continue
             except BackendError as e:
                 last_error = e

@@ -69,6 +69,9 @@ def test_a_backend_at_its_connection_limit_does_not_trip_the_breaker(
     assert len(backend.messages()) == 3
     assert gw.metric("smtp_gateway_backend_circuit_open") == 0
     assert gw.metric('smtp_gateway_backend_connects_total{result="busy"}') == 6
+    # One log line for the six, not one each: at a peak that would be every transaction.
+    busy_lines = [e for e in gw.events() if "busy" in str(e.get("msg", e.get("raw", "")))]
+    assert len(busy_lines) == 1, busy_lines
 
 
 def test_transactions_beyond_max_sessions_wait_for_a_session_to_come_free(
