@@ -49,7 +49,8 @@ class App:
     ) -> None:
         """`limits_table`: the file all workers count rate limits in, and this
         worker's index (store/shared.py); None: this process counts alone.
-        `workers`: how many processes share the machine's memory (memory.auto_limit)."""
+        `workers`: how many processes share the machine's memory (memory.auto_limit)
+        and backend.max_sessions."""
         reseed_session_ids()
         self.settings = settings
         self.resolver = Resolver(settings.dns)

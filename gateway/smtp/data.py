@@ -42,8 +42,9 @@ async def read_message(
 
     `room` holds the message's share of the process's memory budget: grown while
     the message arrives, fitted to its size once read (the caller releases it
-    when the transaction ends). Raises DataRefused after the whole DATA section
-    was consumed, so the session stays in step with the client.
+    when the transaction ends); a refused message holds none of it. Raises
+    DataRefused after the whole DATA section was consumed, so the session stays in
+    step with the client.
     """
     if await stream.peek(3) == b".\r\n":
         await stream.read_exactly(3)

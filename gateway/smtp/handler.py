@@ -253,7 +253,6 @@ class Session:
             await self._abort_txn("local_error")
         finally:
             self.stream.close()
-            self.room.release()
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
@@ -375,10 +374,10 @@ class Session:
                 if val is None or not val.isdigit():
                     self.send(replies.SYNTAX_ARGS)
                     return
-                if int(val) > self.limits.max_message_size:
+                declared = int(val)
+                if declared > self.limits.max_message_size:
                     self.send(replies.SIZE_EXCEEDED)
                     return
-                declared = int(val)
                 fwd.append(f"SIZE={val}")
             elif key == "BODY":
                 if val is None or val.upper() not in ("7BIT", "8BITMIME"):

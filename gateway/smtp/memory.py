@@ -54,9 +54,6 @@ class MessageMemory:
     def available(self) -> int:
         return self.limit - self.used
 
-    def reservation(self) -> Reservation:
-        return Reservation(self)
-
 
 class Reservation:
     """One transaction's share of the budget, grown while its message arrives and
