@@ -4,19 +4,23 @@ Hundreds of clients each send one large message at the same moment, declaring
 its SIZE= as MTAs do, to a backend that takes a second per message (smtp-sink
 `-W .:1`). A before-queue gateway holds every message in memory until the
 backend answers, so this is the case that would take its memory past a
-container's limit. It is run twice, in the same minute:
+container's limit. It is run three times, in the same minute or two:
 
 - *guarded*: the two guards, set small so the peak exceeds them:
-  `limits.max_data_memory` (message data held at once; a SIZE= that does not
-  fit in what is left gets 452 4.3.1 at MAIL, a message that outgrows it is
-  discarded and gets 452 4.3.1 at its end) and
+  `limits.max_data_memory` (message data held at once; a MAIL whose SIZE=
+  does not fit in what is left waits its turn for room, up to
+  `limits.data_memory_wait`, its default 30 s, then gets 452 4.3.1; a message
+  that outgrows what is left is discarded and gets 452 4.3.1 at its end) and
   `backend.max_sessions` (sessions open to the backend; beyond, a transaction
   waits for one, then 451 4.4.5);
+- *guarded, no wait*: the same with `data_memory_wait: 0`: a MAIL that does
+  not fit is refused at once;
 - *unguarded*: both off (a budget larger than the burst, no session cap).
 
 For each: the replies the clients got, by code and enhanced code; messages
 delivered by the gateway's count; its peak resident memory (one worker,
-sampled every 10 ms); how many transactions waited for a backend session;
+sampled every 10 ms); how many MAILs waited for memory, and how many
+transactions for a backend session;
 whether its circuit breaker opened; the time the burst took. Every client's
 message must end in a 250 (the gateway counted it delivered) or a 4xx (the
 client retries): a 5xx, a lost connection or a mismatch between 250s and
@@ -61,7 +65,10 @@ def start_slow_sink(port: int, sessions: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_gateway(workdir: Path, sink_port: int, guarded: bool, size: int) -> tuple[Any, int, int]:
+CASES = ("guarded", "guarded, no wait", "unguarded")
+
+
+def start_gateway(workdir: Path, sink_port: int, case: str, size: int) -> tuple[Any, int, int]:
     import yaml
 
     port, metrics_port = free_port(), free_port()
@@ -72,9 +79,11 @@ def start_gateway(workdir: Path, sink_port: int, guarded: bool, size: int) -> tu
         "connect_timeout": 10,
         "data_timeout": 120,
     }
-    if guarded:
+    if case != "unguarded":
         limits["max_data_memory"] = GUARD_MEMORY
         backend["max_sessions"] = GUARD_SESSIONS
+        if case == "guarded, no wait":
+            limits["data_memory_wait"] = 0
     else:
         limits["max_data_memory"] = 8 * 1024 * MB
         backend["max_sessions"] = None
@@ -125,6 +134,8 @@ def scrape(metrics_port: int) -> dict[str, float]:
             out["delivered"] += float(value)
         elif name.startswith("smtp_gateway_backend_session_waits_total{"):
             out["waits"] += float(value)
+        elif name.startswith("smtp_gateway_message_memory_waits_total{"):
+            out["memory_waits"] += float(value)
         elif name.startswith("smtp_gateway_backend_circuit_open"):
             out["circuit_open"] = max(out["circuit_open"], float(value))
     return out
@@ -181,13 +192,13 @@ async def burst(port: int, clients: int, body: bytes) -> list[str]:
     return list(await asyncio.gather(*tasks))
 
 
-def run_case(guarded: bool, clients: int, size: int, workdir: Path) -> dict[str, Any]:
+def run_case(case: str, clients: int, size: int, workdir: Path) -> dict[str, Any]:
     sink_port = free_port()
     sink = start_slow_sink(sink_port, 256)
     gw = None
     try:
         wait_for_greeting(sink_port, sink, "smtp-sink did not start")
-        gw, port, metrics_port = start_gateway(workdir, sink_port, guarded, size)
+        gw, port, metrics_port = start_gateway(workdir, sink_port, case, size)
         line = b"x" * 998 + b"\r\n"
         body = b"Subject: peak\r\n\r\n" + line * (size // 1000) + b".\r\n"
         base = rss_kb(gw.pid)
@@ -218,24 +229,22 @@ def run_case(guarded: bool, clients: int, size: int, workdir: Path) -> dict[str,
     ok = sum(n for k, n in counts.items() if k.startswith("250"))
     bad = {k: n for k, n in counts.items() if not (k.startswith("250") or k.startswith("4"))}
     if bad or ok != m["delivered"]:
-        sys.exit(
-            f"peak ({'guarded' if guarded else 'unguarded'}): {dict(counts)}; gateway"
-            f" counted {m['delivered']} delivered"
-        )
+        sys.exit(f"peak ({case}): {dict(counts)}; gateway counted {m['delivered']} delivered")
     return {
-        "case": "guarded" if guarded else "unguarded",
+        "case": case,
         "replies": dict(counts.most_common()),
         "delivered": int(m["delivered"]),
         "rss_base_mb": round(base / 1024),
         "rss_peak_mb": round(peak / 1024),
         "circuit_opened": bool(m["circuit_open"]),
         "session_waits": int(m["waits"]),
+        "memory_waits": int(m["memory_waits"]),
         "seconds": round(elapsed, 1),
     }
 
 
 def measure_peak(clients: int, size: int, tmp: Path) -> dict[str, Any]:
-    cases = [run_case(guarded, clients, size, tmp / f"peak-{guarded}") for guarded in (True, False)]
+    cases = [run_case(case, clients, size, tmp / f"peak-{i}") for i, case in enumerate(CASES)]
     return {"clients": clients, "size": size, "cases": cases}
 
 
@@ -247,15 +256,16 @@ def print_peak(res: dict[str, Any]) -> None:
         f" max_sessions {GUARD_SESSIONS}"
     )
     print(
-        "| case | replies | delivered | RSS MB (idle -> peak) | waited for a backend session"
-        " | breaker opened | seconds |"
+        "| case | replies | delivered | RSS MB (idle -> peak) | waited for memory"
+        " | waited for a backend session | breaker opened | seconds |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in res["cases"]:
         replies = ", ".join(f"{k}: {n}" for k, n in r["replies"].items())
         print(
             f"| {r['case']} | {replies} | {r['delivered']} | {r['rss_base_mb']} -> "
-            f"{r['rss_peak_mb']} | {r['session_waits']} | {'yes' if r['circuit_opened'] else 'no'}"
+            f"{r['rss_peak_mb']} | {r['memory_waits']} | {r['session_waits']}"
+            f" | {'yes' if r['circuit_opened'] else 'no'}"
             f" | {r['seconds']} |"
         )
 

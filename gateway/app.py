@@ -79,7 +79,8 @@ class App:
             is_local=RelayCheck(settings.local_domains).is_local,
             memory=MessageMemory(
                 settings.limits.max_data_memory
-                or auto_limit(workers, settings.limits.max_message_size)
+                or auto_limit(workers, settings.limits.max_message_size),
+                settings.limits.data_memory_wait,
             ),
         )
         self.http = HttpEndpoint(self.readiness, self.store)
@@ -92,7 +93,14 @@ class App:
         metrics.child(metrics.BUILD, __version__).set(1)
         memory = self.svc.memory
         metrics.child(metrics.MESSAGE_MEMORY_LIMIT).set(memory.limit)
-        metrics.sample(lambda: metrics.child(metrics.MESSAGE_MEMORY).set(memory.used))
+        held = metrics.child(metrics.MESSAGE_MEMORY)
+        waiters = metrics.child(metrics.MESSAGE_MEMORY_WAITERS)
+
+        def sample_memory() -> None:
+            held.set(memory.used)
+            waiters.set(memory.waiting)
+
+        metrics.sample(sample_memory)
 
     # -- readiness ----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:

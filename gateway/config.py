@@ -190,6 +190,11 @@ class Limits(_Strict):
     # 452 4.3.1. None: a quarter of the memory available (the container's limit if
     # lower), shared among the workers.
     max_data_memory: Annotated[int, Field(ge=1024)] | None = None
+    # Seconds a MAIL waits for room in that budget before 452 4.3.1, and for which
+    # an admitted SIZE= stays pledged to its transaction; 0: refuse at once, pledge
+    # nothing. Well under the 5 minutes a client waits for a MAIL reply (RFC 5321
+    # 4.5.3.2.2), which must also cover the checks and the backend's reply.
+    data_memory_wait: Annotated[float, Field(ge=0, le=120)] = 30.0
 
     @field_validator("max_data_memory")
     @classmethod

@@ -226,6 +226,17 @@ MESSAGE_MEMORY_LIMIT = Gauge(
     "The budget for message data in memory (limits.max_data_memory), over all workers",
     multiprocess_mode="livesum",
 )
+MESSAGE_MEMORY_WAITERS = Gauge(
+    P + "message_memory_waiters",
+    "MAILs waiting for room in the message data budget (limits.data_memory_wait)",
+    multiprocess_mode="livesum",
+)
+MESSAGE_MEMORY_WAITS = Counter(
+    P + "message_memory_waits_total",
+    "MAILs that waited for room in the message data budget, by result (admitted;"
+    " timeout: the client got 452 4.3.1)",
+    ["result"],
+)
 CHECK_RESULTS = Counter(
     P + "check_results_total",
     "Symbols emitted by checks",

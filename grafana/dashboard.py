@@ -55,6 +55,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
            "in use {{instance}}"),
           (f"sum by (instance) (smtp_gateway_message_memory_limit_bytes{{{SEL}}})",
            "budget {{instance}}")], "bytes", "ts"),
+        ("MAILs waiting for memory",
+         "MAILs waiting their turn for room in the message data budget, per instance"
+         " (limits.data_memory_wait); a wait that runs out is a 452 4.3.1 (reason no_memory).",
+         [(f"sum by (instance) (smtp_gateway_message_memory_waiters{{{SEL}}})",
+           "waiting {{instance}}")], "short", "ts"),
     ]),
     ("Rejections", [
         ("Refused transactions by reason",

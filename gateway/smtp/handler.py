@@ -409,13 +409,12 @@ class Session:
             else:
                 self.send(replies.PARAM_UNKNOWN)
                 return
-        # The process's memory budget (smtp/memory.py): a message whose SIZE= does
-        # not fit in what is left now, or any while nothing is, is refused before it
-        # is sent. Checked, not reserved, as Postfix checks its queue's free space:
-        # a reservation would let a client hold the budget with one MAIL line and
-        # no bytes (the bytes themselves are charged as they arrive).
-        left = self.svc.memory.available
-        if declared > left or left <= 0:
+        self.txn_start = time.monotonic()
+        # The process's memory budget (smtp/memory.py): a MAIL whose SIZE= does not
+        # fit in what is left, or any while nothing is, waits its turn for room (up
+        # to limits.data_memory_wait), before the client sends a byte; admitted, its
+        # SIZE= is pledged to it until its bytes come (or the wait's time passes).
+        if not self.room.admit(declared) and not await self._wait_for_memory(declared):
             self.send(replies.NO_MEMORY)
             self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
             return
@@ -425,11 +424,10 @@ class Session:
         self.rcpt_tried = 0
         if self.rcpt_params:
             self.rcpt_params = {}
-        self.txn_start = time.monotonic()
         if self.svc.runner.has_checks(Stage.MAIL):
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
             if verdict.refuses:
-                self.ctx.new_transaction()
+                self._no_transaction()
                 self.send(self._policy_reply(verdict, Stage.MAIL))
                 self._txn_outcome(verdict.action, verdict.symbol)
                 return
@@ -447,13 +445,13 @@ class Session:
         try:
             reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
-            self.ctx.new_transaction()
+            self._no_transaction()
             refused = replies.for_backend_error(e)
             self.send(refused)
             self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
             return
         if txn is None:
-            self.ctx.new_transaction()
+            self._no_transaction()
             self.relay(reply)
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
             return
@@ -461,6 +459,25 @@ class Session:
         self.client_info, self.mail_params = info, fwd
         self.txn_broken = None
         self.relay(reply)
+
+    async def _wait_for_memory(self, size: int) -> bool:
+        """Wait in line for room in the memory budget. The session counts as idle
+        meanwhile (no transaction yet), so a drain ends it at once with 421."""
+        memory = self.svc.memory
+        if not memory.wait or self.svc.draining:
+            return False
+        self.idle = True
+        try:
+            admitted = await self.room.wait_admit(size)
+        finally:
+            self.idle = False
+        metrics.child(metrics.MESSAGE_MEMORY_WAITS, "admitted" if admitted else "timeout").inc()
+        return admitted
+
+    def _no_transaction(self) -> None:
+        """MAIL admitted, then refused (a check, the backend): what it holds goes back."""
+        self.ctx.new_transaction()
+        self.room.release()
 
     async def cmd_rcpt(self, arg: str) -> None:
         if self.ctx.mail_from is None:

@@ -15,11 +15,19 @@ another): with eight 10 MB messages held at once, the process grew by 1.1 to
 memory the process may use, which leaves room for that and for the rest of the
 process (about 60 MB).
 
-A client that declares SIZE= (RFC 1870; MTAs do when the server offers SIZE)
-is refused at MAIL when that does not fit in what is left, before it sends
-anything. The SIZE= is checked, not reserved: a reservation would let any
-client hold the budget with one MAIL line and no bytes, where now holding it
-takes sending that many bytes.
+A MAIL is admitted when what it declares with SIZE= (RFC 1870; MTAs declare
+it when the server offers SIZE) fits in what is left, or, without SIZE=, when
+anything is left. A MAIL that does not fit waits for room, first come first
+served, for up to `limits.data_memory_wait` seconds, and only then gets
+`452 4.3.1`: at a peak, a client that waits some seconds is delivered, where
+one refused would retry only after minutes. An admitted SIZE= is pledged to
+its transaction, so that the room freed by one message is not promised to
+every waiter at once (each would then send its message only to have it
+refused at its end); the message's bytes take the pledge's place as they
+arrive. A pledge lapses after the same number of seconds if no byte came, so
+that a client cannot hold the budget with one MAIL line and no bytes for
+longer than that: past it, its message is charged only as it arrives, like one
+without SIZE=. With the wait at 0, nothing waits and nothing is pledged.
 
 Charging is cheap on the hot path: a message that arrives in the buffer whole
 is charged once, at its size, and released once. Only a message that has to be
@@ -30,7 +38,10 @@ fit is discarded as it arrives instead of being held to its end.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections import deque
 from pathlib import Path
 
 # Reserved ahead of the bytes already read, so that a transfer asks once per
@@ -44,41 +55,144 @@ AUTO_SHARE = 4
 class MessageMemory:
     """The process's budget; one instance, shared by every session."""
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("_pledges", "_waiters", "limit", "pledged", "used", "wait")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait: float = 0.0) -> None:
         self.limit = limit
-        self.used = 0
+        self.used = 0  # bytes of message data held
+        self.pledged = 0  # bytes declared by admitted MAILs whose data has not come yet
+        self.wait = wait  # limits.data_memory_wait: how long a MAIL waits, a pledge lasts
+        # Holders of a pledge, with the time it lapses: oldest first (one wait for all).
+        self._pledges: dict[Reservation, float] = {}
+        self._waiters: deque[_Waiter] = deque()
 
     @property
     def available(self) -> int:
-        return self.limit - self.used
+        return self.limit - self.used - self.pledged
+
+    @property
+    def waiting(self) -> int:
+        """MAILs waiting for room."""
+        return len(self._waiters)
+
+    def fits(self, size: int) -> bool:
+        """Room for a MAIL that declared `size` (0: none declared, any room will do)."""
+        room = self.limit - self.used - self.pledged
+        if (size > room or room <= 0) and self._pledges:
+            self._lapse(time.monotonic())
+            room = self.limit - self.used - self.pledged
+        return size <= room and room > 0
+
+    def _lapse(self, now: float) -> None:
+        pledges = self._pledges
+        while pledges:
+            holder, until = next(iter(pledges.items()))
+            if until > now:
+                return
+            holder.unpledge()
+
+    def _next_lapse(self) -> float | None:
+        return next(iter(self._pledges.values()), None)
+
+    def wake(self) -> None:
+        """Room came free: the longest waiter looks, if it now fits (strictly in
+        turn: a large declared size is not overtaken by smaller ones)."""
+        if self._waiters:
+            head = self._waiters[0]
+            if not head.woken.done() and self.fits(head.size):
+                head.woken.set_result(None)
+
+
+class _Waiter:
+    __slots__ = ("size", "woken")
+
+    def __init__(self, size: int, woken: asyncio.Future[None]) -> None:
+        self.size = size
+        self.woken = woken
 
 
 class Reservation:
-    """One transaction's share of the budget, grown while its message arrives and
-    returned whole when the transaction ends. Releasing twice is harmless, so
-    every way out of a transaction may release."""
+    """One transaction's share of the budget: a pledge from MAIL, then the bytes
+    of its message as they arrive, all returned when the transaction ends.
+    Releasing twice is harmless, so every way out of a transaction may release."""
 
-    __slots__ = ("_memory", "held", "refused")
+    __slots__ = ("_memory", "held", "pledge", "refused")
 
     def __init__(self, memory: MessageMemory) -> None:
         self._memory = memory
         self.held = 0
+        self.pledge = 0  # SIZE= pledged at MAIL, until the message's bytes take its place
         self.refused = False  # grow() said no during this transfer (release() resets)
 
+    # -- at MAIL --------------------------------------------------------------
+    def admit(self, size: int) -> bool:
+        """Room for a MAIL declaring `size` (0: none) and nobody waiting before it;
+        then `size` is pledged to it. False: it has to wait or be refused."""
+        mem = self._memory
+        if mem._waiters or not mem.fits(size):
+            return False
+        self._pledge(size)
+        return True
+
+    async def wait_admit(self, size: int) -> bool:
+        """admit() once it is this MAIL's turn and its size fits, waiting up to the
+        memory's `wait` seconds; False if that did not come."""
+        mem = self._memory
+        loop = asyncio.get_running_loop()
+        end = time.monotonic() + mem.wait
+        me = _Waiter(size, loop.create_future())
+        mem._waiters.append(me)
+        try:
+            while True:
+                if mem._waiters[0] is me and mem.fits(size):
+                    self._pledge(size)
+                    return True
+                now = time.monotonic()
+                if now >= end:
+                    return False
+                # A pledge that lapses frees room without anyone releasing it.
+                lapse = mem._next_lapse()
+                wake_at = end if lapse is None else min(end, lapse)
+                if me.woken.done():
+                    me.woken = loop.create_future()
+                try:
+                    async with asyncio.timeout(max(0.0, wake_at - now)):
+                        await me.woken
+                except TimeoutError:
+                    pass
+        finally:
+            mem._waiters.remove(me)
+            mem.wake()  # the next in line: its turn, and perhaps room left after this one
+
+    def _pledge(self, size: int) -> None:
+        mem = self._memory
+        if size and mem.wait:
+            self.pledge = size
+            mem.pledged += size
+            mem._pledges[self] = time.monotonic() + mem.wait
+
+    def unpledge(self) -> None:
+        mem = self._memory
+        mem.pledged -= self.pledge
+        self.pledge = 0
+        del mem._pledges[self]
+
+    # -- during and after DATA ---------------------------------------------------
     def grow(self, size: int) -> bool:
-        """Room for `size` bytes of this message (and CHUNK more, when there is
-        room for it), or False: the budget cannot take them."""
+        """Room for `size` bytes of this message (and CHUNK more, or its pledge,
+        when there is room for it), or False: the budget cannot take them."""
         held = self.held
         if size <= held:
             return True
         mem = self._memory
-        free = mem.limit - mem.used + held
+        pledge = self.pledge
+        free = mem.limit - mem.used - mem.pledged + held + pledge
         if size > free:
             self.refused = True
             return False
-        want = min(size + CHUNK, free)
+        if pledge:
+            self.unpledge()
+        want = min(max(size + CHUNK, pledge), free)
         mem.used += want - held
         self.held = want
         return True
@@ -87,17 +201,27 @@ class Reservation:
         """The message is read: hold exactly its size, or False if the budget
         cannot take it (then nothing is held)."""
         mem = self._memory
-        if mem.used - self.held + size > mem.limit:
+        held = self.held
+        if mem.used - held + size > mem.limit - mem.pledged + self.pledge:
             self.release()
             return False
-        mem.used += size - self.held
+        if self.pledge:
+            self.unpledge()
+        mem.used += size - held
         self.held = size
+        if mem._waiters:  # what it held ahead (or was pledged) beyond its size is free
+            mem.wake()
         return True
 
     def release(self) -> None:
-        self._memory.used -= self.held
+        mem = self._memory
+        mem.used -= self.held
         self.held = 0
         self.refused = False
+        if self.pledge:
+            self.unpledge()
+        if mem._waiters:
+            mem.wake()
 
 
 def available_memory() -> int:

@@ -146,11 +146,11 @@ def test_messages_beyond_the_memory_budget_get_452_and_the_rest_goes_through(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     """The gateway holds each message in memory until the backend answers. With
-    the budget taken by one large message in flight, another that does not fit is
-    refused with 452 4.3.1 (at MAIL when its SIZE says so, else at its end),
-    the session stays in step, the first is delivered, and once it is through the
-    refused one is taken."""
-    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000}
+    the budget taken by one large message in flight, and no wait for room
+    (`data_memory_wait: 0`), another that does not fit is refused with 452 4.3.1
+    (at MAIL when its SIZE says so, else at its end), the session stays in step,
+    the first is delivered, and once it is through the refused one is taken."""
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000, "data_memory_wait": 0}
     gw = gateway_factory(base_config(backend.url, limits=limits))
     assert gw.metric("smtp_gateway_message_memory_limit_bytes ") == 1_500_000
     line = b"x" * 998 + b"\r\n"
@@ -184,24 +184,93 @@ def test_messages_beyond_the_memory_budget_get_452_and_the_rest_goes_through(
     assert len(backend.messages()) == 2
 
 
-def test_a_declared_size_is_checked_at_mail_but_holds_nothing(
+def test_a_mail_waits_its_turn_for_memory_and_is_then_delivered(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    """SIZE= (RFC 1870) is compared with what is left of the budget, and a message
-    that cannot fit is refused before it is sent; but a MAIL line alone does not
-    hold any of it, or a client could take the budget with a few idle sessions."""
+    """With the budget taken by a message in flight, a MAIL whose SIZE= does not
+    fit waits (limits.data_memory_wait) instead of being refused, and is answered
+    250 once the first message is through: at a peak, the client is delivered
+    in seconds instead of retrying after minutes."""
     limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000}
     gw = gateway_factory(base_config(backend.url, limits=limits))
-    with greeted(gw.port()) as a, greeted(gw.port()) as b, greeted(gw.port()) as c:
-        for idle in (a, b):  # and then nothing
-            assert idle.cmd("MAIL FROM:<a@sender.test> SIZE=1000000")[0] == 250
-            assert idle.cmd("RCPT TO:<x@example.test>")[0] == 250
-        assert gw.metric("smtp_gateway_message_memory_bytes ") == 0
-        assert c.cmd("MAIL FROM:<c@sender.test> SIZE=1000000")[0] == 250
+    line = b"x" * 998 + b"\r\n"
+    with greeted(gw.port(), timeout=30) as a, greeted(gw.port(), timeout=30) as b:
+        a.cmd("MAIL FROM:<a@sender.test>")
+        a.cmd("RCPT TO:<x@example.test>")
+        assert a.cmd("DATA")[0] == 354
+        a.send(b"Subject: first\r\n\r\n" + line * 900)  # 900 KB, and no end yet
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v >= 900_000)
+        b.send(b"MAIL FROM:<b@sender.test> SIZE=700000\r\n")
+        _wait_metric(gw, "smtp_gateway_message_memory_waiters", lambda v: v == 1)
+        a.send(b".\r\n")
+        assert a.reply()[0] == 250
+        code, text = b.reply()  # the MAIL's answer, once A's message left memory
+        assert code == 250, text
+        assert b.cmd("RCPT TO:<y@example.test>")[0] == 250
+        assert b.cmd("DATA")[0] == 354
+        b.send(b"Subject: second\r\n\r\n" + line * 600 + b".\r\n")
+        code, text = b.reply()
+        assert code == 250, text
+    assert len(backend.messages()) == 2
+    assert gw.metric('smtp_gateway_message_memory_waits_total{result="admitted"}') == 1
+    _wait_metric(gw, "smtp_gateway_message_memory_waiters", lambda v: v == 0)
+
+
+def test_a_drain_tells_a_mail_waiting_for_memory_at_once(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """A MAIL waiting for room has no transaction yet: on SIGTERM it gets 421 4.3.2
+    at once, as an idle session does, while the message in flight is delivered."""
+    import signal
+
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000}
+    gw = gateway_factory(base_config(backend.url, limits=limits, drain_timeout=20))
+    line = b"x" * 998 + b"\r\n"
+    with greeted(gw.port(), timeout=30) as a, greeted(gw.port(), timeout=30) as b:
+        a.cmd("MAIL FROM:<a@sender.test>")
+        a.cmd("RCPT TO:<x@example.test>")
+        assert a.cmd("DATA")[0] == 354
+        a.send(b"Subject: first\r\n\r\n" + line * 900)
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v >= 900_000)
+        b.send(b"MAIL FROM:<b@sender.test> SIZE=700000\r\n")
+        _wait_metric(gw, "smtp_gateway_message_memory_waiters", lambda v: v == 1)
+        start = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        code, text = b.reply()
+        assert code == 421 and text.startswith("421 4.3.2"), text
+        assert time.monotonic() - start < 10  # not at the end of its 30 s wait
+        a.send(b".\r\n")
+        code, text = a.reply()
+        assert code == 250, text
+    assert [m["rcpt_tos"] for m in backend.messages()] == [["x@example.test"]]
+    assert gw.proc.wait(20) == 0
+
+
+def test_an_idle_mail_holds_its_declared_size_only_for_the_wait(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """An admitted SIZE= is pledged to its transaction, so the room is not promised
+    twice; but a MAIL line with no bytes after it holds that room only for
+    `data_memory_wait` seconds, or a client could take the budget with a few idle
+    sessions. Past that, the next in line gets it, and the idle client's message,
+    if it comes, is charged as it arrives."""
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000, "data_memory_wait": 1}
+    gw = gateway_factory(base_config(backend.url, limits=limits))
+    with greeted(gw.port(), timeout=30) as a, greeted(gw.port(), timeout=30) as c:
+        assert a.cmd("MAIL FROM:<a@sender.test> SIZE=1000000")[0] == 250  # and then nothing
+        assert a.cmd("RCPT TO:<x@example.test>")[0] == 250
+        start = time.monotonic()
+        code, text = c.cmd("MAIL FROM:<c@sender.test> SIZE=1000000")
+        waited = time.monotonic() - start
+        assert code == 250, text  # A's pledge lapsed within C's wait
+        assert 0.5 < waited < 5, waited  # it did wait: the room was pledged to A
         assert c.cmd("RCPT TO:<y@example.test>")[0] == 250
         assert c.cmd("DATA")[0] == 354
         c.send(b"Subject: fits\r\n\r\n" + b"z" * 998 + b"\r\n.\r\n")
         assert c.reply()[0] == 250
+        assert a.cmd("DATA")[0] == 354
+        a.send(b"Subject: late\r\n\r\n" + b"w" * 998 + b"\r\n.\r\n")
+        assert a.reply()[0] == 250
         code, text = c.cmd("MAIL FROM:<c@sender.test> SIZE=1500001")
         assert code == 552 and text.startswith("552 5.3.4"), text  # over the size limit first
-    assert len(backend.messages()) == 1
+    assert len(backend.messages()) == 2

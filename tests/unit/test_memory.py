@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -138,3 +139,116 @@ def test_a_failed_fit_does_not_turn_a_later_oversize_into_a_452() -> None:
     with pytest.raises(DataRefused) as ei:
         asyncio.run(read_message(s, 6_000, BareLinefeed.REJECT, r))
     assert ei.value.reply is replies.SIZE_EXCEEDED
+
+
+# -- admission at MAIL: pledges and the wait for room ---------------------------------
+
+
+def test_an_admitted_size_is_pledged_until_its_bytes_take_its_place() -> None:
+    mem = MessageMemory(10_000, wait=30)
+    a, b = Reservation(mem), Reservation(mem)
+    assert a.admit(6_000)
+    assert (a.pledge, mem.pledged, mem.available) == (6_000, 6_000, 4_000)
+    assert not b.admit(5_000)  # the room A was promised is not promised again
+    assert b.admit(0)  # no SIZE=: any room will do, and nothing is pledged
+    assert b.pledge == 0
+    assert a.fit(5_500)  # the message came, smaller than declared
+    assert (a.pledge, a.held, mem.pledged, mem.used) == (0, 5_500, 0, 5_500)
+    a.release()
+    b.release()
+    assert (mem.used, mem.pledged, mem.available) == (0, 0, 10_000)
+
+
+def test_a_message_growing_into_its_pledge_is_not_refused_for_it() -> None:
+    mem = MessageMemory(CHUNK * 4, wait=30)
+    a, other = Reservation(mem), Reservation(mem)
+    assert a.admit(CHUNK * 3)
+    assert not other.grow(CHUNK + 1)  # only a CHUNK is left beside the pledge
+    assert a.grow(1_000)
+    # The pledge became bytes held: the whole declared size, ahead of its arrival.
+    assert (a.pledge, mem.pledged, a.held) == (0, 0, CHUNK * 3)
+    assert a.grow(CHUNK * 3)
+    a.release()
+    assert (mem.used, mem.pledged) == (0, 0)
+
+
+def test_without_a_wait_nothing_is_pledged() -> None:
+    """limits.data_memory_wait: 0 keeps SIZE= a check only."""
+    mem = MessageMemory(10_000)
+    a, b = Reservation(mem), Reservation(mem)
+    assert a.admit(6_000) and a.pledge == 0
+    assert b.admit(6_000)
+    assert not b.admit(10_001)
+
+
+def test_waiting_mails_are_admitted_in_turn_as_room_comes_free() -> None:
+    async def go() -> list[str]:
+        mem = MessageMemory(10_000, wait=30)
+        holder, big, small = Reservation(mem), Reservation(mem), Reservation(mem)
+        assert holder.fit(8_000)
+        order: list[str] = []
+
+        async def mail(name: str, r: Reservation, size: int) -> None:
+            if r.admit(size) or await r.wait_admit(size):
+                order.append(name)
+
+        t_big = asyncio.create_task(mail("big", big, 5_000))
+        await asyncio.sleep(0)
+        # 1,000 would fit now, but a newcomer does not overtake a waiter.
+        t_small = asyncio.create_task(mail("small", small, 1_000))
+        await asyncio.sleep(0)
+        assert mem.waiting == 2 and order == []
+        holder.release()
+        await asyncio.gather(t_big, t_small)
+        assert (mem.waiting, mem.pledged) == (0, 6_000)
+        return order
+
+    assert asyncio.run(go()) == ["big", "small"]
+
+
+def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async def go() -> None:
+        mem = MessageMemory(10_000, wait=30)
+        holder, big, small = Reservation(mem), Reservation(mem), Reservation(mem)
+        assert holder.fit(8_000)
+        t_big = asyncio.create_task(big.wait_admit(5_000))
+        await asyncio.sleep(0)
+        t_small = asyncio.create_task(small.wait_admit(1_000))
+        await asyncio.sleep(0)
+        t_big.cancel()  # its client went away, or the gateway drains
+        assert await t_small  # fits beside the holder: admitted without a release
+        assert t_big.cancelled() and mem.waiting == 0
+        assert (small.pledge, big.pledge) == (1_000, 0)
+
+    asyncio.run(go())
+
+
+def test_a_wait_ends_in_refusal_when_no_room_comes() -> None:
+    async def go() -> None:
+        mem = MessageMemory(10_000, wait=0.2)
+        holder, r = Reservation(mem), Reservation(mem)
+        assert holder.fit(8_000)
+        start = time.monotonic()
+        assert not await r.wait_admit(5_000)
+        assert time.monotonic() - start >= 0.2
+        assert (mem.waiting, r.pledge, mem.pledged) == (0, 0, 0)
+
+    asyncio.run(go())
+
+
+def test_a_pledge_without_bytes_lapses_and_its_room_goes_to_the_next_in_line() -> None:
+    """A client cannot hold the budget with a MAIL line and no bytes for longer
+    than the wait: the pledge lapses, and a waiter gets its room without anyone
+    releasing anything."""
+
+    async def go() -> None:
+        mem = MessageMemory(10_000, wait=0.3)
+        idle, waiter = Reservation(mem), Reservation(mem)
+        assert idle.admit(8_000)  # MAIL ... SIZE=8000, and then nothing
+        assert not waiter.admit(5_000)
+        assert await waiter.wait_admit(5_000)
+        assert (idle.pledge, waiter.pledge, mem.pledged) == (0, 5_000, 5_000)
+        # The idle client's message, if it ever comes, is charged as it arrives.
+        assert idle.fit(5_000) and mem.available == 0
+
+    asyncio.run(go())
