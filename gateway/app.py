@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 from gateway import __version__, config, logs, metrics
@@ -97,7 +98,8 @@ class App:
         waiters = metrics.child(metrics.MESSAGE_MEMORY_WAITERS)
 
         def sample_memory() -> None:
-            held.set(memory.used)
+            memory.lapse(time.monotonic())
+            held.set(memory.used + memory.pledged)  # what the budget counts
             waiters.set(memory.waiting)
 
         metrics.sample(sample_memory)

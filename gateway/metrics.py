@@ -218,7 +218,8 @@ MESSAGE_SIZE = Histogram(
 )
 MESSAGE_MEMORY = Gauge(
     P + "message_memory_bytes",
-    "Bytes of message data held in memory (being read, checked or relayed)",
+    "Bytes of message data held in memory (being read, checked or relayed), or pledged to"
+    " an admitted MAIL's SIZE= until its bytes come",
     multiprocess_mode="livesum",
 )
 MESSAGE_MEMORY_LIMIT = Gauge(

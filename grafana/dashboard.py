@@ -49,8 +49,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
          [(quantile(0.5, "smtp_gateway_message_size_bytes", ""), "p50"),
           (quantile(0.95, "smtp_gateway_message_size_bytes", ""), "p95")], "bytes", "ts"),
         ("Message memory",
-         "Message data held in memory per instance, and its budget (limits.max_data_memory);"
-         " at the budget new messages get 452 4.3.1 (reason no_memory).",
+         "Message data held in memory (or pledged to a MAIL's SIZE=) per instance, and its"
+         " budget (limits.max_data_memory); at the budget new MAILs wait for room, then get"
+         " 452 4.3.1 (reason no_memory).",
          [(f"sum by (instance) (smtp_gateway_message_memory_bytes{{{SEL}}})",
            "in use {{instance}}"),
           (f"sum by (instance) (smtp_gateway_message_memory_limit_bytes{{{SEL}}})",

@@ -79,11 +79,13 @@ class MessageMemory:
         """Room for a MAIL that declared `size` (0: none declared, any room will do)."""
         room = self.limit - self.used - self.pledged
         if (size > room or room <= 0) and self._pledges:
-            self._lapse(time.monotonic())
+            self.lapse(time.monotonic())
             room = self.limit - self.used - self.pledged
         return size <= room and room > 0
 
-    def _lapse(self, now: float) -> None:
+    def lapse(self, now: float) -> None:
+        """Drop the pledges whose time has passed (lazily: when room is looked for
+        and when the gauges are sampled)."""
         pledges = self._pledges
         while pledges:
             holder, until = next(iter(pledges.items()))
