@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import BareLinefeed
 from gateway.smtp import replies
@@ -252,3 +255,39 @@ def test_a_pledge_without_bytes_lapses_and_its_room_goes_to_the_next_in_line() -
         assert idle.fit(5_000) and mem.available == 0
 
     asyncio.run(go())
+
+
+_op = st.tuples(
+    st.sampled_from(["admit", "grow", "fit", "release", "lapse"]),
+    st.integers(0, 3),  # which transaction
+    st.integers(0, 12_000),  # a size
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=60))
+def test_the_budget_is_never_overcommitted_and_always_comes_back(ops: list[Any]) -> None:
+    """Whatever the order of MAILs, transfers, ends and lapses: held and pledged
+    bytes together never pass the limit, each transaction's share adds up to the
+    totals, and once every transaction has ended nothing is held or pledged."""
+    mem = MessageMemory(10_000, wait=30)
+    rs = [Reservation(mem) for _ in range(4)]
+    for op, i, size in ops:
+        r = rs[i]
+        if op == "admit":
+            if r.pledge == 0 and r.held == 0:  # one MAIL per transaction
+                r.admit(size)
+        elif op == "grow":
+            r.grow(size)
+        elif op == "fit":
+            r.fit(size)
+        elif op == "release":
+            r.release()
+        else:
+            mem.lapse(time.monotonic() + 31)  # every pledge's time has passed
+        assert mem.used + mem.pledged <= mem.limit
+        assert mem.used == sum(x.held for x in rs) and mem.pledged == sum(x.pledge for x in rs)
+        assert all(x.held >= 0 and x.pledge >= 0 for x in rs)
+    for r in rs:
+        r.release()
+    assert (mem.used, mem.pledged, mem.available) == (0, 0, mem.limit)
