@@ -11,11 +11,13 @@ verified in a worker thread (see on_loop).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import dkim
+from dkim.util import InvalidTagValueList
 
 from gateway.checks import dkimrsa
 from gateway.checks.base import OffLoopCheck
@@ -91,7 +93,9 @@ class _Job:
         self.message = message
         self.crlf_clean = crlf_clean
         self.parsed = parsed  # the whole message parsed (small ones), else None
-        self.preps: list[Any] = []  # dkimrsa.headerprep() per signature, or an error
+        # Per signature: dkimrsa.headerprep()'s result, or the permerror of one that
+        # cannot be verified.
+        self.preps: list[Any] = []
         self.names: dict[int, str] = {}  # signature index -> where its key is published
         self.pending: set[str] = set()  # key names not in the DNS cache yet
         self.keys: dict[str, bytes | None] = {}
@@ -102,6 +106,29 @@ class _Job:
             self.failed[name] = f"key lookup {ans.status.value}"
         else:
             self.keys[name] = key_record(ans)  # None, no key: permerror
+
+
+# What may be reported of a signature that could not be verified (RFC 8601's
+# header.d and header.s are a domain and a selector; anything else is left out).
+_NAME = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
+_ALGORITHM = re.compile(rb"[a-z0-9]{1,16}-[a-z0-9]{1,16}")
+
+
+def _unverifiable(d: Any, idx: int, reason: str) -> DkimSignature:
+    """A permerror, with the d=, s= and a= that can still be read from the signature,
+    so that the Authentication-Results reader sees whose signature it was."""
+    values = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
+    try:
+        tags = dkimrsa.parse_tags(values[idx])
+    except (IndexError, InvalidTagValueList):
+        tags = {}
+
+    def good(tag: bytes, pattern: re.Pattern[bytes]) -> str:
+        v = tags.get(tag, b"")
+        return v.decode("ascii") if pattern.fullmatch(v) else ""
+
+    domain, selector = good(b"d", _NAME).lower(), good(b"s", _NAME)
+    return DkimSignature(domain, selector, good(b"a", _ALGORITHM), "permerror", reason[:200])
 
 
 def _text(v: Any) -> str:
@@ -179,10 +206,10 @@ class DkimCheck(OffLoopCheck):
             try:
                 prep = dkimrsa.headerprep(d, idx)
             except dkim.DKIMException as e:
-                job.preps.append(f"permerror: {e}")
+                job.preps.append(_unverifiable(d, idx, str(e)))
                 continue
             if not prep:
-                job.preps.append("permerror: unparsable signature")
+                job.preps.append(_unverifiable(d, idx, "unparsable signature"))
                 continue
             job.preps.append(prep)
             if prep[0].get(b"a") in REFUSED_ALGORITHMS:
@@ -220,8 +247,8 @@ class DkimCheck(OffLoopCheck):
         out = []
         d = job.parsed or dkimrsa.parse(job.message, crlf_clean=job.crlf_clean)
         for idx, prep in enumerate(job.preps):
-            if isinstance(prep, str):
-                out.append(DkimSignature("", "", "", "permerror", prep.split(": ", 1)[1]))
+            if isinstance(prep, DkimSignature):
+                out.append(prep)
                 continue
             sig = prep[0]
             domain, selector = _text(sig.get(b"d")).lower(), _text(sig.get(b"s"))

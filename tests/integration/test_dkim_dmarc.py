@@ -140,6 +140,19 @@ def test_dkim_signature_that_does_not_cover_from_is_a_permerror(dns: DnsServer) 
     assert covered.result == "pass"  # the hand-made signature is a real one
     [bare] = verify(dns, sign_simple_by_hand(MSG, RSA, "signed.test", "rsa", "subject:date"))
     assert (bare.result, bare.reason) == ("permerror", "From field not signed")
+    # Whose signature it was still reaches Authentication-Results (RFC 8601 header.d).
+    assert (bare.domain, bare.selector, bare.algorithm) == ("signed.test", "rsa", "rsa-sha256")
+
+
+def test_an_unverifiable_signature_reports_only_names_that_are_names(dns: DnsServer) -> None:
+    """What is read from a broken signature for header.d and header.s goes into our
+    header: a value that is no domain or selector is left out, not quoted along."""
+    broken = (
+        b'DKIM-Signature: v=1; a=rsa-sha256; d=bad"x;y=z.test; s=sel (x); h=from; b=AAAA\r\n'
+    )
+    [sig] = verify(dns, broken + MSG)
+    assert sig.result == "permerror"
+    assert (sig.domain, sig.selector, sig.algorithm) == ("", "", "rsa-sha256")
 
 
 def test_dkim_key_that_may_not_be_used_for_the_signature_is_a_permerror(dns: DnsServer) -> None:
@@ -653,6 +666,9 @@ def test_malformed_signature_is_a_permerror_and_the_good_one_still_passes(
         "permerror",
         "i= domain is not a subdomain of d= (i=b'signed.test' d=b'signed.test')",
     )
+    # The permerror names the signature's domain in the header the backend got.
+    [header] = [r for r in results if r.method == "dkim" and r.result == "permerror"]
+    assert header.header_d == "signed.test", header
 
 
 # -- ARC ----------------------------------------------------------------------------
