@@ -185,6 +185,7 @@ def _cached_results(
 
 def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
     import authres
+    import authres.arc
     import authres.dmarc
 
     items: list[Any] = []
@@ -203,6 +204,14 @@ def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
                     header_d=kw.get("header_d"),
                     header_s=kw.get("header_s"),
                     header_a=kw.get("header_a"),
+                )
+            )
+        elif r.method == "arc":
+            items.append(
+                authres.arc.ARCAuthenticationResult(
+                    result=r.result,
+                    result_comment=comment,
+                    smtp_remote_ip=r.props.get("smtp.remote-ip"),
                 )
             )
         elif r.method == "dmarc":

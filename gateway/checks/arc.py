@@ -63,8 +63,10 @@ class ArcCheck(OffLoopCheck):
         ctx.arc_result, ctx.arc_sealer = result, sealer
         # No header.oldest-pass: 0 would claim that every older message signature
         # still validates, and only the newest is verified (RFC 8617 5.2 makes the
-        # rest optional).
-        ctx.auth.append(AuthResult("arc", result, {}, why))
+        # rest optional). smtp.remote-ip (RFC 8617 6): the address the chain came
+        # from, for whoever seals next (a list behind us copies our results).
+        props = {} if result == "none" else {"smtp.remote-ip": ctx.client_ip}
+        ctx.auth.append(AuthResult("arc", result, props, why))
         return (f"arc.{result}",)
 
     async def verify(self, message: bytes, *, crlf_clean: bool = False) -> arcverify.Verdict:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import authres
+import authres.arc
 import authres.dmarc
 import dkim
 import pytest
@@ -147,9 +148,7 @@ def test_dkim_signature_that_does_not_cover_from_is_a_permerror(dns: DnsServer) 
 def test_an_unverifiable_signature_reports_only_names_that_are_names(dns: DnsServer) -> None:
     """What is read from a broken signature for header.d and header.s goes into our
     header: a value that is no domain or selector is left out, not quoted along."""
-    broken = (
-        b'DKIM-Signature: v=1; a=rsa-sha256; d=bad"x;y=z.test; s=sel (x); h=from; b=AAAA\r\n'
-    )
+    broken = b'DKIM-Signature: v=1; a=rsa-sha256; d=bad"x;y=z.test; s=sel (x); h=from; b=AAAA\r\n'
     [sig] = verify(dns, broken + MSG)
     assert sig.result == "permerror"
     assert (sig.domain, sig.selector, sig.algorithm) == ("", "", "rsa-sha256")
@@ -507,7 +506,7 @@ def our_results(backend: Backend) -> list[Any]:
     [m] = backend.messages()
     head = m["data"].split(b"\r\n\r\n", 1)[0].decode().replace("\r\n\t", " ")
     [ar] = [h for h in head.split("\r\n") if h.startswith("Authentication-Results: mx.gw.test")]
-    return list(authres.FeatureContext(authres.dmarc).parse(ar).results)
+    return list(authres.FeatureContext(authres.dmarc, authres.arc).parse(ar).results)
 
 
 def test_signed_message_delivered_with_dkim_and_dmarc_pass(
@@ -869,6 +868,9 @@ def test_trusted_arc_sealer_overrides_dmarc_reject(
         [m] = backend.messages()
         assert b"arc=pass" in m["data"] and b"dmarc=fail" in m["data"]
         assert b"oldest-pass" not in m["data"]  # not computed: never claimed
+        # Where the chain came from, for whoever seals next (RFC 8617 6).
+        [arc] = [r for r in our_results(backend) if r.method == "arc"]
+        assert arc.smtp_remote_ip == "127.0.0.1"
     else:
         assert code == (451 if sealer == "unreachable" else 550)
         assert backend.messages() == []
