@@ -96,12 +96,14 @@ class MessageMemory:
     def _next_lapse(self) -> float | None:
         return next(iter(self._pledges.values()), None)
 
-    def wake(self) -> None:
+    def wake(self, turn: bool = False) -> None:
         """Room came free: the longest waiter looks, if it now fits (strictly in
-        turn: a large declared size is not overtaken by smaller ones)."""
+        turn: a large declared size is not overtaken by smaller ones). `turn`: the
+        line moved, and the new first looks in any case, to watch the pledges lapse
+        (only the first in line does)."""
         if self._waiters:
             head = self._waiters[0]
-            if not head.woken.done() and self.fits(head.size):
+            if not head.woken.done() and (turn or self.fits(head.size)):
                 head.woken.set_result(None)
 
 
@@ -146,15 +148,18 @@ class Reservation:
         mem._waiters.append(me)
         try:
             while True:
-                if mem._waiters[0] is me and mem.fits(size):
+                first = mem._waiters[0] is me
+                if first and mem.fits(size):  # (fits() drops the lapsed pledges)
                     self._pledge(size)
                     return True
                 now = time.monotonic()
                 if now >= end:
                     return False
-                # A pledge that lapses frees room without anyone releasing it.
-                lapse = mem._next_lapse()
-                wake_at = end if lapse is None else min(end, lapse)
+                wake_at = end
+                if first:  # a pledge that lapses frees room without anyone releasing it
+                    lapse = mem._next_lapse()
+                    if lapse is not None:
+                        wake_at = min(end, lapse)
                 if me.woken.done():
                     me.woken = loop.create_future()
                 try:
@@ -164,7 +169,7 @@ class Reservation:
                     pass
         finally:
             mem._waiters.remove(me)
-            mem.wake()  # the next in line: its turn, and perhaps room left after this one
+            mem.wake(turn=True)  # the next in line: its turn, perhaps room left after this one
 
     def _pledge(self, size: int) -> None:
         mem = self._memory
