@@ -68,6 +68,7 @@ class MessageMemory:
 
     @property
     def available(self) -> int:
+        """What a MAIL may still be admitted for: neither held nor pledged."""
         return self.limit - self.used - self.pledged
 
     @property
@@ -77,10 +78,10 @@ class MessageMemory:
 
     def fits(self, size: int) -> bool:
         """Room for a MAIL that declared `size` (0: none declared, any room will do)."""
-        room = self.limit - self.used - self.pledged
+        room = self.available
         if (size > room or room <= 0) and self._pledges:
             self.lapse(time.monotonic())
-            room = self.limit - self.used - self.pledged
+            room = self.available
         return size <= room and room > 0
 
     def lapse(self, now: float) -> None:
@@ -192,8 +193,10 @@ class Reservation:
         if size <= held:
             return True
         mem = self._memory
+        if size > mem.available + held + self.pledge and mem._pledges:
+            mem.lapse(time.monotonic())  # others' lapsed pledges are not in its way
         pledge = self.pledge
-        free = mem.limit - mem.used - mem.pledged + held + pledge
+        free = mem.available + held + pledge
         if size > free:
             self.refused = True
             return False
@@ -209,9 +212,12 @@ class Reservation:
         cannot take it (then nothing is held)."""
         mem = self._memory
         held = self.held
-        if mem.used - held + size > mem.limit - mem.pledged + self.pledge:
-            self.release()
-            return False
+        if size > mem.available + held + self.pledge:
+            if mem._pledges:
+                mem.lapse(time.monotonic())
+            if size > mem.available + held + self.pledge:
+                self.release()
+                return False
         if self.pledge:
             self.unpledge()
         mem.used += size - held

@@ -335,3 +335,16 @@ def test_many_clients_at_once_are_admitted_in_order_and_the_budget_holds() -> No
         assert (mem.used, mem.pledged, mem.waiting) == (0, 0, 0)
 
     asyncio.run(go())
+
+
+def test_a_message_is_not_refused_for_a_pledge_whose_time_has_passed() -> None:
+    """A lapsed pledge is dropped when it stands in the way, not only at the next MAIL."""
+    mem = MessageMemory(10_000, wait=1e-9)  # every pledge lapses at once
+    idle, sender = Reservation(mem), Reservation(mem)
+    assert idle.admit(8_000) and mem.pledged == 8_000
+    assert sender.fit(6_000)  # whole in the buffer: charged at its end
+    assert (idle.pledge, mem.pledged, mem.used) == (0, 0, 6_000)
+    sender.release()
+    assert idle.admit(8_000)
+    assert sender.grow(6_000)  # arriving: charged as it grows
+    assert idle.pledge == 0 and sender.held >= 6_000
