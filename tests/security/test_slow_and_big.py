@@ -213,6 +213,8 @@ def test_a_mail_waits_its_turn_for_memory_and_is_then_delivered(
         assert code == 250, text
     assert len(backend.messages()) == 2
     assert gw.metric('smtp_gateway_message_memory_waits_total{result="admitted"}') == 1
+    [ready] = [e for e in gw.events() if e.get("event") == "ready"]
+    assert ready["max_data_memory"] == 1_500_000  # the budget, in the start-up line
     _wait_metric(gw, "smtp_gateway_message_memory_waiters", lambda v: v == 0)
 
 
