@@ -173,6 +173,8 @@ class Reservation:
             mem.wake(turn=True)  # the next in line: its turn, perhaps room left after this one
 
     def _pledge(self, size: int) -> None:
+        if self.pledge:  # (a new MAIL always follows a release; never count one twice)
+            self.unpledge()
         mem = self._memory
         if size and mem.wait:
             self.pledge = size
