@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from typing import Any
 
 from gateway import __version__, config, logs, metrics
@@ -98,8 +97,7 @@ class App:
         waiters = metrics.child(metrics.MESSAGE_MEMORY_WAITERS)
 
         def sample_memory() -> None:
-            memory.lapse(time.monotonic())
-            held.set(memory.used + memory.pledged)  # what the budget counts
+            held.set(memory.counted())
             waiters.set(memory.waiting)
 
         metrics.sample(sample_memory)

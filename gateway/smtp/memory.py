@@ -71,6 +71,12 @@ class MessageMemory:
         """What a MAIL may still be admitted for: neither held nor pledged."""
         return self.limit - self.used - self.pledged
 
+    def counted(self) -> int:
+        """What the budget counts now, held and pledged (for the gauge; drops the
+        pledges whose time has passed first)."""
+        self.lapse(time.monotonic())
+        return self.used + self.pledged
+
     @property
     def waiting(self) -> int:
         """MAILs waiting for room."""
