@@ -1,8 +1,9 @@
-"""The log output: lines of one event-loop iteration leave together, in order."""
+"""The log output: lines queued together leave together, in order; a warning at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -14,14 +15,20 @@ from gateway import logs
 
 
 class Recording(io.StringIO):
-    """A stream that remembers each write it was given."""
+    """A stream that remembers each write it was given, and when it came."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes: list[str] = []
+        self.written: asyncio.Event | None = None  # set at each write, if a test waits
+        self.at: list[float] = []
 
     def write(self, s: str) -> int:
         self.writes.append(s)
+        with contextlib.suppress(RuntimeError):
+            self.at.append(asyncio.get_running_loop().time())
+        if self.written is not None:
+            self.written.set()
         return super().write(s)
 
 
@@ -36,22 +43,59 @@ def out() -> Iterator[Recording]:
     root.handlers[:], root.level = saved[0], saved[1]
 
 
-def test_lines_of_one_iteration_leave_in_one_write_in_order(out: Recording) -> None:
+def test_events_queued_together_leave_in_one_write_after_the_delay(out: Recording) -> None:
+    async def main() -> tuple[list[str], float]:
+        out.written = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        logs.event("first", n=1)
+        await asyncio.sleep(0)  # later iterations join the queue: no write per iteration
+        logs.event("second", n=2)
+        await asyncio.sleep(0)
+        before = list(out.writes)
+        await asyncio.wait_for(out.written.wait(), 5)
+        return before, out.at[0] - start
+
+    before, waited = asyncio.run(main())
+    assert before == []
+    assert waited >= logs.FLUSH_DELAY * 0.9  # the loop's clock may round a timer early
+    [write] = out.writes
+    lines = [json.loads(line) for line in write.splitlines()]
+    assert [e["event"] for e in lines] == ["first", "second"]
+    assert lines[0]["logger"] == "gateway.events" and lines[0]["n"] == 1
+    assert all(isinstance(e["pid"], int) and e["pid"] > 0 for e in lines)
+
+
+def test_a_warning_leaves_at_once_with_the_lines_queued_before_it(out: Recording) -> None:
     async def main() -> list[str]:
         logs.event("first", n=1)
         logging.getLogger("gateway.backend").warning("backend %s failed", "x")
+        written = list(out.writes)  # no await: written within the warning's own call
         logs.event("third", n=3)
-        before = list(out.writes)
-        await asyncio.sleep(0)  # the iteration ends: the queued lines are written
-        return before
+        return written
 
-    assert asyncio.run(main()) == []
-    [write] = out.writes
+    [write] = asyncio.run(main())
     lines = [json.loads(line) for line in write.splitlines()]
-    assert [e.get("event") or e["msg"] for e in lines] == ["first", "backend x failed", "third"]
+    assert [e.get("event") or e["msg"] for e in lines] == ["first", "backend x failed"]
     assert lines[1]["level"] == "warning" and lines[1]["logger"] == "gateway.backend"
-    assert lines[0]["logger"] == "gateway.events" and lines[0]["n"] == 1
-    assert all(isinstance(e["pid"], int) and e["pid"] > 0 for e in lines)
+    # The event after it waited for its own flush: asyncio.run's loop ended first,
+    # so the next line written (here, the fixture's flush) brings it.
+    logs.flush()
+    assert [json.loads(w)["event"] for w in out.writes[1:]] == ["third"]
+
+
+def test_a_burst_past_the_byte_bound_leaves_at_once(out: Recording) -> None:
+    async def main() -> int:
+        n = 0
+        while not out.writes and n < 1000:
+            logs.event("burst", n=n, pad="x" * 1000)
+            n += 1
+        return n
+
+    n = asyncio.run(main())
+    # Lines of about 1,100 characters: the write came once the queue passed the bound.
+    assert logs.FLUSH_BYTES / 1200 < n <= logs.FLUSH_BYTES / 1000 + 1
+    assert len(out.writes[0].splitlines()) == n
 
 
 def test_without_a_running_loop_a_line_is_written_at_once(out: Recording) -> None:
@@ -84,7 +128,7 @@ def test_a_loop_that_stops_before_its_flush_loses_nothing(out: Recording) -> Non
     loop = asyncio.new_event_loop()
 
     def last() -> None:
-        logs.event("last_in_loop")  # queued for the end of an iteration that never comes
+        logs.event("last_in_loop")  # queued for a timer that never fires
         loop.stop()
 
     try:
