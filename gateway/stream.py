@@ -256,26 +256,34 @@ class Stream(asyncio.Protocol):
         max_size: int,
         keep: int = 0,
         room: Callable[[int], bool] | None = None,
-    ) -> bytes | None:
-        """The bytes before `marker` (consumed with it), or None if they exceeded max_size.
+    ) -> bytes | int:
+        """The bytes before `marker` (consumed with it); or, when they were not kept,
+        how many there were.
 
         The first `keep` bytes of the marker stay with the data (the CRLF that ends
         a message's last line, without copying the message again to add it).
 
         Past `max_size` the content is discarded as it arrives (the marker is still
-        searched for, so the session stays in step) and None is returned: the caller
-        refuses with a size error without ever having held more than max_size bytes.
-        The same happens when `room`, asked before each wait for more bytes with the
-        number buffered so far, says there is no room for them (a memory budget).
+        searched for, so the session stays in step) and only its length is returned:
+        the caller refuses with a size error without ever having held more than
+        max_size bytes. The same happens when `room`, asked before each wait for more
+        bytes with the number buffered so far, says there is no room for them (a
+        memory budget); the length, counted on after the discarding began, still
+        tells the caller whether the content was also too big, which is the
+        permanent reason of the two.
         """
         buf = self._buf
         mlen = len(marker)
         start = 0
+        dropped = 0  # content discarded so far
         discarding = False
         while True:
             i = buf.find(marker, start)
             if i >= 0:
-                data = None if discarding or i > max_size else bytes(memoryview(buf)[: i + keep])
+                if discarding or i > max_size:
+                    del buf[: i + mlen]
+                    return dropped + i
+                data = bytes(memoryview(buf)[: i + keep])
                 del buf[: i + mlen]
                 return data
             if discarding or len(buf) > max_size or (room is not None and not room(len(buf))):
@@ -283,6 +291,7 @@ class Stream(asyncio.Protocol):
                 drop = len(buf) - (mlen - 1)
                 if drop > 0:
                     del buf[:drop]
+                    dropped += drop
                 start = 0
             else:
                 start = max(0, len(buf) - mlen + 1)

@@ -51,10 +51,11 @@ async def read_message(
         return b""
     # max_size counts the content without the final CRLF, as before `keep`.
     raw = await stream.read_until(EOD, max_size, keep=2, room=room.grow)
-    if raw is None:
-        refused = room.refused
+    if isinstance(raw, int):  # discarded: too big, or no room for it, or both
         room.release()
-        raise DataRefused(replies.NO_MEMORY if refused else replies.SIZE_EXCEEDED)
+        # Too big is permanent and says what the sender must change; no room only
+        # defers, and a retry of a message too big would only be refused again.
+        raise DataRefused(replies.SIZE_EXCEEDED if raw > max_size else replies.NO_MEMORY)
     if not room.fit(len(raw)):
         raise DataRefused(replies.NO_MEMORY)
     return check_wire(raw, bare)

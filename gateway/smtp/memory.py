@@ -127,13 +127,12 @@ class Reservation:
     of its message as they arrive, all returned when the transaction ends.
     Releasing twice is harmless, so every way out of a transaction may release."""
 
-    __slots__ = ("_memory", "held", "pledge", "refused")
+    __slots__ = ("_memory", "held", "pledge")
 
     def __init__(self, memory: MessageMemory) -> None:
         self._memory = memory
         self.held = 0
         self.pledge = 0  # SIZE= pledged at MAIL, until the message's bytes take its place
-        self.refused = False  # grow() said no during this transfer (release() resets)
 
     # -- at MAIL --------------------------------------------------------------
     def admit(self, size: int) -> bool:
@@ -206,7 +205,6 @@ class Reservation:
         pledge = self.pledge
         free = mem.available + held + pledge
         if size > free:
-            self.refused = True
             return False
         if pledge:
             self.unpledge()
@@ -238,7 +236,6 @@ class Reservation:
         mem = self._memory
         mem.used -= self.held
         self.held = 0
-        self.refused = False
         if self.pledge:
             self.unpledge()
         if mem._waiters:

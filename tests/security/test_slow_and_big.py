@@ -184,6 +184,41 @@ def test_messages_beyond_the_memory_budget_get_452_and_the_rest_goes_through(
     assert len(backend.messages()) == 2
 
 
+def test_a_message_both_out_of_room_and_too_big_gets_552_not_452(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """A message the budget could not take, discarded as it came, that then ran
+    past `max_message_size` is answered 552 5.3.4: the permanent reason wins, so
+    the sender gets its bounce now instead of retrying for days a message that
+    could only be refused again."""
+    limits = {"max_message_size": 1_000_000, "max_data_memory": 1_500_000, "data_memory_wait": 0}
+    gw = gateway_factory(base_config(backend.url, limits=limits))
+    line = b"x" * 998 + b"\r\n"
+    with greeted(gw.port(), timeout=30) as a:
+        a.cmd("MAIL FROM:<a@sender.test>")
+        a.cmd("RCPT TO:<x@example.test>")
+        assert a.cmd("DATA")[0] == 354
+        a.send(b"Subject: first\r\n\r\n" + line * 900)  # 900 KB in flight
+        _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v >= 900_000)
+        with greeted(gw.port(), timeout=30) as b:
+            assert b.cmd("MAIL FROM:<b@sender.test>")[0] == 250
+            assert b.cmd("RCPT TO:<y@example.test>")[0] == 250
+            assert b.cmd("DATA")[0] == 354
+            # Out of room after some 300 KB (the first part fits), past 1 MB by its end.
+            b.send(b"Subject: big\r\n\r\n" + line * 50)
+            b.send(line * 1150 + b".\r\n")
+            code, text = b.reply()
+            assert code == 552 and text.startswith("552 5.3.4"), text
+            assert b.cmd("NOOP")[0] == 250  # in step after the discarded transfer
+        a.send(b".\r\n")
+        code, text = a.reply()
+        assert code == 250, text
+    assert [m["rcpt_tos"] for m in backend.messages()] == [["x@example.test"]]
+    counted = 'smtp_gateway_transactions_total{outcome="rejected",reason="size_exceeded"}'
+    assert gw.metric(counted) == 1
+    _wait_metric(gw, "smtp_gateway_message_memory_bytes", lambda v: v == 0)
+
+
 def test_a_mail_waits_its_turn_for_memory_and_is_then_delivered(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -54,7 +54,7 @@ def test_growing_reserves_ahead_but_never_past_the_limit() -> None:
     assert mem.used <= mem.limit
     # b holds what is left after a; a cannot grow into it.
     assert not a.grow(mem.limit - b.held + 1)
-    assert a.refused and mem.used <= mem.limit
+    assert mem.used <= mem.limit
     # a's final size is what it read, not what it reserved ahead.
     assert a.fit(5_000) and a.held == 5_000
     a.release()
@@ -95,6 +95,40 @@ def test_a_transfer_that_outgrows_the_budget_is_discarded_in_step() -> None:
     assert after == b"NOOP"
     # Discarded as it arrived: the buffer never held more than the room there was.
     assert max(buffered) <= CHUNK + len(chunk), buffered
+
+
+def test_a_message_out_of_room_and_then_too_big_gets_552() -> None:
+    """Discarded because the budget was short, it then ran past the size limit:
+    552 5.3.4, the permanent answer, not 452. A retry could only be refused again,
+    and the sender learns what to change (smtp/data.py read_message)."""
+    chunk = b"x" * 998 + b"\r\n"
+    chunk *= 64  # 64 KB
+
+    async def go() -> tuple[DataRefused, int, bytes]:
+        mem = MessageMemory(CHUNK * 2)
+        other = Reservation(mem)
+        assert other.fit(CHUNK)
+        r = Reservation(mem)
+        s = Stream()
+
+        async def feed() -> None:
+            for c in [chunk] * 8 + [b".\r\nNOOP\r\n"]:  # 512 KB, then the end
+                await asyncio.sleep(0)
+                s.data_received(c)
+
+        feeder = asyncio.create_task(feed())
+        with pytest.raises(DataRefused) as ei:
+            # The limit is above the room, below the message: room runs out first.
+            await read_message(s, 6 * len(chunk), BareLinefeed.REJECT, r)
+        await feeder
+        return ei.value, mem.used, await s.readline(100)
+
+    refused, used, after = asyncio.run(go())
+    assert CHUNK < 6 * len(chunk) < 8 * len(chunk)
+    assert refused.reply is replies.SIZE_EXCEEDED
+    assert str(refused.reply).startswith("552 5.3.4")
+    assert used == CHUNK
+    assert after == b"NOOP"
 
 
 def test_a_message_read_whole_is_refused_if_it_does_not_fit() -> None:
