@@ -65,8 +65,6 @@ class App:
                 cfg=lc,
                 tls=tls.server_context(lc),
                 requiretls=requiretls_possible(settings),
-                ehlo_plain=ehlo_lines(settings, lc, False),
-                ehlo_tls=ehlo_lines(settings, lc, True),
             )
             for lc in settings.listeners
         ]
@@ -83,6 +81,9 @@ class App:
                 settings.limits.data_memory_wait,
             ),
         )
+        self._size_changed()
+        if isinstance(self.backend, SmtpBackend):
+            self.backend.on_size = self._size_changed
         self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
@@ -101,6 +102,24 @@ class App:
             waiters.set(memory.waiting)
 
         metrics.sample(sample_memory)
+
+    def _size_changed(self) -> None:
+        """The largest message is ours or the backend's SIZE, whichever is smaller:
+        advertising more would have the client send what the backend refuses only
+        after the whole message (and a refused SIZE= left a session behind that
+        refused every later transaction: forward/backend.py resets it now)."""
+        size = self.settings.limits.max_message_size
+        limit = self.backend.size_limit if isinstance(self.backend, SmtpBackend) else None
+        if limit is not None and limit < size:
+            size = limit
+        if size == self.svc.max_size:
+            return
+        self.svc.max_size = size
+        for ls in self.listeners:
+            ls.ehlo_plain = ehlo_lines(self.settings, ls.cfg, False, size)
+            ls.ehlo_tls = ehlo_lines(self.settings, ls.cfg, True, size)
+        if limit is not None:
+            logs.event("backend_size", max_message_size=size, backend_size=limit)
 
     # -- readiness ----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -151,6 +170,9 @@ class App:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(self.backend, SmtpBackend):
+            # Connected and greeted before the first client: its SIZE is known then.
+            await self.backend.warm()
         for ls in self.listeners:
             c = ls.cfg
             ls.server = await loop.create_server(

@@ -224,7 +224,9 @@ class Backend(_Strict):
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     command_timeout: Annotated[float, Field(gt=0)] = 60.0
     data_timeout: Annotated[float, Field(gt=0)] = 600.0
-    pool_size: Annotated[int, Field(ge=0)] = 16
+    # Sessions per target kept connected and greeted ahead of need (forward/pool.py);
+    # each goes to one client session and is closed with it.
+    pool_size: Annotated[int, Field(ge=0)] = 4
     # Sessions open to each backend target at once from this instance (its workers
     # share them); beyond, a transaction waits up to connect_timeout for one, then
     # 451 4.4.5 (forward/pool.py). None: no cap.

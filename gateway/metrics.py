@@ -371,7 +371,8 @@ BACKEND_BREAKER_OPEN = Gauge(
 )
 BACKEND_POOL_IDLE = Gauge(
     P + "backend_pool_idle_sessions",
-    "Idle backend sessions kept for reuse, per target",
+    "Backend sessions connected and greeted ahead of need, per target (spares: each goes"
+    " to one client session)",
     ["target"],
     multiprocess_mode="livesum",
 )

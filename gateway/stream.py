@@ -44,6 +44,7 @@ class Stream(asyncio.Protocol):
         "_waiter",
         "_write_paused",
         "on_connect",
+        "on_lost",
         "peername",
         "tls_object",
         "transport",
@@ -70,6 +71,9 @@ class Stream(asyncio.Protocol):
         self.tls_object: ssl.SSLObject | None = None
         # Server side: called once the connection exists, to start its session.
         self.on_connect: Callable[[Stream], None] | None = None
+        # Called once when the connection is gone (a pool's idle session, closed by
+        # its peer, leaves the pool at once rather than when someone next looks).
+        self.on_lost: Callable[[], None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,6 +114,9 @@ class Stream(asyncio.Protocol):
         self.resume_writing()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
+        told, self.on_lost = self.on_lost, None
+        if told is not None:
+            told()
 
     # -- reading --------------------------------------------------------------
     def _wake(self) -> None:

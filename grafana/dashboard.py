@@ -128,10 +128,10 @@ ROWS: list[tuple[str, list[Panel]]] = [
          [(quantile(0.99, "smtp_gateway_backend_reply_seconds", "command"), "{{command}}")],
          "s", "ts"),
         ("Backend circuit breakers and pool",
-         "Open circuit breakers per target (1 = open) and idle pooled sessions.",
+         "Open circuit breakers per target (1 = open) and spare sessions kept ready.",
          [(f"max by (target) (smtp_gateway_backend_circuit_open{{{SEL}}})", "open {{target}}"),
           (f"sum by (target) (smtp_gateway_backend_pool_idle_sessions{{{SEL}}})",
-           "idle {{target}}")], "short", "ts"),
+           "spare {{target}}")], "short", "ts"),
         ("Backend sessions and waiting transactions",
          "Sessions open to each target (capped by backend.max_sessions) and transactions"
          " waiting for one; a wait that runs out is a 451 4.4.5 (reason backend_busy).",

@@ -1,15 +1,16 @@
 """The backend as the SMTP front end sees it: begin a transaction, pass RCPTs,
 hand over the message. Failover across targets with a circuit breaker, and
-XCLIENT/XFORWARD so the backend knows the real client.
+XCLIENT/XFORWARD so the backend knows the real client; each client session
+reaches the backend through its own session (forward/link.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -19,9 +20,11 @@ from gateway.forward.client import (
     BackendBusy,
     BackendError,
     BackendLost,
+    BackendRefusedClient,
     SmtpClient,
     SmtpReply,
 )
+from gateway.forward.link import ClientInfo, ClientLink, client_attrs
 from gateway.forward.pool import Pool
 from gateway.headers import header_section
 from gateway.smtp import dsn, replies
@@ -34,22 +37,16 @@ BUSY_LOG_INTERVAL = 10.0
 
 class BackendUnavailable(BackendError):
     """No target could take the transaction; the client must get a 4xx. `busy`:
-    the last one tried was up but had no session for us (BackendBusy)."""
+    the last one tried was up but had no session for us (BackendBusy); `refused`:
+    it refused what this client brought (BackendRefusedClient)."""
 
-    def __init__(self, message: str, busy: bool = False) -> None:
+    def __init__(self, message: str, busy: bool = False, refused: bool = False) -> None:
         super().__init__(message)
         self.busy = busy
+        self.refused = refused
 
 
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    """The real client, for XCLIENT/XFORWARD."""
-
-    addr: str
-    port: int
-    helo: str | None
-    esmtp: bool
-    tls: bool
+__all__ = ["BackendUnavailable", "ClientInfo"]
 
 
 class Transaction(Protocol):
@@ -66,10 +63,19 @@ class Transaction(Protocol):
         """The client gave up (RSET, QUIT, error): undo at the backend."""
 
 
-class Backend(Protocol):
-    async def begin(
+class Link(Protocol):
+    """The backend as one client session sees it."""
+
+    def begin(
         self, client: ClientInfo, sender: str, params: list[str]
-    ) -> tuple[SmtpReply, Transaction | None]: ...
+    ) -> Awaitable[tuple[SmtpReply, Transaction | None]]: ...
+
+    async def end(self) -> None:
+        """The client session is over."""
+
+
+class Backend(Protocol):
+    def link(self) -> Link: ...
 
     @property
     def available(self) -> bool: ...
@@ -127,12 +133,10 @@ class Target:
         self.helo = helo
         self.tls_ctx = client_tls_context(cfg)
         self.breaker = Breaker(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown)
-        # Turned off for this target if the backend refuses it (not authorised):
-        # mail keeps flowing, the backend just sees the gateway as the client.
-        self.use_xclient = cfg.xclient
         # The SIZE the backend advertised (RFC 1870), once a session has told us; None:
         # not known yet, or no fixed limit.
         self.size_limit: int | None = None
+        self.on_size: Callable[[], None] | None = None  # told when size_limit changes
         self._busy_logged = -BUSY_LOG_INTERVAL
         self._busy_unlogged = 0
         self.pool = Pool(
@@ -170,7 +174,11 @@ class Target:
             server_name=self.cfg.server_name,
         )
         size = client.extensions.get("SIZE", "")
-        self.size_limit = int(size) if size.isdigit() and int(size) > 0 else None
+        limit = int(size) if size.isdigit() and 0 < len(size) < 20 and int(size) > 0 else None
+        if limit != self.size_limit:
+            self.size_limit = limit
+            if self.on_size is not None:
+                self.on_size()
         return client
 
 
@@ -237,13 +245,20 @@ async def _refused(reply: SmtpReply) -> SmtpReply:
 
 class SmtpTransaction:
     def __init__(
-        self, target: Target, client: SmtpClient, utf8: bool = True, eight_bit: bool = True
+        self,
+        target: Target,
+        client: SmtpClient,
+        utf8: bool = True,
+        eight_bit: bool = True,
     ) -> None:
         self.target = target
         self.client = client
         # False: the backend lacks SMTPUTF8 / 8BITMIME that the client asked for.
         self.utf8 = utf8
         self.eight_bit = eight_bit
+        # The backend accepted the message: its transaction is over and the session
+        # ready for the next. Any other end is reset with RSET before that.
+        self.delivered = False
 
     # Plain functions handing back the client's coroutine: no frame of their own
     # for the wait on the backend's reply to resume through.
@@ -260,23 +275,35 @@ class SmtpTransaction:
             return self._refuse_data(replies.UTF8_HEADERS_UNSUPPORTED)
         if not self.eight_bit and not wire.isascii():
             return self._refuse_data(replies.EIGHT_BIT_UNSUPPORTED)
-        return self.client.data(wire, recipients, prefix)
+        return self._data(wire, recipients, prefix)
+
+    async def _data(self, wire: bytes, recipients: int, prefix: bytes) -> list[SmtpReply]:
+        results = await self.client.data(wire, recipients, prefix)
+        self.delivered = all(r.ok for r in results)
+        return results
 
     async def _refuse_data(self, reply: replies.Reply) -> list[SmtpReply]:
-        """Refused before DATA went out: the backend's transaction is reset here, so
-        the session goes back to the pool clean."""
-        if not await self.client.rset():
-            self.client.close()
+        """Refused before DATA went out: the backend's transaction is reset here."""
+        await reset(self.client)
+        self.delivered = True  # nothing left open at the backend
         return [_own(reply)]
 
     async def finish(self) -> None:
-        self.target.pool.release(self.client)
+        """The transaction is over; the session stays with its client session. One
+        that did not end in the backend's acceptance is reset (RSET, checked), or
+        closed, before it can carry another transaction: a refused SIZE= or DATA
+        must not leave anything behind for the next one."""
+        if not self.delivered:
+            await reset(self.client)
 
     async def abort(self) -> None:
-        if not self.client.closed and await self.client.rset():
-            self.target.pool.release(self.client)
-        else:
-            self.client.close()
+        await reset(self.client)
+
+
+async def reset(client: SmtpClient) -> None:
+    """RSET, checked; a session that does not answer 250 is closed."""
+    if client.closed or not await client.rset():
+        client.close()
 
 
 class DeferredTransaction:
@@ -289,12 +316,18 @@ class DeferredTransaction:
     tries MAIL again. `backend.defer_mail: false` passes MAIL through at MAIL.
     """
 
-    __slots__ = ("backend", "client", "opened", "params", "sender")
+    __slots__ = ("backend", "client", "link", "opened", "params", "sender")
 
     def __init__(
-        self, backend: SmtpBackend, client: ClientInfo, sender: str, params: list[str]
+        self,
+        backend: SmtpBackend,
+        link: SmtpLink,
+        client: ClientInfo,
+        sender: str,
+        params: list[str],
     ) -> None:
         self.backend = backend
+        self.link = link
         self.client = client
         self.sender = sender
         self.params = params
@@ -307,7 +340,7 @@ class DeferredTransaction:
 
     async def _open(self, rcpt: str, params: list[str]) -> SmtpReply:
         reply, rcpt_reply, txn = await self.backend.open(
-            self.client, self.sender, self.params, (rcpt, params)
+            self.link, self.client, self.sender, self.params, (rcpt, params)
         )
         if txn is None:
             return reply  # MAIL refused: its reply is the answer
@@ -328,6 +361,21 @@ class DeferredTransaction:
             await self.opened.abort()
 
 
+class SmtpLink(ClientLink):
+    """One client session's way to the backend (forward/link.py)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: SmtpBackend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def begin(
+        self, client: ClientInfo, sender: str, params: list[str]
+    ) -> Awaitable[tuple[SmtpReply, Transaction | None]]:
+        return self.backend.begin(self, client, sender, params)
+
+
 class SmtpBackend:
     def __init__(self, cfg: config.Backend, helo: str, workers: int = 1) -> None:
         self.cfg = cfg
@@ -335,7 +383,32 @@ class SmtpBackend:
         # workers share it (rounded up).
         cap = None if cfg.max_sessions is None else -(-cfg.max_sessions // max(1, workers))
         self.targets = [Target(u, cfg, helo, i, cap) for i, u in enumerate(cfg.url)]
+        # Told when a target's SIZE changes (the app advertises the smaller of its own).
+        self.on_size: Callable[[], None] | None = None
+        for t in self.targets:
+            t.on_size = self._size_changed
         self._update_gauge()
+
+    def _size_changed(self) -> None:
+        if self.on_size is not None:
+            self.on_size()
+
+    def link(self) -> SmtpLink:
+        return SmtpLink(self)
+
+    async def warm(self) -> None:
+        """Open each target's spares now, waiting (up to connect_timeout) for them:
+        the first greeting tells the target's SIZE. A target that is down is left
+        to the first transaction."""
+        tasks = [task for t in self.targets for task in t.pool.warm()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.cfg.connect_timeout)
+
+    @property
+    def size_limit(self) -> int | None:
+        """The SIZE of the target new transactions go to, if it said one."""
+        target = next((t for t in self.targets if t.breaker.allow()), self.targets[0])
+        return target.size_limit
 
     @property
     def available(self) -> bool:
@@ -347,31 +420,20 @@ class SmtpBackend:
             metrics.child(metrics.BACKEND_BREAKER_OPEN, t.label).set(1 if t.breaker.open else 0)
 
     async def begin(
-        self, client: ClientInfo, sender: str, params: list[str]
+        self, link: SmtpLink, client: ClientInfo, sender: str, params: list[str]
     ) -> tuple[SmtpReply, Transaction | None]:
         if self.cfg.defer_mail:
             # What is known without a backend session is still said at MAIL (and the
             # handler refuses REQUIRETLS at MAIL unless backend TLS is required).
             if not self.available:
                 raise BackendUnavailable("every backend is in cooldown")
-            if self._too_big(params):
-                # A 552 to RCPT would read as "too many recipients", which RFC 5321
-                # 4.5.3.1.10 tells clients to retry: a size refusal belongs to MAIL.
-                return _own(replies.SIZE_EXCEEDED), None
-            return _SENDER_OK, DeferredTransaction(self, client, sender, params)
-        reply, _, txn = await self.open(client, sender, params)
+            return _SENDER_OK, DeferredTransaction(self, link, client, sender, params)
+        reply, _, txn = await self.open(link, client, sender, params)
         return reply, txn
-
-    def _too_big(self, params: list[str]) -> bool:
-        """Whether the declared SIZE exceeds what the target MAIL would go to advertised."""
-        for p in params:
-            if p[:5] == "SIZE=":
-                target = next(t for t in self.targets if t.breaker.allow())
-                return target.size_limit is not None and int(p[5:]) > target.size_limit
-        return False
 
     async def open(
         self,
+        link: SmtpLink,
         client: ClientInfo,
         sender: str,
         params: list[str],
@@ -381,25 +443,36 @@ class SmtpBackend:
         given: MAIL's reply, the RCPT's (None if it got none: see SmtpClient.mail),
         and the open transaction if MAIL was accepted."""
         last_error: Exception | None = None
-        for target in self.targets:
+        targets = self.targets
+        if link.target is not None and link.target is not targets[0]:
+            # The target this client session already has a session at comes first.
+            targets = [link.target, *(t for t in targets if t is not link.target)]
+        for target in targets:
             if not target.breaker.allow():
                 continue
             try:
                 reply, rcpt_reply, session, fit = await self._begin_on(
-                    target, client, sender, params, rcpt
+                    link, target, client, sender, params, rcpt
                 )
             except BackendBusy as e:  # up, but no session for us now: not a failure
                 last_error = e
                 target.busy(e)
                 continue
+            except BackendRefusedClient as e:
+                # This client's values, not the backend's health: no failover (the
+                # next target would judge the same values), no breaker.
+                link.drop(target)
+                log.warning("backend %s refused a client's details: %s", target.url, e)
+                raise BackendUnavailable(str(e), refused=True) from None
             except BackendError as e:
+                link.drop(target)
                 last_error = e
                 target.breaker.failure()
                 log.warning("backend %s failed: %s", target.url, e)
                 continue
             if reply.code == 421:
                 target.breaker.failure()
-                session.close()
+                link.drop(target)
                 last_error = BackendLost(f"backend said {reply}")
                 continue
             # The gauges change only with a breaker: after a failure (this target's
@@ -409,7 +482,7 @@ class SmtpBackend:
             if reply.ok:
                 txn = SmtpTransaction(target, session, fit.utf8, fit.eight_bit)
                 return reply, rcpt_reply, txn
-            target.pool.release(session)
+            await reset(session)  # a refused MAIL leaves nothing for the next one
             return reply, None, None
         self._update_gauge()
         raise BackendUnavailable(
@@ -419,6 +492,7 @@ class SmtpBackend:
 
     async def _begin_on(
         self,
+        link: SmtpLink,
         target: Target,
         client: ClientInfo,
         sender: str,
@@ -426,19 +500,11 @@ class SmtpBackend:
         rcpt: tuple[str, list[str]] | None,
     ) -> tuple[SmtpReply, SmtpReply | None, SmtpClient, Fit]:
         for attempt in (0, 1):
-            session, reused = await target.pool.acquire()
+            session, reused = await link.session_for(target, client)
             try:
                 xforward = None
-                if target.use_xclient and "XCLIENT" in session.extensions:
-                    if not await session.xclient(_xclient_attrs(client), target.helo):
-                        target.use_xclient = False
-                        log.warning(
-                            "backend %s refused XCLIENT; not using it (authorise "
-                            "this gateway, e.g. smtpd_authorized_xclient_hosts)",
-                            target.url,
-                        )
-                elif self.cfg.xforward and "XFORWARD" in session.extensions:
-                    xforward = _xclient_attrs(client)
+                if not link.identified and self.cfg.xforward and "XFORWARD" in session.extensions:
+                    xforward = client_attrs(client)
                 # After XCLIENT, whose EHLO may have changed what the session offers.
                 fit = fit_params(params, session.extensions)
                 if "REQUIRETLS" in params and not self._requiretls_ok(session):
@@ -460,9 +526,9 @@ class SmtpBackend:
                 reply, rcpt_reply = await session.mail(sender, fit.params, xforward, rcpt)
                 return reply, rcpt_reply, session, fit
             except BackendLost:
-                session.close()
+                link.drop(target)
                 if reused and attempt == 0:
-                    continue  # a pooled session the backend had already dropped
+                    continue  # a warm session the backend had already dropped
                 raise
         raise AssertionError("unreachable")
 
@@ -476,11 +542,3 @@ class SmtpBackend:
     async def close(self) -> None:
         for t in self.targets:
             await t.pool.close_all()
-
-
-def _xclient_attrs(c: ClientInfo) -> dict[str, str]:
-    proto = "ESMTP" if c.esmtp else "SMTP"
-    attrs = {"ADDR": c.addr, "PORT": str(c.port), "NAME": "[UNAVAILABLE]", "PROTO": proto}
-    if c.helo:
-        attrs["HELO"] = c.helo
-    return attrs

@@ -40,6 +40,13 @@ class BackendBusy(BackendLost):
     sessions the backend is serving included, because some could not be added."""
 
 
+class BackendRefusedClient(BackendError):
+    """The backend refused what one client brought with it (its XCLIENT or XFORWARD
+    attributes, the EHLO with its name). That client's transaction gets a 4xx and
+    the session is discarded; the backend itself is healthy, so the circuit breaker
+    does not count it, and nothing changes for other clients."""
+
+
 class BackendTimeout(BackendError):
     """No (complete) reply within the deadline."""
 
@@ -75,11 +82,22 @@ def _offered(text: str) -> frozenset[str]:
     return frozenset(text.upper().split())
 
 
+# Postfix's smtpd refuses an XCLIENT or XFORWARD value over 255 octets as sent
+# (xtext-encoded: "=" is three octets, "é" six), and an empty one.
+MAX_XATTR = 255
+UNAVAILABLE = "[UNAVAILABLE]"
+
+
 @functools.lru_cache(maxsize=4096)
 def _xattr(key: str, value: str) -> str:
-    """One `NAME=xtext` attribute; cached, since a client's address and HELO repeat
-    across its connections (the port does not, hence per attribute, not per line)."""
-    return f"{key}={dsn.xtext(value)}"
+    """One `NAME=xtext` attribute, `[UNAVAILABLE]` when the encoded value would not
+    fit (a client's HELO is its own to choose: it must never make the backend
+    refuse the command). Cached, since a client's address and HELO repeat across
+    its connections (the port does not, hence per attribute, not per line)."""
+    encoded = dsn.xtext(value)
+    if not encoded or len(encoded) > MAX_XATTR:
+        encoded = UNAVAILABLE
+    return f"{key}={encoded}"
 
 
 def _with_params(command: str, params: list[str]) -> str:
@@ -130,7 +148,6 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.last_used = time.monotonic()
         self.broken = False
-        self.xclient_args: str | None = None
         # Told once when this session closes (the pool counts the open ones).
         self.on_close: Callable[[SmtpClient], None] | None = None
 
@@ -194,6 +211,13 @@ class SmtpClient:
     @property
     def tls_active(self) -> bool:
         return self.stream.tls_object is not None
+
+    def quit_now(self) -> None:
+        """QUIT without waiting for the reply, and close: for a session nobody
+        waits on (a spare past its idle time, one whose client session ended)."""
+        if not self.closed and not self.stream.pending:
+            self.stream.write(b"QUIT\r\n")
+        self.close()
 
     def close(self) -> None:
         self.broken = True
@@ -293,15 +317,16 @@ class SmtpClient:
         raise BackendBadReply("backend sent a reply that nothing asked for")
 
     # -- commands ---------------------------------------------------------------
-    async def ehlo(self, helo: str) -> None:
+    async def ehlo(self, helo: str, refused: type[BackendError] = BackendLost) -> None:
+        """EHLO (LHLO), or HELO if EHLO is refused; `refused` is raised if both are."""
         verb = "LHLO" if self.lmtp else "EHLO"
         reply = await self.command("ehlo", f"{verb} {helo}")
         if not reply.ok:
             if self.lmtp:
-                raise BackendLost(f"backend refused LHLO: {reply}")
+                raise refused(f"backend refused LHLO: {reply}")
             reply = await self.command("helo", f"HELO {helo}")
             if not reply.ok:
-                raise BackendLost(f"backend refused HELO: {reply}")
+                raise refused(f"backend refused HELO: {reply}")
             self.extensions = {}
             return
         ext: dict[str, str] = {}
@@ -321,21 +346,24 @@ class SmtpClient:
             self.close()
             raise BackendTlsError(f"TLS handshake with backend failed: {e}") from None
 
-    async def xclient(self, attrs: dict[str, str], helo: str) -> bool:
-        """Pass the real client to the backend (Postfix XCLIENT); False if refused.
+    async def xclient(self, attrs: dict[str, str], helo: str) -> None:
+        """Tell the backend who the client is (Postfix XCLIENT), then EHLO as it.
 
-        Postfix answers with a new 220 greeting, some servers with 250; either
-        way the session is reset, so EHLO again.
+        Postfix answers with a new 220 greeting, some servers with 250; either way
+        the session is reset, so EHLO again, with the client's own name: the EHLO
+        that follows XCLIENT is what Postfix logs, checks and writes into its
+        Received header (it takes precedence over the HELO attribute). Once done,
+        the identity stays on this connection: Postfix judges XCLIENT against the
+        new client's address and stops offering it (forward/pool.py).
+        BackendRefusedClient if the backend refuses either command.
         """
         args = _xargs(self.extensions.get("XCLIENT", ""), attrs)
-        if not args or args == self.xclient_args:
-            return True  # this pooled session already speaks for that client
+        if not args:
+            return
         reply = await self.command("xclient", f"XCLIENT {args}")
         if not reply.ok:
-            return False
-        await self.ehlo(helo)
-        self.xclient_args = args
-        return True
+            raise BackendRefusedClient(f"backend refused XCLIENT: {reply}")
+        await self.ehlo(helo, refused=BackendRefusedClient)
 
     async def mail(
         self,
@@ -378,7 +406,7 @@ class SmtpClient:
     @staticmethod
     def _xforward_ok(reply: SmtpReply) -> None:
         if not reply.ok:
-            raise BackendLost(f"backend refused XFORWARD: {reply}")
+            raise BackendRefusedClient(f"backend refused XFORWARD: {reply}")
 
     def xforward_line(self, attrs: dict[str, str]) -> str | None:
         args = _xargs(self.extensions.get("XFORWARD", ""), attrs)

@@ -83,6 +83,13 @@ class MaildirBackend:
     def available(self) -> bool:
         return True
 
+    def link(self) -> MaildirBackend:
+        """Nothing is held per client session: the backend is its own link."""
+        return self
+
+    async def end(self) -> None:
+        return None
+
     async def begin(
         self, client: ClientInfo, sender: str, params: list[str]
     ) -> tuple[SmtpReply, Transaction | None]:

@@ -1,27 +1,42 @@
-"""Reusable backend sessions for one target, and a cap on how many are open.
+"""Warm backend sessions for one target, and a cap on how many are open.
 
-A session goes back to the pool only in a clean state: after a completed
-transaction (no RSET needed, measured 7-19% faster than RSET every time) or
-after an aborted one that the backend acknowledged with RSET.
+A backend session carries exactly one client session (forward/link.py): once
+the backend has been told who the client is (XCLIENT), that identity stays on
+the connection (Postfix then stops offering XCLIENT, so it cannot be changed),
+and a session handed to another client would carry the first one's address
+into the second one's checks, logs and Received header. So a session leaves
+this pool once, to one client session, and is closed when that client session
+ends; it never comes back.
 
-The cap (`backend.max_sessions`) exists because a before-queue proxy opens a
-backend session per client transaction: at a peak, more than the backend
-accepts. A backend at its limit answers 421 (Exim, Exchange) or stops
-accepting; either way the transactions over the limit fail while the backend
-is healthy. Under the cap they wait, first come first served, for a session
-to come free, up to the connect timeout, and only then fail (451 4.4.5).
+What pooling is still for is latency: connecting, the greeting and EHLO cost
+three round trips and the backend's own session set-up. Up to `size` sessions
+are kept connected and greeted ahead of need (spares); taking one starts the
+connect of its replacement in the background. A spare unused for
+`idle_timeout` is closed by a timer (not when someone next looks), so a
+restarted backend is not counted as open long after, and so a quiet gateway
+holds nothing at the backend.
+
+The cap (`backend.max_sessions`) exists because a before-queue proxy holds a
+backend session per client session with a transaction: at a peak, more than
+the backend accepts. A backend at its limit answers 421 (Exim, Exchange) or
+stops accepting; either way the transactions over the limit fail while the
+backend is healthy. Under the cap they wait, first come first served, for a
+session to end, up to the connect timeout, and only then fail (451 4.4.5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gateway import metrics
-from gateway.forward.client import BackendBusy, SmtpClient
+from gateway.forward.client import BackendBusy, BackendError, SmtpClient
+
+log = logging.getLogger("gateway.backend")
 
 
 class Pool:
@@ -44,11 +59,18 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.max_open = max_open  # None: no cap
         self.wait = wait
-        # Sessions handed out and not yet back or closed, and connects under way:
-        # with the idle ones, what the backend sees open.
+        # Sessions handed out and not yet closed, and connects under way: with the
+        # spares, what the backend sees open.
         self._busy: set[SmtpClient] = set()
         self._connecting = 0
+        self._warming = 0  # of those connects, the ones that will become spares
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        # A spare failed to open: no more until a client's own connect succeeds (a
+        # backend at its connection limit, or down, is not hammered with spares).
+        self._cold = False
         self._open_gauge = metrics.child(metrics.BACKEND_SESSIONS_OPEN, label)
         self._waiting_gauge = metrics.child(metrics.BACKEND_SESSION_WAITERS, label)
         metrics.sample(self._sample)
@@ -66,35 +88,51 @@ class Pool:
         return len(self._busy) + len(self._idle) + self._connecting
 
     async def acquire(self) -> tuple[SmtpClient, bool]:
-        """A usable session and whether it was reused (a reused one may have gone
-        stale). BackendBusy if the cap leaves none within `wait` seconds."""
+        """A session for one client session, and whether it was a spare (connected
+        earlier: it may have gone stale since). The caller closes it when its client
+        session ends. BackendBusy if the cap leaves none within `wait` seconds."""
         deadline: float | None = None
         if self._waiters and self.max_open is not None:
             # Nobody overtakes a transaction already waiting for a session.
             deadline = time.monotonic() + self.wait
             await self._wait_until(deadline, first=False)
         while True:
-            now = time.monotonic()
-            while self._idle:
-                client = self._idle.pop()  # most recently used first: least likely timed out
-                if not client.reusable or now - client.last_used > self.idle_timeout:
-                    client.close()
-                    continue
-                self._gauge.set(len(self._idle))
-                self._busy.add(client)
+            spare = self._take_spare()
+            if spare is not None:
                 if deadline is not None:
                     self._waited.inc()
-                return client, True
-            self._gauge.set(len(self._idle))
+                return spare, True
             if self.max_open is None or self._room():
                 break
             # Woken, but a newcomer took the room first: it keeps its place in line.
             first = deadline is not None
             if deadline is None:
-                deadline = now + self.wait
+                deadline = time.monotonic() + self.wait
             await self._wait_until(deadline, first)
         if deadline is not None:
             self._waited.inc()
+        client = await self._connect()
+        self._busy.add(client)
+        self._cold = False
+        self._refill()
+        return client, False
+
+    def _take_spare(self) -> SmtpClient | None:
+        now = time.monotonic()
+        while self._idle:
+            client = self._idle.pop()  # the newest: the furthest from its idle timeout
+            if not client.reusable or now - client.last_used > self.idle_timeout:
+                client.close()  # dead or stale: detected here, before a client gets it
+                continue
+            client.stream.on_lost = None
+            self._gauge.set(len(self._idle))
+            self._busy.add(client)
+            self._refill()
+            return client
+        self._gauge.set(0)
+        return None
+
+    async def _connect(self) -> SmtpClient:
         self._connecting += 1
         try:
             client = await self._factory()
@@ -105,15 +143,88 @@ class Pool:
             raise
         self._connecting -= 1
         client.on_close = self._closed
-        self._busy.add(client)
-        return client, False
+        return client
+
+    def _refill(self) -> list[asyncio.Task[None]]:
+        """Start the connects that bring the spares back up to `size`, room allowing.
+        Each counts as open (connecting) from now, so the cap holds."""
+        started = []
+        while (
+            not self._closing
+            and not self._cold
+            and len(self._idle) + self._warming < self.size
+            and (self.max_open is None or self.open < self.max_open)
+            and not self._waiters
+        ):
+            self._warming += 1
+            self._connecting += 1
+            task = asyncio.get_running_loop().create_task(self._warm_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started.append(task)
+        return started
+
+    def warm(self) -> list[asyncio.Task[None]]:
+        """Open the spares now (at start-up: the first greeting also tells the target's
+        SIZE before the first client asks)."""
+        return self._refill()
+
+    async def _warm_one(self) -> None:
+        try:
+            client = await self._factory()
+        except BackendError as e:
+            log.debug("backend spare not opened: %s", e)
+            self._cold = True
+            if self._waiters:  # its room is free again
+                self._wake()
+            return
+        finally:
+            self._warming -= 1
+            self._connecting -= 1
+        client.on_close = self._closed
+        if self._closing:
+            client.close()
+            return
+        self._idle.append(client)
+        client.stream.on_lost = lambda: self._spare_lost(client)
+        self._gauge.set(len(self._idle))
+        self._arm_sweep()
+        if self._waiters:  # someone waiting for room: this spare is theirs
+            self._wake()
+
+    def _spare_lost(self, client: SmtpClient) -> None:
+        """The backend closed a spare (restarted, or its own idle timeout)."""
+        with contextlib.suppress(ValueError):
+            self._idle.remove(client)
+            self._gauge.set(len(self._idle))
+        client.close()
+
+    def _arm_sweep(self) -> None:
+        if self._sweep is None and self._idle:
+            oldest = min(c.last_used for c in self._idle)
+            delay = max(0.0, oldest + self.idle_timeout - time.monotonic())
+            self._sweep = asyncio.get_running_loop().call_later(delay + 0.01, self._expire)
+
+    def _expire(self) -> None:
+        """Close the spares idle for `idle_timeout`, politely (QUIT, no wait)."""
+        self._sweep = None
+        now = time.monotonic()
+        keep: deque[SmtpClient] = deque()
+        for client in self._idle:
+            if now - client.last_used >= self.idle_timeout or not client.reusable:
+                client.quit_now()
+            else:
+                keep.append(client)
+        self._idle = keep
+        self._gauge.set(len(keep))
+        self._arm_sweep()
 
     def _room(self) -> bool:
         assert self.max_open is not None
         if self.open < self.max_open:
             return True
-        # Sessions the backend closed while a transaction held them count as closed
-        # now, not when their holder next looks.
+        # Sessions the backend closed while a client session held them count as
+        # closed now, not when their holder next looks.
         gone = [c for c in self._busy if c.closed]
         self._busy.difference_update(gone)
         return self.open < self.max_open
@@ -154,21 +265,13 @@ class Pool:
         if self._waiters:
             self._wake()
 
-    def release(self, client: SmtpClient) -> None:
-        self._busy.discard(client)
-        if not client.reusable or len(self._idle) >= self.size:
-            client.close()
-            return
-        self._idle.append(client)
-        # Evict from the cold end so idle sessions do not pile up at the backend.
-        now = time.monotonic()
-        while self._idle and now - self._idle[0].last_used > self.idle_timeout:
-            self._idle.popleft().close()
-        self._gauge.set(len(self._idle))
-        if self._waiters:
-            self._wake()
-
     async def close_all(self) -> None:
+        self._closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for task in list(self._tasks):
+            task.cancel()
         while self._idle:
             await self._idle.pop().quit()
         self._gauge.set(0)

@@ -84,15 +84,21 @@ class Services:
     # A recipient in local_domains without routing tricks (relay control's rule).
     is_local: Callable[[Address], bool]
     memory: MessageMemory  # message data in this process (limits.max_data_memory)
+    # The largest message taken: limits.max_message_size, or the backend's SIZE when
+    # that is smaller (advertised, and refused at MAIL and in DATA with 552).
+    max_size: int = 0
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
 
-def ehlo_lines(settings: config.Settings, listener: config.Listener, tls_active: bool) -> bytes:
-    """The capability lines after the greeting line; computed once per listener."""
+def ehlo_lines(
+    settings: config.Settings, listener: config.Listener, tls_active: bool, max_size: int
+) -> bytes:
+    """The capability lines after the greeting line; computed once per listener, and
+    again when the backend's SIZE changes what `max_size` is (Services.max_size)."""
     caps = [
         "PIPELINING",
-        f"SIZE {settings.limits.max_message_size}",
+        f"SIZE {max_size}",
         "8BITMIME",
         "SMTPUTF8",
         "DSN",
@@ -135,6 +141,8 @@ class Session:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.txn_broken: Reply | None = None
+        # This client session's own way to the backend (forward/link.py).
+        self.link = svc.backend.link()
         # The message's share of the memory budget, from DATA to the transaction's end.
         self.room = Reservation(svc.memory)
         self.client_info: ClientInfo | None = None
@@ -144,6 +152,8 @@ class Session:
         self.txn_start = 0.0
         self.txn_count = 0
         self.rcpt_tried = 0
+        # The backend's refusals of this transaction's recipients, for its log line.
+        self.rcpt_refused: list[str] = []
         self.utf8_txn = False
         self.sync = False  # enforce_sync applies to this client (set once it is known)
         self.backend_sender: Address = NULL  # MAIL FROM as the backend got it
@@ -253,6 +263,10 @@ class Session:
             await self._abort_txn("local_error")
         finally:
             self.stream.close()
+            try:
+                await self.link.end()  # the backend session ends with its client's
+            except BackendError as e:
+                log.debug("session %s: backend session end: %s", self.id, e)
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
@@ -375,7 +389,7 @@ class Session:
                     self.send(replies.SYNTAX_ARGS)
                     return
                 declared = int(val)
-                if declared > self.limits.max_message_size:
+                if declared > self.svc.max_size:
                     self.send(replies.SIZE_EXCEEDED)
                     return
                 fwd.append(f"SIZE={val}")
@@ -443,7 +457,7 @@ class Session:
         rewriter = self.svc.runner.policy.rewriter
         self.backend_sender = rewriter.sender(addr) if rewriter.active else addr
         try:
-            reply, txn = await self.svc.backend.begin(info, str(self.backend_sender), fwd)
+            reply, txn = await self.link.begin(info, str(self.backend_sender), fwd)
         except BackendUnavailable as e:
             self._no_transaction()
             refused = replies.for_backend_error(e)
@@ -606,6 +620,8 @@ class Session:
                 await self._backend_failed(e)
                 return
             results.append(r)
+            if not r.ok and len(self.rcpt_refused) < _LOGGED_REFUSALS:
+                self.rcpt_refused.append(f"<{t}> {r}"[:_LOGGED_REFUSAL_LEN])
             if r.ok:
                 self.ctx.recipients.append(t)
                 accepted.append(t)
@@ -647,14 +663,13 @@ class Session:
             return
         self.send(replies.START_DATA)
         self.flush()
-        self.stream.set_high_water(self.limits.max_message_size + 65536)
+        max_size = self.svc.max_size
+        self.stream.set_high_water(max_size + 65536)
         self.stream.set_deadline(self.limits.data_timeout)
         try:
             # Charged to the process's memory budget as it arrives (smtp/memory.py);
             # _end_txn gives it back.
-            wire = await read_message(
-                self.stream, self.limits.max_message_size, self.limits.bare_linefeed, self.room
-            )
+            wire = await read_message(self.stream, max_size, self.limits.bare_linefeed, self.room)
             limits = self.limits
             check_header_section(wire, limits.max_header_size, limits.max_received_headers)
         except TimeoutError:
@@ -742,9 +757,7 @@ class Session:
         assert self.client_info is not None
         why = ""
         try:
-            reply, txn = await self.svc.backend.begin(
-                self.client_info, str(sender), self.mail_params
-            )
+            reply, txn = await self.link.begin(self.client_info, str(sender), self.mail_params)
             if txn is None:
                 why = f"MAIL: {reply}"
             else:
@@ -943,6 +956,14 @@ class Session:
     async def _abort_txn(self, why: str) -> None:
         if self.ctx.mail_from is None and self.txn is None:
             return
+        if self.rcpt_refused and not self.ctx.recipients and why != "shutdown":
+            # Every recipient was refused by the backend: that, not the client's QUIT
+            # or RSET after it, is how the transaction ended.
+            first = self.rcpt_refused[0]
+            code = first[first.index("> ") + 2 :][:1]
+            action = Action.TEMPFAIL if code == "4" else Action.REJECT
+            await self._end_txn(action, "backend", abort=True, backend=first)
+            return
         await self._end_txn(
             Action.TEMPFAIL if why == "shutdown" else Action.ACCEPT, why, abort=True, aborted=True
         )
@@ -968,6 +989,8 @@ class Session:
                 await txn.finish()
         self._txn_outcome(action, reason, size=size, aborted=aborted, **extra)
         self.ctx.new_transaction()
+        if self.rcpt_refused:
+            self.rcpt_refused = []
 
     def _txn_outcome(
         self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
@@ -986,6 +1009,8 @@ class Session:
             }
         if self.backend_sender != mail_from and mail_from is not None:
             extra["backend_sender"] = str(self.backend_sender)
+        if self.rcpt_refused:
+            extra["refused"] = self.rcpt_refused
         logs.event(
             "transaction",
             session=self.id,
@@ -1002,6 +1027,12 @@ class Session:
             duration_ms=round((time.monotonic() - self.txn_start) * 1000, 1),
             **extra,
         )
+
+
+# A transaction's log line names at most this many recipients the backend refused,
+# each cut to this length: the count of recipients is the client's to choose.
+_LOGGED_REFUSALS = 10
+_LOGGED_REFUSAL_LEN = 300
 
 
 def _outcome(action: Action) -> str:

@@ -138,6 +138,9 @@ BACKEND_BUSY = r(451, "4.4.5", "Next hop busy, try again later")
 BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
+# The next hop refused this client's details (XCLIENT/XFORWARD, its HELO name): only
+# this client is affected; the session is discarded.
+BACKEND_REFUSED_CLIENT = r(451, "4.7.0", "Next hop refused this session's details, try again later")
 BACKEND_PARTIAL = r(451, "4.3.0", "Delivery incomplete at next hop, try again later")
 # An LMTP next hop delivered to some recipients and refused the others for good; one
 # line per refused recipient follows (partial_refusal).
@@ -269,6 +272,8 @@ def for_backend_error(error: Exception) -> Reply:
     from gateway.forward.client import BackendBadReply, BackendTimeout
 
     if isinstance(error, BackendUnavailable):
+        if error.refused:
+            return BACKEND_REFUSED_CLIENT
         return BACKEND_BUSY if error.busy else BACKEND_UNAVAILABLE
     if isinstance(error, BackendTimeout):
         return BACKEND_TIMEOUT

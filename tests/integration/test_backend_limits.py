@@ -53,7 +53,8 @@ def test_a_backend_at_its_connection_limit_does_not_trip_the_breaker(
     transaction after the peak, go through. (Counting a busy greeting as a failure
     opened the breaker after five, and then every client got 451 for its cooldown.)"""
     backend = backend_factory("--max-connections", "2")
-    gw = gateway_factory(base_config(backend.url, backend={"max_sessions": None}))
+    # No spares: each connect here is a transaction's own, so the count below is exact.
+    gw = gateway_factory(base_config(backend.url, backend={"max_sessions": None, "pool_size": 0}))
     held = []
     refused = []
     for _ in range(8):  # 2 the backend takes, then 6: more than the breaker's 5

@@ -245,27 +245,34 @@ def test_backend_refusal_of_the_sender(
     assert (m["mail_from"], m["rcpt_tos"]) == ("a@sender.test", ["x@example.test"])
 
 
-def test_deferred_mail_refuses_a_size_over_the_backends_at_mail_once_it_is_known(
+def test_the_backends_size_is_learned_at_start_advertised_and_enforced(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
     """A backend's size refusal must not answer RCPT: a 552 there reads as "too many
-    recipients", which RFC 5321 4.5.3.1.10 tells clients to retry. Once a backend
-    session has advertised its SIZE, a larger declared size is refused at MAIL; before
-    any session exists, the first RCPT carries the backend's own refusal."""
+    recipients", which RFC 5321 4.5.3.1.10 tells clients to retry. The gateway greets
+    the backend at start, advertises the smaller SIZE of the two, refuses a larger
+    declared size at MAIL, and a larger message at its end, without the backend
+    seeing either."""
     be = backend_factory("--size-limit", "10000")
     gw = gateway_factory(base_config(be.url))
+    gw.wait_log(lambda e: e.get("event") == "backend_size" and e["max_message_size"] == 10000)
     rcpt = ["RCPT TO:<x@example.test>"]
-    with greeted(gw.port()) as c:
-        too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
-        first = _txn(c, "MAIL FROM:<a@sender.test> SIZE=20000", rcpt, MSG)
-        assert [code for code, _ in first] == [250, 552, 554], first
-        assert first[1][1] != too_big  # the backend's own words (aiosmtpd's)
-        assert c.cmd("RSET")[0] == 250
+    too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
+    with RawClient(gw.port()) as c:
+        assert c.reply()[0] == 220
+        code, text = c.cmd("EHLO client.test")
+        assert code == 250 and "250-SIZE 10000" in text.splitlines()
         assert c.cmd("MAIL FROM:<a@sender.test> SIZE=20000") == (552, too_big)
+        big = b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n"
+        over = _txn(c, "MAIL FROM:<a@sender.test>", rcpt, big * 200)
+        assert over[-1] == (552, too_big), over
         ok = _txn(c, "MAIL FROM:<a@sender.test> SIZE=9000", rcpt, MSG)
         assert [code for code, _ in ok] == [250, 250, 354, 250], ok
-    # (aiosmtpd refuses a SIZE over its limit before its command log sees it.)
-    assert [x for x in be.commands() if x.startswith("MAIL")] == ["MAIL a@sender.test SIZE=9000"]
+    assert [x for x in be.commands() if x.startswith("MAIL")] == [
+        "MAIL a@sender.test ",
+        "MAIL a@sender.test SIZE=9000",
+    ]
+    assert len(be.messages()) == 1
 
 
 def test_smtputf8_mail_to_a_backend_without_it_passes_when_it_is_ascii(
@@ -460,9 +467,9 @@ def test_a_backend_session_with_unread_replies_is_not_pooled(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
     """An extra reply after the end of DATA would have answered the next transaction's
-    MAIL on the pooled session; that session is closed instead of reused."""
+    MAIL on the client's backend session; that session is closed instead of reused."""
     be = backend_factory("--lenient", "--extra-reply-after", ".")
-    gw = gateway_factory(base_config(be.url))
+    gw = gateway_factory(base_config(be.url, backend={"pool_size": 0}))
     with greeted(gw.port()) as c:
         for _ in range(3):
             c.cmd("MAIL FROM:<a@sender.test>")
@@ -507,11 +514,11 @@ def test_backend_slow_beyond_timeout_gives_4xx(
         assert (code, msg[:5]) == (451, b"4.4.2")
 
 
-def test_failover_to_second_backend_and_pool_reuse(
+def test_failover_to_second_backend_and_one_backend_session_per_client_session(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     dead = f"smtp://127.0.0.1:{free_port()}"
-    gw = gateway_factory(base_config([dead, backend.url]))
+    gw = gateway_factory(base_config([dead, backend.url], backend={"pool_size": 0}))
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("client.test")
         for _ in range(3):
@@ -523,9 +530,15 @@ def test_failover_to_second_backend_and_pool_reuse(
         s.mail("b@sender.test")
         s.rcpt("x@example.test")
         assert s.data(MSG)[0] == 250
-    assert len(backend.messages()) == 4
-    # Four transactions from two client sessions used one backend connection.
-    assert sum(1 for c in backend.commands() if c.startswith("CONNECT")) == 1
+    msgs = backend.messages()
+    assert len(msgs) == 4
+    # The first client session's three transactions used one backend session (its
+    # XCLIENT once); the second client session had its own, never the first one's.
+    assert len({m["session"] for m in msgs[:3]}) == 1
+    assert msgs[3]["session"] != msgs[0]["session"]
+    assert [m["xclient"]["HELO"] for m in msgs] == ["client.test"] * 3 + ["client2.test"]
+    assert sum(1 for c in backend.commands() if c.startswith("CONNECT")) == 2
+    assert sum(1 for c in backend.commands() if c.startswith("XCLIENT")) == 2
     # No RSET between completed transactions.
     assert not any(c.startswith("RSET") for c in backend.commands())
 
@@ -659,7 +672,7 @@ def test_lmtp_backend_per_recipient_replies(
         ["x@example.test", "y@example.test"],
         ["x@example.test", "y@example.test"],
     ]
-    assert be.commands()[1].startswith("EHLO")  # LHLO, logged by the shared handler
+    assert any(c.startswith("EHLO") for c in be.commands())  # LHLO, logged as EHLO
     ev = gw.wait_log(lambda e: e.get("event") == "transaction" and str(e.get("backend", ""))
                      .startswith("554"))  # fmt: skip
     assert ev["outcome"] == "rejected"
@@ -695,18 +708,57 @@ def test_dot_lines_are_transparent_end_to_end(
     assert m["data"].endswith(content)
 
 
-def test_backend_refusing_xclient_does_not_stop_mail(
+def test_a_backend_refusing_xclient_defers_that_client_only(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:
+    """A refused XCLIENT is about what this client brought: its transaction gets a
+    4xx and the backend session is discarded. It never goes on without the client's
+    identity (the backend would judge the gateway instead, usually in its
+    mynetworks), never turns XCLIENT off for the clients after it, and never counts
+    toward the circuit breaker, however many clients it happens to."""
     be = backend_factory("--xclient", "--refuse-xclient")
     gw = gateway_factory(base_config(be.url))
-    with smtplib.SMTP("127.0.0.1", gw.port()) as s:
-        s.ehlo("client.test")
-        for _ in range(2):
-            s.mail("a@sender.test")
-            s.rcpt("x@example.test")
-            assert s.data(MSG)[0] == 250
-    assert len(be.messages()) == 2
-    # Asked once, then no longer: the refusal is remembered for the target.
-    assert sum(1 for c in be.commands() if c.startswith("XCLIENT-REFUSED")) == 1
-    gw.wait_log(lambda e: "refused XCLIENT" in e.get("msg", ""))
+    for _ in range(6):  # more than the breaker's 5 failures
+        with smtplib.SMTP("127.0.0.1", gw.port()) as s:
+            s.ehlo("client.test")
+            assert s.mail("a@sender.test")[0] == 250  # deferred: MAIL goes out with RCPT
+            code, text = s.rcpt("x@example.test")
+            assert (code, text[:5]) == (451, b"4.7.0"), text
+    assert be.messages() == []
+    assert not any(c.startswith(("MAIL", "RCPT")) for c in be.commands())
+    # Asked for every client: a refusal is never remembered for the target.
+    assert sum(1 for c in be.commands() if c.startswith("XCLIENT-REFUSED")) == 6
+    assert gw.metric("smtp_gateway_backend_circuit_open") == 0
+    gw.wait_log(lambda e: "refused a client's details" in e.get("msg", ""))
+
+
+def test_xclient_and_xforward_values_stay_within_postfixs_limits(
+    backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The test backend refuses, as Postfix does, a value over 255 octets as sent. A
+    HELO of 100 "=" is 300 octets as xtext, 200 "é" 1,200: both go as [UNAVAILABLE],
+    and after XCLIENT the gateway greets with the client's own name when it can go
+    on a command line, else with its address literal: never with the gateway's."""
+    be = backend_factory("--xclient")
+    fwd = backend_factory("--xforward")
+    gws = [gateway_factory(base_config(b.url)) for b in (be, fwd)]
+    for gw in gws:
+        for helo in ("helo.client.test", "=" * 100, "é" * 200):
+            with RawClient(gw.port()) as c:
+                assert c.reply()[0] == 220
+                assert c.cmd(f"EHLO {helo}".encode())[0] == 250
+                replies = _txn(c, "MAIL FROM:<a@sender.test>", ["RCPT TO:<x@example.test>"], MSG)
+                assert replies[-1][0] == 250, replies
+    ms = be.messages()
+    assert [m["xclient"]["HELO"] for m in ms] == [
+        "helo.client.test",
+        "[UNAVAILABLE]",
+        "[UNAVAILABLE]",
+    ]
+    assert [m["helo"] for m in ms] == ["helo.client.test", "=" * 100, "[127.0.0.1]"]
+    assert [m["xforward"]["HELO"] for m in fwd.messages()] == [
+        "helo.client.test",
+        "[UNAVAILABLE]",
+        "[UNAVAILABLE]",
+    ]
+    assert not any("TOO-LONG" in c for b in (be, fwd) for c in b.commands())

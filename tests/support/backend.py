@@ -51,7 +51,9 @@ class Backend:
         last = out[-1]
         out[-1] = last.replace("250 ", "250-", 1)
         extra = []
-        if self.args.xclient:
+        if self.args.xclient and not getattr(session, "xclient", None):
+            # As Postfix: XCLIENT is offered to the authorised client only, and after
+            # it the client is the one named, who is not.
             extra.append("250-XCLIENT ADDR NAME PORT HELO PROTO")
         if self.args.xforward:
             extra.append("250-XFORWARD ADDR NAME PORT HELO PROTO")
@@ -136,6 +138,8 @@ class Backend:
             "dsn_mail": getattr(envelope, "dsn_mail", []),
             "dsn_rcpt": getattr(envelope, "dsn_rcpt", {}),
             "peer": list(session.peer) if session.peer else None,
+            "helo": session.host_name,
+            "session": id(session),
         }
         tmp = self.spool / f".msg-{self.count}.tmp"
         tmp.write_text(json.dumps(record))
@@ -184,13 +188,25 @@ class BackendSMTP(SMTP):
             self.event_handler.log(f"XCLIENT-REFUSED {arg}")
             await self.push("550 5.7.0 Error: insufficient authorization")
             return
+        if getattr(self.session, "xclient", None):
+            self.event_handler.log(f"XCLIENT-AGAIN {arg}")
+            await self.push("554 5.7.0 Error: insufficient authorization")
+            return
         attrs = dict(p.split("=", 1) for p in arg.split())
+        if any(not v or len(v.encode()) > 255 for v in attrs.values()):  # as Postfix
+            self.event_handler.log(f"XCLIENT-TOO-LONG {arg[:60]}")
+            await self.push("501 5.5.4 Error: attribute value too long")
+            return
         self.session.xclient = attrs  # type: ignore[attr-defined]
         self.event_handler.log(f"XCLIENT {arg}")
         await self.push("220 backend XCLIENT ok")
 
     async def smtp_XFORWARD(self, arg: str) -> None:
         attrs = dict(p.split("=", 1) for p in arg.split())
+        if any(not v or len(v.encode()) > 255 for v in attrs.values()):  # as Postfix
+            self.event_handler.log(f"XFORWARD-TOO-LONG {arg[:60]}")
+            await self.push("501 5.5.4 Error: attribute value too long")
+            return
         self.session.xforward = attrs  # type: ignore[attr-defined]
         self.event_handler.log(f"XFORWARD {arg}")
         await self.push("250 2.0.0 backend XFORWARD ok")
