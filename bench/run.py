@@ -187,6 +187,7 @@ class GatewayProc:
         dns: str | None = None,
         python_args: tuple[str, ...] = (),
         log_level: str = "INFO",
+        pool_size: int = 64,
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -204,8 +205,13 @@ class GatewayProc:
             "local_domains": ["bench.test"],
             "trusted_networks": [],
             # XFORWARD (pipelined with MAIL) as Postfix's own before-queue proxy does;
-            # XCLIENT costs a round trip and a re-EHLO per new client.
-            "backend": {"url": f"smtp://127.0.0.1:{sink_port}", "pool_size": 64, "xclient": False},
+            # XCLIENT costs a round trip and a re-EHLO per new client. Each client
+            # session has a backend session of its own, from pool_size spares.
+            "backend": {
+                "url": f"smtp://127.0.0.1:{sink_port}",
+                "pool_size": pool_size,
+                "xclient": False,
+            },
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             # INFO, the default: a line per transaction and per session, as operators run it.
             "logging": {"level": log_level},
@@ -424,6 +430,13 @@ def main() -> None:
     p.add_argument("--peak-size", type=int, default=2_000_000)
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument(
+        "--pool-size",
+        type=int,
+        default=64,
+        help="backend.pool_size: spare backend sessions kept ready per worker (0: each client "
+        "session connects its own)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         help="the gateways' logging.level (default INFO, the gateway's own default; WARNING "
@@ -468,6 +481,7 @@ def main() -> None:
                 args.workers,
                 dns=dns.address,
                 log_level=args.log_level,
+                pool_size=args.pool_size,
             )
         print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
         print("|---|---|---|---|---|---|")
