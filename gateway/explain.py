@@ -22,8 +22,8 @@ from gateway.pipeline.runner import Runner
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import ACCEPT, Verdict, combine
 from gateway.smtp import replies
-from gateway.smtp.data import stuff
 from gateway.store.memory import MemoryStore
+from gateway.wire import stuff
 
 
 def _crlf(raw: bytes) -> bytes:

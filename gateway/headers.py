@@ -6,11 +6,13 @@ import contextlib
 import functools
 import re
 import time
+from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.utils import formatdate
 from typing import Any
 
 from gateway.pipeline.results import AuthResult
+from gateway.wire import stuff, wire_header
 
 # Besides what is not printable ASCII, the characters that would end the
 # from-domain token of a Received field or open a comment, a quoted string, a
@@ -79,49 +81,68 @@ def quarantine(name: str, recipients: list[str], symbols: list[str]) -> bytes:
     return (_fold(text) + "\r\n").encode("utf-8", "replace")
 
 
-def header_section(message: bytes) -> bytes:
-    """The header fields and the blank line after them (all of it if there is none).
-
-    Checks that only read headers use this, so their work is bounded by the
-    header size, not the message size.
-    """
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 4]
-
-
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 
 def too_many_received(wire: bytes, limit: int) -> bool:
     """Whether the header section holds more than `limit` Received fields (the
-    body is never read).
+    body is never read), counted as the backend will store them (a stuffed
+    `.Received:` is a Received field).
 
     Why two steps: this runs on every message. A case-folded count of the lines
     that start with "received" (Received-SPF too) bounds the answer for the
     price of one copy of the header section; only a message past that bound
     pays for the exact count of field names.
     """
-    head = header_section(wire)
+    head, _ = wire_header(wire)
     folded = head.lower()
     if folded.count(b"\nreceived") + folded.startswith(b"received") <= limit:
         return False
     return len(_RECEIVED.findall(head)) > limit
 
 
-_AR_NAME = re.compile(rb"(?i)^authentication-results[ \t]*:")
-_AR_ANYWHERE = re.compile(rb"(?im)^authentication-results[ \t]*:")
-_COMMENT = re.compile(r"\([^()]*\)")
+def strip_comments(value: str) -> str:
+    """`value` with its RFC 5322 comments, of any depth, each replaced by a space.
+
+    One pass, linear: a backslash quotes the next character, a quoted string
+    is kept as it is (parentheses in it are not comments), and an unclosed
+    comment runs to the end, as a lenient reader would take it.
+    """
+    out: list[str] = []
+    depth = 0
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                out.append(ch)
+            continue
+        if ch == "\\":
+            escaped = True
+            if depth == 0:
+                out.append(ch)
+            continue
+        if depth == 0 and ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+            if depth == 1:
+                out.append(" ")
+            continue
+        elif not quoted and ch == ")" and depth:
+            depth -= 1
+            continue
+        if depth == 0:
+            out.append(ch)
+    return "".join(out)
 
 
 def _authserv_id(value: str) -> str:
-    """The authserv-id of an A-R value as any reader might take it: comments and
-    folding removed, a quoted-string unquoted, encoded words decoded (not valid in
-    this structured field, but some readers decode them anyway), case and a trailing
-    dot ignored. Anything that could read as our name counts as our name."""
-    v = value
-    for _ in range(3):  # nested comments, a few levels
-        v = _COMMENT.sub(" ", v)
-    v = v.split(";", 1)[0].strip()
+    """The authserv-id of an A-R value as any reader might take it: comments of any
+    depth and folding removed, a quoted-string unquoted, encoded words decoded (not
+    valid in this structured field, but some readers decode them anyway), case and
+    a trailing dot ignored. Anything that could read as our name counts as our name."""
+    v = strip_comments(value).split(";", 1)[0].strip()
     if not v:
         return ""
     if v.startswith('"'):
@@ -136,18 +157,69 @@ def _authserv_id(value: str) -> str:
     return token.strip().rstrip(".").lower()
 
 
-def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
-    """Remove Authentication-Results header fields that claim our authserv-id.
+def _aar_authserv_id(value: str) -> str:
+    """ARC-Authentication-Results: `i=N;` and then an A-R value (RFC 8617 4.1.1)."""
+    _, semi, rest = strip_comments(value).partition(";")
+    return _authserv_id(rest) if semi else ""
 
-    Works on the wire form (stuffed) of the header section only; the body is
-    never touched. Returns the new bytes and how many fields were removed.
-    """
-    section = header_section(wire)
-    head_end = len(section) - 2 if section.endswith(b"\r\n\r\n") else len(section)
-    head = wire[:head_end]
-    if not _AR_ANYWHERE.search(head):
-        return wire, 0  # the common case costs one search
+
+@dataclass(frozen=True)
+class OurFields:
+    """What a client may not write because a reader downstream would take it as ours:
+    Authentication-Results and ARC-Authentication-Results under our authserv-id,
+    Received-SPF naming us, and the fields only we add (the policy's tag and
+    quarantine headers, the original-recipient header)."""
+
+    authserv_id: str
+    names: frozenset[bytes]  # lower case, always removed
+    hosts: tuple[str, ...]  # lower case: a Received-SPF naming any of them is removed
+
+    @functools.cached_property
+    def candidates(self) -> re.Pattern[bytes]:
+        """The field names worth a closer look, to find them with one search."""
+        names = sorted({*self.names, *_JUDGED})
+        return re.compile(rb"(?im)^(?:" + b"|".join(re.escape(n) for n in names) + rb")[ \t]*:")
+
+
+_JUDGED = (b"authentication-results", b"arc-authentication-results", b"received-spf")
+
+
+@functools.lru_cache(maxsize=16)
+def our_fields(authserv_id: str, hostname: str, names: tuple[str, ...]) -> OurFields:
+    """Made once per policy (its header names) and kept: a DATA only looks it up."""
     ours = authserv_id.rstrip(".").lower()
+    return OurFields(
+        ours,
+        frozenset(n.lower().encode() for n in names),
+        tuple(sorted({ours, hostname.rstrip(".").lower()})),
+    )
+
+
+def _claims_ours(name: bytes, value: bytes, ours: OurFields) -> bool:
+    if name in ours.names:
+        return True
+    text = value.decode("utf-8", "replace")
+    if name == b"authentication-results":
+        return _authserv_id(text) == ours.authserv_id
+    if name == b"arc-authentication-results":
+        return _aar_authserv_id(text) == ours.authserv_id
+    if name == b"received-spf":  # RFC 7208 9.1: no authserv-id; receiver= or a comment
+        lowered = text.lower()
+        return any(h in lowered for h in ours.hosts)
+    return False
+
+
+def strip_forged(wire: bytes, ours: OurFields) -> tuple[bytes, int]:
+    """Remove the header fields a client wrote in our name (OurFields), in every
+    spelling the backend will store: read unstuffed (a stuffed `.Authentication-
+    Results:` is one), names in any case, comments of any depth.
+
+    Only the header section is read and rewritten; the body is never touched.
+    Returns the new wire form and how many fields were removed.
+    """
+    head, end = wire_header(wire)
+    if not ours.candidates.search(head):
+        return wire, 0  # the common case costs one search
     fields: list[list[bytes]] = []
     for line in head.split(b"\r\n")[:-1]:
         if line[:1] in (b" ", b"\t") and fields:
@@ -156,15 +228,16 @@ def strip_forged_ar(wire: bytes, authserv_id: str) -> tuple[bytes, int]:
             fields.append([line])
     kept, removed = [], 0
     for f in fields:
-        if _AR_NAME.match(f[0]):
-            value = b" ".join(x.strip() for x in f).split(b":", 1)[1]
-            if _authserv_id(value.decode("utf-8", "replace")) == ours:
+        name, colon, first = f[0].partition(b":")
+        if colon:
+            value = b" ".join([first.strip(), *(x.strip() for x in f[1:])])
+            if _claims_ours(name.rstrip(b" \t").lower(), value, ours):
                 removed += 1
                 continue
         kept.append(b"\r\n".join(f) + b"\r\n")
     if not removed:
         return wire, 0
-    return b"".join(kept) + wire[head_end:], removed
+    return stuff(b"".join(kept)) + wire[end:], removed
 
 
 def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes:

@@ -20,9 +20,9 @@ from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
 from gateway.checks.dkim import OFFLOOP_BYTES, key_record, on_loop
 from gateway.dns import DnsAnswer, Resolver
-from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
+from gateway.wire import header_section
 
 # temperror: a seal's key could not be fetched now, so the chain's status is unknown
 # (with trusted sealers, DMARC then does not act on a failure: see checks/dmarc.py).

@@ -28,6 +28,7 @@ import dkim
 from dkim.util import InvalidTagValueList
 
 from gateway.checks import dkimrsa
+from gateway.wire import number
 
 ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
 _INSTANCE = re.compile(rb"[\s;]?i\s*=\s*(\d+)", re.MULTILINE | re.IGNORECASE)
@@ -120,7 +121,9 @@ def _sorted_fields(headers: list[Any]) -> list[tuple[int, tuple[bytes, bytes]]]:
         relaxed = dkimrsa.relaxed_field(name, value)
         m = _INSTANCE.search(relaxed[1])
         if m is not None:
-            found.append((int(m.group(1)), relaxed))
+            # Over six digits is no instance (MAX_INSTANCE is 50): one that fails.
+            instance = number(m.group(1), 6)
+            found.append((MAX_INSTANCE + 1 if instance is None else instance, relaxed))
     found.sort(key=lambda f: (f[0], f[1][0].lower(), f[1][1].lower()), reverse=True)
     return found
 

@@ -22,9 +22,9 @@ from dkim.util import InvalidTagValueList
 from gateway.checks import dkimrsa
 from gateway.checks.base import OffLoopCheck
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
-from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
+from gateway.wire import header_section, number
 
 RESULTS = ("pass", "fail", "none", "temperror", "permerror")
 # RFC 8301 3.1: "rsa-sha1 MUST NOT be used for signing or verifying". dkimpy still
@@ -253,7 +253,7 @@ class DkimCheck(OffLoopCheck):
             sig = prep[0]
             domain, selector = _text(sig.get(b"d")).lower(), _text(sig.get(b"s"))
             algo = _text(sig.get(b"a"))
-            length = int(sig[b"l"]) if sig.get(b"l", b"").isdigit() else None
+            length = number(sig.get(b"l", b""), 76)
             b = _text(sig.get(b"b")).replace(" ", "")
             keyname = job.names.get(idx, "")
             if sig.get(b"a") in REFUSED_ALGORITHMS:

@@ -44,6 +44,8 @@ from dkim.canonicalization import (
 )
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from gateway.wire import number
+
 # The hash objects OpenSSL needs for a pre-hashed verify, by the a= tag.
 _PREHASHED = {
     b"rsa-sha256": utils.Prehashed(hashes.SHA256()),
@@ -266,8 +268,21 @@ _H_SEP = re.compile(rb"\s*:\s*")
 # dkimpy's validation patterns, compiled once (it passes them to re.match per call).
 _BASE64ISH = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
 _D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
-_DECIMAL = re.compile(rb"\d+$")
-_LENGTH = re.compile(rb"\d{,76}$")
+_DECIMAL = re.compile(rb"[0-9]+$")
+# RFC 6376 3.5: t= and x= have at most 12 digits, l= at most 76. Longer numbers are
+# never read (wire.number): int() of 5,000 digits raises, after quadratic work.
+_MAX_TIME_DIGITS = 12
+_FAR_FUTURE = 10**_MAX_TIME_DIGITS  # beyond any 12-digit time: what a longer one means
+_MAX_LENGTH_DIGITS = 76
+_LENGTH = re.compile(rb"[0-9]{,76}$")  # as dkimpy: an empty l= passes here, and fails later
+
+
+def _timestamp(digits: bytes) -> int:
+    """A t= or x= value already checked to be ASCII digits."""
+    value = number(digits.strip().lstrip(b"0") or b"0", _MAX_TIME_DIGITS)
+    return _FAR_FUTURE if value is None else value
+
+
 _SPACE = b" \t\n\r\x0b\x0c"  # what \s matches in a bytes pattern
 _MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
 _CLOCK_SLOP = 36000  # dkimpy's 10 hours of leeway for t= and x=
@@ -340,7 +355,7 @@ def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
     if b"t" in sig:
         if _DECIMAL.match(sig[b"t"]) is None:
             raise dkim.ValidationError(f"t= value is not a decimal integer ({sig[b't']!r})")
-        t_sign = int(sig[b"t"])
+        t_sign = _timestamp(sig[b"t"])
         if t_sign > now + _CLOCK_SLOP:
             raise dkim.ValidationError(f"t= value is in the future ({sig[b't']!r})")
     if sig[b"v"] != b"1":
@@ -348,7 +363,7 @@ def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
     if b"x" in sig:
         if _DECIMAL.match(sig[b"x"]) is None:
             raise dkim.ValidationError(f"x= value is not a decimal integer ({sig[b'x']!r})")
-        x_sign = int(sig[b"x"])
+        x_sign = _timestamp(sig[b"x"])
         if x_sign < now - _CLOCK_SLOP:
             raise dkim.ValidationError(f"x= value is past ({sig[b'x']!r})")
         if t_sign and x_sign < t_sign:
@@ -521,7 +536,7 @@ def verify_sig(
         else:
             body = canon.canonicalize_body(d.body)
         if b"l" in sig:
-            body = body[: int(sig[b"l"])]
+            body = body[: number(sig[b"l"].strip(), _MAX_LENGTH_DIGITS) or 0]
         if hasher(body).digest() != base64.b64decode(sig[b"bh"].translate(None, _SPACE)):
             raise dkim.ValidationError(f"body hash mismatch (expected {sig[b'bh']!r})")
 

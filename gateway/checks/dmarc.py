@@ -22,10 +22,9 @@ from typing import Any, ClassVar, TypeVar
 from publicsuffixlist import PublicSuffixList
 
 from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
-from gateway.headers import header_section
 from gateway.pipeline.results import AuthResult
 from gateway.pipeline.stage import Context, Stage
-from gateway.smtp.data import has_bare_cr_lf
+from gateway.wire import has_bare_cr_lf, header_section, number
 
 SYMBOLS = ("pass", "fail", "none", "reject", "quarantine", "temperror", "permerror", "malformed")
 _psl: PublicSuffixList | None = None
@@ -133,10 +132,8 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
         p, sp, np = "none", None, None
         unusable = not _URI.search(tags.get("rua", ""))
     psd = tags.get("psd", "u").lower()
-    try:
-        pct = max(0, min(100, int(tags.get("pct", "100"))))
-    except ValueError:
-        pct = 100
+    pct = number(tags.get("pct", "100"), 3)
+    pct = 100 if pct is None else min(100, pct)
     return DmarcRecord(
         domain=domain,
         p=p,

@@ -26,8 +26,8 @@ from gateway.forward.client import (
 )
 from gateway.forward.link import ClientInfo, ClientLink, client_attrs
 from gateway.forward.pool import Pool
-from gateway.headers import header_section
 from gateway.smtp import dsn, replies
+from gateway.wire import header_section
 
 log = logging.getLogger("gateway.backend")
 

@@ -127,11 +127,6 @@ class ClientLink:
             session.quit_now()
 
     async def end(self) -> None:
-        """The client session is over: so is its backend session."""
-        session, self.session = self.session, None
-        self.target = self.info = None
-        if session is not None:
-            if session.reusable:
-                await session.quit()
-            else:
-                session.close()
+        """The client session is over: so is its backend session (QUIT, without
+        waiting for the 221: nothing depends on it, and the backend logs the QUIT)."""
+        self.drop()

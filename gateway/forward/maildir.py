@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gateway.forward.backend import ClientInfo, Transaction
 from gateway.forward.client import SmtpReply
-from gateway.smtp.data import unstuff
+from gateway.wire import unstuff
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+=-]")
 _counter = itertools.count()

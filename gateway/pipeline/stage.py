@@ -89,7 +89,7 @@ class Context:
     def message(self) -> bytes | None:
         """The message content (unstuffed), computed once and only if a check asks."""
         if self._message is None and self.wire is not None:
-            from gateway.smtp.data import unstuff
+            from gateway.wire import unstuff
 
             self._message = unstuff(self.wire)
         return self._message

@@ -24,6 +24,7 @@ from gateway.address import NULL, Address, AddressError, parse_path, split_path
 from gateway.checks.relay import DENIED, relay_trick
 from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
 from gateway.forward.client import BackendError, SmtpReply
+from gateway.pipeline.policy import Policy
 from gateway.pipeline.runner import Runner
 from gateway.pipeline.stage import Context, Stage
 from gateway.pipeline.verdict import Verdict
@@ -34,6 +35,7 @@ from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.replies import Action, Reply
 from gateway.stream import LineTooLong, Stream, StreamClosed
+from gateway.wire import number
 
 log = logging.getLogger("gateway.smtp")
 
@@ -385,10 +387,11 @@ class Session:
         declared = 0
         for key, val in params.items():
             if key == "SIZE":
-                if val is None or not val.isdigit():
+                size = number(val or "")  # RFC 1870: 1*20DIGIT
+                if size is None:
                     self.send(replies.SYNTAX_ARGS)
                     return
-                declared = int(val)
+                declared = size
                 if declared > self.svc.max_size:
                     self.send(replies.SIZE_EXCEEDED)
                     return
@@ -697,12 +700,13 @@ class Session:
             # After every check: DMARC judged the From the client sent.
             wire = rewriter.headers(wire)
             prefix += self._original_recipient()
-        # Only we speak for our authserv-id, whoever the client is (trusted or not).
-        wire, forged = headers.strip_forged_ar(wire, self.authserv_id)
+        # Only we speak for our authserv-id and write our fields, whoever the client
+        # is (trusted or not).
+        policy = self.svc.runner.policy
+        wire, forged = headers.strip_forged(wire, self._our_fields(policy))
         if forged:
             logs.event("forged_ar_removed", session=self.id, count=forged)
         prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
-        policy = self.svc.runner.policy
         if self.ctx.tags:
             prefix += headers.tag(policy.tag.header, self.ctx.tags)
         n_rcpts = len(self.ctx.recipients)
@@ -735,6 +739,12 @@ class Session:
         code = final.code
         action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
         await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
+
+    def _our_fields(self, policy: Policy) -> headers.OurFields:
+        names = [policy.tag.header, policy.quarantine.header, *_MTA_FIELDS]
+        if policy.rewrite.original_recipient_header:
+            names.append(policy.rewrite.original_recipient_header)
+        return headers.our_fields(self.authserv_id, self.settings.hostname, tuple(names))
 
     def _original_recipient(self) -> bytes:
         """X-Original-To (or the configured name) for a single rewritten recipient;
@@ -1028,6 +1038,10 @@ class Session:
             **extra,
         )
 
+
+# Fields a receiving MTA adds at delivery, which a filter after it may trust: never
+# the sender's to write.
+_MTA_FIELDS = ("X-Original-To",)
 
 # A transaction's log line names at most this many recipients the backend refused,
 # each cut to this length: the count of recipients is the client's to choose.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -281,6 +282,40 @@ def test_dkim_body_length_reported(dns: DnsServer) -> None:
     assert f"l={s.body_length}" in s.auth_result().reason
 
 
+def _huge_numbers(message: bytes, tags: str) -> bytes:
+    """`message` signed by signed.test, with each tag of `tags` 5,000 digits long."""
+    signed = sign(message, RSA, "signed.test", "rsa")
+    for tag in tags.encode():
+        name = bytes([tag])
+        value = b"9" * 5000
+        found = re.search(rb"([ ;\t])" + name + rb"=[0-9]+", signed)
+        if found is not None:
+            signed = (
+                signed[: found.start()]
+                + found.group(1)
+                + name
+                + b"="
+                + value
+                + signed[found.end() :]
+            )
+        else:
+            signed = signed.replace(b"v=1;", b"v=1; " + name + b"=" + value + b";", 1)
+        assert b"=" + value in signed
+    return signed
+
+
+@pytest.mark.parametrize("tags", ["t", "x", "l", "tx"])
+def test_dkim_numbers_of_any_length_are_read_without_crashing(dns: DnsServer, tags: str) -> None:
+    """int() refuses more than 4,300 digits (ValueError): a 5,000-digit t=, x= or l=
+    once crashed the check. Now a t= that long is in the future and an l= too long
+    for the body, so the signature fails; an x= that long has not expired yet, so the
+    signature is judged on its hash, which the edit broke. Never an exception."""
+    message = _huge_numbers(MSG, tags)
+    [s] = verify(dns, message)
+    assert s.result in ("fail", "permerror"), s
+    assert s.domain == "signed.test"
+
+
 def test_dkim_signature_limit(dns: DnsServer) -> None:
     msg = MSG
     for _ in range(7):
@@ -489,6 +524,18 @@ def test_spoofed_from_of_p_reject_domain_is_refused(
         s.rcpt("bob@example.test")
         code, msg = s.data(MSG)  # From: alice@signed.test, no signature, SPF not aligned
         assert code == 550 and msg.startswith(b"5.7.1") and b"DMARC" in msg
+    assert backend.messages() == []
+
+
+def test_a_spoof_with_a_5000_digit_dkim_time_is_refused_not_deferred(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The DKIM check once crashed on such a signature, and the crash became 451, so a
+    spoof DMARC refuses was retried instead."""
+    gw = gateway_factory(dmarc_config(backend, dns))
+    code, msg = send(gw, b"DKIM-Signature: v=1; a=rsa-sha256; d=signed.test; s=rsa;"
+                     b" h=from; t=" + b"1" * 5000 + b"; bh=AAAA; b=AAAA\r\n" + MSG)  # fmt: skip
+    assert code == 550 and msg.startswith(b"5.7.1") and b"DMARC" in msg
     assert backend.messages() == []
 
 
@@ -960,7 +1007,7 @@ def test_from_fields_fast_scan_agrees_with_the_email_parser(lines: list[bytes]) 
     from email.parser import HeaderParser
 
     from gateway.checks.dmarc import _plain_from_fields
-    from gateway.headers import header_section
+    from gateway.wire import header_section
 
     head = header_section(b"\r\n".join(lines) + b"\r\n\r\nbody\r\n")
     fast = _plain_from_fields(head)

@@ -33,6 +33,13 @@ def gw(backend: Backend, gateway_factory: Callable[..., Gateway]) -> Gateway:
         (b"EXPN staff", 502, "5.5.1"),
         (b"MAIL FROM:<a@sender.test> SIZE=abc", 501, "5.5.4"),
         (b"MAIL FROM:<a@sender.test> SIZE=10 SIZE=20", 501, "5.5.4"),
+        # Digits that Python's str.isdigit() takes and ASCII does not (RFC 1870: DIGIT),
+        # and more than the 20 RFC 1870 allows.
+        ("MAIL FROM:<a@sender.test> SIZE=²".encode(), 501, "5.5.4"),
+        ("MAIL FROM:<a@sender.test> SIZE=1²".encode(), 501, "5.5.4"),
+        ("MAIL FROM:<a@sender.test> SIZE=①".encode(), 501, "5.5.4"),
+        ("MAIL FROM:<a@sender.test> SIZE=١٢".encode(), 501, "5.5.4"),
+        (b"MAIL FROM:<a@sender.test> SIZE=" + b"1" * 21, 501, "5.5.4"),
         (b"MAIL FROM:<a@sender.test> BODY=BINARYMIME", 501, "5.5.4"),
         (b"MAIL FROM:<a@sender.test> RET=ALL", 501, "5.5.4"),  # DSN: FULL or HDRS
         (b"MAIL FROM:<a@sender.test> MT-PRIORITY=3", 555, "5.5.4"),  # not offered

@@ -66,6 +66,63 @@ def test_forged_authentication_results_are_removed(
     assert other.strip().lower() in head
 
 
+# Written as the client puts them on the wire: a leading dot is removed by every
+# backend (RFC 5321 4.5.2), so `.Authentication-Results:` is stored as a field.
+IMITATED = [
+    b".Authentication-Results: gw.test; dkim=pass header.d=bank.test\r\n",
+    b"Authentication-Results: ((((a)))) gw.test; dkim=pass header.d=bank.test\r\n",
+    b"Authentication-Results: (a (b) (c (d (e)))) gw.test; spf=pass\r\n",
+    b".authentication-results:\r\n\t(x) GW.TEST.;\r\n dmarc=pass\r\n",
+    b"ARC-Authentication-Results: i=1; gw.test; dmarc=pass header.from=bank.test\r\n",
+    b"Received-SPF: pass (gw.test: domain of bank.test designates 192.0.2.1 as permitted"
+    b" sender) receiver=gw.test;\r\n",
+    b"X-Gateway-Tag: none\r\n",
+    b".X-Gateway-Quarantine: no\r\n",
+    b"X-Original-To: ceo@bank.test\r\n",
+]
+
+
+@pytest.mark.parametrize("forged", IMITATED, ids=range(len(IMITATED)))
+def test_fields_imitating_ours_are_removed_in_every_spelling(
+    forged: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    other = b"Authentication-Results: mx.elsewhere.test; spf=fail\r\n"
+    wire = forged + other + b"From: ceo@bank.test\r\nSubject: wire money\r\n\r\nnow\r\n"
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(wire + b".\r\n")
+        assert c.reply()[0] == 250
+    [m] = backend.messages()
+    head = m["data"].split(b"\r\n\r\n", 1)[0].lower()
+    name = forged.lstrip(b".").split(b":", 1)[0].lower()
+    if name == b"authentication-results":
+        ours = [line for line in head.split(b"\r\n") if line.startswith(name)]
+        assert len(ours) == 2, head  # ours (first), and the other host's
+        assert ours[0].startswith(b"authentication-results: gw.test;")
+    else:
+        assert not any(line.startswith(name) for line in head.split(b"\r\n")), head
+    assert other.strip().lower() in head
+    gw.wait_log(lambda e: e.get("event") == "forged_ar_removed" and e["count"] == 1)
+
+
+def test_dot_stuffed_received_fields_count_toward_the_hop_limit(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url, limits={"max_received_headers": 5}))
+    hops = b"".join(b".Received: from hop%d by relay.test\r\n" % n for n in range(6))
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+        code, text = c.reply()
+        assert (code, text[:9]) == (554, "554 5.4.6"), text
+    assert backend.messages() == []
+
+
 def test_client_sent_xclient_and_xforward_are_never_honoured(
     backend_factory: Callable[..., Backend], gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -70,8 +70,9 @@ def test_split_path_agrees_with_the_quote_aware_walk(arg: str) -> None:
 
 def _received_fields(wire: bytes) -> int:
     """The slow reading of the same rule: header lines (not continuations) whose field
-    name, trailing blanks aside, is Received in any case."""
-    head = wire.split(b"\r\n\r\n", 1)[0]
+    name, trailing blanks aside, is Received in any case. A message that starts with
+    an empty line has no header fields (RFC 5322 2.1)."""
+    head = b"" if wire.startswith(b"\r\n") else wire.split(b"\r\n\r\n", 1)[0]
     n = 0
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") or b":" not in line:

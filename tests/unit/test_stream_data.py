@@ -8,11 +8,12 @@ import pytest
 
 from gateway.config import BareLinefeed
 from gateway.smtp import replies
-from gateway.smtp.data import DataRefused, check_wire, read_message, stuff, unstuff
+from gateway.smtp.data import DataRefused, check_wire, read_message
 from gateway.smtp.dsn import xtext
 from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
+from gateway.wire import stuff, unstuff
 
 
 def fed(*chunks: bytes, eof: bool = True) -> Stream:
@@ -163,7 +164,7 @@ def test_partial_refusal_names_five_refused_recipients_in_safe_lines() -> None:
     ],
 )
 def test_has_bare_cr_lf(data: bytes, bare: bool) -> None:
-    from gateway.smtp.data import has_bare_cr_lf
+    from gateway.wire import has_bare_cr_lf
 
     assert has_bare_cr_lf(data) is bare
 

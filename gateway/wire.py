@@ -1,0 +1,97 @@
+"""What the wire form of a message and the numbers a peer writes mean.
+
+Messages: the client's bytes are dot-stuffed (RFC 5321 4.5.2), and every backend
+removes the leading dot of each line before it stores anything. So whatever
+reads header fields to judge, count or remove them reads them unstuffed, from
+`wire_header`: a field written `.Authentication-Results:` is stored as
+`Authentication-Results:`, and must be judged as such.
+
+Numbers: every number a peer writes is read here: ASCII digits only, and only so many.
+Python's own readers take more than the protocols allow: `str.isdigit()` is
+true for "²", "①" and "١٢", which `int()` then reads as numbers (or, for "²",
+refuses with an exception nobody expected), and `int()` of a long enough
+string raises ValueError (over 4,300 digits) after quadratic work.
+"""
+
+from __future__ import annotations
+
+import re
+
+_DIGITS = re.compile(r"[0-9]+")
+_BDIGITS = re.compile(rb"[0-9]+")
+
+
+def number(text: str | bytes, max_digits: int = 20) -> int | None:
+    """`text` as a non-negative integer, or None if it is not 1 to `max_digits` ASCII
+    digits (20 holds any 64-bit value)."""
+    if not 0 < len(text) <= max_digits:
+        return None
+    if isinstance(text, bytes):
+        return int(text) if _BDIGITS.fullmatch(text) else None
+    return int(text) if _DIGITS.fullmatch(text) else None
+
+
+def unstuff(wire: bytes) -> bytes:
+    """RFC 5321 4.5.2: drop the leading dot of every line that has one."""
+    content = wire.replace(b"\r\n.", b"\r\n")
+    return content[1:] if content.startswith(b".") else content
+
+
+def stuff(content: bytes) -> bytes:
+    """The inverse of unstuff, for content we changed or created."""
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed
+
+
+def header_section(message: bytes) -> bytes:
+    """The header fields and the empty line after them (all of it if there is none).
+
+    A message that starts with an empty line has no header fields (RFC 5322 2.1):
+    its header section is that line, whatever follows. Reading on to the next
+    empty line instead would take a body of any size for header fields, past the
+    header size limit, which does not apply to a message without them.
+
+    Checks that only read headers use this, so their work is bounded by the
+    header size, not the message size.
+    """
+    if message[:2] == b"\r\n":
+        return b"\r\n"
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 4]
+
+
+def wire_header(wire: bytes) -> tuple[bytes, int]:
+    """The header fields of a message in its wire form, as the backend will store
+    them (unstuffed, each line ending CRLF, without the empty line after them), and
+    where they end in `wire`: `wire[end:]` is that empty line and the body,
+    untouched. Every header check, count and removal on the wire reads this."""
+    section = header_section(wire)
+    end = len(section) - 2 if section.endswith(b"\r\n\r\n") else len(section)
+    if section == b"\r\n":
+        end = 0
+    return unstuff(wire[:end]), end
+
+
+_CR_ONLY = bytes(1 if i == 0x0D else 0 for i in range(256))
+_LF_ONLY = bytes(1 if i == 0x0A else 0 for i in range(256))
+
+
+def has_bare_cr_lf(wire: bytes) -> bool:
+    """True if any CR or LF is not part of a CRLF pair.
+
+    CPython has no fast primitive for this: count() and splitlines() walk the
+    bytes one by one and splitlines() allocates a line object per line. Two
+    translate() passes do the walk at table-lookup speed instead: one keeps
+    only the CRs (as 1), the other only the LFs of the message shifted left by
+    one byte. Every CR is followed by an LF and every LF preceded by a CR
+    exactly when the two agree, which one memcmp (startswith) decides. About
+    half the cost of the count/splitlines version on 4 KB and 100 KB messages.
+    """
+    if not wire:
+        return False
+    crs = wire.translate(_CR_ONLY)
+    return wire[0] == 0x0A or crs[-1] == 1 or not crs.startswith(wire[1:].translate(_LF_ONLY))
