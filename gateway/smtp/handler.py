@@ -314,8 +314,11 @@ class Session:
         if self.svc.runner.has_checks(Stage.CONNECT):
             verdict = await self.svc.runner.run(Stage.CONNECT, self.ctx)
             if verdict.refuses:
-                self.send(self._policy_reply(verdict, Stage.CONNECT))
+                reply = self._policy_reply(verdict, Stage.CONNECT)
+                self.send(reply)
                 self.flush()
+                if reply.code == 554:
+                    await self._until_quit()
                 return False
         self.sync = self.limits.enforce_sync and not self.ctx.trusted
         if self.sync:
@@ -325,6 +328,27 @@ class Session:
         self.send_raw(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
         self.flush()
         return True
+
+    async def _until_quit(self) -> None:
+        """RFC 5321 3.1: after a 554 greeting the server waits for QUIT and answers
+        anything else with 503. Bounded, so a refused client holds its connection
+        for little: at most AFTER_554_COMMANDS commands within AFTER_554_SECONDS."""
+        stream = self.stream
+        try:
+            async with asyncio.timeout(AFTER_554_SECONDS):
+                for _ in range(AFTER_554_COMMANDS):
+                    line = stream.take_line(self.limits.max_command_line)
+                    while line is None:
+                        await stream.wait_line(self.limits.max_command_line)
+                        line = stream.take_line(self.limits.max_command_line)
+                    if line[:4].upper() == b"QUIT" and line[4:].strip() == b"":
+                        self.send(replies.BYE)
+                        self.flush()
+                        return
+                    self.send(replies.REFUSED_SESSION)
+                    self.flush()
+        except (TimeoutError, StreamClosed, LineTooLong, ConnectionError):
+            pass
 
     def _out_of_sync(self, reply: Reply, after: str) -> None:
         """A client that does not wait for our replies is a bulk mailer's shortcut, and
@@ -1038,6 +1062,10 @@ class Session:
             **extra,
         )
 
+
+# After a 554 greeting: commands answered (503) while waiting for QUIT, and for how long.
+AFTER_554_COMMANDS = 5
+AFTER_554_SECONDS = 10.0
 
 # Fields a receiving MTA adds at delivery, which a filter after it may trust: never
 # the sender's to write.

@@ -97,6 +97,8 @@ NEED_HELO = r(503, "5.5.1", "Error: send HELO/EHLO first")
 NEED_MAIL = r(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = r(503, "5.5.1", "Error: need RCPT command")
 NESTED_MAIL = r(503, "5.5.1", "Error: nested MAIL command")
+# After a 554 greeting, to anything but QUIT (RFC 5321 3.1).
+REFUSED_SESSION = r(503, "5.5.1", "Error: bad sequence of commands: access denied, send QUIT")
 TLS_ALREADY = r(503, "5.5.1", "Error: TLS already active")
 TLS_NOT_OFFERED = r(502, "5.5.1", "Error: STARTTLS not offered here")
 NO_VALID_RECIPIENTS = r(554, "5.5.1", "Error: no valid recipients")

@@ -109,6 +109,27 @@ def test_listed_client_refused_naming_the_zone_unlisted_passes(
     assert g.metric(hit) - hits[1] == questions[0]
 
 
+def test_after_a_554_greeting_the_gateway_waits_for_quit_answering_503(
+    gw: Callable[..., Gateway],
+) -> None:
+    """RFC 5321 3.1: after 554 the server waits for QUIT and answers other commands
+    with 503; bounded to a few commands, so a refused client cannot hold on."""
+    g = gw()
+    c, (code, _) = connect(g, "192.0.2.77")
+    with c:
+        assert code == 554
+        assert c.cmd("EHLO client.test")[1].startswith("503 5.5.1 ")
+        assert c.cmd("MAIL FROM:<a@sender.test>")[1].startswith("503 5.5.1 ")
+        assert c.cmd("QUIT") == (221, "221 2.0.0 Bye")
+        assert c.closed()
+    c, (code, _) = connect(g, "192.0.2.77")
+    with c:
+        assert code == 554
+        for _ in range(5):
+            assert c.cmd("NOOP")[0] == 503
+        assert c.closed()  # the sixth is not waited for
+
+
 def test_reply_text_hides_the_zone(gw: Callable[..., Gateway]) -> None:
     zones = ZONES.replace(
         "{name: bl, zone: bl.test, weight: 1.0}",
