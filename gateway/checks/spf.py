@@ -84,6 +84,29 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> 
 spf.DNSLookup = _lookup
 
 
+def _validated_ptrs(q: Any) -> list[str]:
+    """pyspf's validated_ptrs as RFC 7208 5.5 has it: a DNS error on the PTR lookup
+    makes the mechanism match nothing, and one on the A lookup of a PTR name skips
+    that name (pyspf made either a temperror: a sender whose PTR name's CNAME chain
+    loops was deferred for good). At most 10 names (MAX_PTR) are validated."""
+    try:
+        names = q.dns_ptr(q.i)
+    except spf.TempError:
+        return []
+    out = []
+    for name in names[: spf.MAX_PTR]:
+        try:
+            addresses = q.dns_a(name, q.A)
+        except spf.TempError:
+            continue
+        if q.cidrmatch(addresses, q.cidrmax):
+            out.append(name)
+    return out
+
+
+spf.query.validated_ptrs = _validated_ptrs
+
+
 def _key(ip: str, identity: str, helo: str) -> tuple[str, str, str]:
     """The verdict cache's key: domains and local parts compared without case."""
     return (ip, identity.lower(), helo.lower())

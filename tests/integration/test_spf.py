@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import authres
 import pytest
@@ -293,3 +294,50 @@ def test_an_evaluation_that_keeps_needing_answers_ends_as_permerror(
 
     assert asyncio.run(go(3))[0] == "pass"  # three answers to fetch: three passes after the first
     assert asyncio.run(go(2)) == ("permerror", "SPF evaluation needs over 2 rounds of DNS")
+
+
+def test_a_ptr_name_whose_a_lookup_fails_is_skipped_not_a_temperror(
+    dns_server: DnsServer,
+) -> None:
+    """RFC 7208 5.5: a DNS error on the A lookup of a PTR name skips that name. The
+    first PTR name's CNAME chain loops (served as an authoritative BIND serves it:
+    the whole chain, no error), which the resolver cannot follow to an end; the
+    second name validates, so `ptr` matches. A DNS error on the PTR lookup itself
+    makes the mechanism match nothing: the record's `-all` decides."""
+    import asyncio
+
+    from gateway import config
+    from gateway.checks.spf import SpfCheck
+    from gateway.dns import DnsStatus, Resolver
+
+    dns_server.add(
+        {
+            "ptr.test": [("TXT", "v=spf1 ptr -all")],
+            "7.2.0.192.in-addr.arpa": [("PTR", "loop1.ptr.test."), ("PTR", "mail.ptr.test.")],
+            "loop1.ptr.test": [("CNAME", "loop2.ptr.test.")],
+            "loop2.ptr.test": [("CNAME", "loop3.ptr.test.")],
+            "loop3.ptr.test": [("CNAME", "loop1.ptr.test.")],
+            "mail.ptr.test": [("A", "192.0.2.7")],
+            "8.2.0.192.in-addr.arpa": [("SERVFAIL", "")],
+            "chain.ptr.test": [("CNAME", "c2.ptr.test.")],
+            "c2.ptr.test": [("CNAME", "mail.ptr.test.")],
+        }
+    )
+
+    async def go() -> tuple[Any, ...]:
+        resolver = Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5))
+        check = SpfCheck(resolver)
+        loop = await resolver.query("loop1.ptr.test", "A")
+        chain = await resolver.query("chain.ptr.test", "A")
+        return (
+            loop.status,
+            chain.records,
+            await check.evaluate("192.0.2.7", "a@ptr.test", "client.test"),
+            await check.evaluate("192.0.2.8", "a@ptr.test", "client.test"),
+        )
+
+    loop, chain, matched, no_ptr = asyncio.run(go())
+    assert loop is DnsStatus.SERVFAIL  # dnspython: "CNAME chain too long"
+    assert chain == ("192.0.2.7",)  # two links in one answer, then the address
+    assert matched[0] == "pass"
+    assert no_ptr[0] == "fail"

@@ -6,7 +6,9 @@ also be a tuple of byte strings (one per character-string). Special types
 change behaviour for a name: ("SERVFAIL", ""), ("TIMEOUT", "") (never
 answers, for types not listed before it), ("DELAY", "0.2") (answers after that
 many seconds). A name that is absent is NXDOMAIN; a name present without the
-asked type is NODATA.
+asked type is NODATA. A CNAME is followed the way an authoritative BIND follows
+it: the whole chain in one answer, loops included (stopping where a name
+repeats), not one hop.
 Every query is recorded, so tests can assert what was (not) asked.
 """
 
@@ -31,6 +33,7 @@ import dns.rdtypes.ANY.TXT
 import dns.rrset
 
 Zone = dict[str, list[tuple[str, Any]]]
+MAX_CHAIN = 16  # CNAME links followed in one answer (BIND's own bound is similar)
 
 
 def _norm(name: str) -> str:
@@ -137,15 +140,33 @@ class DnsServer:
         if values:
             r.answer.append(self._rrset(question.name, rdtype, values))
         elif cnames and rdtype != "CNAME":
-            r.answer.append(self._rrset(question.name, "CNAME", cnames[:1]))
-            target = _norm(cnames[0])
-            with self._lock:
-                tvals = [v for t, v in self.zone.get(target, []) if t == rdtype]
-            if tvals:
-                r.answer.append(self._rrset(dns.name.from_text(target), rdtype, tvals))
+            self._chase(r, question.name, cnames[0], rdtype)
         else:
             r.authority.append(self._soa(name))
         return r.to_wire()
+
+    def _chase(self, r: dns.message.Message, owner: dns.name.Name, cname: str, rdtype: str) -> None:
+        """A CNAME and the chain after it, as an authoritative BIND answers: every
+        link it holds, up to MAX_CHAIN, stopping where a name repeats (a loop: the
+        links so far, no error) or leaves the zones; then the target's records of
+        the asked type, if it has them."""
+        seen = {_norm(owner.to_text())}
+        for _ in range(MAX_CHAIN):
+            r.answer.append(self._rrset(owner, "CNAME", [cname]))
+            target = _norm(cname)
+            if target in seen:
+                return  # a loop
+            seen.add(target)
+            with self._lock:
+                held = list(self.zone.get(target, []))
+            tvals = [v for t, v in held if t == rdtype]
+            if tvals:
+                r.answer.append(self._rrset(dns.name.from_text(target), rdtype, tvals))
+                return
+            nxt = [v for t, v in held if t == "CNAME"]
+            if not nxt:
+                return
+            owner, cname = dns.name.from_text(target), nxt[0]
 
     def _rrset(self, name: dns.name.Name, rdtype: str, values: Iterable[Any]) -> dns.rrset.RRset:
         rrs = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
