@@ -11,7 +11,6 @@ connection ends, however it ends.
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway import metrics
 from gateway.checks.base import Symbols
 from gateway.config import IPNetwork, network_matcher
+from gateway.net import network_of
 from gateway.pipeline.stage import Context, Stage
 from gateway.store.base import CONC, RATE, GcraOp, StoreError
 from gateway.store.memory import MemoryStore
@@ -48,13 +48,6 @@ def parse_rate(rate: str) -> tuple[int, float]:
     if n <= 0 or period <= 0:
         raise ValueError(rate)
     return n, period
-
-
-@functools.lru_cache(maxsize=4096)  # a client comes back; parsing is the dear part
-def network_of(ip: str, v4: int = 24, v6: int = 64) -> str:
-    addr = ipaddress.ip_address(ip)
-    prefix = v4 if addr.version == 4 else v6
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def key_parts(kind: str, ctx: Context) -> str | None:

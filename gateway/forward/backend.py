@@ -26,6 +26,7 @@ from gateway.forward.client import (
 )
 from gateway.forward.link import ClientInfo, ClientLink, client_attrs
 from gateway.forward.pool import Pool
+from gateway.net import network_of
 from gateway.smtp import dsn, replies
 from gateway.wire import header_section
 
@@ -370,10 +371,56 @@ class SmtpLink(ClientLink):
         super().__init__()
         self.backend = backend
 
+    def _admit(self, info: ClientInfo) -> None:
+        self.backend.per_client.admit(info.addr)
+
+    def _held(self, info: ClientInfo) -> None:
+        self.backend.per_client.hold(info.addr)
+
+    def _released(self, info: ClientInfo) -> None:
+        self.backend.per_client.release(info.addr)
+
     def begin(
         self, client: ClientInfo, sender: str, params: list[str]
     ) -> Awaitable[tuple[SmtpReply, Transaction | None]]:
         return self.backend.begin(self, client, sender, params)
+
+
+class PerClient:
+    """Backend sessions held at once per client address and per /24 (/64): a
+    client session holds at most one, so without this one client opening many
+    sessions, each with a transaction, could hold every session the backend takes
+    from us (backend.max_sessions). Its transactions over the cap get 451 4.4.5;
+    other clients are not affected."""
+
+    NETWORK_FACTOR = 4  # a network may hold this many times a single address's share
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held: dict[str, int] = {}
+
+    def admit(self, addr: str) -> None:
+        if self.limit is None:
+            return
+        if self.held.get(addr, 0) >= self.limit:
+            raise BackendBusy(f"this client holds {self.limit} backend sessions already")
+        net = network_of(addr)
+        if self.held.get(net, 0) >= self.limit * self.NETWORK_FACTOR:
+            raise BackendBusy(f"this client's network holds {self.held[net]} backend sessions")
+
+    def hold(self, addr: str) -> None:
+        if self.limit is not None:
+            for key in (addr, network_of(addr)):
+                self.held[key] = self.held.get(key, 0) + 1
+
+    def release(self, addr: str) -> None:
+        if self.limit is not None:
+            for key in (addr, network_of(addr)):
+                left = self.held.get(key, 0) - 1
+                if left > 0:
+                    self.held[key] = left
+                else:
+                    self.held.pop(key, None)
 
 
 class SmtpBackend:
@@ -383,6 +430,7 @@ class SmtpBackend:
         # workers share it (rounded up).
         cap = None if cfg.max_sessions is None else -(-cfg.max_sessions // max(1, workers))
         self.targets = [Target(u, cfg, helo, i, cap) for i, u in enumerate(cfg.url)]
+        self.per_client = PerClient(cfg.max_sessions_per_client)
         # Told when a target's SIZE changes (the app advertises the smaller of its own).
         self.on_size: Callable[[], None] | None = None
         for t in self.targets:

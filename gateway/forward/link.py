@@ -96,6 +96,7 @@ class ClientLink:
             if self.target is target and self.info == info and session.reusable:
                 return session, True
             self.drop()
+        self._admit(info)
         for attempt in (0, 1):
             session, reused = await target.pool.acquire()
             identified = target.cfg.xclient and "XCLIENT" in session.extensions
@@ -112,6 +113,7 @@ class ClientLink:
                 raise
             self.session, self.target, self.info = session, target, info
             self.identified = identified
+            self._held(info)
             return session, reused
         raise AssertionError("unreachable")
 
@@ -121,10 +123,22 @@ class ClientLink:
         if target is not None and target is not self.target:
             return
         session, self.session = self.session, None
-        self.target = self.info = None
+        info, self.info = self.info, None
+        self.target = None
         self.identified = False
         if session is not None:
+            assert info is not None
+            self._released(info)
             session.quit_now()
+
+    def _admit(self, info: ClientInfo) -> None:
+        """Raise BackendBusy if this client may not have another backend session."""
+
+    def _held(self, info: ClientInfo) -> None:
+        """This client session now holds a backend session."""
+
+    def _released(self, info: ClientInfo) -> None:
+        """It no longer does."""
 
     async def end(self) -> None:
         """The client session is over: so is its backend session (QUIT, without

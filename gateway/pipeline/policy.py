@@ -160,10 +160,20 @@ class Concurrency(_Strict):
     exempt_networks: Networks = Field(default_factory=list)
 
 
+def _default_concurrency() -> list[Concurrency]:
+    """Sessions at once per client address and per /24 (/64): well below a
+    listener's max_connections (1000), so no one client, nor one network, can hold
+    every slot (Postfix's smtpd_client_connection_count_limit is 50)."""
+    return [
+        Concurrency(name="conns_per_ip", key="client_ip", max=50),
+        Concurrency(name="conns_per_network", key="client_network", max=150),
+    ]
+
+
 class RateLimitOptions(_Strict):
     enabled: bool = True
     limits: list[RateLimit] = Field(default_factory=list)
-    concurrency: list[Concurrency] = Field(default_factory=list)
+    concurrency: list[Concurrency] = Field(default_factory=_default_concurrency)
 
     def model_post_init(self, _ctx: Any) -> None:
         names = [x.name for x in self.limits] + [x.name for x in self.concurrency]

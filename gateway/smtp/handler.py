@@ -375,6 +375,7 @@ class Session:
         if not arg:
             self.send(replies.SYNTAX_HELO)
             return
+        self._junk()  # as Postfix: a greeting repeated in a loop is a way to hold a slot
         await self._abort_txn("helo")
         self.ctx.helo = arg.split(" ", 1)[0][:255]
         self.esmtp = esmtp
@@ -825,7 +826,7 @@ class Session:
         return refused
 
     def _junk(self) -> None:
-        """NOOP, RSET, VRFY, HELP: harmless one by one, a way to hold a slot and burn
+        """NOOP, RSET, VRFY, HELP, EHLO/HELO: harmless one by one, a way to hold a slot and burn
         CPU in a flood. Past `max_junk_commands` in a row without a transaction, each
         one counts as an error, so the flood ends with 421 4.7.0 (Postfix's
         smtpd_junk_command_limit)."""

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.checks.ratelimit import network_of, parse_rate
+from gateway.checks.ratelimit import parse_rate
+from gateway.net import network_of
 from gateway.store.base import CONC, RATE, Entry, GcraOp
 from gateway.store.memory import MemoryStore
 from gateway.store.shared import SharedStore
