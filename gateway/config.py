@@ -232,8 +232,9 @@ class Backend(_Strict):
     # 451 4.4.5 (forward/pool.py). None: no cap.
     max_sessions: Annotated[int, Field(ge=1)] | None = 100
     # Backend sessions one client address holds at once (four times that per /24 or
-    # /64), per worker; beyond, that client's transaction gets 451 4.4.5. None: no cap.
-    max_sessions_per_client: Annotated[int, Field(ge=1)] | None = 10
+    # /64), per worker; beyond, that client's transaction gets 451 4.4.5. 20: what
+    # a Postfix sender opens to one destination by default. None: no cap.
+    max_sessions_per_client: Annotated[int, Field(ge=1)] | None = 20
     idle_timeout: Annotated[float, Field(gt=0)] = 30.0
     xclient: bool = True
     xforward: bool = True

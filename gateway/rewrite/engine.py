@@ -165,10 +165,19 @@ class Rewriter:
                 return new
         return addr
 
-    def srs_reverse(self, addr: Address) -> Address:
-        """Raises SrsError for an SRS address at our SRS domain that we did not make."""
-        if self.srs is None or addr.domain != self.srs.domain or not Srs.is_srs(addr.local):
+    def is_srs(self, addr: Address) -> bool:
+        """Whether `addr` is an SRS address at our SRS domain."""
+        return self.srs is not None and addr.domain == self.srs.domain and Srs.is_srs(addr.local)
+
+    def srs_reverse(self, addr: Address, bounce: bool = True) -> Address:
+        """Raises SrsError for an SRS address at our SRS domain that we did not make,
+        or that is not written to by a bounce (null sender): SRS addresses exist to
+        bring bounces back, and reversing anything else would let a sender that
+        guessed or reused one relay through us."""
+        if self.srs is None or not self.is_srs(addr):
             return addr
+        if not bounce:
+            raise SrsError("an SRS address takes bounces only (MAIL FROM:<>)")
         local, domain = self.srs.reverse(addr.local)
         _count("srs_reverse")
         try:

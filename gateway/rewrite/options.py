@@ -45,7 +45,8 @@ class SrsSettings(_Strict):
     secrets: list[str] = Field(default_factory=list)
     secrets_file: str | None = None
     max_age_days: Annotated[int, Field(ge=1, le=1000)] = 21
-    hash_length: Annotated[int, Field(ge=4, le=27)] = 4
+    # base32 characters of HMAC-SHA1 (5 bits each): 12 is 60 bits (rewrite/srs.py).
+    hash_length: Annotated[int, Field(ge=8, le=32)] = 12
 
     def model_post_init(self, _ctx: Any) -> None:
         if self.enabled and not self.domain:

@@ -31,6 +31,7 @@ from gateway.pipeline.verdict import Verdict
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import dsn, replies, tls
 from gateway.smtp.data import DataRefused, check_header_section, read_message
+from gateway.smtp.guard import FailureLimit
 from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.replies import Action, Reply
@@ -86,6 +87,8 @@ class Services:
     # A recipient in local_domains without routing tricks (relay control's rule).
     is_local: Callable[[Address], bool]
     memory: MessageMemory  # message data in this process (limits.max_data_memory)
+    # Invalid SRS addresses per client (smtp/guard.py).
+    srs_failures: FailureLimit = field(default_factory=FailureLimit)
     # The largest message taken: limits.max_message_size, or the backend's SIZE when
     # that is smaller (advertised, and refused at MAIL and in DATA with 552).
     max_size: int = 0
@@ -584,11 +587,18 @@ class Session:
         self, rewriter: Rewriter, original: Address, addr: Address
     ) -> Reply | list[Address]:
         """SRS reverse then virtual aliases; a refusal is the reply to send."""
+        ip = self.ctx.client_ip
+        guard = self.svc.srs_failures
+        bounce = self.ctx.mail_from is not None and self.ctx.mail_from.is_null
         try:
-            targets = rewriter.expand(rewriter.srs_reverse(addr))
+            if guard.blocked(ip) and rewriter.is_srs(addr):
+                raise SrsError("too many invalid SRS addresses from this client")
+            targets = rewriter.expand(rewriter.srs_reverse(addr, bounce))
         except SrsError as e:
-            reply: Reply = replies.SRS_INVALID
+            reply: Reply = replies.SRS_LIMITED if guard.blocked(ip) else replies.SRS_INVALID
             why = str(e)
+            if reply is replies.SRS_INVALID:
+                guard.failed(ip)
         except AliasLoop as e:
             reply, why = replies.ALIAS_LOOP, str(e)
         else:

@@ -159,6 +159,8 @@ LOCAL_ERROR = r(451, "4.3.0", "Local error in processing, try again later")
 # Address rewriting (gateway/rewrite).
 ALIAS_LOOP = r(550, "5.4.6", "Recipient alias expansion failed (loop, too deep or too wide)")
 SRS_INVALID = r(550, "5.1.1", "Invalid or expired SRS bounce address")
+# Past a few invalid SRS addresses from one client (smtp/guard.py): no more checked.
+SRS_LIMITED = r(450, "4.7.1", "Too many invalid SRS bounce addresses from this client")
 ALIAS_ACCEPTED = r(250, "2.1.5", "Recipient ok")
 
 

@@ -128,6 +128,34 @@ def test_srs_when_forwarding_and_bounces_reversed(gw: Gateway, backend: Backend)
     assert len(backend.messages()) == 2
 
 
+def test_srs_addresses_take_bounces_only_and_guessing_is_cut_short(
+    gw: Gateway, backend: Backend
+) -> None:
+    """A valid SRS address written to by a sender that is not a bounce is refused:
+    reversing it would relay that sender's mail to the original address. A client
+    that tries invalid ones (guessing the hash) gets five answers, then 450 4.7.1
+    for every SRS address, valid ones included, for the rest of the hour; other
+    clients are not affected."""
+    _, data = transaction(gw.port(), "sender@orig.test", ["fwd@example.test"], b"\r\nx\r\n")
+    assert data is not None and data[0] == 250
+    srs_addr = backend.messages()[0]["mail_from"]
+    local, _, dom = srs_addr.partition("@")
+    assert len(local.split("=")[1]) == 12  # the hash: 60 bits of base32
+    replies, _ = transaction(gw.port(), "spammer@elsewhere.test", [srs_addr], b"\r\nx\r\n")
+    assert replies[0][0] == 550 and replies[0][1].startswith(b"5.1.1")
+    guesses = [f"SRS0={'A' * 12}={local.split('=')[2]}=orig.test=user{n}@{dom}" for n in range(4)]
+    replies, _ = transaction(gw.port(), "<>", guesses, b"\r\nx\r\n")
+    assert [c for c, _ in replies] == [550] * 4  # the fifth failure with the first above
+    replies, _ = transaction(gw.port(), "<>", [srs_addr], b"\r\nx\r\n")
+    assert replies[0][0] == 450 and replies[0][1].startswith(b"4.7.1"), replies
+    # Another address (another /24 is not needed: the network's share is larger).
+    with smtplib.SMTP("127.0.0.1", gw.port(), source_address=("127.0.0.9", 0)) as s:
+        s.ehlo("bounces.test")
+        s.mail("<>")
+        assert s.rcpt(srs_addr)[0] == 250
+    assert len(backend.messages()) == 1  # nothing was relayed by the refused ones
+
+
 def test_local_mail_keeps_the_original_sender(gw: Gateway, backend: Backend) -> None:
     _, data = transaction(gw.port(), "sender@orig.test", ["alice@example.test"], b"\r\nx\r\n")
     assert data is not None and data[0] == 250

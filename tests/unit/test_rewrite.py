@@ -244,6 +244,38 @@ def test_srs_tampered_expired_and_rotated() -> None:
         rotated.reverse("SRS0=onlytwo=parts")
 
 
+def test_srs_hash_is_case_free_base32_of_the_configured_length() -> None:
+    srs = Srs("srs.example.org", ["k"], clock=Clock())
+    hash_ = srs.forward("user", "orig.test").split("=")[1]
+    assert len(hash_) == 12 and set(hash_) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+    short = Srs("srs.example.org", ["k"], clock=Clock(), hash_length=8)
+    local = short.forward("user", "orig.test")
+    assert len(local.split("=")[1]) == 8
+    with pytest.raises(SrsError, match="hash"):  # a hash of the other length never verifies
+        srs.reverse(local)
+
+
+def test_failed_srs_reverses_are_limited_per_client_and_network() -> None:
+    from gateway.smtp.guard import FailureLimit
+
+    now = [1000.0]
+    guard = FailureLimit(limit=5, window=3600, clock=lambda: now[0], max_clients=100)
+    for _ in range(5):
+        assert not guard.blocked("192.0.2.7")
+        guard.failed("192.0.2.7")
+    assert guard.blocked("192.0.2.7")
+    assert not guard.blocked("192.0.2.8")  # the network has room for 20
+    for n in range(15):
+        guard.failed(f"192.0.2.{100 + n}")
+    assert guard.blocked("192.0.2.8")  # 20 in the /24
+    assert not guard.blocked("198.51.100.1")
+    now[0] += 3600
+    assert not guard.blocked("192.0.2.7") and not guard.blocked("192.0.2.8")
+    for n in range(200):  # bounded memory: the oldest keys go
+        guard.failed(f"203.0.113.{n % 250}")
+    assert len(guard._seen) <= 100
+
+
 def test_srs_stage_leaves_our_own_domain_alone() -> None:
     rw = rewriter(srs={"enabled": True, "domain": "srs.example.org", "secrets": ["k"]})
     fwd = rw.srs_forward(a("joe@orig.test"))
