@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import idna
+
 from gateway.dns import ascii_name
 
 MAX_LOCAL = 64
@@ -32,6 +34,18 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class AddressError(ValueError):
     """The path is not valid RFC 5321 syntax."""
+
+
+class DomainSpellingError(AddressError):
+    """A UTF-8 domain that is not exactly a valid IDNA 2008 U-label spelling: what
+    relay control judges (its A-labels) and what a backend offering SMTPUTF8 would
+    receive (the raw spelling: a soft hyphen, a zero-width space, a full-width dot
+    or the ideographic full stop in it) would differ. Refused (553 5.1.3)."""
+
+
+# Lone surrogates are how the command line's invalid UTF-8 reaches here
+# (surrogateescape): an address holding one is not UTF-8 at all.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +153,8 @@ def parse_path(path: str, *, allow_null: bool = False) -> Address:
         return Address(local, domain.lower())
     if _CONTROL.search(path):
         raise AddressError("control characters in address")
+    if _SURROGATE.search(path):
+        raise AddressError("invalid UTF-8 in address")
     if len(path) > MAX_PATH + 2:
         raise AddressError("path too long")
     if path == "<>":
@@ -205,8 +221,27 @@ def _parse_domain(s: str) -> str:
     for label in labels:
         if not label or len(label) > 63 or not _LABEL.match(label):
             raise AddressError("bad domain")
+    s = s.lower()
+    if not s.isascii():
+        _check_ulabels(s)
     # A trailing dot is kept: "local." is not "local", and relay control must see that.
-    return s.lower()
+    return s
+
+
+def _check_ulabels(domain: str) -> None:
+    """Every non-ASCII label must be a valid IDNA 2008 U-label that is its own
+    A-label's spelling: nothing mapped or ignored (UTS 46 would fold a full-width
+    letter, drop a soft hyphen, take U+3002 for a dot), so that the backend receives
+    exactly the domain relay control judged."""
+    for label in domain.rstrip(".").split("."):
+        if label.isascii():
+            continue
+        try:
+            same = idna.ulabel(idna.alabel(label)) == label
+        except (idna.IDNAError, UnicodeError):
+            same = False
+        if not same:
+            raise DomainSpellingError(f"{label!r} is not a valid IDNA 2008 U-label")
 
 
 def _parse_literal(s: str) -> str:

@@ -32,6 +32,11 @@ from gateway.stream import Stream
 
 log = logging.getLogger("gateway.app")
 
+# Room left under a backend's SIZE for the header fields the gateway adds in front of
+# each message (Received, Authentication-Results, tags): a message of the size
+# advertised must still fit at the backend with them.
+PREFIX_ROOM = 4096
+
 
 def build_backend(settings: config.Settings, workers: int = 1) -> Backend:
     urls = settings.backend.url
@@ -110,8 +115,9 @@ class App:
         refused every later transaction: forward/backend.py resets it now)."""
         size = self.settings.limits.max_message_size
         limit = self.backend.size_limit if isinstance(self.backend, SmtpBackend) else None
-        if limit is not None and limit < size:
-            size = limit
+        if limit is not None and limit - PREFIX_ROOM < size:
+            # The backend counts the header fields we add too.
+            size = max(1024, limit - PREFIX_ROOM)
         if size == self.svc.max_size:
             return
         self.svc.max_size = size

@@ -210,7 +210,9 @@ class Limits(_Strict):
 
 class CircuitBreaker(_Strict):
     failures: Annotated[int, Field(ge=1)] = 5
-    cooldown: Annotated[float, Field(gt=0)] = 30.0
+    # Seconds the breaker stays open before the next transaction tries the target
+    # again: a restarted backend takes mail again within this.
+    cooldown: Annotated[float, Field(gt=0)] = 5.0
 
 
 class Backend(_Strict):

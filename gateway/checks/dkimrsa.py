@@ -460,19 +460,18 @@ def strip_b(value: bytes) -> bytes:
 
 def select_headers(headers: list[Any], include: list[bytes]) -> list[Any]:
     """dkimpy's select_headers (RFC 6376 5.4.2: each name in h= takes the last
-    field of that name not taken yet, bottom up), with every field name lowered
-    once rather than at every step of every search."""
-    names = [h[0].lower() for h in headers]
+    field of that name not taken yet, bottom up), in time linear in the fields and
+    the names: each name's fields are listed once, and each use takes the last one
+    left. (Searching the fields for each name, as dkimpy does, is names x fields: a
+    signature of 4,000 names over 40,000 fields held the event loop for 30 s.)"""
+    positions: dict[bytes, list[int]] = {}
+    for i, h in enumerate(headers):
+        positions.setdefault(h[0].lower(), []).append(i)
     selected = []
-    last: dict[bytes, int] = {}
     for name in include:
-        i = last.get(name, len(headers))
-        while i > 0:
-            i -= 1
-            if names[i] == name:
-                selected.append(headers[i])
-                break
-        last[name] = i
+        left = positions.get(name)
+        if left:
+            selected.append(headers[left.pop()])
     return selected
 
 

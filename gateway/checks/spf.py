@@ -37,6 +37,14 @@ RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerro
 # own limits allow a record about 115 (10 DNS mechanisms, an MX lookup and 10 A
 # lookups for each, the explanation). A typical evaluation takes 2 to 5.
 MAX_PASSES = 128
+# Terms of one SPF record, and of every record one evaluation reads: pyspf parses
+# about 100,000 terms a second, on the event loop, and evaluates again from the
+# start after each answer it lacked. Terms that need no DNS (ip4:, ip6:) are not
+# bounded by the 10-lookup limit: ten records of 4,000 such terms cost 1.9 s a MAIL.
+# Past either bound the evaluation is a permerror (RFC 7208 4.6: a record that
+# cannot be processed); real records hold tens of terms.
+MAX_RECORD_TERMS = 250
+MAX_TERMS = 1000
 
 _tls = threading.local()
 
@@ -49,12 +57,13 @@ class _Answers:
     """What one evaluation has asked for: the answers fetched for it (kept even when
     the cache may not keep them: a temporary error, a TTL of 0) and those it lacked."""
 
-    __slots__ = ("fetched", "missing", "resolver")
+    __slots__ = ("fetched", "missing", "resolver", "terms")
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.fetched: dict[tuple[str, str], DnsAnswer] = {}
         self.missing: set[tuple[str, str]] = set()
+        self.terms = 0  # SPF terms handed to pyspf in this pass
 
     def lookup(self, name: str, qtype: str) -> list[Any]:
         ans = self.fetched.get((name, qtype)) or self.resolver.cached(name, qtype)
@@ -65,7 +74,23 @@ class _Answers:
             raise _Missing(name)
         if ans.temporary:
             raise spf.TempError(f"DNS {ans.status.value} for {name}/{qtype}")
+        if qtype == "TXT":
+            self._count_terms(name, ans.records)
         return [((name, qtype), v) for v in ans.records]
+
+    def _count_terms(self, name: str, records: tuple[Any, ...]) -> None:
+        for strings in records:
+            text = b"".join(strings) if isinstance(strings, tuple) else b""
+            if text[:7].lower() != b"v=spf1 " and text.lower() != b"v=spf1":
+                continue
+            n = len(text.split()) - 1
+            if n > MAX_RECORD_TERMS:
+                raise spf.PermError(
+                    f"SPF record of {name} has {n} terms (at most {MAX_RECORD_TERMS})"
+                )
+            self.terms += n
+            if self.terms > MAX_TERMS:
+                raise spf.PermError(f"SPF records hold over {MAX_TERMS} terms in all")
 
     async def fetch_missing(self) -> None:
         """Every answer the last pass lacked, asked for at once (usually one)."""
@@ -224,6 +249,7 @@ class SpfCheck:
     def _pass(self, ip: str, identity: str, helo: str, answers: _Answers) -> tuple[str, str] | None:
         """pyspf's verdict from the answers at hand; None if it lacked any."""
         _tls.answers = answers
+        answers.terms = 0
         try:
             q = spf.query(i=ip, s=identity, h=helo, querytime=self.timeout)
             result, _code, why = q.check()

@@ -374,9 +374,6 @@ class SmtpLink(ClientLink):
     def _admit(self, info: ClientInfo) -> None:
         self.backend.per_client.admit(info.addr)
 
-    def _held(self, info: ClientInfo) -> None:
-        self.backend.per_client.hold(info.addr)
-
     def _released(self, info: ClientInfo) -> None:
         self.backend.per_client.release(info.addr)
 
@@ -400,6 +397,7 @@ class PerClient:
         self.held: dict[str, int] = {}
 
     def admit(self, addr: str) -> None:
+        """Count one more session for `addr`, or raise BackendBusy past the caps."""
         if self.limit is None:
             return
         if self.held.get(addr, 0) >= self.limit:
@@ -407,11 +405,8 @@ class PerClient:
         net = network_of(addr)
         if self.held.get(net, 0) >= self.limit * self.NETWORK_FACTOR:
             raise BackendBusy(f"this client's network holds {self.held[net]} backend sessions")
-
-    def hold(self, addr: str) -> None:
-        if self.limit is not None:
-            for key in (addr, network_of(addr)):
-                self.held[key] = self.held.get(key, 0) + 1
+        for key in (addr, net):
+            self.held[key] = self.held.get(key, 0) + 1
 
     def release(self, addr: str) -> None:
         if self.limit is not None:
@@ -548,7 +543,7 @@ class SmtpBackend:
         rcpt: tuple[str, list[str]] | None,
     ) -> tuple[SmtpReply, SmtpReply | None, SmtpClient, Fit]:
         for attempt in (0, 1):
-            session, reused = await link.session_for(target, client)
+            session, reused = await link.session_for(target, client, fresh=attempt > 0)
             try:
                 xforward = None
                 if not link.identified and self.cfg.xforward and "XFORWARD" in session.extensions:

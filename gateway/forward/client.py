@@ -178,7 +178,10 @@ class SmtpClient:
             raise BackendLost(f"connect to {host}:{port} failed: {e.strerror or e}") from None
         client = cls(stream, command_timeout=command_timeout, data_timeout=data_timeout, lmtp=lmtp)
         try:
-            greeting = await client._timed("greeting")
+            # The greeting within the connect timeout, not the command timeout: a
+            # backend that accepts and then says nothing (Postfix throttling its
+            # smtpd) is as unavailable as one that refuses, and a client waits.
+            greeting = await client._timed("greeting", connect_timeout)
             if greeting.code != 220:
                 busy = 400 <= greeting.code < 500
                 raise (BackendBusy if busy else BackendLost)(f"backend greeting: {greeting}")

@@ -83,7 +83,9 @@ class ClientLink:
         # The backend was told who the client is (XCLIENT): no XFORWARD needed.
         self.identified = False
 
-    async def session_for(self, target: Target, info: ClientInfo) -> tuple[SmtpClient, bool]:
+    async def session_for(
+        self, target: Target, info: ClientInfo, fresh: bool = False
+    ) -> tuple[SmtpClient, bool]:
         """This client's session at `target`, and whether it served before (a spare or
         an earlier transaction: it may have gone stale). A new one is taken from the
         target's pool and told who the client is.
@@ -96,9 +98,16 @@ class ClientLink:
             if self.target is target and self.info == info and session.reusable:
                 return session, True
             self.drop()
-        self._admit(info)
+        self._admit(info)  # counted from now: concurrent sessions see it at once
+        try:
+            return await self._bind(target, info, fresh)
+        except BaseException:
+            self._released(info)
+            raise
+
+    async def _bind(self, target: Target, info: ClientInfo, fresh: bool) -> tuple[SmtpClient, bool]:
         for attempt in (0, 1):
-            session, reused = await target.pool.acquire()
+            session, reused = await target.pool.acquire(fresh or attempt > 0)
             identified = target.cfg.xclient and "XCLIENT" in session.extensions
             try:
                 if identified:
@@ -113,7 +122,6 @@ class ClientLink:
                 raise
             self.session, self.target, self.info = session, target, info
             self.identified = identified
-            self._held(info)
             return session, reused
         raise AssertionError("unreachable")
 
@@ -132,13 +140,11 @@ class ClientLink:
             session.quit_now()
 
     def _admit(self, info: ClientInfo) -> None:
-        """Raise BackendBusy if this client may not have another backend session."""
-
-    def _held(self, info: ClientInfo) -> None:
-        """This client session now holds a backend session."""
+        """Count a backend session for this client, or raise BackendBusy if it may not
+        have another."""
 
     def _released(self, info: ClientInfo) -> None:
-        """It no longer does."""
+        """This client session no longer holds (or will not get) that session."""
 
     async def end(self) -> None:
         """The client session is over: so is its backend session (QUIT, without

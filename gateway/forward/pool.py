@@ -87,17 +87,19 @@ class Pool:
     def open(self) -> int:
         return len(self._busy) + len(self._idle) + self._connecting
 
-    async def acquire(self) -> tuple[SmtpClient, bool]:
+    async def acquire(self, fresh: bool = False) -> tuple[SmtpClient, bool]:
         """A session for one client session, and whether it was a spare (connected
         earlier: it may have gone stale since). The caller closes it when its client
-        session ends. BackendBusy if the cap leaves none within `wait` seconds."""
+        session ends. BackendBusy if the cap leaves none within `wait` seconds.
+        `fresh`: connect a new one (a spare just failed: the others may have died
+        with it, a backend restart closing them all, before the loop has seen it)."""
         deadline: float | None = None
         if self._waiters and self.max_open is not None:
             # Nobody overtakes a transaction already waiting for a session.
             deadline = time.monotonic() + self.wait
             await self._wait_until(deadline, first=False)
         while True:
-            spare = self._take_spare()
+            spare = None if fresh else self._take_spare()
             if spare is not None:
                 if deadline is not None:
                     self._waited.inc()

@@ -3,9 +3,10 @@
 The gateway holds no queue, so it never writes a DSN itself: the backend does.
 What the gateway owes the sender is that the request reaches it intact. So the
 parameters are checked here (a malformed one is refused at once, with 501 5.5.4,
-rather than by the backend later, when the client has moved on), passed on as
-written with the keywords upper-cased, and dropped only for a backend that does
-not offer DSN, which would refuse them (555).
+rather than by the backend later, when the client has moved on), decoded and
+checked for what they stand for (xtext can spell CR and LF as "+0D+0A", which a
+backend would put into the DSN it writes), re-encoded, and dropped only for a
+backend that does not offer DSN, which would refuse them (555).
 
 XCLIENT and XFORWARD attribute values are xtext too, hence `xtext()` here.
 """
@@ -42,6 +43,26 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
+_HEX = re.compile(r"\+([0-9A-F]{2})")
+_UNIHEX = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
+
+
+def _clean(text: str) -> bool:
+    """No control characters (C0, DEL, C1) in what a parameter stands for, and no
+    lone surrogate (how invalid UTF-8 on the command line arrives here)."""
+    return not any(
+        ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) <= 0xDFFF for c in text
+    )
+
+
+def _unxtext(value: str) -> str | None:
+    """Well-formed xtext decoded, when what it stands for has no control character."""
+    if not _XTEXT.fullmatch(value):
+        return None
+    decoded = _HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    return decoded if _clean(decoded) else None
+
+
 def mail_param(key: str, value: str | None) -> str | None:
     """RET or ENVID as it goes to the backend; None if malformed."""
     if value is None:
@@ -49,8 +70,10 @@ def mail_param(key: str, value: str | None) -> str | None:
     if key == "RET":
         ret = value.upper()
         return f"RET={ret}" if ret in ("FULL", "HDRS") else None
-    if len(value) <= MAX_ENVID and _XTEXT.fullmatch(value):  # ENVID
-        return f"ENVID={value}"
+    if 0 < len(value) <= MAX_ENVID:  # ENVID
+        decoded = _unxtext(value)
+        if decoded is not None:
+            return f"ENVID={xtext(decoded)}"
     return None
 
 
@@ -69,9 +92,16 @@ def rcpt_param(key: str, value: str | None, utf8: bool) -> str | None:
         return None
     if kind.lower() == "utf-8":
         ok = (utf8 or addr.isascii()) and _UNITEXT.fullmatch(addr) is not None
-    else:
-        ok = _XTEXT.fullmatch(addr) is not None
-    return f"ORCPT={kind};{addr}" if ok else None
+        if ok and not _clean(_UNIHEX.sub(lambda m: _codepoint(m.group(1)), addr)):
+            ok = False
+        return f"ORCPT={kind};{addr}" if ok else None
+    decoded = _unxtext(addr)
+    return None if decoded is None else f"ORCPT={kind};{xtext(decoded)}"
+
+
+def _codepoint(hexdigits: str) -> str:
+    n = int(hexdigits, 16)
+    return chr(n) if n <= 0x10FFFF and not 0xD800 <= n <= 0xDFFF else "\x00"
 
 
 def orcpt_for(original: str) -> str | None:

@@ -20,7 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway import config, headers, logs, metrics
-from gateway.address import NULL, Address, AddressError, parse_path, split_path
+from gateway.address import (
+    NULL,
+    Address,
+    AddressError,
+    DomainSpellingError,
+    parse_path,
+    split_path,
+)
 from gateway.checks.relay import DENIED, relay_trick
 from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
 from gateway.forward.client import BackendError, SmtpReply
@@ -685,6 +692,12 @@ class Session:
         outcome = "accepted" if final.ok else _outcome_code(final.code)
         metrics.child(metrics.RECIPIENTS, outcome, "backend").inc()
         self.relay(final)
+        if final.code >= 500:
+            # The backend refused a recipient (unknown user): an error of this client's,
+            # as the backend itself would count it. The backend's own limit cannot
+            # hold (each client session gets a fresh backend session), so max_errors
+            # must: else a client guesses mailboxes past it (the gateway's count).
+            self._count_error("backend_refused")
 
     async def cmd_data(self, arg: str) -> None:
         if arg:
@@ -934,6 +947,9 @@ class Session:
                 addr = Address("postmaster", "")
             else:
                 addr = parse_path(path, allow_null=sender)
+        except DomainSpellingError:
+            self.send(replies.BAD_DOMAIN_SPELLING)
+            return None
         except AddressError:
             self.send(bad)
             return None

@@ -88,6 +88,8 @@ SYNTAX_MAIL = r(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 SYNTAX_RCPT = r(501, "5.5.4", "Syntax: RCPT TO:<address>")
 BAD_ADDRESS = r(501, "5.1.3", "Bad address syntax")
 BAD_SENDER_ADDRESS = r(501, "5.1.7", "Bad sender address syntax")
+# A UTF-8 domain that is not exactly a valid IDNA 2008 spelling (address.py).
+BAD_DOMAIN_SPELLING = r(553, "5.1.3", "Domain is not a valid IDNA 2008 name as written")
 CONTROL_CHARS = r(501, "5.5.2", "Error: control characters are not allowed in commands")
 NOT_IMPLEMENTED = r(502, "5.5.1", "Error: command not implemented")
 AUTH_NOT_OFFERED = r(502, "5.5.1", "Error: authentication not enabled on this service")

@@ -127,3 +127,43 @@ def test_a_transaction_that_waits_too_long_gets_451_4_4_5_and_nothing_else_suffe
     waits = "smtp_gateway_backend_session_waits_total"
     assert gw.metric(f'{waits}{{result="timeout",target="0"}}') == 1
     assert gw.metric("smtp_gateway_backend_circuit_open") == 0
+
+
+def test_a_backend_that_accepts_and_never_greets_is_unavailable_after_connect_timeout(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """Postfix throttling its smtpd accepts connections and says nothing: the
+    greeting is waited for up to connect_timeout (1 s here), not command_timeout."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)  # never a byte
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"smtp://127.0.0.1:{listener.getsockname()[1]}"
+    cfg = base_config(url, backend={"connect_timeout": 1, "command_timeout": 30, "pool_size": 0})
+    gw = gateway_factory(cfg)
+    try:
+        start = time.monotonic()
+        with RawClient(gw.port(), timeout=40) as c:
+            assert c.reply()[0] == 220
+            c.cmd("EHLO client.test")
+            c.cmd("MAIL FROM:<a@sender.test>")
+            code, text = c.cmd("RCPT TO:<x@example.test>")
+        assert code == 451 and text.startswith("451 4.4."), text
+        assert time.monotonic() - start < 10
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

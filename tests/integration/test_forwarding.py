@@ -252,8 +252,11 @@ def test_the_backends_size_is_learned_at_start_advertised_and_enforced(
     recipients", which RFC 5321 4.5.3.1.10 tells clients to retry. The gateway greets
     the backend at start, advertises the smaller SIZE of the two, refuses a larger
     declared size at MAIL, and a larger message at its end, without the backend
-    seeing either."""
-    be = backend_factory("--size-limit", "10000")
+    seeing either. What it advertises leaves room under the backend's SIZE for the
+    header fields it adds (app.PREFIX_ROOM)."""
+    from gateway.app import PREFIX_ROOM
+
+    be = backend_factory("--size-limit", str(10000 + PREFIX_ROOM))
     gw = gateway_factory(base_config(be.url))
     gw.wait_log(lambda e: e.get("event") == "backend_size" and e["max_message_size"] == 10000)
     rcpt = ["RCPT TO:<x@example.test>"]

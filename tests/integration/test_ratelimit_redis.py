@@ -29,6 +29,8 @@ def shared(
         + OFF
         + "  ratelimit:\n"
         + limits
+        # Only the limits each test names (not the preset's per-client session limits).
+        + ("" if "concurrency" in limits else "    concurrency: []\n")
     )
     cfg = base_config(backend.url, trusted_networks=[], store={"redis_url": redis.url, **store})
     return gateway_factory(cfg, policy=pol)

@@ -341,3 +341,43 @@ def test_a_ptr_name_whose_a_lookup_fails_is_skipped_not_a_temperror(
     assert chain == ("192.0.2.7",)  # two links in one answer, then the address
     assert matched[0] == "pass"
     assert no_ptr[0] == "fail"
+
+
+def test_spf_records_are_bounded_in_terms(dns_server: DnsServer) -> None:
+    """Terms that need no DNS (ip4:, ip6:) are not bounded by the 10-lookup limit,
+    and pyspf parses them on the event loop: a record of more than 250 terms, or
+    records of more than 1,000 in all, make the evaluation a permerror."""
+    import asyncio
+
+    from gateway import config
+    from gateway.checks.spf import SpfCheck
+    from gateway.dns import Resolver
+
+    def terms(n: int, base: int) -> str:
+        return " ".join(f"ip4:10.{base}.{i // 250}.{i % 250}" for i in range(n))
+
+    dns_server.add(
+        {
+            "ok.test": [("TXT", f"v=spf1 {terms(248, 1)} ip4:192.0.2.0/24 -all")],
+            "big.test": [("TXT", f"v=spf1 {terms(251, 1)} -all")],
+            "wide.test": [
+                ("TXT", "v=spf1 " + " ".join(f"include:w{n}.test" for n in range(5)) + " -all")
+            ],
+            **{f"w{n}.test": [("TXT", f"v=spf1 {terms(240, n)} ?all")] for n in range(5)},
+        }
+    )
+
+    async def go() -> list[tuple[str, str]]:
+        check = SpfCheck(Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5)))
+        return [
+            await check.evaluate("192.0.2.1", f"a@{d}", "client.test")
+            for d in ("ok.test", "big.test", "wide.test")
+        ]
+
+    ok, big, wide = asyncio.run(go())
+    assert ok[0] == "pass"  # 250 terms, the last ip4 matches
+    assert big == (
+        "permerror",
+        "SPF Permanent Error: SPF record of big.test has 252 terms (at most 250)",
+    )
+    assert wide == ("permerror", "SPF Permanent Error: SPF records hold over 1000 terms in all")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gateway.app import PREFIX_ROOM
 from tests.interop.helpers import (
     UTF8_BODY,
     client,
@@ -102,7 +103,10 @@ def test_exims_size_is_advertised_and_an_oversized_size_refused_at_mail(
     exim: Exim, gw: Gateway
 ) -> None:
     with client(gw.port(), "127.0.0.6", "six.example") as c:
-        assert "250-SIZE 10485760" in c.cmd("EHLO six.example")[1].splitlines()
+        assert (
+            f"250-SIZE {10 * 1024 * 1024 - PREFIX_ROOM}"
+            in c.cmd("EHLO six.example")[1].splitlines()
+        )
         code, text = c.cmd("MAIL FROM:<a@sender.test> SIZE=20000000")
         assert (code, text[:9]) == (552, "552 5.3.4")
         replies = transaction(c, "a@sender.test", ["alice@example.test"], message("six"))

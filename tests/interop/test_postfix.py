@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.app import PREFIX_ROOM
 from tests.interop.helpers import (
     client,
     message,
@@ -109,7 +111,7 @@ def test_an_oversized_size_is_refused_at_mail_and_leaves_nothing_for_others(
     session until RSET, so nothing of it may reach a session another transaction uses."""
     with client(gw.port(), "127.0.0.7", "seven.example") as c:
         code, text = c.cmd("EHLO seven.example")
-        assert "250-SIZE 10000000" in text.splitlines()
+        assert f"250-SIZE {10_000_000 - PREFIX_ROOM}" in text.splitlines()
         code, text = c.cmd("MAIL FROM:<a@sender.test> SIZE=15000000")
         assert (code, text[:9]) == (552, "552 5.3.4")
         replies = transaction(c, "a@sender.test", ["alice@example.test"], message("seven-same"))
@@ -143,7 +145,10 @@ def test_a_size_refused_by_postfix_itself_does_not_poison_the_session(
             replies = transaction(c, "a@sender.test", ["alice@example.test"], message("nine"))
             assert replies[-1][0] == 250, replies
         with client(g2.port(), "127.0.0.19", "nineteen.example") as c:
-            assert "250-SIZE 10000000" in c.cmd("EHLO nineteen.example")[1].splitlines()
+            assert (
+                f"250-SIZE {10_000_000 - PREFIX_ROOM}"
+                in c.cmd("EHLO nineteen.example")[1].splitlines()
+            )
             replies = transaction(c, "a@sender.test", ["alice@example.test"], message("n19"))
             assert replies[-1][0] == 250, replies
     finally:
@@ -243,15 +248,42 @@ def test_client_values_that_do_not_fit_cost_only_that_client(postfix: Postfix, g
 def test_postfix_stopped_gives_4xx_and_started_again_takes_mail(
     postfix: Postfix, gw: Gateway
 ) -> None:
+    """Enough clients during the outage to open the circuit breaker (5 failures);
+    once Postfix is back, mail is delivered again within the breaker's cooldown."""
     postfix.stop()
     try:
-        with client(gw.port(), "127.0.0.15", "fifteen.example") as c:
-            replies = transaction(c, "a@sender.test", ["alice@example.test"], message("down"))
-            assert replies[1][0] == 451 and replies[1][1].startswith("451 4.4."), replies
+        for _ in range(7):
+            with client(gw.port(), "127.0.0.15", "fifteen.example") as c:
+                replies = transaction(c, "a@sender.test", ["alice@example.test"], message("down"))
+                assert any(r[1].startswith("451 4.4.") for r in replies[:2]), replies
+        assert gw.metric("smtp_gateway_backend_circuit_open") == 1
     finally:
         postfix.start()
-    with client(gw.port(), "127.0.0.15", "fifteen.example") as c:
-        replies = transaction(c, "a@sender.test", ["alice@example.test"], message("up again"))
-        assert replies[-1][0] == 250, replies
+    started = time.monotonic()
+    while True:
+        with client(gw.port(), "127.0.0.15", "fifteen.example") as c:
+            replies = transaction(c, "a@sender.test", ["alice@example.test"], message("up again"))
+        if replies[-1][0] == 250:
+            break
+        assert time.monotonic() - started < 10, replies
+        time.sleep(0.2)
+    assert time.monotonic() - started < 5 + 2  # the default cooldown, and a little
     wait_subject(postfix, "alice", "up again", timeout=10)
     assert "down" not in subjects(postfix, "alice")
+
+
+def test_a_client_guessing_mailboxes_is_cut_off_after_max_errors(
+    postfix: Postfix, gw: Gateway
+) -> None:
+    """Postfix ends a session after smtpd_hard_error_limit (20) errors; behind the
+    gateway each client session would get a fresh backend session, so the gateway
+    counts the backend's refusals as the client's errors and ends the session."""
+    with client(gw.port(), "127.0.0.31", "guess.example") as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        codes = []
+        for n in range(25):
+            codes.append(c.cmd(f"RCPT TO:<guess{n}@example.test>")[0])
+            if codes[-1] != 550:
+                break
+        assert codes[:20] == [550] * 20 and codes[20:] == [421], codes
+        assert c.closed()

@@ -75,15 +75,73 @@ def test_unicode_look_alike_of_a_local_domain_is_foreign(
         c.reply()
         c.cmd("EHLO client.test")
         assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0] == 250
-        # "example.test" with a Cyrillic a (U+0430) for the first "a".
-        code, text = c.cmd("RCPT TO:<user@ex\u0430mple.test>".encode().decode("unicode_escape"))
+        # "example.test" with a Cyrillic a (U+0430) for the first "a": a valid IDNA
+        # 2008 name, and not ours.
+        code, text = c.cmd("RCPT TO:<user@ex\u0430mple.test>")
         assert code == 550 and text.startswith("550 5.7.1"), text
+        # Its UTF-8 read as Latin-1 ("exÐ°mple"): not a valid IDNA 2008 name at all.
+        code, text = c.cmd("RCPT TO:<user@ex\u00d0\u00b0mple.test>")
+        assert code == 553 and text.startswith("553 5.1.3"), text
         # Without SMTPUTF8 a non-ASCII address is refused before relay control.
         c.cmd("RSET")
         c.cmd("MAIL FROM:<a@sender.test>")
-        code, _ = c.cmd("RCPT TO:<user@ex\u0430mple.test>".encode().decode("unicode_escape"))
+        code, _ = c.cmd("RCPT TO:<user@ex\u0430mple.test>")
         assert code == 553
     assert not any(cmd.startswith("RCPT") for cmd in backend.commands())
+
+
+# Spellings of a local domain that UTS 46 would fold into it (full-width letters and
+# dots, U+3002 as a dot) or that carry code points it ignores (soft hyphen, zero-
+# width space, a variation selector): a backend offering SMTPUTF8 would receive them
+# as written, which is not the domain relay control judged.
+NOT_IDNA_2008 = [
+    "<user@example.test\u3002>",
+    "<user@exam\u00adple.test>",
+    "<user@exam\u200bple.test>",
+    "<user@example\ufe0f.test>",
+    "<user@\uff45xample.test>",
+    "<user@example\uff0etest>",
+    "<user@b\u00fccher\u200d.test>",
+]
+
+
+@pytest.mark.parametrize("rcpt", NOT_IDNA_2008)
+def test_domains_that_are_not_idna_2008_as_written_get_553(
+    rcpt: str, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    cfg = base_config(backend.url, local_domains=["example.test", "bücher.test"])
+    gw = gateway_factory(cfg)
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0] == 250
+        code, text = c.cmd(f"RCPT TO:{rcpt}")
+        assert (code, text[4:9]) == (553, "5.1.3"), text
+        # The same domain written as IDNA 2008 has it: accepted, and relayed so.
+        assert c.cmd("RCPT TO:<user@bücher.test>")[0] == 250
+    assert [c for c in backend.commands() if c.startswith("RCPT")] == ["RCPT user@bücher.test"]
+
+
+def test_invalid_utf8_and_encoded_controls_in_the_envelope_are_refused(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = gateway_factory(base_config(backend.url))
+    with RawClient(gw.port()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd(b"MAIL FROM:<a\xff@sender.test> SMTPUTF8")[1].startswith("501 5.1.7")
+        assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8 ENVID=x+0D+0AX-Injected:+20yes")[
+            1
+        ].startswith("501 5.5.4")
+        assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8 ENVID=ok+2Bplus")[0] == 250
+        assert c.cmd(b"RCPT TO:<us\xc3er@example.test>")[1].startswith("501 5.1.3")
+        _, text = c.cmd("RCPT TO:<x@example.test> ORCPT=rfc822;x+0D+0Ay@example.test")
+        assert text.startswith("501 5.5.4"), text
+        _, text = c.cmd("RCPT TO:<x@example.test> ORCPT=utf-8;x\\x{0A}y@example.test")
+        assert text.startswith("501 5.5.4"), text
+        assert c.cmd("RCPT TO:<x@example.test> ORCPT=rfc822;x+2By@example.test")[0] == 250
+    mails = [c for c in backend.commands() if c.startswith(("MAIL", "RCPT"))]
+    assert all("\r" not in c and "+0D" not in c and "+0A" not in c for c in mails), mails
 
 
 @pytest.mark.parametrize("rcpt", TRICKS)

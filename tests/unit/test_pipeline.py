@@ -216,7 +216,9 @@ def test_checks_with_nothing_configured_are_not_run() -> None:
         TlsPolicyCheck(),
         RateLimitCheck(store),
     ]
-    bare = Policy()
+    # The preset's per-client session limits are configured by default: at connect.
+    assert Runner(checks, Policy()).check_names(Stage.CONNECT) == ["ratelimit"]
+    bare = Policy.model_validate({"checks": {"ratelimit": {"concurrency": []}}})
     r = Runner(checks, bare)
     assert not any(r.has_checks(s) for s in Stage)
 
@@ -225,7 +227,10 @@ def test_checks_with_nothing_configured_are_not_run() -> None:
             "checks": {
                 "dnsbl": {"zones": [{"name": "h", "zone": "h.test", "type": "helo"}]},
                 "tls": {"require_tls_to": ["secure.test"]},
-                "ratelimit": {"limits": [{"name": "m", "key": "client_ip", "rate": "5/minute"}]},
+                "ratelimit": {
+                    "limits": [{"name": "m", "key": "client_ip", "rate": "5/minute"}],
+                    "concurrency": [],
+                },
             }
         }
     )

@@ -109,6 +109,20 @@ def test_spares_go_to_one_client_session_each_and_are_replaced() -> None:
     asyncio.run(go())
 
 
+def test_a_fresh_session_is_asked_for_after_a_spare_failed() -> None:
+    """A backend restart closes every spare at once; the one that failed may not be
+    the only one dead that the loop has not seen yet."""
+
+    async def go() -> None:
+        pool = make_pool(None, size=2)
+        await asyncio.gather(*pool.warm())
+        spares = list(pool._idle)
+        s, reused = await pool.acquire(fresh=True)
+        assert not reused and s not in spares and pool.idle == 2
+
+    asyncio.run(go())
+
+
 def test_a_dead_spare_is_not_handed_out() -> None:
     async def go() -> None:
         pool = make_pool(None, size=1)

@@ -1,0 +1,167 @@
+"""One message must never stall the event loop: while a hostile message (or MAIL)
+is being processed, a NOOP on another session is answered within 100 ms.
+
+The hostile inputs, each under every size limit: a DKIM signature and an ARC
+message signature naming 4,000 header fields in h= over a header section of
+36,000 short fields (signed with a key the attacker publishes; the signature need
+not verify); a sender whose SPF records hold thousands of ip4: terms (no DNS
+lookups, so the 10-lookup limit does not bound them); a message of megabytes that
+starts with an empty line (no header fields: nothing may read its body as them).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gateway.checks.dkimrsa import relaxed_body
+from tests.support.dkimkeys import rsa_key
+from tests.support.dnsserver import DnsServer
+from tests.support.procs import Backend, Gateway, base_config
+from tests.support.smtp import RawClient
+
+KEY = rsa_key()
+BUDGET = 0.1  # seconds a NOOP may wait, at most
+
+
+def _spf_zone() -> dict[str, list[tuple[str, object]]]:
+    zone: dict[str, list[tuple[str, object]]] = {
+        "spf.attacker.test": [
+            (
+                "TXT",
+                "v=spf1 " + " ".join(f"include:i{n}.attacker.test" for n in range(10)) + " -all",
+            )
+        ]
+    }
+    for n in range(10):
+        terms = " ".join(f"ip4:10.{n}.{i // 250}.{i % 250}" for i in range(4000))
+        zone[f"i{n}.attacker.test"] = [("TXT", f"v=spf1 {terms} ?all")]
+    return zone
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer(
+        {"sel._domainkey.attacker.test": [("TXT", KEY.dns)], **_spf_zone()}  # type: ignore[dict-item]
+    )
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def gw(dns: DnsServer, backend: Backend, gateway_factory: Callable[..., Gateway]) -> Gateway:
+    cfg = base_config(
+        backend.url,
+        trusted_networks=[],
+        dns={"nameservers": [dns.address], "timeout": 2},
+        limits={"data_timeout": 60},
+    )
+    return gateway_factory(cfg)
+
+
+def _worst_noop_while(port: int, work: Callable[[RawClient], object]) -> float:
+    """Run `work` on one session while other sessions send NOOPs: the slowest wait
+    for a reply (a NOOP's, or a new session's greeting). A probe session sends at
+    most 90 NOOPs (100 in a row are free: limits.max_junk_commands), then the next
+    one is opened."""
+    with RawClient(port, timeout=60) as hostile:
+        assert hostile.reply()[0] == 220
+        hostile.cmd("EHLO attacker.test")
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work(hostile)
+            except BaseException as e:  # the assertion below shows it
+                failure.append(e)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=run)
+        t.start()
+        worst = 0.0
+        while True:  # at least one probe session, and on until the work is answered
+            start = time.perf_counter()
+            with RawClient(port, timeout=60) as probe:
+                assert probe.reply()[0] == 220
+                worst = max(worst, time.perf_counter() - start)
+                for _ in range(90):
+                    start = time.perf_counter()
+                    assert probe.cmd("NOOP")[0] == 250
+                    worst = max(worst, time.perf_counter() - start)
+                    if done.is_set():
+                        break
+            if done.is_set():
+                break
+        t.join(60)
+        assert not failure, failure
+        print(f"worst wait {worst * 1000:.1f} ms")  # for the record (pytest -s)
+        return worst
+
+
+def _send_data(c: RawClient, sender: str, data: bytes) -> int:
+    assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(data + b".\r\n")
+    return c.reply()[0]
+
+
+def _many_fields(signature: bytes) -> bytes:
+    body = b"hello\r\n"
+    head = b"a:b\r\n" * 36000 + b"From: x@attacker.test\r\nSubject: s\r\n"
+    bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+    return signature.replace(b"BH", bh) + head + b"\r\n" + body
+
+
+# Distinct names no field has: a search for each from the bottom to the top of
+# 36,000 fields.
+H_NAMES = b":".join([b"m%d" % n for n in range(4000)] + [b"from"])
+
+
+def test_dkim_h_of_4000_names_over_36000_fields(gw: Gateway) -> None:
+    h = H_NAMES
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=attacker.test; s=sel;"
+    sig += b" h=" + h + b"; bh=BH; b=AAAA\r\n"
+    message = _many_fields(sig)
+    assert len(message) < 256 * 1024  # under every size limit
+    worst = _worst_noop_while(gw.port(), lambda c: _send_data(c, "x@attacker.test", message))
+    assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
+
+
+def test_arc_h_of_4000_names_over_36000_fields(gw: Gateway) -> None:
+    h = H_NAMES
+    arc = (
+        b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=attacker.test; s=sel; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=1; a=rsa-sha256; c=relaxed/relaxed; d=attacker.test;"
+        b" s=sel; h=" + h + b"; bh=BH; b=AAAA\r\n"
+        b"ARC-Authentication-Results: i=1; attacker.test; spf=pass\r\n"
+    )
+    message = _many_fields(arc)
+    worst = _worst_noop_while(gw.port(), lambda c: _send_data(c, "x@attacker.test", message))
+    assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
+
+
+def test_spf_records_of_thousands_of_terms(gw: Gateway) -> None:
+    replies: list[tuple[int, str]] = []
+    worst = _worst_noop_while(
+        gw.port(), lambda c: replies.append(c.cmd("MAIL FROM:<x@spf.attacker.test>"))
+    )
+    assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
+    # A record past the bound cannot be evaluated: permerror (never a temperror that
+    # defers the sender for good), which the default policy does not refuse.
+    assert replies and replies[0][0] == 250, replies
+
+
+def test_a_message_that_starts_with_an_empty_line_has_no_header_to_parse(gw: Gateway) -> None:
+    big = b"\r\n" + b"a:b\r\n" * 1_500_000 + b"\r\n\r\nbody\r\n"  # 7.5 MB
+    codes: list[int] = []
+    worst = _worst_noop_while(gw.port(), lambda c: codes.append(_send_data(c, "x@a.test", big)))
+    assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
+    assert codes and codes[0] in (250, 550, 554), codes
