@@ -21,6 +21,7 @@ from gateway.forward.client import (
     BackendError,
     BackendLost,
     BackendRefusedClient,
+    ClientCapReached,
     SmtpClient,
     SmtpReply,
 )
@@ -39,12 +40,16 @@ BUSY_LOG_INTERVAL = 10.0
 class BackendUnavailable(BackendError):
     """No target could take the transaction; the client must get a 4xx. `busy`:
     the last one tried was up but had no session for us (BackendBusy); `refused`:
-    it refused what this client brought (BackendRefusedClient)."""
+    it refused what this client brought (BackendRefusedClient); `client_cap`: this
+    client holds its share of backend sessions (ClientCapReached)."""
 
-    def __init__(self, message: str, busy: bool = False, refused: bool = False) -> None:
+    def __init__(
+        self, message: str, busy: bool = False, refused: bool = False, client_cap: bool = False
+    ) -> None:
         super().__init__(message)
         self.busy = busy
         self.refused = refused
+        self.client_cap = client_cap
 
 
 __all__ = ["BackendUnavailable", "ClientInfo"]
@@ -401,10 +406,10 @@ class PerClient:
         if self.limit is None:
             return
         if self.held.get(addr, 0) >= self.limit:
-            raise BackendBusy(f"this client holds {self.limit} backend sessions already")
+            raise ClientCapReached(f"this client holds {self.limit} backend sessions already")
         net = network_of(addr)
         if self.held.get(net, 0) >= self.limit * self.NETWORK_FACTOR:
-            raise BackendBusy(f"this client's network holds {self.held[net]} backend sessions")
+            raise ClientCapReached(f"this client's network holds {self.held[net]} backend sessions")
         for key in (addr, net):
             self.held[key] = self.held.get(key, 0) + 1
 
@@ -497,6 +502,8 @@ class SmtpBackend:
                 reply, rcpt_reply, session, fit = await self._begin_on(
                     link, target, client, sender, params, rcpt
                 )
+            except ClientCapReached as e:  # this client's share, at every target
+                raise BackendUnavailable(str(e), busy=True, client_cap=True) from None
             except BackendBusy as e:  # up, but no session for us now: not a failure
                 last_error = e
                 target.busy(e)

@@ -47,6 +47,11 @@ class BackendRefusedClient(BackendError):
     does not count it, and nothing changes for other clients."""
 
 
+class ClientCapReached(BackendBusy):
+    """This client (its address, or its network) holds as many backend sessions as
+    it may (backend.max_sessions_per_client): only its transaction waits for one."""
+
+
 class BackendTimeout(BackendError):
     """No (complete) reply within the deadline."""
 

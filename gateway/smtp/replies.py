@@ -139,6 +139,8 @@ SHUTTING_DOWN = r(421, "4.3.2", "Service shutting down, closing connection")
 BACKEND_UNAVAILABLE = r(451, "4.4.1", "Next hop unavailable, try again later")
 # Up, but no session for us: its connection limit, or backend.max_sessions.
 BACKEND_BUSY = r(451, "4.4.5", "Next hop busy, try again later")
+# This client holds backend.max_sessions_per_client backend sessions (its own share).
+BACKEND_CLIENT_CAP = r(451, "4.4.5", "Too many sessions to the next hop from this client")
 BACKEND_LOST = r(451, "4.4.2", "Connection to next hop lost, try again later")
 BACKEND_TIMEOUT = r(451, "4.4.2", "Next hop timed out, try again later")
 BACKEND_BAD_REPLY = r(451, "4.4.0", "Next hop returned an invalid reply, try again later")
@@ -280,6 +282,8 @@ def for_backend_error(error: Exception) -> Reply:
     if isinstance(error, BackendUnavailable):
         if error.refused:
             return BACKEND_REFUSED_CLIENT
+        if error.client_cap:
+            return BACKEND_CLIENT_CAP
         return BACKEND_BUSY if error.busy else BACKEND_UNAVAILABLE
     if isinstance(error, BackendTimeout):
         return BACKEND_TIMEOUT

@@ -57,6 +57,9 @@ rcpt = st.sampled_from(
      "<x@remote.test>", "<broken", "<u%remote.test@example.test>", "<ok@example.test> NOTIFY=NEVER"]
 )  # fmt: skip
 payload = st.binary(max_size=200)
+UNICODE = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12
+)
 command = st.one_of(
     st.tuples(st.sampled_from(["EHLO", "HELO"]), st.sampled_from(["c.test", "", "x y"])),
     st.tuples(st.just("MAIL FROM:"), sender),
@@ -66,6 +69,14 @@ command = st.one_of(
               st.just("")),
     st.tuples(st.just("RAW"), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
                                       max_size=40)),
+    # All of Unicode (but CR and LF, which end the line, and lone surrogates, which
+    # UTF-8 cannot carry): in a command of its own, as a MAIL or RCPT parameter (Python
+    # takes superscripts and Arabic-Indic digits for digits), and as an address.
+    st.tuples(st.just("RAW"), UNICODE),
+    st.tuples(st.just("MAIL FROM:"), UNICODE.map(lambda t: f"<a@src.test> SIZE={t}")),
+    st.tuples(st.just("MAIL FROM:"), UNICODE.map(lambda t: f"<{t}@src.test> SMTPUTF8")),
+    st.tuples(st.just("RCPT TO:"), UNICODE.map(lambda t: f"<ok@{t}example.test>")),
+    st.tuples(st.just("RCPT TO:"), UNICODE.map(lambda t: f"<ok@example.test> ORCPT=rfc822;{t}")),
 )  # fmt: skip
 
 
