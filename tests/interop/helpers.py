@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, Protocol
 
+from tests.support.procs import Gateway, base_config
 from tests.support.smtp import RawClient
 
 
@@ -88,3 +90,55 @@ def received(msg: EmailMessage) -> list[str]:
 
 def transactions(events: list[dict[str, Any]], client_ip: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == "transaction" and e.get("client") == client_ip]
+
+
+class Restartable(Mta, Protocol):
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+def pipelined_then_another(mta: Mta, port: int, source: str) -> None:
+    """MAIL, three RCPTs (one unknown) and DATA in one write, the message, then a
+    second transaction on the same session (after the backend's refusal): the
+    refused recipient gets the backend's 550, the others the message."""
+    with client(port, source, "pipelining.example") as c:
+        c.send(
+            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\n"
+            b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+        )
+        assert [c.reply()[0] for _ in range(5)] == [250, 250, 550, 250, 354]
+        c.send(message(f"pipelined {source}") + b".\r\n")
+        assert c.reply()[0] == 250
+        replies = transaction(c, "a@sender.test", ["bob@example.test"], message(f"next {source}"))
+        assert replies[-1][0] == 250, replies
+    wait_subject(mta, "alice", f"pipelined {source}")
+    wait_subject(mta, "bob", f"pipelined {source}")
+    wait_subject(mta, "bob", f"next {source}")
+
+
+def down_then_up(mta: Restartable, port: int, source: str) -> None:
+    """The backend stopped: 4xx (the client keeps its message); started again: the
+    next transaction is delivered, and nothing of the refused one ever is."""
+    mta.stop()
+    try:
+        with client(port, source, "outage.example") as c:
+            replies = transaction(c, "a@sender.test", ["alice@example.test"], message("down"))
+            assert replies[1][1].startswith("451 4.4."), replies
+    finally:
+        mta.start()
+    with client(port, source, "outage.example") as c:
+        replies = transaction(c, "a@sender.test", ["alice@example.test"], message("up again"))
+        assert replies[-1][0] == 250, replies
+    wait_subject(mta, "alice", "up again")
+    assert "down" not in subjects(mta, "alice")
+
+
+@contextmanager
+def gateway(url: str, workdir: Path, **over: Any) -> Iterator[Gateway]:
+    """One gateway worker in front of `url`, for our test domain; stopped at the end."""
+    g = Gateway(workdir, base_config(url, local_domains=["example.test"], **over))
+    try:
+        yield g
+    finally:
+        g.stop()

@@ -11,33 +11,20 @@ refusal was temporary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from tests.interop.helpers import (
     UTF8_BODY,
     client,
+    down_then_up,
     message,
+    pipelined_then_another,
     subjects,
     transaction,
     wait_subject,
 )
 from tests.support.mta import DovecotLmtp
-from tests.support.procs import Gateway, base_config
+from tests.support.procs import Gateway
 
-
-@pytest.fixture(scope="module")
-def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotLmtp]:
-    with DovecotLmtp(tmp_path_factory.mktemp("dovecot")) as dc:
-        yield dc
-
-
-@pytest.fixture(scope="module")
-def gw(dovecot: DovecotLmtp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gw"), base_config(dovecot.url))
-    yield g
-    g.stop()
+MTA = "dovecot"  # the server conftest.gw puts the gateway in front of
 
 
 def test_unknown_user_and_full_mailbox_among_several_recipients(
@@ -70,19 +57,7 @@ def test_unknown_user_and_full_mailbox_among_several_recipients(
 def test_pipelined_recipients_and_the_next_transaction_on_the_same_session(
     dovecot: DovecotLmtp, gw: Gateway
 ) -> None:
-    with client(gw.port(), "127.0.0.3", "three.example") as c:
-        c.send(
-            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\n"
-            b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
-        )
-        assert [c.reply()[0] for _ in range(5)] == [250, 250, 550, 250, 354]
-        c.send(message("pipelined") + b".\r\n")
-        assert c.reply()[0] == 250
-        replies = transaction(c, "a@sender.test", ["bob@example.test"], message("second"))
-        assert replies[-1][0] == 250, replies
-    wait_subject(dovecot, "alice", "pipelined")
-    wait_subject(dovecot, "bob", "pipelined")
-    wait_subject(dovecot, "bob", "second")
+    pipelined_then_another(dovecot, gw.port(), "127.0.0.3")
 
 
 def test_8bitmime_passes_and_smtputf8_is_kept_to_what_dovecot_offers(
@@ -105,15 +80,4 @@ def test_8bitmime_passes_and_smtputf8_is_kept_to_what_dovecot_offers(
 def test_dovecot_stopped_gives_4xx_and_started_again_takes_mail(
     dovecot: DovecotLmtp, gw: Gateway
 ) -> None:
-    dovecot.stop()
-    try:
-        with client(gw.port(), "127.0.0.5", "five.example") as c:
-            replies = transaction(c, "a@sender.test", ["alice@example.test"], message("down"))
-            assert replies[1][1].startswith("451 4.4."), replies
-    finally:
-        dovecot.start()
-    with client(gw.port(), "127.0.0.5", "five.example") as c:
-        replies = transaction(c, "a@sender.test", ["alice@example.test"], message("up again"))
-        assert replies[-1][0] == 250, replies
-    wait_subject(dovecot, "alice", "up again")
-    assert "down" not in subjects(dovecot, "alice")
+    down_then_up(dovecot, gw.port(), "127.0.0.5")

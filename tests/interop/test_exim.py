@@ -6,36 +6,22 @@ the gateway's own Received field; `message_size_limit` of 10M."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-
-import pytest
 
 from gateway.app import PREFIX_ROOM
 from tests.interop.helpers import (
     UTF8_BODY,
     client,
+    down_then_up,
     message,
+    pipelined_then_another,
     received,
-    subjects,
     transaction,
     wait_subject,
 )
 from tests.support.mta import Exim
-from tests.support.procs import Gateway, base_config
+from tests.support.procs import Gateway
 
-
-@pytest.fixture(scope="module")
-def exim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exim]:
-    with Exim(tmp_path_factory.mktemp("exim")) as ex:
-        yield ex
-
-
-@pytest.fixture(scope="module")
-def gw(exim: Exim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    cfg = base_config(exim.url, local_domains=["example.test"])
-    g = Gateway(tmp_path_factory.mktemp("gw"), cfg)
-    yield g
-    g.stop()
+MTA = "exim"  # the server conftest.gw puts the gateway in front of
 
 
 def _connection_port(exim: Exim, subject_id: str) -> str:
@@ -83,20 +69,7 @@ def test_unknown_user_is_refused_with_exims_reply_and_logged(exim: Exim, gw: Gat
 
 
 def test_pipelined_transaction_with_a_refused_recipient(exim: Exim, gw: Gateway) -> None:
-    with client(gw.port(), "127.0.0.5", "five.example") as c:
-        c.send(
-            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\n"
-            b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
-        )
-        assert [c.reply()[0] for _ in range(5)] == [250, 250, 550, 250, 354]
-        c.send(message("pipelined") + b".\r\n")
-        assert c.reply()[0] == 250
-        # The next transaction on the same backend session, after a refused RCPT.
-        replies = transaction(c, "a@sender.test", ["bob@example.test"], message("next"))
-        assert replies[-1][0] == 250, replies
-    wait_subject(exim, "alice", "pipelined")
-    wait_subject(exim, "bob", "pipelined")
-    wait_subject(exim, "bob", "next")
+    pipelined_then_another(exim, gw.port(), "127.0.0.5")
 
 
 def test_exims_size_is_advertised_and_an_oversized_size_refused_at_mail(
@@ -131,15 +104,4 @@ def test_smtputf8_8bitmime_and_dsn_pass_through(exim: Exim, gw: Gateway) -> None
 
 
 def test_exim_stopped_gives_4xx_and_started_again_takes_mail(exim: Exim, gw: Gateway) -> None:
-    exim.stop()
-    try:
-        with client(gw.port(), "127.0.0.8", "eight.example") as c:
-            replies = transaction(c, "a@sender.test", ["alice@example.test"], message("down"))
-            assert replies[1][1].startswith("451 4.4."), replies
-    finally:
-        exim.start()
-    with client(gw.port(), "127.0.0.8", "eight.example") as c:
-        replies = transaction(c, "a@sender.test", ["alice@example.test"], message("up again"))
-        assert replies[-1][0] == 250, replies
-    wait_subject(exim, "alice", "up again")
-    assert "down" not in subjects(exim, "alice")
+    down_then_up(exim, gw.port(), "127.0.0.8")

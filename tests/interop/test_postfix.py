@@ -13,14 +13,12 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from gateway.app import PREFIX_ROOM
 from tests.interop.helpers import (
     client,
+    gateway,
     message,
     received,
     send_one,
@@ -30,24 +28,13 @@ from tests.interop.helpers import (
     wait_subject,
 )
 from tests.support.mta import Postfix
-from tests.support.procs import Gateway, base_config
+from tests.support.procs import Gateway
 
 BLOCKED = "127.0.0.3"
 BLOCKED_REPLY = "554 5.7.1 <unknown[127.0.0.3]>: Client host rejected: Access denied"
 
 
-@pytest.fixture(scope="module")
-def postfix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postfix]:
-    with Postfix(tmp_path_factory.mktemp("postfix"), blocked_clients=(BLOCKED,)) as pf:
-        yield pf
-
-
-@pytest.fixture(scope="module")
-def gw(postfix: Postfix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    cfg = base_config(postfix.url, local_domains=["example.test"])
-    g = Gateway(tmp_path_factory.mktemp("gw"), cfg)
-    yield g
-    g.stop()
+MTA = "postfix"  # the server conftest.gw puts the gateway in front of
 
 
 def _queue_id_line(postfix: Postfix, client_ip: str) -> str:
@@ -132,10 +119,8 @@ def test_a_size_refused_by_postfix_itself_does_not_poison_the_session(
     The gateway resets the session before the client's next transaction, and a
     second client never sees that session at all."""
     postfix.stop()
-    cfg = base_config(postfix.url, local_domains=["example.test"])
-    g2 = Gateway(tmp_path / "gw2", cfg)
-    postfix.start()
-    try:
+    with gateway(postfix.url, tmp_path / "gw2") as g2:
+        postfix.start()
         with client(g2.port(), "127.0.0.9", "nine.example") as c:
             code, text = c.cmd("MAIL FROM:<a@sender.test> SIZE=15000000")
             assert code == 250, text  # not known yet: MAIL goes out with the first RCPT
@@ -145,14 +130,10 @@ def test_a_size_refused_by_postfix_itself_does_not_poison_the_session(
             replies = transaction(c, "a@sender.test", ["alice@example.test"], message("nine"))
             assert replies[-1][0] == 250, replies
         with client(g2.port(), "127.0.0.19", "nineteen.example") as c:
-            assert (
-                f"250-SIZE {10_000_000 - PREFIX_ROOM}"
-                in c.cmd("EHLO nineteen.example")[1].splitlines()
-            )
+            ehlo = c.cmd("EHLO nineteen.example")[1].splitlines()
+            assert f"250-SIZE {10_000_000 - PREFIX_ROOM}" in ehlo
             replies = transaction(c, "a@sender.test", ["alice@example.test"], message("n19"))
             assert replies[-1][0] == 250, replies
-    finally:
-        g2.stop()
     wait_subject(postfix, "alice", "nine")
     wait_subject(postfix, "alice", "n19")
 
