@@ -29,7 +29,9 @@ _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _LABEL = re.compile(
     r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?$"
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 (NEL among them) and the Unicode line and paragraph separators: a
+# backend may read any of them as the end of a line or a space.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class AddressError(ValueError):
@@ -221,9 +223,14 @@ def _parse_domain(s: str) -> str:
     for label in labels:
         if not label or len(label) > 63 or not _LABEL.match(label):
             raise AddressError("bad domain")
-    s = s.lower()
+    lowered = s.lower()
     if not s.isascii():
-        _check_ulabels(s)
+        # Lowering is a mapping too (U+212A KELVIN SIGN becomes "k", "Ü" becomes "ü"):
+        # what the backend receives is the lowered form, so it must be what was written.
+        if [c for c in s if not c.isascii()] != [c for c in lowered if not c.isascii()]:
+            raise DomainSpellingError(f"{s!r} changes when lower-cased")
+        _check_ulabels(lowered)
+    s = lowered
     # A trailing dot is kept: "local." is not "local", and relay control must see that.
     return s
 

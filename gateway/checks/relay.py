@@ -38,7 +38,10 @@ class DomainMatcher:
         if not isinstance(domain, str):
             return False
         if not domain.isascii():
-            domain = ascii_name(domain)
+            # A trailing dot is part of what the backend receives: "bücher.example." is
+            # no more ours than "xn--bcher-kva.example." is (ascii_name drops it).
+            dot = "." if domain.endswith(".") else ""
+            domain = ascii_name(domain) + dot
         return domain in self._exact or (bool(self._suffixes) and domain.endswith(self._suffixes))
 
 

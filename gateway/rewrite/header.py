@@ -250,6 +250,8 @@ def rewrite_headers(
     """Rewrite the address headers of a (dot-stuffed) message; returns (wire, count of
     headers changed). Only the header section is read; the body is never copied
     unless a header changed."""
+    if wire[:2] == b"\r\n":
+        return wire, 0  # starts with an empty line: no header fields (wire.header_section)
     end = wire.find(b"\r\n\r\n")
     head_len = len(wire) if end < 0 else end + 2
     head = wire[:head_len]

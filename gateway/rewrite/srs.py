@@ -58,7 +58,9 @@ class Srs:
         return int(self.clock() // _DAY) % _MOD
 
     def _hash(self, key: bytes, *parts: str) -> str:
-        mac = hmac.new(key, "".join(parts).lower().encode(), hashlib.sha1).digest()
+        # The parts separated: run together, "bank.co" + "mceo" and "bank.com" + "ceo"
+        # hash alike, and one issued address would forge another one.
+        mac = hmac.new(key, "\x00".join(parts).lower().encode(), hashlib.sha1).digest()
         return base64.b32encode(mac).decode()[: self.hash_length]
 
     def _verify(self, given: str, *parts: str) -> bool:

@@ -16,8 +16,6 @@ command-line limit is enforced separately.
 
 from __future__ import annotations
 
-import re
-
 from gateway.config import BareLinefeed
 from gateway.headers import too_many_received
 from gateway.smtp import replies
@@ -27,7 +25,6 @@ from gateway.stream import Stream
 from gateway.wire import has_bare_cr_lf, stuff, unstuff
 
 EOD = b"\r\n.\r\n"
-_ANY_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 class DataRefused(Exception):
@@ -83,6 +80,11 @@ def check_header_section(wire: bytes, max_size: int, max_received: int) -> None:
         raise DataRefused(replies.HEADER_TOO_BIG)
     if too_many_received(wire, max_received):
         raise DataRefused(replies.MAIL_LOOP)
+    # A first line that starts with white space continues nothing of the client's: put
+    # after the fields we add, it would continue our Authentication-Results (or tag)
+    # with whatever results the client wrote. (Stuffed: ". x" is " x".)
+    if wire[:1] in (b" ", b"\t") or wire[:2] in (b". ", b".\t"):
+        raise DataRefused(replies.HEADER_STARTS_FOLDED)
 
 
 def check_wire(wire: bytes, bare: BareLinefeed) -> bytes:
@@ -92,5 +94,8 @@ def check_wire(wire: bytes, bare: BareLinefeed) -> bytes:
     if has_bare_cr_lf(wire):
         if bare is BareLinefeed.REJECT:
             raise DataRefused(replies.BARE_LF)
-        return stuff(_ANY_EOL.sub(b"\r\n", unstuff(wire)))
+        # CRLF, CR and LF to CRLF, with three replaces at C speed: the regular
+        # expression's substitution took 9 s on the event loop for 25 MB of bare LF.
+        content = unstuff(wire).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return stuff(content.replace(b"\n", b"\r\n"))
     return wire

@@ -1057,7 +1057,7 @@ class Session:
         self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
     ) -> None:
         outcome = "aborted" if aborted else _outcome(action)
-        if not aborted:
+        if outcome == "delivered":  # a refused MAIL must not reset the junk count
             self.junk = 0
         self.txn_count += 1
         metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()

@@ -129,6 +129,8 @@ NO_MEMORY = r(452, "4.3.1", "Insufficient system storage, try again later")
 BARE_LF = r(550, "5.5.2", "Message contains bare CR or LF line endings (RFC 5321 2.3.8)")
 NUL_IN_DATA = r(550, "5.6.0", "Message contains NUL characters")
 MAIL_LOOP = r(554, "5.4.6", "Too many hops (Received header fields): mail loop?")
+# Its first line would continue the last header field the gateway adds in front of it.
+HEADER_STARTS_FOLDED = r(550, "5.6.0", "Message header begins with a continuation line")
 PREGREET = r(554, "5.5.0", "SMTP synchronization error: input before the greeting")
 SYNC_ERROR = r(554, "5.5.0", "SMTP synchronization error: input before our reply")
 TOO_MANY_ERRORS = r(421, "4.7.0", "Error: too many errors, closing connection")

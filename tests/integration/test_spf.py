@@ -114,6 +114,27 @@ def test_dns_failure_is_never_a_pass(
     assert backend.messages() == []
 
 
+def test_a_refused_mail_does_not_reset_the_junk_count(
+    backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Only a delivered transaction resets the count of NOOPs and the like: a MAIL
+    refused with 451 (a sender whose DNS fails) must not, or a client interleaving
+    such MAILs holds its slot with junk for ever."""
+    dns_server.add(ZONE)
+    gw = gateway_factory(spf_config(backend, dns_server, policy="default"))
+    with RawClient(gw.port()) as c:
+        assert c.reply()[0] == 220
+        c.cmd("EHLO client.test")  # the first junk command
+        codes: list[int] = []
+        for n in range(200):
+            codes.append(c.cmd("MAIL FROM:<a@broken.test>" if n % 30 == 29 else "NOOP")[0])
+            if codes[-1] == 421:
+                break
+        # 100 free, then each an error; 20 errors end the session (the 451s in between
+        # did not start the count again).
+        assert codes[-1] == 421 and 451 in codes, codes
+
+
 def test_null_sender_checks_helo(
     backend: Backend, dns_server: DnsServer, gateway_factory: Callable[..., Gateway]
 ) -> None:

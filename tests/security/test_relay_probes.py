@@ -102,6 +102,8 @@ NOT_IDNA_2008 = [
     "<user@\uff45xample.test>",
     "<user@example\uff0etest>",
     "<user@b\u00fccher\u200d.test>",
+    "<user@\u212aeep.example.test>",  # KELVIN SIGN, which lower() makes "k"
+    "<user@B\u00dcCHER.test>",  # upper case: UTS 46 maps it, IDNA 2008 does not have it
 ]
 
 
@@ -119,6 +121,11 @@ def test_domains_that_are_not_idna_2008_as_written_get_553(
         assert (code, text[4:9]) == (553, "5.1.3"), text
         # The same domain written as IDNA 2008 has it: accepted, and relayed so.
         assert c.cmd("RCPT TO:<user@bücher.test>")[0] == 250
+        # With a trailing dot, as the ASCII spelling with one: not ours.
+        assert c.cmd("RCPT TO:<user@bücher.test.>")[1].startswith("550 5.7.1")
+        # NEL and LINE SEPARATOR, which a backend may read as a line end: controls.
+        assert c.cmd("RCPT TO:<us\u0085er@example.test>")[1].startswith("501 5.1.3")
+        assert c.cmd("RCPT TO:<us\u2028er@example.test>")[1].startswith("501 5.1.3")
     assert [c for c in backend.commands() if c.startswith("RCPT")] == ["RCPT user@bücher.test"]
 
 

@@ -108,6 +108,23 @@ def test_fields_imitating_ours_are_removed_in_every_spelling(
     gw.wait_log(lambda e: e.get("event") == "forged_ar_removed" and e["count"] == 1)
 
 
+@pytest.mark.parametrize("first", [b" ; dkim=pass header.d=bank.test\r\n", b".\t; dmarc=pass\r\n"])
+def test_a_message_that_begins_with_a_continuation_line_is_refused(
+    first: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """Put after the fields the gateway adds, it would continue our own
+    Authentication-Results with the client's results."""
+    gw = gateway_factory(base_config(backend.url))
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(first + b"From: ceo@bank.test\r\n\r\nnow\r\n.\r\n")
+        code, text = c.reply()
+        assert (code, text[:9]) == (550, "550 5.6.0"), text
+    assert backend.messages() == []
+
+
 def test_dot_stuffed_received_fields_count_toward_the_hop_limit(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:

@@ -222,6 +222,22 @@ def test_srs_forward_reverse_round_trip_and_double_forward() -> None:
     assert srs.reverse(back_local) == ("user", "orig.test")
 
 
+def test_srs_hash_cannot_be_moved_across_the_domain_local_boundary() -> None:
+    """Hashed run together, "bank.co" + "mceo" and "bank.com" + "ceo" were the same
+    input: one address issued for mceo@bank.co reversed, re-split, to ceo@bank.com."""
+    srs = Srs("srs.example.org", ["k"], clock=Clock())
+    issued = srs.forward("mceo", "bank.co")
+    _, h, tt, _, _ = issued.split("=")
+    with pytest.raises(SrsError, match="hash"):
+        srs.reverse(f"SRS0={h}={tt}=bank.com=ceo")
+    assert srs.reverse(issued) == ("mceo", "bank.co")
+
+
+def test_a_message_that_starts_with_an_empty_line_has_no_headers_to_rewrite() -> None:
+    wire = b"\r\nFrom: a@old.example\r\nTo: b@old.example\r\n\r\nbody\r\n"
+    assert rewrite_headers(wire, old_to_new, old_to_new) == (wire, 0)
+
+
 def test_srs_tampered_expired_and_rotated() -> None:
     clock = Clock()
     old = Srs("srs.example.org", ["old"], clock=clock)
