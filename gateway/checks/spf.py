@@ -45,6 +45,10 @@ MAX_PASSES = 128
 # cannot be processed); real records hold tens of terms.
 MAX_RECORD_TERMS = 250
 MAX_TERMS = 1000
+# Characters of one term: a domain-spec names at most 253 octets once expanded, and
+# pyspf splits a long one in time that grows with the square of its length (8,000
+# characters held the loop for a second).
+MAX_TERM_LENGTH = 512
 
 _tls = threading.local()
 
@@ -83,7 +87,12 @@ class _Answers:
             text = b"".join(strings) if isinstance(strings, tuple) else b""
             if text[:7].lower() != b"v=spf1 " and text.lower() != b"v=spf1":
                 continue
-            n = len(text.split()) - 1
+            terms = text.split()
+            n = len(terms) - 1
+            if any(len(t) > MAX_TERM_LENGTH for t in terms):
+                raise spf.PermError(
+                    f"SPF record of {name} has a term over {MAX_TERM_LENGTH} characters"
+                )
             if n > MAX_RECORD_TERMS:
                 raise spf.PermError(
                     f"SPF record of {name} has {n} terms (at most {MAX_RECORD_TERMS})"

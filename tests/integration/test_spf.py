@@ -381,6 +381,7 @@ def test_spf_records_are_bounded_in_terms(dns_server: DnsServer) -> None:
         {
             "ok.test": [("TXT", f"v=spf1 {terms(248, 1)} ip4:192.0.2.0/24 -all")],
             "big.test": [("TXT", f"v=spf1 {terms(251, 1)} -all")],
+            "long.test": [("TXT", "v=spf1 a:x." + "a" * 8000 + " -all")],
             "wide.test": [
                 ("TXT", "v=spf1 " + " ".join(f"include:w{n}.test" for n in range(5)) + " -all")
             ],
@@ -392,10 +393,14 @@ def test_spf_records_are_bounded_in_terms(dns_server: DnsServer) -> None:
         check = SpfCheck(Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5)))
         return [
             await check.evaluate("192.0.2.1", f"a@{d}", "client.test")
-            for d in ("ok.test", "big.test", "wide.test")
+            for d in ("ok.test", "big.test", "wide.test", "long.test")
         ]
 
-    ok, big, wide = asyncio.run(go())
+    ok, big, wide, long = asyncio.run(go())
+    assert long == (
+        "permerror",
+        "SPF Permanent Error: SPF record of long.test has a term over 512 characters",
+    )
     assert ok[0] == "pass"  # 250 terms, the last ip4 matches
     assert big == (
         "permerror",
