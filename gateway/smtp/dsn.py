@@ -34,8 +34,12 @@ def xtext(value: str) -> str:
     """`value` as RFC 3461 xtext: "+", "=" and anything outside 33-126 as +XX."""
     if _XCHAR.fullmatch(value):
         return value  # nearly always: addresses and host names
+    return _xtext_bytes(value.encode("utf-8", "surrogateescape"))
+
+
+def _xtext_bytes(value: bytes) -> str:
     out = []
-    for ch in value.encode("utf-8", "surrogateescape"):
+    for ch in value:
         if 33 <= ch <= 126 and ch not in (43, 61):
             out.append(chr(ch))
         else:
@@ -43,8 +47,23 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
-_HEX = re.compile(r"\+([0-9A-F]{2})")
+_HEX_SPLIT = re.compile(r"(\+[0-9A-F]{2})")
 _UNIHEX = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
+
+
+def _unxtext(value: str) -> bytes | None:
+    """Well-formed xtext decoded to the octets it stands for, when they hold no
+    control character (C0 or DEL); octets of 128 and up are kept as they are (the
+    UTF-8 of a name, say), never read as Latin-1."""
+    if not _XTEXT.fullmatch(value):
+        return None
+    out = bytearray()
+    for piece in _HEX_SPLIT.split(value):
+        if piece[:1] == "+":
+            out.append(int(piece[1:], 16))
+        else:
+            out += piece.encode("ascii")
+    return None if any(b < 0x20 or b == 0x7F for b in out) else bytes(out)
 
 
 def _clean(text: str) -> bool:
@@ -53,14 +72,6 @@ def _clean(text: str) -> bool:
     return not any(
         ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) <= 0xDFFF for c in text
     )
-
-
-def _unxtext(value: str) -> str | None:
-    """Well-formed xtext decoded, when what it stands for has no control character."""
-    if not _XTEXT.fullmatch(value):
-        return None
-    decoded = _HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
-    return decoded if _clean(decoded) else None
 
 
 def mail_param(key: str, value: str | None) -> str | None:
@@ -73,7 +84,7 @@ def mail_param(key: str, value: str | None) -> str | None:
     if 0 < len(value) <= MAX_ENVID:  # ENVID
         decoded = _unxtext(value)
         if decoded is not None:
-            return f"ENVID={xtext(decoded)}"
+            return f"ENVID={_xtext_bytes(decoded)}"
     return None
 
 
@@ -96,7 +107,7 @@ def rcpt_param(key: str, value: str | None, utf8: bool) -> str | None:
             ok = False
         return f"ORCPT={kind};{addr}" if ok else None
     decoded = _unxtext(addr)
-    return None if decoded is None else f"ORCPT={kind};{xtext(decoded)}"
+    return None if decoded is None else f"ORCPT={kind};{_xtext_bytes(decoded)}"
 
 
 def _codepoint(hexdigits: str) -> str:

@@ -60,3 +60,17 @@ def test_for_backend_drops_only_dsn_parameters_and_only_without_dsn() -> None:
     assert dsn.for_backend(params, {"DSN": ""}, dsn.MAIL_KEYS) is params
     assert dsn.for_backend(params, {}, dsn.MAIL_KEYS) == ["SIZE=10", "BODY=8BITMIME"]
     assert dsn.for_backend(["NOTIFY=NEVER", "ORCPT=rfc822;a@x"], {}, dsn.RCPT_KEYS) == []
+
+
+def test_xtext_parameters_are_decoded_checked_and_passed_on_octet_for_octet() -> None:
+    """What ENVID and ORCPT stand for is octets: a control character among them is
+    refused (a backend would write it into its DSN), and octets of 128 and up go on
+    exactly as they came, never read as Latin-1 and encoded again."""
+    assert dsn.mail_param("ENVID", "caf+C3+A9+FF") == "ENVID=caf+C3+A9+FF"
+    assert dsn.mail_param("ENVID", "line+E2+80+A8sep") == "ENVID=line+E2+80+A8sep"
+    assert dsn.mail_param("ENVID", "x+0D+0AX-Injected:+20yes") is None
+    assert dsn.mail_param("ENVID", "x+7F") is None
+    assert dsn.mail_param("ENVID", "") is None
+    orcpt = dsn.rcpt_param("ORCPT", "rfc822;caf+C3+A9@example.org", False)
+    assert orcpt == "ORCPT=rfc822;caf+C3+A9@example.org"
+    assert dsn.rcpt_param("ORCPT", "rfc822;a+0Ab@example.org", False) is None
