@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.security.helpers import greeted
 from tests.support.procs import Backend, Gateway, base_config
-from tests.support.smtp import RawClient
 
 TRICKS = [
     "<user@remote.test>",
@@ -37,9 +37,7 @@ TRICKS = [
 
 def probe(gw: Gateway, rcpt: str, then: str | None = None) -> tuple[int, str]:
     """The reply to RCPT TO:rcpt; with `then`, that command must get 554 (nothing valid)."""
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
         reply = c.cmd(f"RCPT TO:{rcpt}")
         if then is not None:
@@ -71,9 +69,7 @@ def test_unicode_look_alike_of_a_local_domain_is_foreign(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0] == 250
         # "example.test" with a Cyrillic a (U+0430) for the first "a": a valid IDNA
         # 2008 name, and not ours.
@@ -113,9 +109,7 @@ def test_domains_that_are_not_idna_2008_as_written_get_553(
 ) -> None:
     cfg = base_config(backend.url, local_domains=["example.test", "bücher.test"])
     gw = gateway_factory(cfg)
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0] == 250
         code, text = c.cmd(f"RCPT TO:{rcpt}")
         assert (code, text[4:9]) == (553, "5.1.3"), text
@@ -133,9 +127,7 @@ def test_invalid_utf8_and_encoded_controls_in_the_envelope_are_refused(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         assert c.cmd(b"MAIL FROM:<a\xff@sender.test> SMTPUTF8")[1].startswith("501 5.1.7")
         assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8 ENVID=x+0D+0AX-Injected:+20yes")[
             1
@@ -189,9 +181,7 @@ def test_control_characters_in_envelope_refused(
     line: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     gw = gateway_factory(base_config(backend.url))
-    with RawClient(gw.port()) as c:
-        c.reply()
-        c.cmd("EHLO client.test")
+    with greeted(gw.port()) as c:
         c.cmd("MAIL FROM:<a@sender.test>")
         code, text = c.cmd(line)
         assert code == 501 and "5.5.2" in text
