@@ -275,10 +275,7 @@ class Session:
             await self._abort_txn("local_error")
         finally:
             self.stream.close()
-            try:
-                await self.link.end()  # the backend session ends with its client's
-            except BackendError as e:
-                log.debug("session %s: backend session end: %s", self.id, e)
+            await self.link.end()  # the backend session ends with its client's (QUIT)
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
