@@ -11,6 +11,8 @@ from email.header import decode_header, make_header
 from email.utils import formatdate
 from typing import Any
 
+import idna
+
 from gateway.pipeline.results import AuthResult
 from gateway.wire import stuff, wire_header
 
@@ -154,7 +156,18 @@ def _authserv_id(value: str) -> str:
     if "=?" in token:
         with contextlib.suppress(ValueError, LookupError):  # undecodable: compared as is
             token = str(make_header(decode_header(token)))
-    return token.strip().rstrip(".").lower()
+    return _loose(token.strip())
+
+
+def _loose(name: str) -> str:
+    """A name as a lenient reader may compare it: case and a trailing dot ignored,
+    and a non-ASCII one mapped as UTS 46 maps domain names (full-width letters and
+    dots, the ideographic full stop, zero-width and other ignored characters), so
+    `\uff47\uff57.example` (full-width) and `gw\u200b.example` read as `gw.example`."""
+    if not name.isascii():
+        with contextlib.suppress(idna.IDNAError, ValueError):
+            name = idna.uts46_remap(name, std3_rules=False, transitional=False)
+    return name.rstrip(".").lower()
 
 
 def _aar_authserv_id(value: str) -> str:
@@ -187,7 +200,7 @@ _JUDGED = (b"authentication-results", b"arc-authentication-results", b"received-
 @functools.lru_cache(maxsize=16)
 def our_fields(authserv_id: str, hostname: str, names: tuple[str, ...]) -> OurFields:
     """Made once per policy (its header names) and kept: a DATA only looks it up."""
-    ours = authserv_id.rstrip(".").lower()
+    ours = _loose(authserv_id)
     return OurFields(
         ours,
         frozenset(n.lower().encode() for n in names),
@@ -214,30 +227,37 @@ def strip_forged(wire: bytes, ours: OurFields) -> tuple[bytes, int]:
     spelling the backend will store: read unstuffed (a stuffed `.Authentication-
     Results:` is one), names in any case, comments of any depth.
 
-    Only the header section is read and rewritten; the body is never touched.
-    Returns the new wire form and how many fields were removed.
+    Only the header section is read and rewritten; the body is never touched. One
+    search finds the candidate fields; only those are read (not every field of the
+    section, which cost 3 µs a field). Returns the new wire form and how many
+    fields were removed.
     """
     head, end = wire_header(wire)
-    if not ours.candidates.search(head):
+    drop: list[tuple[int, int]] = []
+    for m in ours.candidates.finditer(head):
+        stop = _field_end(head, m.end())
+        lines = head[m.end() : stop - 2].split(b"\r\n")
+        value = b" ".join(line.strip() for line in lines)
+        name = head[m.start() : m.end() - 1].rstrip(b" \t").lower()
+        if _claims_ours(name, value, ours):
+            drop.append((m.start(), stop))
+    if not drop:
         return wire, 0  # the common case costs one search
-    fields: list[list[bytes]] = []
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        else:
-            fields.append([line])
-    kept, removed = [], 0
-    for f in fields:
-        name, colon, first = f[0].partition(b":")
-        if colon:
-            value = b" ".join([first.strip(), *(x.strip() for x in f[1:])])
-            if _claims_ours(name.rstrip(b" \t").lower(), value, ours):
-                removed += 1
-                continue
-        kept.append(b"\r\n".join(f) + b"\r\n")
-    if not removed:
-        return wire, 0
-    return stuff(b"".join(kept)) + wire[end:], removed
+    kept, last = [], 0
+    for start, stop in drop:
+        kept.append(head[last:start])
+        last = stop
+    kept.append(head[last:])
+    return stuff(b"".join(kept)) + wire[end:], len(drop)
+
+
+def _field_end(head: bytes, pos: int) -> int:
+    """Where the field that goes on at `pos` ends: after the CRLF of its last line
+    (the next line that does not start with white space begins another)."""
+    i = head.find(b"\r\n", pos)
+    while i >= 0 and head[i + 2 : i + 3] in (b" ", b"\t"):
+        i = head.find(b"\r\n", i + 2)
+    return len(head) if i < 0 else i + 2
 
 
 def authentication_results(authserv_id: str, results: list[AuthResult]) -> bytes:

@@ -78,20 +78,25 @@ def wire_header(wire: bytes) -> tuple[bytes, int]:
 
 _CR_ONLY = bytes(1 if i == 0x0D else 0 for i in range(256))
 _LF_ONLY = bytes(1 if i == 0x0A else 0 for i in range(256))
+_TRANSLATE_MAX = 64 * 1024  # beyond: three counts, half the time on a large message
 
 
 def has_bare_cr_lf(wire: bytes) -> bool:
     """True if any CR or LF is not part of a CRLF pair.
 
-    CPython has no fast primitive for this: count() and splitlines() walk the
-    bytes one by one and splitlines() allocates a line object per line. Two
-    translate() passes do the walk at table-lookup speed instead: one keeps
-    only the CRs (as 1), the other only the LFs of the message shifted left by
-    one byte. Every CR is followed by an LF and every LF preceded by a CR
-    exactly when the two agree, which one memcmp (startswith) decides. About
-    half the cost of the count/splitlines version on 4 KB and 100 KB messages.
+    CPython has no fast primitive for this: splitlines() allocates a line object
+    per line. On a message of up to 64 KiB two translate() passes do the walk at
+    table-lookup speed: one keeps only the CRs (as 1), the other only the LFs of
+    the message shifted left by one byte. Every CR is followed by an LF and every
+    LF preceded by a CR exactly when the two agree, which one memcmp (startswith)
+    decides. Beyond, counting is cheaper than the three copies: CRLF pairs never
+    overlap, so the message is clean exactly when it has as many CRs, and as many
+    LFs, as CRLF pairs (47 ms for 25 MB, against 94).
     """
     if not wire:
         return False
+    if len(wire) > _TRANSLATE_MAX:
+        pairs = wire.count(b"\r\n")
+        return wire.count(b"\r") != pairs or wire.count(b"\n") != pairs
     crs = wire.translate(_CR_ONLY)
     return wire[0] == 0x0A or crs[-1] == 1 or not crs.startswith(wire[1:].translate(_LF_ONLY))

@@ -89,9 +89,11 @@ class Runner:
             if ctx.allowlisted and slot.allowlist_skip:
                 continue
             t0 = time.perf_counter()
+            waited = False
             try:
                 symbols = slot.check.run(stage, ctx)
                 if type(symbols) is not tuple and inspect.isawaitable(symbols):
+                    waited = True
                     # Only a check that has to wait gets a coroutine and a timer here;
                     # a tuple is an answer given at once (from a cache, say).
                     symbols = await _bounded(symbols, policy.check_timeout)
@@ -106,7 +108,13 @@ class Runner:
             seconds = slot.seconds
             if seconds is None:
                 seconds = slot.seconds = metrics.child(metrics.CHECK_SECONDS, slot.name)
-            seconds.observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            seconds.observe(took)
+            if not waited and took > YIELD_AFTER:
+                # Checks that answer at once run back to back without giving the loop
+                # a turn: after one that took long (a large header section parsed),
+                # let the other sessions' commands in before the next.
+                await asyncio.sleep(0)
             for sym in symbols:
                 counter, act, act_strength = slot.symbols.get(sym) or slot.judge(sym, policy)
                 counter.inc()
@@ -126,6 +134,10 @@ class Runner:
             )
         stage_seconds.observe(time.perf_counter() - start)
         return Verdict(action, symbol, tuple(seen)) if seen else ACCEPT
+
+
+# Seconds of synchronous check work after which the runner lets the loop run.
+YIELD_AFTER = 0.002
 
 
 async def _bounded(pending: Awaitable[Sequence[str]], budget: float) -> Sequence[str]:

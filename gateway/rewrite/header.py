@@ -15,10 +15,15 @@ from collections.abc import Callable
 from email._header_value_parser import get_address_list  # the RFC 5322 parser of `email`
 
 from gateway.address import Address, AddressError, parse_path
+from gateway.addrlist import plain, too_complex
 
 SENDER_HEADERS = frozenset({b"from", b"sender", b"reply-to"})
 RECIPIENT_HEADERS = frozenset({b"to", b"cc"})
 MAX_LINE = 998
+# Characters of address-field values per message that the email package's parser
+# may read to confirm our scanner (about 6 µs each: 50 ms at most). Fields past the
+# budget, and values of more than MAX_COMMENTS comments, are left as they were.
+LIBRARY_BUDGET = 8 * 1024
 
 Rewrite = Callable[[Address], Address | None]
 
@@ -56,62 +61,40 @@ def _skip_comment(v: str, i: int) -> int:
 
 def _trim(v: str, a: int, b: int) -> tuple[int, int] | None:
     """Shrink [a, b) past surrounding whitespace and comments; None when what is left
-    still holds a comment or whitespace outside quotes (not a plain addr-spec)."""
-    while a < b:
-        if v[a] in " \t\r\n":
-            a += 1
-        elif v[a] == "(":
-            end = _skip_comment(v, a)
-            if end < 0 or end > b:
-                return None
-            a = end
-        else:
-            break
-    while b > a:
-        if v[b - 1] in " \t\r\n":
-            b -= 1
-        elif v[b - 1] == ")":
-            # Find the comment that ends here by scanning from a.
-            i, start = a, -1
-            while i < b:
-                if v[i] == '"':
-                    i = _skip_quoted(v, i, '"')
-                    if i < 0:
-                        return None
-                    continue
-                if v[i] == "(":
-                    end = _skip_comment(v, i)
-                    if end == b:
-                        start = i
-                        break
-                    if end < 0:
-                        return None
-                    i = end
-                    continue
-                i += 1
-            if start < 0:
-                return None
-            b = start
-        else:
-            break
-    if a >= b:
-        return None
+    still holds a comment or whitespace outside quotes (not a plain addr-spec).
+
+    One pass, left to right: the span runs from the first character outside
+    whitespace and comments to the last, and nothing of the kind may come between
+    (a scan back for the comment that ends at b, one per trailing comment, was
+    quadratic in them)."""
+    first = last = -1
+    gap = False  # whitespace or a comment after the span began
     i = a
     while i < b:
-        if v[i] == '"':
-            i = _skip_quoted(v, i, '"')
-            if i < 0 or i > b:
-                return None
+        c = v[i]
+        if c in " \t\r\n":
+            gap = first >= 0
+            i += 1
             continue
-        if v[i] == "[":
-            i = _skip_quoted(v, i, "]")
-            if i < 0 or i > b:
+        if c == "(":
+            end = _skip_comment(v, i)
+            if end < 0 or end > b:
                 return None
+            gap = first >= 0
+            i = end
             continue
-        if v[i] in " \t\r\n(":
+        if gap:
             return None
-        i += 1
-    return a, b
+        if c == '"' or c == "[":
+            j = _skip_quoted(v, i, '"' if c == '"' else "]")
+            if j < 0 or j > b:
+                return None
+        else:
+            j = i + 1
+        if first < 0:
+            first = i
+        last = i = j
+    return None if first < 0 else (first, last)
 
 
 def addr_spans(v: str) -> list[tuple[int, int]] | None:
@@ -208,9 +191,32 @@ def _library_view(v: str) -> list[tuple[str, str]] | None:
     return out
 
 
-def rewrite_value(value: str, rewrite: Rewrite) -> str | None:
+class Budget:
+    """What is left of one message's LIBRARY_BUDGET."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int = LIBRARY_BUDGET) -> None:
+        self.left = left
+
+    def take(self, n: int) -> bool:
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+
+def rewrite_value(value: str, rewrite: Rewrite, budget: Budget | None = None) -> str | None:
     """The value with each rewritten address in place, or None when nothing changed
-    (or the value could not be read with certainty: then it is left as it was)."""
+    (or the value could not be read with certainty: then it is left as it was).
+
+    A plain value is read one way only; any other is read by the email package's
+    parser as well, and left alone unless both agree: within `budget` (a fresh
+    LIBRARY_BUDGET if none) and with at most MAX_COMMENTS comments."""
+    budget = budget or Budget()
+    easy = plain(value)
+    if not easy and (too_complex(value, budget.left) or not budget.take(len(value))):
+        return None
     spans = addr_spans(value)
     if not spans:
         return None
@@ -221,12 +227,13 @@ def rewrite_value(value: str, rewrite: Rewrite) -> str | None:
             addrs.append(parse_path(f"<{text}>"))
         except AddressError:
             addrs.append(None)
-    lib = _library_view(value)
-    ours = [(x.local.lower(), x.domain) if x else None for x in addrs]
-    if lib is None or len(lib) != len(ours):
-        return None
-    if any(o is not None and o != lib_pair for o, lib_pair in zip(ours, lib, strict=True)):
-        return None
+    if not easy:
+        lib = _library_view(value)
+        ours = [(x.local.lower(), x.domain) if x else None for x in addrs]
+        if lib is None or len(lib) != len(ours):
+            return None
+        if any(o is not None and o != pair for o, pair in zip(ours, lib, strict=True)):
+            return None
     out, last, changed = [], 0, False
     for (a, b), addr in zip(spans, addrs, strict=True):
         new = rewrite(addr) if addr is not None else None
@@ -264,6 +271,7 @@ def rewrite_headers(
             fields.append([line])
     changed = 0
     out: list[bytes] = []
+    budget = Budget()
     for f in fields:
         name, colon, _ = f[0].partition(b":")
         key = name.strip().lower()
@@ -273,7 +281,7 @@ def rewrite_headers(
             continue
         raw = b"\r\n".join(f)
         value = raw[len(name) + 1 :].decode("utf-8", "surrogateescape")
-        new = rewrite_value(value, fn)
+        new = rewrite_value(value, fn, budget)
         if new is None:
             out.append(raw)
             continue

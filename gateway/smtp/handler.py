@@ -718,8 +718,7 @@ class Session:
             # Charged to the process's memory budget as it arrives (smtp/memory.py);
             # _end_txn gives it back.
             wire = await read_message(self.stream, max_size, self.limits.bare_linefeed, self.room)
-            limits = self.limits
-            check_header_section(wire, limits.max_header_size, limits.max_received_headers)
+            check_header_section(wire, self.limits)
         except TimeoutError:
             self.send(replies.TIMEOUT)
             await self._end_txn(Action.TEMPFAIL, "timeout", abort=True)

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from gateway.stream import Stream
+from gateway.wire import number
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107
@@ -50,19 +51,28 @@ async def _read_v1(stream: Stream) -> ProxyInfo:
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         raise ProxyError("malformed PROXY v1 header")
     try:
+        # No IPv6 zone ("fe80::1%eth0"): it names an interface of the proxy, and
+        # would reach logs, rate-limit keys and XCLIENT as part of the address.
+        if "%" in parts[2] or "%" in parts[3]:
+            raise ValueError("zone")
         src = ipaddress.ip_address(parts[2])
         dst = ipaddress.ip_address(parts[3])
-        sport, dport = int(parts[4]), int(parts[5])
     except ValueError as e:
         raise ProxyError("malformed PROXY v1 address") from e
+    sport, dport = _port(parts[4]), _port(parts[5])
     want = 4 if parts[1] == "TCP4" else 6
-    if (
-        src.version != want
-        or dst.version != want
-        or not (0 <= sport < 65536 and 0 <= dport < 65536)
-    ):
+    if src.version != want or dst.version != want or sport is None or dport is None:
         raise ProxyError("malformed PROXY v1 address")
     return ProxyInfo(1, str(src), sport, str(dst), dport)
+
+
+def _port(text: str) -> int | None:
+    """A port as HAProxy writes it: 0 to 65535 in ASCII digits, no sign, no leading
+    zero (int() would also take "+25", "2_5" and other scripts' digits)."""
+    n = number(text, 5)
+    if n is None or n > 65535 or (len(text) > 1 and text[0] == "0"):
+        return None
+    return n
 
 
 async def _read_v2(stream: Stream) -> ProxyInfo:

@@ -164,6 +164,12 @@ def test_from_domains_are_ascii_names_or_nothing(parts: list[str], junk: bytes, 
 def test_bare_cr_lf_detection_matches_its_definition(data: bytes) -> None:
     expected = re.search(rb"\r(?!\n)|(?<!\r)\n", data) is not None
     assert has_bare_cr_lf(data) == expected
+    # Past 64 KiB the detection counts instead: the same answer, wherever the bytes are.
+    pad = b"x\r\n" * 22_000
+    assert has_bare_cr_lf(pad + data) == expected
+    assert has_bare_cr_lf(data + pad) == (
+        re.search(rb"\r(?!\n)|(?<!\r)\n", data + b"x") is not None
+    )
 
 
 @FUZZ

@@ -3,6 +3,7 @@ and the fast unquoted-path split agrees with the quote-aware walk."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,3 +115,34 @@ def test_too_many_received_counts_header_fields_only(
     wire = b"".join(line + b"\r\n" for line in lines) + b"\r\n"
     wire += b"Received: in the body\r\n" * body_received
     assert headers.too_many_received(wire, limit) == (_received_fields(wire) > limit)
+
+
+OURS = headers.our_fields("gw.example", "gw.example", ("X-Gateway-Tag",))
+
+
+def _forged(value: str) -> int:
+    wire = b"Authentication-Results: " + value.encode() + b"\r\n\r\nbody\r\n"
+    return headers.strip_forged(wire, OURS)[1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "gw.example; dkim=pass",
+        "GW.Example. 1; dkim=pass",
+        "\uff47\uff57.example; dkim=pass",  # full-width letters
+        "gw\u3002example; dkim=pass",  # the ideographic full stop
+        "gw.exam\u00adple; dkim=pass",  # a soft hyphen
+        "gw.example\u200b; dkim=pass",  # a zero-width space
+        "gw.example\ufe0f; dkim=pass",  # a variation selector
+    ],
+)
+def test_results_in_any_spelling_of_our_name_are_removed(value: str) -> None:
+    assert _forged(value) == 1
+
+
+@pytest.mark.parametrize(
+    "value", ["gw.example1; dkim=pass", "xgw.example; dkim=pass", "gw.example.org; spf=pass"]
+)
+def test_results_of_other_names_stay(value: str) -> None:
+    assert _forged(value) == 0

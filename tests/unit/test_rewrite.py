@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from gateway.address import Address, parse_path
+from gateway.addrlist import MAX_COMMENTS, plain
 from gateway.rewrite.engine import AliasLoop, Rewriter
-from gateway.rewrite.header import rewrite_headers, rewrite_value
+from gateway.rewrite.header import LIBRARY_BUDGET, rewrite_headers, rewrite_value
 from gateway.rewrite.options import RewriteOptions
 from gateway.rewrite.srs import Srs, SrsError
 from gateway.rewrite.table import RuleError, Subaddress, Table, read_table_file
@@ -370,3 +371,45 @@ def test_header_rewrite_never_injects_lines() -> None:
     wire = b"From: j@old.example\r\n\r\nbody\r\n"
     out, n = rewrite_headers(wire, evil, None)
     assert n == 0 and out == wire
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        " a@old.example",
+        " John Doe <john@old.example>, b@other.test",
+        "\r\n\tx@old.example ,y@old.example",
+    ],
+)
+def test_plain_values_need_no_library_and_read_as_it_does(value: str) -> None:
+    """A plain value is rewritten without the email package's parser, and exactly as
+    that parser reads it (the cross-check, forced by a comment, gives the same)."""
+    assert plain(value)
+    assert rewrite_value(value, old_to_new) == rewrite_value(value + " ()", old_to_new)[:-3]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [' "a" <a@old.example>', " a@old.example (c)", " g: a@old.example;", " a.b <a@old.example>"],
+)
+def test_values_with_quotes_comments_groups_or_dotted_names_are_not_plain(value: str) -> None:
+    assert not plain(value)
+
+
+def test_a_value_of_more_comments_than_the_bound_is_left_alone() -> None:
+    bounded = " a@old.example " + "(c)" * MAX_COMMENTS
+    assert rewrite_value(bounded, old_to_new) == bounded.replace("old.example", "example.org")
+    assert rewrite_value(bounded + "(c)", old_to_new) is None
+    nested = " a@old.example " + "(" * 2000 + ")" * 2000  # once a RecursionError
+    assert rewrite_value(nested, old_to_new) is None
+
+
+def test_the_library_reads_at_most_one_budget_of_each_message() -> None:
+    """Values the library must confirm share one budget per message; past it, fields
+    are left as they were. Plain ones cost nothing."""
+    value = ' "x" <a@old.example>'  # quoted: not plain
+    fields = b"".join(b"To:" + value.encode() + b"\r\n" for _ in range(LIBRARY_BUDGET))
+    plains = b"Cc: a@old.example\r\n" * 1000
+    out, n = rewrite_headers(fields + plains + b"\r\nbody\r\n", old_to_new, old_to_new)
+    assert n == LIBRARY_BUDGET // len(value) + 1000
+    assert out.count(b"<a@example.org>") == LIBRARY_BUDGET // len(value)

@@ -123,6 +123,22 @@ def test_proxy_v1_and_errors() -> None:
             run(read_header(fed(bad)))
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "PROXY TCP4 192.0.2.1 192.0.2.2 +25 25\r\n",  # int() takes a sign,
+        "PROXY TCP4 192.0.2.1 192.0.2.2 2_5 25\r\n",  # an underscore,
+        "PROXY TCP4 192.0.2.1 192.0.2.2 \u0662\u0665 25\r\n",  # other digits
+        "PROXY TCP4 192.0.2.1 192.0.2.2 025 25\r\n",  # leading zero (HAProxy writes none)
+        "PROXY TCP6 fe80::1%eth0 2001:db8::2 1 25\r\n",  # a zone: no address to log or pass on
+        "PROXY TCP6 2001:db8::1 fe80::2%1 1 25\r\n",
+    ],
+)
+def test_proxy_v1_numbers_and_addresses_are_exactly_what_haproxy_writes(bad: str) -> None:
+    with pytest.raises(ProxyError):
+        run(read_header(fed(bad.encode())))
+
+
 def test_reply_wire_format() -> None:
     assert replies.SIZE_EXCEEDED.wire() == (
         b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
