@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from gateway import config
 from gateway.address import parse_path
 from gateway.checks.registry import build_checks
+from gateway.context import Context
 from gateway.pipeline import policy as policy_mod
-from gateway.pipeline.stage import Context, Stage
 from gateway.store.memory import MemoryStore
+from gateway.vocab import Stage
 
 if TYPE_CHECKING:
     from tests.support.dnsserver import DnsServer

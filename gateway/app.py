@@ -7,7 +7,7 @@ import logging
 import signal
 from typing import Any
 
-from gateway import __version__, config, logs, metrics
+from gateway import __version__, config, logs, metrics, replies
 from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.registry import all_known_symbols, build_checks
 from gateway.checks.relay import RelayCheck
@@ -15,9 +15,10 @@ from gateway.dns import Resolver
 from gateway.forward.backend import Backend, SmtpBackend
 from gateway.forward.maildir import MaildirBackend
 from gateway.http import HttpEndpoint
+from gateway.net import network_matcher
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner
-from gateway.smtp import replies, tls
+from gateway.smtp import tls
 from gateway.smtp.handler import (
     ListenerState,
     Services,
@@ -77,8 +78,8 @@ class App:
             settings=settings,
             runner=self.runner,
             backend=self.backend,
-            is_trusted=config.network_matcher(settings.trusted_networks),
-            is_proxy=config.network_matcher(settings.proxy_networks),
+            is_trusted=network_matcher(settings.trusted_networks),
+            is_proxy=network_matcher(settings.proxy_networks),
             is_local=RelayCheck(settings.local_domains).is_local,
             memory=MessageMemory(
                 settings.limits.max_data_memory

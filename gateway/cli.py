@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return explain.run(args)
         if args.command == "rewrite":
-            from gateway.rewrite import cli as rewrite_cli
+            from gateway import rewrite_cli
 
             return rewrite_cli.run(args.address, args.sender, args.config)
         if args.command == "ratelimit":

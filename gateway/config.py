@@ -7,11 +7,9 @@ which reloads on SIGHUP without a restart.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gateway.net import IPNetwork
 
 
 class ConfigError(Exception):
@@ -70,34 +68,6 @@ def _networks(v: Any) -> list[IPNetwork]:
 
 # A list of networks in a config or policy file ("192.0.2.0/24", "2001:db8::/32").
 Networks = Annotated[list[IPNetwork], BeforeValidator(_networks)]
-
-
-def plain_ip(ip: str) -> str:
-    """An IPv4-mapped IPv6 address (what a dual-stack `::` listener sees for an IPv4
-    client) as the IPv4 address it is, so that logs, headers, XCLIENT, rate-limit
-    keys and checks all name one client one way; anything else unchanged."""
-    if ":" not in ip:  # IPv4 (or not an address at all): nothing to parse
-        return ip
-    try:
-        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
-    except ValueError:
-        return ip
-    return ip if mapped is None else str(mapped)
-
-
-def network_matcher(nets: list[IPNetwork]) -> Callable[[str], bool]:
-    """The one test of "is this client in these networks" (IPv4-mapped IPv6 counts as
-    IPv4), cached per address: trusted, proxy, allow and exempt lists all use it."""
-
-    @functools.lru_cache(maxsize=4096)
-    def match(ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(plain_ip(ip))
-        except ValueError:
-            return False
-        return any(addr in n for n in nets)
-
-    return match
 
 
 def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:

@@ -13,16 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway import config, headers
+from gateway import config, headers, replies
 from gateway.address import AddressError, parse_path
 from gateway.checks.registry import all_known_symbols, build_checks
+from gateway.context import Context
 from gateway.dns import Resolver
+from gateway.net import network_matcher
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner
-from gateway.pipeline.stage import Context, Stage
-from gateway.pipeline.verdict import ACCEPT, Verdict, combine
-from gateway.smtp import replies
 from gateway.store.memory import MemoryStore
+from gateway.vocab import ACCEPT, Stage, Verdict, combine
 from gateway.wire import stuff
 
 
@@ -43,7 +43,7 @@ async def explain(
     # A fresh in-memory store: explaining a message never charges the live limits.
     runner = Runner(build_checks(settings, resolver, MemoryStore()), pol)
     ctx = Context("explain", client_ip, 0, "check", helo=helo)
-    ctx.trusted = config.network_matcher(settings.trusted_networks)(client_ip)
+    ctx.trusted = network_matcher(settings.trusted_networks)(client_ip)
     stages: list[dict[str, Any]] = []
     final: Verdict = ACCEPT
     refused_at: str | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 import idna
 
-from gateway.pipeline.results import AuthResult
+from gateway.vocab import AuthResult
 from gateway.wire import stuff, wire_header
 
 # Besides what is not printable ASCII, the characters that would end the

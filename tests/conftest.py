@@ -10,6 +10,26 @@ from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway
 from tests.support.redisserver import RedisServer
 
+ROOT = Path(__file__).resolve().parent.parent
+# The tier of each test follows from where it lives: tests/unit is the fast tier.
+_SLOW = (
+    "tests/interop/",
+    "tests/kubernetes/",
+    "tests/observability/",
+    "tests/integration/test_bench_smoke.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(ROOT).as_posix()
+        if where.startswith("tests/unit/"):
+            item.add_marker(pytest.mark.unit)
+            continue
+        item.add_marker(pytest.mark.integration)
+        if where.startswith(_SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def backend_factory(tmp_path: Path) -> Iterator[Callable[..., Backend]]:

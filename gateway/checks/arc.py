@@ -19,9 +19,9 @@ import dkim
 from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
 from gateway.checks.dkim import OFFLOOP_BYTES, key_record, on_loop
+from gateway.context import Context
 from gateway.dns import DnsAnswer, Resolver
-from gateway.pipeline.results import AuthResult
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import AuthResult, Stage
 from gateway.wire import header_section
 
 # temperror: a seal's key could not be fetched now, so the chain's status is unknown

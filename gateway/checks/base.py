@@ -6,8 +6,9 @@ from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Protocol
 
+from gateway.context import Context
 from gateway.dns import Resolver
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import Stage
 
 Symbols = Sequence[str]
 
@@ -47,3 +48,8 @@ class OffLoopCheck:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def generic_symbols(check: str) -> set[str]:
+    """Symbols the runner itself may emit for any check."""
+    return {f"{check}.error", f"{check}.timeout"}

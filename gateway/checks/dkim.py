@@ -21,9 +21,9 @@ from dkim.util import InvalidTagValueList
 
 from gateway.checks import dkimrsa
 from gateway.checks.base import OffLoopCheck
+from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
-from gateway.pipeline.results import AuthResult
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import AuthResult, Stage
 from gateway.wire import header_section, number
 
 RESULTS = ("pass", "fail", "none", "temperror", "permerror")

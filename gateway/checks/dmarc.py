@@ -22,9 +22,9 @@ from typing import Any, ClassVar, TypeVar
 from publicsuffixlist import PublicSuffixList
 
 from gateway.addrlist import too_complex
+from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
-from gateway.pipeline.results import AuthResult
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import AuthResult, Stage
 from gateway.wire import has_bare_cr_lf, header_section, number
 
 SYMBOLS = ("pass", "fail", "none", "reject", "quarantine", "temperror", "permerror", "malformed")

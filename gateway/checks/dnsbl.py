@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway import config, metrics
+from gateway import metrics
+from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
-from gateway.pipeline.stage import Context, Stage
+from gateway.net import network_matcher, plain_ip
+from gateway.vocab import Stage
 
 log = logging.getLogger("gateway.dnsbl")
 
@@ -37,7 +39,7 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 def reverse_ip(ip: str) -> str:
     """1.2.3.4 -> 4.3.2.1; IPv6 -> reversed nibbles (RFC 5782 2.1 and 2.4). Cached:
     a client comes back, and parsing an address costs more than the lookup."""
-    addr = ipaddress.ip_address(config.plain_ip(ip))
+    addr = ipaddress.ip_address(plain_ip(ip))
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))
@@ -85,7 +87,7 @@ class DnsblCheck:
         self.has_allow = False
         self.threshold = 1.0
         self.deadline = 2.0
-        self.allowed_network: Callable[[str], bool] = config.network_matcher([])
+        self.allowed_network: Callable[[str], bool] = network_matcher([])
 
     def configure(self, options: Any) -> None:
         old = {z.cfg.name: z for z in self.zones}
@@ -94,7 +96,7 @@ class DnsblCheck:
         ]
         self.threshold = options.threshold
         self.deadline = options.deadline
-        self.allowed_network = config.network_matcher(options.allow_networks)
+        self.allowed_network = network_matcher(options.allow_networks)
         self.has_allow = bool(options.allow_networks)
         for z in self.zones:
             metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if z.healthy else 0)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway import metrics
 from gateway.checks.base import Symbols
-from gateway.config import IPNetwork, network_matcher
-from gateway.net import network_of
-from gateway.pipeline.stage import Context, Stage
+from gateway.context import Context
+from gateway.net import IPNetwork, network_matcher, network_of
 from gateway.store.base import CONC, RATE, GcraOp, StoreError
 from gateway.store.memory import MemoryStore
+from gateway.vocab import Stage
 
 if TYPE_CHECKING:
     from gateway.store import Store

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import config
 from gateway.checks.arc import ArcCheck
-from gateway.checks.base import Check
+from gateway.checks.base import Check, generic_symbols
 from gateway.checks.dkim import DkimCheck
 from gateway.checks.dmarc import DmarcCheck
 from gateway.checks.dnsbl import DnsblCheck
@@ -15,7 +15,6 @@ from gateway.checks.relay import RelayCheck
 from gateway.checks.spf import SpfCheck
 from gateway.checks.tlspolicy import TlsPolicyCheck
 from gateway.dns import Resolver
-from gateway.pipeline.policy import generic_symbols
 
 if TYPE_CHECKING:
     from gateway.store import Store

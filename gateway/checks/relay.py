@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from gateway.address import Address
+from gateway.context import Context
 from gateway.dns import ascii_name
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import Stage
 
 DENIED = "relay.denied"
 

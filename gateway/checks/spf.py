@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 
 import spf
 
+from gateway.context import Context
 from gateway.dns import DnsAnswer, Resolver
-from gateway.pipeline.results import AuthResult
-from gateway.pipeline.stage import Context, Stage
+from gateway.vocab import AuthResult, Stage
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 # Passes of pyspf for one evaluation at most. Each pass stops at the first answer

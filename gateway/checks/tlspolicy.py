@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from gateway.checks.relay import DomainMatcher
-from gateway.config import network_matcher
-from gateway.pipeline.stage import Context, Stage
+from gateway.context import Context
+from gateway.net import network_matcher
+from gateway.vocab import Stage
 
 REQUIRED = "tls.required"
 

@@ -14,13 +14,15 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
-from gateway import config, metrics
+from gateway import config, dsn, metrics, replies
 from gateway.address import ascii_path
 from gateway.forward.client import (
+    BackendBadReply,
     BackendBusy,
     BackendError,
     BackendLost,
     BackendRefusedClient,
+    BackendTimeout,
     ClientCapReached,
     SmtpClient,
     SmtpReply,
@@ -28,7 +30,6 @@ from gateway.forward.client import (
 from gateway.forward.link import ClientInfo, ClientLink, client_attrs
 from gateway.forward.pool import Pool
 from gateway.net import network_of
-from gateway.smtp import dsn, replies
 from gateway.wire import header_section
 
 log = logging.getLogger("gateway.backend")
@@ -233,7 +234,7 @@ def fit_params(params: list[str], extensions: dict[str, str]) -> Fit:
     extension would refuse the parameter (555), so it is dropped and the
     transaction checks instead what actually goes through (RFC 6531 3.2 and RFC
     6152 3 forbid sending it such content, not the mail itself). The DSN
-    parameters go the same way (see smtp/dsn.py).
+    parameters go the same way (see gateway/dsn.py).
     """
     utf8 = eight_bit = True
     if "SMTPUTF8" in params and "SMTPUTF8" not in extensions:
@@ -592,3 +593,18 @@ class SmtpBackend:
     async def close(self) -> None:
         for t in self.targets:
             await t.pool.close_all()
+
+
+def client_reply(error: Exception) -> replies.Reply:
+    """What the client hears when the backend hop fails mid-transaction (always 4xx)."""
+    if isinstance(error, BackendUnavailable):
+        if error.refused:
+            return replies.BACKEND_REFUSED_CLIENT
+        if error.client_cap:
+            return replies.BACKEND_CLIENT_CAP
+        return replies.BACKEND_BUSY if error.busy else replies.BACKEND_UNAVAILABLE
+    if isinstance(error, BackendTimeout):
+        return replies.BACKEND_TIMEOUT
+    if isinstance(error, BackendBadReply):
+        return replies.BACKEND_BAD_REPLY
+    return replies.BACKEND_LOST

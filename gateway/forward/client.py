@@ -17,8 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import NoReturn
 
-from gateway import metrics
-from gateway.smtp import dsn
+from gateway import dsn, metrics
 from gateway.stream import LineTooLong, Stream, StreamClosed
 
 MAX_REPLY_LINE = 4096
@@ -425,7 +424,7 @@ class SmtpClient:
 
     def _rcpt_line(self, rcpt: str, params: list[str]) -> str:
         """RCPT TO, without the DSN parameters if this session does not offer DSN (it
-        would refuse them: see smtp/dsn.py)."""
+        would refuse them: see gateway/dsn.py)."""
         return _with_params(
             f"RCPT TO:<{rcpt}>", dsn.for_backend(params, self.extensions, dsn.RCPT_KEYS)
         )

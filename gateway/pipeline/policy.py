@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from gateway.checks.ratelimit import parse_rate
 from gateway.config import ConfigError, Networks, format_validation_error, read_yaml_mapping
 from gateway.rewrite.engine import Rewriter, RuleError
 from gateway.rewrite.options import RewriteOptions
-from gateway.smtp.replies import Action
+from gateway.vocab import Action
 
 
 class _Strict(BaseModel):
@@ -144,8 +145,6 @@ class RateLimit(_Strict):
     @field_validator("rate")
     @classmethod
     def _rate(cls, v: str) -> str:
-        from gateway.checks.ratelimit import parse_rate
-
         try:
             parse_rate(v)
         except (ValueError, KeyError):
@@ -263,11 +262,6 @@ class Policy(_Strict):
         if symbol.endswith((".error", ".timeout")):
             return self.check_error_action
         return Action.ACCEPT
-
-
-def generic_symbols(check: str) -> set[str]:
-    """Symbols the runner itself may emit for any check."""
-    return {f"{check}.error", f"{check}.timeout"}
 
 
 def presets_dir() -> Path:

@@ -10,10 +10,9 @@ from collections.abc import Awaitable, Sequence
 
 from gateway import metrics
 from gateway.checks.base import Check, active_stages
+from gateway.context import Context
 from gateway.pipeline.policy import Policy
-from gateway.pipeline.stage import Context, Stage
-from gateway.pipeline.verdict import ACCEPT, Verdict
-from gateway.smtp.replies import Action
+from gateway.vocab import ACCEPT, Action, Stage, Verdict
 
 log = logging.getLogger("gateway.pipeline")
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 
+from gateway import replies
 from gateway.config import BareLinefeed, Limits
 from gateway.headers import too_many_received
-from gateway.smtp import replies
+from gateway.replies import Reply
 from gateway.smtp.memory import Reservation
-from gateway.smtp.replies import Reply
 from gateway.stream import Stream
 from gateway.wire import has_bare_cr_lf, stuff, unstuff
 

@@ -1,7 +1,7 @@
 """The SMTP server side: one coroutine per connection, command by command.
 
 This module is protocol plumbing. It asks the pipeline runner for a verdict at
-each stage, asks smtp/replies for wording, and relays the backend's own
+each stage, asks replies.py for wording, and relays the backend's own
 replies. The invariant it keeps: the client hears 250 for DATA only after the
 backend said 250; any backend failure becomes a 4xx.
 """
@@ -13,43 +13,44 @@ import contextlib
 import itertools
 import logging
 import os
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gateway import config, headers, logs, metrics
+from gateway import config, dsn, headers, logs, metrics, replies
 from gateway.address import (
-    NULL,
     Address,
-    AddressError,
-    DomainSpellingError,
     parse_path,
-    split_path,
 )
 from gateway.checks.relay import DENIED, relay_trick
-from gateway.forward.backend import Backend, BackendUnavailable, ClientInfo, Transaction
+from gateway.context import Context
+from gateway.forward.backend import (
+    Backend,
+    BackendUnavailable,
+    ClientInfo,
+    client_reply,
+)
 from gateway.forward.client import BackendError, SmtpReply
+from gateway.net import plain_ip
 from gateway.pipeline.policy import Policy
 from gateway.pipeline.runner import Runner
-from gateway.pipeline.stage import Context, Stage
-from gateway.pipeline.verdict import Verdict
+from gateway.replies import Reply
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
-from gateway.smtp import dsn, replies, tls
+from gateway.smtp import protocol, tls
 from gateway.smtp.data import DataRefused, check_header_section, read_message
 from gateway.smtp.guard import FailureLimit
 from gateway.smtp.memory import MessageMemory, Reservation
+from gateway.smtp.protocol import LAST_IN_GROUP
 from gateway.smtp.proxy import ProxyError, read_header
-from gateway.smtp.replies import Action, Reply
+from gateway.smtp.transaction import Transaction
 from gateway.stream import LineTooLong, Stream, StreamClosed
-from gateway.wire import number
+from gateway.vocab import Action, Stage, Verdict
 
 log = logging.getLogger("gateway.smtp")
 
 # Control characters have no place in a command line (RFC 5321 4.1: printable text);
 # tab is tolerated between words. They would otherwise reach logs and headers.
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 _ID_PREFIX = os.urandom(3).hex()
@@ -151,30 +152,19 @@ class Session:
         self.errors = 0
         self.junk = 0  # NOOP/RSET/VRFY/HELP since the last transaction
         self.esmtp = False
-        self.txn: Transaction | None = None
-        self.txn_broken: Reply | None = None
+        self.t = Transaction()  # the current transaction's state (smtp/transaction.py)
         # This client session's own way to the backend (forward/link.py).
         self.link = svc.backend.link()
         # The message's share of the memory budget, from DATA to the transaction's end.
         self.room = Reservation(svc.memory)
-        self.client_info: ClientInfo | None = None
-        self.mail_params: list[str] = []
-        # The DSN parameters of the recipients that had some, by backend address.
-        self.rcpt_params: dict[Address, list[str]] = {}
-        self.txn_start = 0.0
         self.txn_count = 0
-        self.rcpt_tried = 0
-        # The backend's refusals of this transaction's recipients, for its log line.
-        self.rcpt_refused: list[str] = []
-        self.utf8_txn = False
         self.sync = False  # enforce_sync applies to this client (set once it is known)
-        self.backend_sender: Address = NULL  # MAIL FROM as the backend got it
         self.idle = False
         self.task: asyncio.Task[None] | None = None
         peer = stream.peername or ("0.0.0.0", 0)
         self.ctx = Context(
             session_id=self.id,
-            client_ip=config.plain_ip(str(peer[0])),
+            client_ip=plain_ip(str(peer[0])),
             client_port=int(peer[1]),
             listener=listener.cfg.name,
         )
@@ -214,7 +204,7 @@ class Session:
                 if self.errors >= limits.max_errors:
                     self.send(replies.TOO_MANY_ERRORS)
                     raise SessionEnd
-                self.idle = self.txn is None
+                self.idle = self.t.backend is None
                 if self.idle and self.svc.draining:
                     self.send(replies.SHUTTING_DOWN)
                     raise SessionEnd
@@ -241,20 +231,18 @@ class Session:
                     continue
                 finally:
                     self.idle = False
-                if _CTL.search(line):
-                    self.send(replies.CONTROL_CHARS)
+                cmd = protocol.parse_line(line)
+                if isinstance(cmd, Reply):
+                    self.send(cmd)
                     continue
-                verb = line[:4].upper()
-                if len(line) > 4 and line[4:5] != b" ":
-                    verb = line.split(b" ", 1)[0].upper()
+                verb = cmd.verb
                 handler = _COMMANDS.get(verb)
-                if self.sync and (verb in _LAST_IN_GROUP or not self.esmtp) and stream.pending:
+                if self.sync and (verb in LAST_IN_GROUP or not self.esmtp) and stream.pending:
                     self._out_of_sync(replies.SYNC_ERROR, verb.decode("ascii", "replace"))
                 if handler is None:
                     self.send(replies.SYNTAX_UNRECOGNIZED)
                     continue
-                arg = line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" ")
-                await handler(self, arg)
+                await handler(self, cmd.arg)
         except asyncio.CancelledError:
             # Drain: tell the client, so it retries elsewhere, and undo at the backend.
             self.out.clear()
@@ -310,7 +298,7 @@ class Session:
                 self.stream.abort()
                 return False
             if info.src_addr is not None:
-                self.ctx.client_ip = config.plain_ip(info.src_addr)
+                self.ctx.client_ip = plain_ip(info.src_addr)
                 self.ctx.client_port = info.src_port or 0
         self.ctx.trusted = self.svc.is_trusted(self.ctx.client_ip)
         # Implicit TLS (465): the handshake is ours, after any PROXY header, so it is
@@ -398,67 +386,43 @@ class Session:
         caps = self.listener.ehlo_tls if self.stream.tls_object else self.listener.ehlo_plain
         self.send_raw(f"250-{host}\r\n".encode() + caps)
 
+    @property
+    def phase(self) -> protocol.Phase:
+        ctx = self.ctx
+        return protocol.phase_of(ctx.helo, ctx.mail_from, len(ctx.recipients))
+
     async def cmd_mail(self, arg: str) -> None:
-        if self.ctx.helo is None:
-            self.send(replies.NEED_HELO)
+        refused = protocol.out_of_sequence(self.phase, b"MAIL")
+        if refused is None and self.t.backend is not None:
+            refused = replies.NESTED_MAIL
+        if refused is replies.NEED_HELO:
+            self.send(refused)
             return
         if self.listener.cfg.require_tls and self.stream.tls_object is None:
             self.send(replies.TLS_REQUIRED)
             return
-        if self.txn is not None or self.ctx.mail_from is not None:
-            self.send(replies.NESTED_MAIL)
+        if refused is not None:
+            self.send(refused)
             return
         if arg[:5].upper() != "FROM:":
             self.send(replies.SYNTAX_MAIL)
             return
-        parsed = self._parse_path_params(arg[5:].lstrip(" "), sender=True)
-        if parsed is None:
+        parsed = protocol.path_and_params(arg[5:].lstrip(" "), sender=True, utf8_mail=False)
+        if isinstance(parsed, Reply):
+            self.send(parsed)
             return
         addr, params = parsed
-        fwd: list[str] = []
-        declared = 0
-        for key, val in params.items():
-            if key == "SIZE":
-                size = number(val or "")  # RFC 1870: 1*20DIGIT
-                if size is None:
-                    self.send(replies.SYNTAX_ARGS)
-                    return
-                declared = size
-                if declared > self.svc.max_size:
-                    self.send(replies.SIZE_EXCEEDED)
-                    return
-                fwd.append(f"SIZE={val}")
-            elif key == "BODY":
-                if val is None or val.upper() not in ("7BIT", "8BITMIME"):
-                    self.send(replies.SYNTAX_ARGS)
-                    return
-                fwd.append(f"BODY={val.upper()}")
-            elif key == "REQUIRETLS":  # RFC 8689
-                if val is not None:
-                    self.send(replies.SYNTAX_ARGS)
-                    return
-                if self.stream.tls_object is None:
-                    self.send(replies.REQUIRETLS_NEEDS_TLS)
-                    return
-                if not self.listener.requiretls:
-                    self.send(replies.REQUIRETLS_UNSUPPORTED)
-                    return
-                fwd.append("REQUIRETLS")
-            elif key == "SMTPUTF8":
-                if val is not None:
-                    self.send(replies.SYNTAX_ARGS)
-                    return
-                fwd.append("SMTPUTF8")
-            elif key in dsn.MAIL_KEYS:
-                param = dsn.mail_param(key, val)
-                if param is None:
-                    self.send(replies.DSN_SYNTAX)
-                    return
-                fwd.append(param)
-            else:
-                self.send(replies.PARAM_UNKNOWN)
-                return
-        self.txn_start = time.monotonic()
+        mail = protocol.mail_parameters(
+            params,
+            max_size=self.svc.max_size,
+            tls=self.stream.tls_object is not None,
+            requiretls=self.listener.requiretls,
+        )
+        if isinstance(mail, Reply):
+            self.send(mail)
+            return
+        declared, fwd = mail.declared, mail.forward
+        self.t = Transaction(started=time.monotonic())
         # The process's memory budget (smtp/memory.py): a MAIL whose SIZE= does not
         # fit in what is left, or any while nothing is, waits its turn for room (up
         # to limits.data_memory_wait), before the client sends a byte; admitted, its
@@ -469,10 +433,7 @@ class Session:
             return
         self.ctx.new_transaction()
         self.ctx.mail_from = addr
-        self.utf8_txn = "SMTPUTF8" in params
-        self.rcpt_tried = 0
-        if self.rcpt_params:
-            self.rcpt_params = {}
+        self.t.utf8 = mail.utf8
         if self.svc.runner.has_checks(Stage.MAIL):
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
             if verdict.refuses:
@@ -490,12 +451,12 @@ class Session:
         # Sender rewriting comes after the MAIL checks (SPF judged what the client
         # sent); ctx.mail_from stays the original for DMARC and the logs.
         rewriter = self.svc.runner.policy.rewriter
-        self.backend_sender = rewriter.sender(addr) if rewriter.active else addr
+        self.t.backend_sender = rewriter.sender(addr) if rewriter.active else addr
         try:
-            reply, txn = await self.link.begin(info, str(self.backend_sender), fwd)
+            reply, txn = await self.link.begin(info, str(self.t.backend_sender), fwd)
         except BackendUnavailable as e:
             self._no_transaction()
-            refused = replies.for_backend_error(e)
+            refused = client_reply(e)
             self.send(refused)
             self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
             return
@@ -504,9 +465,8 @@ class Session:
             self.relay(reply)
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
             return
-        self.txn = txn
-        self.client_info, self.mail_params = info, fwd
-        self.txn_broken = None
+        self.t.backend = txn
+        self.t.client, self.t.mail_params = info, fwd
         self.relay(reply)
 
     async def _wait_for_memory(self, size: int) -> bool:
@@ -529,31 +489,28 @@ class Session:
         self.room.release()
 
     async def cmd_rcpt(self, arg: str) -> None:
-        if self.ctx.mail_from is None:
-            self.send(replies.NEED_MAIL)
+        refused = protocol.out_of_sequence(self.phase, b"RCPT")
+        if refused is not None:
+            self.send(refused)
             return
         if arg[:3].upper() != "TO:":
             self.send(replies.SYNTAX_RCPT)
             return
-        parsed = self._parse_path_params(arg[3:].lstrip(" "), sender=False)
-        if parsed is None:
+        utf8 = self.t.utf8
+        parsed = protocol.path_and_params(arg[3:].lstrip(" "), sender=False, utf8_mail=utf8)
+        if isinstance(parsed, Reply):
+            self.send(parsed)
             return
         addr, params = parsed
-        dsn_params: list[str] = []
-        for key, val in params.items():
-            if key not in dsn.RCPT_KEYS:
-                self.send(replies.PARAM_UNKNOWN)
-                return
-            param = dsn.rcpt_param(key, val, self.utf8_txn)
-            if param is None:
-                self.send(replies.DSN_SYNTAX)
-                return
-            dsn_params.append(param)
+        dsn_params = protocol.rcpt_parameters(params, utf8=utf8)
+        if isinstance(dsn_params, Reply):
+            self.send(dsn_params)
+            return
         if len(self.ctx.recipients) >= self.limits.max_recipients:
             self.send(replies.TOO_MANY_RECIPIENTS)
             metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
             return
-        self.rcpt_tried += 1
+        self.t.rcpt_tried += 1
         rewriter = self.svc.runner.policy.rewriter
         original = addr
         if rewriter.active:
@@ -573,16 +530,16 @@ class Session:
                 reply=str(reply),
             )
             return
-        if self.txn_broken is not None or self.txn is None:
-            self.send(self.txn_broken or replies.BACKEND_LOST)
+        if self.t.broken is not None or self.t.backend is None:
+            self.send(self.t.broken or replies.BACKEND_LOST)
             return
         targets = [addr]
         if rewriter.active:
-            refused = self._expand(rewriter, original, addr)
-            if isinstance(refused, Reply):
-                self.send(refused)
+            expanded = self._expand(rewriter, original, addr)
+            if isinstance(expanded, Reply):
+                self.send(expanded)
                 return
-            targets = refused
+            targets = expanded
             if rewriter.srs is not None and not await self._srs_if_forwarding(targets):
                 return
         await self._backend_rcpts(original, targets, dsn_params)
@@ -618,7 +575,8 @@ class Session:
         """A recipient that leaves our domains gets the SRS sender: the backend
         transaction is opened again with it (earlier recipients replayed)."""
         rewriter = self.svc.runner.policy.rewriter
-        sender = self.backend_sender
+        sender = self.t.backend_sender
+        assert sender is not None  # RCPT comes after the backend took MAIL
         if sender.is_null or all(self.svc.is_local(t) for t in targets):
             return True
         srs_sender = rewriter.srs_forward(sender)
@@ -641,7 +599,7 @@ class Session:
         better than losing it for the one that deferred); otherwise any success
         accepts it and permanent failures of single members are logged.
         """
-        assert self.txn is not None
+        assert self.t.backend is not None
         if targets != [original] and not any(p[:6] == "ORCPT=" for p in params):
             orcpt = dsn.orcpt_for(str(original))
             if orcpt is not None:
@@ -657,18 +615,18 @@ class Session:
                 metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
                 return
             try:
-                r = await self.txn.rcpt(str(t), params)
+                r = await self.t.backend.rcpt(str(t), params)
             except BackendError as e:
                 await self._backend_failed(e)
                 return
             results.append(r)
-            if not r.ok and len(self.rcpt_refused) < _LOGGED_REFUSALS:
-                self.rcpt_refused.append(f"<{t}> {r}"[:_LOGGED_REFUSAL_LEN])
+            if not r.ok and len(self.t.rcpt_refused) < _LOGGED_REFUSALS:
+                self.t.rcpt_refused.append(f"<{t}> {r}"[:_LOGGED_REFUSAL_LEN])
             if r.ok:
                 self.ctx.recipients.append(t)
                 accepted.append(t)
                 if params:  # for a transaction opened again (_rebegin)
-                    self.rcpt_params[t] = params
+                    self.t.rcpt_params[t] = params
         if targets != [original]:
             self.ctx.rewritten.append((original, tuple(targets)))
         temp = next((r for r in results if 400 <= r.code < 500), None)
@@ -700,14 +658,16 @@ class Session:
         if arg:
             self.send(replies.SYNTAX_ARGS)
             return
-        if self.ctx.mail_from is None:
-            self.send(replies.NEED_MAIL)
+        refused = protocol.out_of_sequence(self.phase, b"DATA")
+        if refused is replies.NEED_MAIL:
+            self.send(refused)
             return
-        if self.txn_broken is not None:
-            self.send(self.txn_broken)
+        if self.t.broken is not None:
+            self.send(self.t.broken)
             return
-        if not self.ctx.recipients or self.txn is None:
-            self.send(replies.NO_VALID_RECIPIENTS if self.rcpt_tried else replies.NEED_RCPT)
+        if refused is not None or self.t.backend is None:
+            # No recipient accepted: none given yet, or every one refused.
+            self.send(replies.NO_VALID_RECIPIENTS if self.t.rcpt_tried else replies.NEED_RCPT)
             return
         self.send(replies.START_DATA)
         self.flush()
@@ -765,12 +725,12 @@ class Session:
                     await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
                     return
                 n_rcpts = 1
-        txn = self.txn
+        txn = self.t.backend
         assert txn is not None
         try:
             results = await txn.data(wire, n_rcpts, prefix)
         except BackendError as e:
-            self.send(replies.for_backend_error(e))
+            self.send(client_reply(e))
             await self._end_txn(
                 Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
             )
@@ -795,7 +755,7 @@ class Session:
         never with several, where it would show each recipient the others (Bcc)."""
         name = self.svc.runner.policy.rewrite.original_recipient_header
         rw = self.ctx.rewritten
-        if name is None or len(rw) != 1 or self.rcpt_tried != 1:
+        if name is None or len(rw) != 1 or self.t.rcpt_tried != 1:
             return b""
         return f"{name}: {rw[0][0]}\r\n".encode()
 
@@ -805,36 +765,38 @@ class Session:
         rest of the transaction gets it too: the client was already told 250 for
         recipients that are no longer open at the backend, so only a retry of the
         whole transaction is safe (a 5xx here would lose their mail)."""
-        old, self.txn = self.txn, None
+        old, self.t.backend = self.t.backend, None
         if old is not None:
             await old.abort()
-        assert self.client_info is not None
+        assert self.t.client is not None
         why = ""
         try:
-            reply, txn = await self.link.begin(self.client_info, str(sender), self.mail_params)
+            reply, txn = await self.link.begin(self.t.client, str(sender), self.t.mail_params)
             if txn is None:
                 why = f"MAIL: {reply}"
             else:
                 for rcpt in recipients:
-                    r = await txn.rcpt(str(rcpt), self.rcpt_params.get(rcpt, []))
+                    r = await txn.rcpt(str(rcpt), self.t.rcpt_params.get(rcpt, []))
                     if not r.ok:
                         await txn.abort()
                         why = f"RCPT {rcpt}: {r}"
                         break
                 else:
-                    self.txn = txn
-                    self.backend_sender = sender
+                    self.t.backend = txn
+                    self.t.backend_sender = sender
                     return None
         except BackendError as e:
             why = str(e)
         logs.event("backend_reopen_failed", session=self.id, error=why)
-        self.txn_broken = replies.BACKEND_REOPEN_FAILED
+        self.t.broken = replies.BACKEND_REOPEN_FAILED
         return replies.BACKEND_REOPEN_FAILED
 
     async def _redirect(self, recipient: str) -> Reply | None:
         """Quarantine by redirection: abandon the original recipients at the backend
         and open the transaction again for the quarantine mailbox only."""
-        refused = await self._rebegin(self.backend_sender, [parse_path(f"<{recipient}>")])
+        sender = self.t.backend_sender
+        assert sender is not None  # DATA comes after the backend took MAIL
+        refused = await self._rebegin(sender, [parse_path(f"<{recipient}>")])
         if refused is None:
             logs.event(
                 "quarantined",
@@ -933,41 +895,6 @@ class Session:
         return True
 
     # -- helpers ---------------------------------------------------------------------
-    def _parse_path_params(
-        self, text: str, *, sender: bool
-    ) -> tuple[Address, dict[str, str | None]] | None:
-        bad = replies.BAD_SENDER_ADDRESS if sender else replies.BAD_ADDRESS
-        try:
-            path, rest = split_path(text)
-            if not sender and path.lower() == "<postmaster>":
-                addr = Address("postmaster", "")
-            else:
-                addr = parse_path(path, allow_null=sender)
-        except DomainSpellingError:
-            self.send(replies.BAD_DOMAIN_SPELLING)
-            return None
-        except AddressError:
-            self.send(bad)
-            return None
-        params: dict[str, str | None] = {}
-        if rest and not rest.startswith(" "):
-            self.send(bad)
-            return None
-        for word in rest.split():
-            key, eq, val = word.partition("=")
-            key = key.upper()
-            if not key or key in params:
-                self.send(replies.PARAM_DUPLICATE if key else replies.SYNTAX_ARGS)
-                return None
-            params[key] = val if eq else None
-        if addr.utf8 and "SMTPUTF8" not in params and (sender or not self._utf8_mail()):
-            self.send(replies.SMTPUTF8_REQUIRED)
-            return None
-        return addr, params
-
-    def _utf8_mail(self) -> bool:
-        return self.utf8_txn
-
     def _policy_reply(self, verdict: Verdict, stage: Stage) -> Reply:
         reply = replies.for_action(
             verdict.action, verdict.symbol, self.ctx.details.get(verdict.symbol)
@@ -982,7 +909,7 @@ class Session:
     def _received(self) -> bytes:
         tls_desc = None
         # RFC 6531 3.7.3: a transaction under SMTPUTF8 is received "with UTF8SMTP(S)".
-        proto = "UTF8SMTP" if self.utf8_txn else "ESMTP" if self.esmtp else "SMTP"
+        proto = "UTF8SMTP" if self.t.utf8 else "ESMTP" if self.esmtp else "SMTP"
         if self.ctx.tls_version:
             proto += "S"
             tls_desc = (
@@ -1002,21 +929,21 @@ class Session:
 
     async def _backend_failed(self, e: BackendError) -> None:
         """The backend dropped mid-transaction: this transaction can only tempfail now."""
-        reply = replies.for_backend_error(e)
-        self.txn_broken = reply
+        reply = client_reply(e)
+        self.t.broken = reply
         self.send(reply)
         logs.event("backend_error", session=self.id, error=str(e))
-        if self.txn is not None:
-            await self.txn.abort()
-            self.txn = None
+        if self.t.backend is not None:
+            await self.t.backend.abort()
+            self.t.backend = None
 
     async def _abort_txn(self, why: str) -> None:
-        if self.ctx.mail_from is None and self.txn is None:
+        if self.ctx.mail_from is None and self.t.backend is None:
             return
-        if self.rcpt_refused and not self.ctx.recipients and why != "shutdown":
+        if self.t.rcpt_refused and not self.ctx.recipients and why != "shutdown":
             # Every recipient was refused by the backend: that, not the client's QUIT
             # or RSET after it, is how the transaction ended.
-            first = self.rcpt_refused[0]
+            first = self.t.rcpt_refused[0]
             code = first[first.index("> ") + 2 :][:1]
             action = Action.TEMPFAIL if code == "4" else Action.REJECT
             await self._end_txn(action, "backend", abort=True, backend=first)
@@ -1035,8 +962,7 @@ class Session:
         aborted: bool = False,
         **extra: str,
     ) -> None:
-        txn, self.txn = self.txn, None
-        self.txn_broken = None
+        txn, self.t.backend = self.t.backend, None
         self.room.release()  # the message's bytes
         if txn is not None:
             if abort:
@@ -1045,9 +971,9 @@ class Session:
             else:
                 await txn.finish()
         self._txn_outcome(action, reason, size=size, aborted=aborted, **extra)
+        # The one place a transaction ends: its state and its facts go together.
         self.ctx.new_transaction()
-        if self.rcpt_refused:
-            self.rcpt_refused = []
+        self.t = Transaction()
 
     def _txn_outcome(
         self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
@@ -1064,10 +990,11 @@ class Session:
             extra["rewritten"] = {
                 str(orig): [str(t) for t in targets] for orig, targets in self.ctx.rewritten
             }
-        if self.backend_sender != mail_from and mail_from is not None:
-            extra["backend_sender"] = str(self.backend_sender)
-        if self.rcpt_refused:
-            extra["refused"] = self.rcpt_refused
+        sender = self.t.backend_sender
+        if sender is not None and mail_from is not None and sender != mail_from:
+            extra["backend_sender"] = str(sender)
+        if self.t.rcpt_refused:
+            extra["refused"] = self.t.rcpt_refused
         logs.event(
             "transaction",
             session=self.id,
@@ -1081,7 +1008,7 @@ class Session:
             size=size,
             outcome=outcome,
             reason=reason,
-            duration_ms=round((time.monotonic() - self.txn_start) * 1000, 1),
+            duration_ms=round((time.monotonic() - self.t.started) * 1000, 1),
             **extra,
         )
 
@@ -1138,7 +1065,6 @@ def _combine_lmtp(results: list[SmtpReply], recipients: list[Address]) -> SmtpRe
 # RFC 2920 3.1: these end a pipelined group; the client must wait for their reply
 # (HELO too: pipelining is only known from the EHLO reply). QUIT is left out: what
 # follows it is never read anyway.
-_LAST_IN_GROUP = frozenset({b"EHLO", b"HELO", b"DATA", b"NOOP", b"VRFY", b"EXPN", b"TURN"})
 
 _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
     b"EHLO": Session.cmd_ehlo,

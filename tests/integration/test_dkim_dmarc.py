@@ -391,7 +391,8 @@ def test_dmarc_answers_at_once_from_the_cache_and_resumes_where_it_misses(
     answer cached (a tuple at once: no task, no timer), and a cache that answers
     the first question but not the next (the coroutine takes over mid-walk).
     No name is asked of the DNS server twice."""
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.context import Context
+    from gateway.vocab import Stage
 
     message = b"From: a@x.y.org.walk.test\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -663,7 +664,8 @@ def test_an_unknown_arc_chain_counts_only_when_a_trusted_sealer_could_override(
     (the ARC check did not finish, or a seal's key could not be fetched) the failure
     is not certain. Without trusted sealers, or when the chain is an untrusted
     sealer's, ARC changes nothing."""
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.context import Context
+    from gateway.vocab import Stage
 
     async def symbols(
         sealers: frozenset[str],
@@ -794,7 +796,8 @@ def test_arc_on_the_loop_when_keys_are_cached_in_a_thread_when_large(dns: DnsSer
     relaxed body (over what the loop may hash) is validated in the check's thread.
     Each path tells a good chain from one whose body changed after sealing."""
     from gateway.checks.arc import ArcCheck
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.context import Context
+    from gateway.vocab import Stage
 
     dns.add({"arc._domainkey.list.test": [("TXT", ARC_KEY.dns)]})
     big = MSG + (b"x" * 70 + b"\r\n") * 500  # ~36 KB: relaxed, over the loop's share
@@ -836,7 +839,8 @@ def test_dear_verifications_go_to_the_thread_even_with_keys_cached(dns: DnsServe
     2048-bit keys stays on the loop. A chain of nine hops goes to the thread anyway:
     each seal hashes every set before it."""
     from gateway.checks.arc import LOOP_SETS, ArcCheck
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.context import Context
+    from gateway.vocab import Stage
 
     big_key = rsa_key(4096)
     dns.add({"big._domainkey.signed.test": [("TXT", big_key.dns)]})

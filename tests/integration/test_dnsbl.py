@@ -249,9 +249,10 @@ def test_half_cached_lookups_resume_with_what_the_cache_gave(
 
     from gateway import config
     from gateway.checks.dnsbl import DnsblCheck
+    from gateway.context import Context
     from gateway.dns import Resolver
     from gateway.pipeline.policy import Policy
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.vocab import Stage
 
     dns_server.add(ZONE)
     zones = [{"name": n, "zone": f"{n}.test"} for n in ("half", "half2", "bl")]

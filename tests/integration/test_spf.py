@@ -244,8 +244,9 @@ def test_pyspf_runs_on_the_loop_when_the_dns_cache_holds_every_answer(
     from gateway import config
     from gateway.address import parse_path
     from gateway.checks.spf import SpfCheck
+    from gateway.context import Context
     from gateway.dns import Resolver
-    from gateway.pipeline.stage import Context, Stage
+    from gateway.vocab import Stage
 
     dns_server.add(
         {

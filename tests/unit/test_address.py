@@ -121,7 +121,7 @@ def test_dot_atom_pattern_matches_the_rfc_definition(s: str) -> None:
 @settings(max_examples=2000, derandomize=True)
 @given(st.text(max_size=12))
 def test_xtext_fast_path_matches_the_rfc_definition(s: str) -> None:
-    from gateway.smtp.dsn import xtext
+    from gateway.dsn import xtext
 
     ref = "".join(
         chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"

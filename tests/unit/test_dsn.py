@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.smtp import dsn
+from gateway import dsn
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from gateway import headers
 from gateway.address import AddressError, _walk_path, split_path
-from gateway.pipeline.results import AuthResult
+from gateway.vocab import AuthResult
 
 words = st.text(alphabet="abcdefgh.-@ =;()", min_size=1, max_size=12)
 value = st.from_regex(r"[a-z0-9.@-]{1,20}", fullmatch=True)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import replies
 from gateway.config import BareLinefeed
-from gateway.smtp import replies
 from gateway.smtp.data import DataRefused, read_message
 from gateway.smtp.memory import CHUNK, MessageMemory, Reservation, auto_limit, available_memory
 from gateway.stream import Stream

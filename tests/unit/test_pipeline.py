@@ -7,12 +7,12 @@ from typing import ClassVar
 import pytest
 
 from gateway.config import ConfigError
+from gateway.context import Context
 from gateway.forward.backend import Breaker
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.policy import Policy
 from gateway.pipeline.runner import Runner
-from gateway.pipeline.stage import Context, Stage
-from gateway.smtp.replies import Action
+from gateway.vocab import Action, Stage
 
 
 class FakeCheck:

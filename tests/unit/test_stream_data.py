@@ -6,13 +6,14 @@ import asyncio
 
 import pytest
 
+from gateway import replies
 from gateway.config import BareLinefeed
-from gateway.smtp import replies
+from gateway.dsn import xtext
 from gateway.smtp.data import DataRefused, check_wire, read_message
-from gateway.smtp.dsn import xtext
 from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
+from gateway.vocab import Action
 from gateway.wire import stuff, unstuff
 
 
@@ -146,7 +147,7 @@ def test_reply_wire_format() -> None:
     multi = replies.Reply(250, "2.0.0", "a\nb")
     assert multi.wire() == b"250-2.0.0 a\r\n250 2.0.0 b\r\n"
     assert replies.SIZE_EXCEEDED.reason == "size_exceeded"
-    r = replies.for_action(replies.Action.REJECT, "relay.denied")
+    r = replies.for_action(Action.REJECT, "relay.denied")
     assert (r.code, r.enhanced, r.reason) == (550, "5.7.1", "relay.denied")
 
 

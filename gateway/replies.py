@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from enum import StrEnum
+
+from gateway.vocab import Action
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,23 +48,6 @@ class Reply:
 
 def r(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, enhanced, text)
-
-
-class Action(StrEnum):
-    """What the policy may decide; the order is the strength (reject strongest)."""
-
-    ACCEPT = "accept"
-    TAG = "tag"
-    QUARANTINE = "quarantine"
-    TEMPFAIL = "tempfail"
-    REJECT = "reject"
-
-    @property
-    def strength(self) -> int:
-        return _STRENGTH[self]
-
-
-_STRENGTH = {a: i for i, a in enumerate(Action)}
 
 
 # -- protocol replies (not policy decisions) ---------------------------------
@@ -275,24 +259,6 @@ def for_action(action: Action, symbol: str, detail: str | None = None) -> Reply:
     if "{detail}" in text:
         text = text.replace("{detail}", _reply_text(detail or "a block list", 200))
     return Reply(base.code, base.enhanced, text, symbol)
-
-
-def for_backend_error(error: Exception) -> Reply:
-    """What the client hears when the backend hop fails mid-transaction (always 4xx)."""
-    from gateway.forward.backend import BackendUnavailable
-    from gateway.forward.client import BackendBadReply, BackendTimeout
-
-    if isinstance(error, BackendUnavailable):
-        if error.refused:
-            return BACKEND_REFUSED_CLIENT
-        if error.client_cap:
-            return BACKEND_CLIENT_CAP
-        return BACKEND_BUSY if error.busy else BACKEND_UNAVAILABLE
-    if isinstance(error, BackendTimeout):
-        return BACKEND_TIMEOUT
-    if isinstance(error, BackendBadReply):
-        return BACKEND_BAD_REPLY
-    return BACKEND_LOST
 
 
 _LISTED_REFUSALS = 5

@@ -1,22 +1,14 @@
-"""The SMTP stages at which checks run, and the context they see."""
+"""The context checks see at each stage (the stages themselves: gateway.vocab)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from gateway.address import Address
-from gateway.pipeline.results import AuthResult
-
-
-class Stage(StrEnum):
-    CONNECT = "connect"
-    HELO = "helo"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
+from gateway.vocab import AuthResult
+from gateway.wire import unstuff
 
 
 @dataclass(slots=True)
@@ -89,7 +81,5 @@ class Context:
     def message(self) -> bytes | None:
         """The message content (unstuffed), computed once and only if a check asks."""
         if self._message is None and self.wire is not None:
-            from gateway.wire import unstuff
-
             self._message = unstuff(self.wire)
         return self._message

@@ -1,0 +1,213 @@
+"""The SMTP server protocol without I/O: lines in, commands or replies out.
+
+Everything here is a pure function of its arguments, so it is tested without a
+socket, a loop or a backend (tests/unit/test_protocol.py), and the session
+(`handler.py`) keeps only what needs them: reading, the checks, the backend.
+
+- `parse_line`: one command line to a `Command`, or the reply that refuses it
+  (control characters, an unknown verb).
+- `Phase` and `out_of_sequence`: the session's state table, in one place: which
+  commands each phase takes and what the others are told (RFC 5321 4.1.4).
+- `path_and_params`, `mail_parameters`, `rcpt_parameters`: the MAIL and RCPT
+  arguments, checked and turned into what the backend is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
+
+from gateway import dsn, replies
+from gateway.address import Address, AddressError, DomainSpellingError, parse_path, split_path
+from gateway.replies import Reply
+from gateway.wire import number
+
+# C0 controls but TAB, and DEL: a backend or a log reader may take any of them for
+# the end of a line or a field.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+VERBS = frozenset(
+    {
+        b"EHLO",
+        b"HELO",
+        b"MAIL",
+        b"RCPT",
+        b"DATA",
+        b"RSET",
+        b"NOOP",
+        b"QUIT",
+        b"VRFY",
+        b"EXPN",
+        b"HELP",
+        b"AUTH",
+        b"BDAT",
+        b"XCLIENT",
+        b"XFORWARD",
+        b"STARTTLS",
+    }
+)
+# RFC 2920 3.1: commands after which the client must wait for the reply.
+LAST_IN_GROUP = frozenset({b"EHLO", b"HELO", b"DATA", b"NOOP", b"VRFY", b"EXPN", b"TURN"})
+
+
+class Command(NamedTuple):
+    verb: bytes  # upper case (not always one of VERBS: the session answers those)
+    arg: str  # the rest of the line, spaces around it removed (UTF-8, surrogateescape)
+
+
+def verb_of(line: bytes) -> bytes:
+    """The command word of a line, upper case (at most the first four bytes when a
+    space follows them, as every verb but XCLIENT/XFORWARD/STARTTLS has four)."""
+    verb = line[:4].upper()
+    if len(line) > 4 and line[4:5] != b" ":
+        verb = line.split(b" ", 1)[0].upper()
+    return verb
+
+
+def parse_line(line: bytes) -> Command | Reply:
+    """A command line (without its CRLF) as a command, or the reply refusing it (a
+    control character). An unknown verb is still a command: the session judges the
+    client's timing (RFC 2920) before it answers that it does not know it."""
+    if _CTL.search(line):
+        return replies.CONTROL_CHARS
+    verb = verb_of(line)
+    return Command(verb, line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" "))
+
+
+class Phase(IntEnum):
+    """Where a session is, in order: each phase is reached only through the one
+    before it (RSET and a new HELO go back to GREETED)."""
+
+    CONNECTED = 0  # greeted by us; no HELO/EHLO yet
+    GREETED = 1  # HELO/EHLO accepted; no transaction
+    MAIL = 2  # MAIL accepted; no recipient yet
+    RCPT = 3  # at least one recipient accepted: DATA may follow
+
+
+def phase_of(helo: str | None, mail_from: Address | None, recipients: int) -> Phase:
+    if helo is None:
+        return Phase.CONNECTED
+    if mail_from is None:
+        return Phase.GREETED
+    return Phase.RCPT if recipients else Phase.MAIL
+
+
+# The state table: the reply for a command its phase does not take. A command not
+# listed is taken in every phase (HELO, RSET, NOOP, QUIT, ... and those refused in
+# every phase: their handlers say why).
+_SEQUENCE: dict[bytes, dict[Phase, Reply]] = {
+    b"MAIL": {
+        Phase.CONNECTED: replies.NEED_HELO,
+        Phase.MAIL: replies.NESTED_MAIL,
+        Phase.RCPT: replies.NESTED_MAIL,
+    },
+    b"RCPT": {Phase.CONNECTED: replies.NEED_MAIL, Phase.GREETED: replies.NEED_MAIL},
+    b"DATA": {
+        Phase.CONNECTED: replies.NEED_MAIL,
+        Phase.GREETED: replies.NEED_MAIL,
+        Phase.MAIL: replies.NEED_RCPT,
+    },
+}
+
+
+def out_of_sequence(phase: Phase, verb: bytes) -> Reply | None:
+    """The reply for `verb` in `phase` if the phase does not take it, else None."""
+    table = _SEQUENCE.get(verb)
+    return None if table is None else table.get(phase)
+
+
+Params = dict[str, str | None]
+
+
+def path_and_params(text: str, *, sender: bool, utf8_mail: bool) -> tuple[Address, Params] | Reply:
+    """`<path> [KEY[=value] ...]` of MAIL FROM: or RCPT TO: (after the colon).
+
+    Keys are upper-cased and must be unique; a non-ASCII path needs SMTPUTF8 on
+    this MAIL (RFC 6531), which `utf8_mail` says for a recipient."""
+    bad = replies.BAD_SENDER_ADDRESS if sender else replies.BAD_ADDRESS
+    try:
+        path, rest = split_path(text)
+        if not sender and path.lower() == "<postmaster>":
+            addr = Address("postmaster", "")
+        else:
+            addr = parse_path(path, allow_null=sender)
+    except DomainSpellingError:
+        return replies.BAD_DOMAIN_SPELLING
+    except AddressError:
+        return bad
+    params: Params = {}
+    if rest and not rest.startswith(" "):
+        return bad
+    for word in rest.split():
+        key, eq, val = word.partition("=")
+        key = key.upper()
+        if not key or key in params:
+            return replies.PARAM_DUPLICATE if key else replies.SYNTAX_ARGS
+        params[key] = val if eq else None
+    if addr.utf8 and "SMTPUTF8" not in params and (sender or not utf8_mail):
+        return replies.SMTPUTF8_REQUIRED
+    return addr, params
+
+
+@dataclass(frozen=True, slots=True)
+class MailParams:
+    declared: int  # SIZE=, 0 if none
+    forward: list[str]  # what the backend's MAIL carries, each checked and normalised
+    utf8: bool  # SMTPUTF8
+
+
+def mail_parameters(
+    params: Params, *, max_size: int, tls: bool, requiretls: bool
+) -> MailParams | Reply:
+    """MAIL's parameters (RFC 1870 SIZE, 6152 BODY, 8689 REQUIRETLS, 6531 SMTPUTF8,
+    3461 RET/ENVID): what goes to the backend, or the reply for the first bad one."""
+    fwd: list[str] = []
+    declared = 0
+    for key, val in params.items():
+        if key == "SIZE":
+            size = number(val or "")  # RFC 1870: 1*20DIGIT
+            if size is None:
+                return replies.SYNTAX_ARGS
+            declared = size
+            if declared > max_size:
+                return replies.SIZE_EXCEEDED
+            fwd.append(f"SIZE={val}")
+        elif key == "BODY":
+            if val is None or val.upper() not in ("7BIT", "8BITMIME"):
+                return replies.SYNTAX_ARGS
+            fwd.append(f"BODY={val.upper()}")
+        elif key == "REQUIRETLS":
+            if val is not None:
+                return replies.SYNTAX_ARGS
+            if not tls:
+                return replies.REQUIRETLS_NEEDS_TLS
+            if not requiretls:
+                return replies.REQUIRETLS_UNSUPPORTED
+            fwd.append("REQUIRETLS")
+        elif key == "SMTPUTF8":
+            if val is not None:
+                return replies.SYNTAX_ARGS
+            fwd.append("SMTPUTF8")
+        elif key in dsn.MAIL_KEYS:
+            param = dsn.mail_param(key, val)
+            if param is None:
+                return replies.DSN_SYNTAX
+            fwd.append(param)
+        else:
+            return replies.PARAM_UNKNOWN
+    return MailParams(declared, fwd, "SMTPUTF8" in params)
+
+
+def rcpt_parameters(params: Params, *, utf8: bool) -> list[str] | Reply:
+    """RCPT's parameters (RFC 3461 NOTIFY and ORCPT only), as the backend gets them."""
+    out: list[str] = []
+    for key, val in params.items():
+        if key not in dsn.RCPT_KEYS:
+            return replies.PARAM_UNKNOWN
+        param = dsn.rcpt_param(key, val, utf8)
+        if param is None:
+            return replies.DSN_SYNTAX
+        out.append(param)
+    return out
