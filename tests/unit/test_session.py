@@ -1,0 +1,143 @@
+"""The gateway's session in memory (smtp/local.py): the listeners' own Session,
+driven command by command without a socket, a process or a backend server.
+
+The policy turns off the checks that need DNS; relay control, the rate limiter
+and the TLS policy run as they do live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from gateway import config, replies
+from gateway.checks.registry import all_known_symbols, build_checks
+from gateway.dns import Resolver
+from gateway.pipeline import policy as policy_mod
+from gateway.pipeline.runner import Runner
+from gateway.smtp.local import AcceptingBackend, LocalSession, plain_listener, services
+from gateway.store.memory import MemoryStore
+
+T = TypeVar("T")
+
+POLICY = """
+checks:
+  spf: {enabled: false}
+  dkim: {enabled: false}
+  dmarc: {enabled: false}
+  arc: {enabled: false}
+  dnsbl: {enabled: false}
+"""
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> config.Settings:
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    return config.Settings.model_validate(
+        {
+            "hostname": "mx.gw.test",
+            "local_domains": ["example.test"],
+            "trusted_networks": [],
+            "policy": str(tmp_path / "policy.yaml"),
+            "limits": {"max_errors": 5, "max_junk_commands": 3},
+        }
+    )
+
+
+def session_run(
+    settings: config.Settings, play: Callable[[LocalSession, AcceptingBackend], Awaitable[T]]
+) -> T:
+    async def go() -> T:
+        pol = policy_mod.load(settings.policy, all_known_symbols())
+        runner = Runner(build_checks(settings, Resolver(settings.dns), MemoryStore()), pol)
+        backend = AcceptingBackend()
+        svc = services(settings, runner, backend)
+        s = LocalSession(svc, plain_listener(settings, svc), ("192.0.2.7", 4000))
+        try:
+            return await play(s, backend)
+        finally:
+            await s.close()
+
+    return asyncio.run(go())
+
+
+def test_a_message_is_relayed_with_our_fields_in_front(settings: config.Settings) -> None:
+    async def play(s: LocalSession, backend: AcceptingBackend) -> Any:
+        assert await s.start() == ["220 mx.gw.test ESMTP ready"]
+        ehlo = await s.send("EHLO client.test")
+        assert ehlo[0] == "250-mx.gw.test" and "250-PIPELINING" in ehlo and ehlo[-1][3] == " "
+        assert (await s.send("MAIL FROM:<a@sender.test>"))[0][:3] == "250"
+        assert (await s.send("RCPT TO:<x@example.test>"))[0][:3] == "250"
+        assert await s.send("DATA") == [replies.START_DATA.wire().decode().rstrip("\r\n")]
+        assert (await s.message(b"Subject: s\r\n\r\n..dot\r\n"))[0][:3] == "250"
+        assert await s.send("QUIT") == ["221 2.0.0 Bye"]
+        return backend.relayed
+
+    [relayed] = session_run(settings, play)
+    assert relayed.sender == "a@sender.test" and relayed.recipients == ["x@example.test"]
+    assert relayed.message == b"Subject: s\r\n\r\n..dot\r\n"  # stuffed as received
+    assert relayed.prefix.startswith(b"Received: from client.test (")
+    assert b"192.0.2.7" in relayed.prefix
+    assert b"\r\nAuthentication-Results: mx.gw.test" in relayed.prefix
+
+
+def test_relay_control_and_sequence_replies(settings: config.Settings) -> None:
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[list[str]]:
+        await s.start()
+        return [
+            await s.send("MAIL FROM:<a@sender.test>"),
+            await s.send("EHLO client.test"),
+            await s.send("RCPT TO:<x@example.test>"),
+            await s.send("MAIL FROM:<a@sender.test>"),
+            await s.send("RCPT TO:<x@remote.test>"),
+            await s.send("DATA"),
+        ]
+
+    need_helo, _, need_mail, _, relay, data = session_run(settings, play)
+    assert need_helo == [str(replies.NEED_HELO)]
+    assert need_mail == [str(replies.NEED_MAIL)]
+    assert relay == ["550 5.7.1 Relay access denied"]
+    assert data == [str(replies.NO_VALID_RECIPIENTS)]
+
+
+def test_junk_past_the_limit_counts_as_errors_until_421(settings: config.Settings) -> None:
+    """max_junk_commands 3, max_errors 5: NOOPs four to eight are an error each (still
+    answered), and the next command gets 421 and the end of the session."""
+
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[list[str]]:
+        await s.start()
+        return [await s.send("NOOP") for _ in range(10)]
+
+    out = session_run(settings, play)
+    assert out[:8] == [["250 2.0.0 OK"]] * 8
+    assert out[8] == [str(replies.TOO_MANY_ERRORS)]
+    assert out[9] == []  # closed
+
+
+def test_pipelining_out_of_turn_ends_the_session(settings: config.Settings) -> None:
+    """RFC 2920: nothing may follow EHLO before its reply (a client that does not
+    wait for replies, or a smuggled command)."""
+
+    async def play(s: LocalSession, backend: AcceptingBackend) -> tuple[list[str], bool]:
+        await s.start()
+        reply = await s.send(b"EHLO client.test\r\nMAIL FROM:<a@sender.test>")
+        await asyncio.sleep(0)  # a turn of the loop for the close to land
+        return reply, s.closed
+
+    reply, closed = session_run(settings, play)
+    assert reply == [str(replies.SYNC_ERROR)] and closed
+
+
+def test_control_characters_and_unknown_commands(settings: config.Settings) -> None:
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[list[str]]:
+        await s.start()
+        return [await s.send(b"NOOP\x1b[2J"), await s.send("FROB"), await s.send("HELO")]
+
+    ctl, unknown, helo = session_run(settings, play)
+    assert ctl == [str(replies.CONTROL_CHARS)]
+    assert unknown == [str(replies.SYNTAX_UNRECOGNIZED)]
+    assert helo == [str(replies.SYNTAX_HELO)]
