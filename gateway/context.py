@@ -77,6 +77,10 @@ class Context:
         self.arc_sealer = None
         self.incomplete = frozenset()
 
+    def unstuffed(self, content: bytes) -> None:
+        """The message content, unstuffed already (a large one, in a thread)."""
+        self._message = content
+
     @property
     def message(self) -> bytes | None:
         """The message content (unstuffed), computed once and only if a check asks."""

@@ -6,8 +6,8 @@ import contextlib
 import functools
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.utils import formatdate
 from typing import Any
 
@@ -154,9 +154,17 @@ def _authserv_id(value: str) -> str:
     else:
         token = v.split()[0]
     if "=?" in token:
-        with contextlib.suppress(ValueError, LookupError):  # undecodable: compared as is
-            token = str(make_header(decode_header(token)))
+        # Encoded words are not allowed here (RFC 8601: a token or a quoted string),
+        # so no server writes them; a reader that decodes them anyway may read our
+        # name out of any number of them, split or with an encoded ";". Not decoded
+        # (the email package is quadratic in them, and raises on broken ones): such
+        # an id counts as ours, and the field is removed.
+        return ENCODED
     return _loose(token.strip())
+
+
+# What `_authserv_id` returns for an id written in encoded words.
+ENCODED = "=?"
 
 
 def _loose(name: str) -> str:
@@ -165,6 +173,9 @@ def _loose(name: str) -> str:
     dots, the ideographic full stop, zero-width and other ignored characters), so
     `\uff47\uff57.example` (full-width) and `gw\u200b.example` read as `gw.example`."""
     if not name.isascii():
+        # Format characters (zero-width joiners, soft hyphen, ...) first: UTS 46 keeps
+        # the joiners, IDNA 2003 and transitional readers drop them.
+        name = "".join(c for c in name if unicodedata.category(c) != "Cf")
         with contextlib.suppress(idna.IDNAError, ValueError):
             name = idna.uts46_remap(name, std3_rules=False, transitional=False)
     return name.rstrip(".").lower()
@@ -213,10 +224,13 @@ def _claims_ours(name: bytes, value: bytes, ours: OurFields) -> bool:
         return True
     text = value.decode("utf-8", "replace")
     if name == b"authentication-results":
-        return _authserv_id(text) == ours.authserv_id
+        return _authserv_id(text) in (ours.authserv_id, ENCODED)
     if name == b"arc-authentication-results":
-        return _aar_authserv_id(text) == ours.authserv_id
+        return _aar_authserv_id(text) in (ours.authserv_id, ENCODED)
     if name == b"received-spf":  # RFC 7208 9.1: no authserv-id; receiver= or a comment
+        if not text.isascii():  # full-width letters, zero-width characters: as read
+            text = unicodedata.normalize("NFKC", text)
+            text = "".join(c for c in text if unicodedata.category(c) != "Cf")
         lowered = text.lower()
         return any(h in lowered for h in ours.hosts)
     return False
@@ -283,7 +297,7 @@ def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
 
     items: list[Any] = []
     for r in results:
-        kw = {k.replace(".", "_"): v for k, v in r.props.items()}
+        kw = {k.replace(".", "_"): _pvalue(v) for k, v in r.props.items()}
         comment = _UNSAFE_COMMENT.sub(" ", r.reason)[:120] if r.reason else None
         if r.method == "spf":
             items.append(
@@ -304,7 +318,7 @@ def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
                 authres.arc.ARCAuthenticationResult(
                     result=r.result,
                     result_comment=comment,
-                    smtp_remote_ip=r.props.get("smtp.remote-ip"),
+                    smtp_remote_ip=kw.get("smtp_remote-ip"),
                 )
             )
         elif r.method == "dmarc":
@@ -329,6 +343,20 @@ def _format_results(authserv_id: str, results: list[AuthResult]) -> bytes:
 
 
 _UNSAFE_COMMENT = re.compile(r"[()\\\r\n\x00-\x1f\x7f]")
+# What a property value (RFC 8601 pvalue) may hold as we write it: a domain, an
+# address literal, a local-part@domain. authres quotes nothing, and the values come
+# from the client (its HELO, its sender's domain, the d= of a signature): a ";" or
+# white space in one would begin results of the client's own in our field.
+_PVALUE_UNSAFE = re.compile(r"[^A-Za-z0-9.!#$%&'*+/=?^_`{|}~@:\[\]\x80-\U0010ffff-]")
+
+
+def _pvalue(value: str) -> str:
+    """`value` with every character a reader could take for syntax made "?" (as our
+    Received field does with a HELO), non-ASCII controls and spaces included."""
+    value = _PVALUE_UNSAFE.sub("?", value)
+    if not value.isascii():
+        value = "".join("?" if unicodedata.category(c)[0] in "CZ" else c for c in value)
+    return value or "?"
 
 
 def _fold(text: str, width: int = 78) -> str:

@@ -179,8 +179,18 @@ def _validate(sig: dict[bytes, bytes], mandatory: list[bytes]) -> None:
     checks do not read a=, so they run on the tags with a= in a form it knows."""
     if sig.get(b"a") == b"ed25519-sha256":
         sig = {**sig, b"a": b"rsa-sha256"}
+    # dkimpy's own pattern for b= backtracks quadratically where it fails (20 KB of
+    # vertical tabs, which relaxed canonicalisation keeps, cost 1.6 s): refused here
+    # first, with its words, in linear time; what passes this, its pattern passes
+    # without backtracking.
+    b = sig.get(b"b")
+    known = all(f in sig for f in mandatory) and sig.get(b"a") in ARC_ALGORITHMS
+    if b is not None and known and not dkimrsa.base64ish(b):
+        raise dkim.ValidationError(f"b= value is not valid base64 ({b!r})")
     dkim.validate_signature_fields(sig, mandatory, True)
 
+
+ARC_ALGORITHMS = frozenset(dkim.ARC_HASH_ALGORITHMS)
 
 _LABEL = {
     b"arc-authentication-results": "ARC-Authentication-Results",

@@ -49,6 +49,14 @@ MAX_TERMS = 1000
 # pyspf splits a long one in time that grows with the square of its length (8,000
 # characters held the loop for a second).
 MAX_TERM_LENGTH = 512
+# pyspf evaluates again from the top after each answer it lacked, so one evaluation
+# parses its first records many times: terms parsed over all passes, at most.
+MAX_PARSED_TERMS = 5000
+# pyspf checks a term with a macro by a regular expression over the whole term once
+# per label (its `expand`): the work is labels x length, 125,000 character steps for
+# one term of 250 labels, and it is done again in every pass. The sum over all
+# passes, at most (a real macro term, `exists:%{i}._spf.%{d}`, costs about 100).
+MAX_MACRO_WORK = 200_000
 
 _tls = threading.local()
 
@@ -61,13 +69,15 @@ class _Answers:
     """What one evaluation has asked for: the answers fetched for it (kept even when
     the cache may not keep them: a temporary error, a TTL of 0) and those it lacked."""
 
-    __slots__ = ("fetched", "missing", "resolver", "terms")
+    __slots__ = ("fetched", "macro_work", "missing", "parsed", "resolver", "terms")
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.fetched: dict[tuple[str, str], DnsAnswer] = {}
         self.missing: set[tuple[str, str]] = set()
         self.terms = 0  # SPF terms handed to pyspf in this pass
+        self.parsed = 0  # ... and in every pass of this evaluation
+        self.macro_work = 0  # labels x length of the macro terms, over every pass
 
     def lookup(self, name: str, qtype: str) -> list[Any]:
         ans = self.fetched.get((name, qtype)) or self.resolver.cached(name, qtype)
@@ -87,7 +97,8 @@ class _Answers:
             text = b"".join(strings) if isinstance(strings, tuple) else b""
             if text[:7].lower() != b"v=spf1 " and text.lower() != b"v=spf1":
                 continue
-            terms = text.split()
+            # Split as pyspf splits (on spaces only: a tab stays inside a term).
+            terms = [t for t in text.split(b" ") if t]
             n = len(terms) - 1
             if any(len(t) > MAX_TERM_LENGTH for t in terms):
                 raise spf.PermError(
@@ -100,6 +111,12 @@ class _Answers:
             self.terms += n
             if self.terms > MAX_TERMS:
                 raise spf.PermError(f"SPF records hold over {MAX_TERMS} terms in all")
+            self.parsed += n
+            if self.parsed > MAX_PARSED_TERMS:
+                raise spf.PermError(f"SPF evaluation parses over {MAX_PARSED_TERMS} terms")
+            self.macro_work += sum((t.count(b".") + 1) * len(t) for t in terms if b"%" in t)
+            if self.macro_work > MAX_MACRO_WORK:
+                raise spf.PermError("SPF records' macros are too costly to check")
 
     async def fetch_missing(self) -> None:
         """Every answer the last pass lacked, asked for at once (usually one)."""

@@ -38,7 +38,7 @@ from gateway.pipeline.runner import Runner
 from gateway.replies import Reply
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import protocol, tls
-from gateway.smtp.data import DataRefused, check_header_section, read_message
+from gateway.smtp.data import THREAD_BYTES, DataRefused, check_header_section, read_message
 from gateway.smtp.guard import FailureLimit
 from gateway.smtp.memory import MessageMemory, Reservation
 from gateway.smtp.protocol import LAST_IN_GROUP
@@ -46,6 +46,7 @@ from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.transaction import Transaction
 from gateway.stream import LineTooLong, Stream, StreamClosed
 from gateway.vocab import Action, Stage, Verdict
+from gateway.wire import unstuff_pieces
 
 log = logging.getLogger("gateway.smtp")
 
@@ -693,6 +694,10 @@ class Session:
         size = len(wire)
         metrics.child(metrics.MESSAGE_SIZE).observe(size)
         self.ctx.wire = wire
+        if size > THREAD_BYTES and self.svc.runner.has_checks(Stage.DATA):
+            # The checks read the message unstuffed: a copy of it made on the loop
+            # would hold every other session for tens of milliseconds.
+            self.ctx.unstuffed(await asyncio.to_thread(unstuff_pieces, wire))
         verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
         if verdict.refuses:
             self.send(self._policy_reply(verdict, Stage.DATA))

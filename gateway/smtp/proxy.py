@@ -63,7 +63,25 @@ async def _read_v1(stream: Stream) -> ProxyInfo:
     want = 4 if parts[1] == "TCP4" else 6
     if src.version != want or dst.version != want or sport is None or dport is None:
         raise ProxyError("malformed PROXY v1 address")
+    _peer(src, sport)
     return ProxyInfo(1, str(src), sport, str(dst), dport)
+
+
+_MAPPED_OLD = ipaddress.IPv6Network("::/96")  # IPv4-compatible (RFC 4291 2.5.5.1, deprecated)
+
+
+def _peer(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
+    """A source a TCP client can have: unicast, a port other than 0. Anything else
+    is a proxy's bug or a forgery, and would reach logs, Received and XCLIENT."""
+    bad = (
+        addr.is_unspecified
+        or addr.is_multicast
+        or port == 0
+        or (addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"))
+        or (addr.version == 6 and addr in _MAPPED_OLD and addr != ipaddress.IPv6Address("::1"))
+    )
+    if bad:
+        raise ProxyError(f"PROXY source {addr} port {port} is no TCP client")
 
 
 def _port(text: str) -> int | None:
@@ -88,16 +106,20 @@ async def _read_v2(stream: Stream) -> ProxyInfo:
         return ProxyInfo(2, None, None)
     if cmd != 0x1:
         raise ProxyError("bad PROXY v2 command")
-    family = fam >> 4
+    family, transport = fam >> 4, fam & 0x0F
+    if family in (0x1, 0x2) and transport != 0x1:  # only STREAM: SMTP runs over TCP
+        raise ProxyError("PROXY v2 transport is not STREAM")
     if family == 0x1 and len(body) >= 12:
         src4 = ipaddress.IPv4Address(body[0:4])
         dst4 = ipaddress.IPv4Address(body[4:8])
         sport, dport = struct.unpack("!HH", body[8:12])
+        _peer(src4, sport)
         return ProxyInfo(2, str(src4), sport, str(dst4), dport)
     if family == 0x2 and len(body) >= 36:
         src6 = ipaddress.IPv6Address(body[0:16])
         dst6 = ipaddress.IPv6Address(body[16:32])
         sport, dport = struct.unpack("!HH", body[32:36])
+        _peer(src6, sport)
         return ProxyInfo(2, str(src6), sport, str(dst6), dport)
     if family == 0x0:
         return ProxyInfo(2, None, None)

@@ -132,3 +132,25 @@ def test_relaxed_body_matches_dkimpys(body: bytes) -> None:
     from dkim.canonicalization import Relaxed
 
     assert dkimrsa.relaxed_body(body) == Relaxed.canonicalize_body(body)
+
+
+@settings(max_examples=3000, derandomize=True)
+@given(
+    st.binary(max_size=24).map(lambda b: bytes(b" \t\r\n\x0b\x0c=aZ9+/-!\x00"[x % 15] for x in b))
+)
+def test_base64ish_is_dkimpys_pattern_in_linear_time(value: bytes) -> None:
+    import re
+
+    expected = re.match(rb"[\s0-9A-Za-z+/]+[\s=]*$", value) is not None
+    assert dkimrsa.base64ish(value) == expected
+
+
+def test_base64ish_of_a_long_run_of_white_space_is_linear() -> None:
+    """The value that held the loop for 15 s through dkimpy's pattern (60,000
+    folded lines ending in a character base64 does not have)."""
+    import time
+
+    value = b"A" + b"\r\n " * 60_000 + b"!"
+    start = time.perf_counter()
+    assert not dkimrsa.base64ish(value)
+    assert time.perf_counter() - start < 0.05

@@ -17,7 +17,7 @@ from gateway.headers import _authserv_id, our_fields, strip_forged
 from gateway.rewrite.header import addr_spans, rewrite_value
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.stream import Stream, StreamClosed
-from gateway.wire import has_bare_cr_lf, stuff, unstuff
+from gateway.wire import has_bare_cr_lf, normalise, stuff, unstuff, unstuff_pieces
 
 FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -226,3 +226,22 @@ def test_proxy_header_parser_refuses_cleanly(data: bytes) -> None:
             assert info.src_port is None or 0 <= info.src_port <= 65535
 
     asyncio.run(run())
+
+
+_LINE_BYTES = st.binary(max_size=60).map(lambda b: bytes(b"\r\n.ab"[x % 5] for x in b))
+
+
+@FUZZ
+@given(_LINE_BYTES, st.integers(min_value=1, max_value=8))
+def test_normalising_in_pieces_is_normalising_at_once(data: bytes, size: int) -> None:
+    """Line ends made CRLF a piece at a time (pieces of `size` bytes and more, each
+    ending after an LF) give what one pass over the whole message gives."""
+    content = unstuff(data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    assert normalise(data, size) == stuff(content.replace(b"\n", b"\r\n"))
+
+
+@FUZZ
+@given(_LINE_BYTES, st.integers(min_value=1, max_value=8))
+def test_unstuffing_in_pieces_is_unstuffing_at_once(data: bytes, size: int) -> None:
+    clean = data.replace(b"\r", b"").replace(b"\n", b"\r\n")  # what check_wire lets by
+    assert unstuff_pieces(clean, size) == unstuff(clean)

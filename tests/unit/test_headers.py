@@ -146,3 +146,44 @@ def test_results_in_any_spelling_of_our_name_are_removed(value: str) -> None:
 )
 def test_results_of_other_names_stay(value: str) -> None:
     assert _forged(value) == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "=?utf-8?q?gw.exa?= =?utf-8?q?mple?=; spf=pass",  # split over encoded words
+        "=?utf-8?q?gw.example=3B?= dkim=pass",  # the ";" encoded
+        "=?utf-8*en?q?gw.example?=; dkim=pass",  # RFC 2231 language: LookupError once
+        "=?utf-8?b?A?=; spf=pass",  # broken base64: HeaderParseError once (a crash)
+        "=?\u00e9?q?x?=; spf=pass",  # CharsetError once
+        "=?a?q??=" * 20_000 + "gw.example; spf=pass",  # 1.4 s in decode_header once
+        "gw\u200c.example; dkim=pass",  # zero-width non-joiner
+        "GW.EXAMPLE\u200d; dkim=pass",  # zero-width joiner
+    ],
+)
+def test_results_under_an_id_in_encoded_words_or_joiners_are_removed(value: str) -> None:
+    import time
+
+    start = time.perf_counter()
+    assert _forged(value) == 1
+    assert time.perf_counter() - start < 0.05
+
+
+def test_received_spf_naming_us_in_full_width_is_removed() -> None:
+    wire = "Received-SPF: pass receiver=\uff47\uff57.example; client-ip=192.0.2.1\r\n\r\nb\r\n"
+    assert headers.strip_forged(wire.encode(), OURS)[1] == 1
+
+
+def test_a_client_value_cannot_add_results_to_ours() -> None:
+    """A HELO (or sender domain, or d=) with ";", spaces or parentheses: one value in
+    our field, never results of its own."""
+    import authres
+
+    helo = "x@y.test;dmarc=pass(forged) header.from=bank.test;\tdkim=pass"
+    field = headers.authentication_results(
+        "gw.example", [AuthResult("spf", "none", {"smtp.helo": helo})]
+    )
+    value = field.decode().split(":", 1)[1].replace("\r\n", "")
+    parsed = authres.AuthenticationResultsHeader.parse_value(value)
+    assert [r.method for r in parsed.results] == ["spf"]
+    assert parsed.authserv_id == "gw.example"

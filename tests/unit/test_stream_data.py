@@ -11,7 +11,7 @@ from gateway.config import BareLinefeed
 from gateway.dsn import xtext
 from gateway.smtp.data import DataRefused, check_wire, read_message
 from gateway.smtp.memory import MessageMemory, Reservation
-from gateway.smtp.proxy import ProxyError, read_header
+from gateway.smtp.proxy import V2_SIGNATURE, ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
 from gateway.vocab import Action
 from gateway.wire import stuff, unstuff
@@ -133,6 +133,12 @@ def test_proxy_v1_and_errors() -> None:
         "PROXY TCP4 192.0.2.1 192.0.2.2 025 25\r\n",  # leading zero (HAProxy writes none)
         "PROXY TCP6 fe80::1%eth0 2001:db8::2 1 25\r\n",  # a zone: no address to log or pass on
         "PROXY TCP6 2001:db8::1 fe80::2%1 1 25\r\n",
+        "PROXY TCP4 0.0.0.0 192.0.2.2 1 25\r\n",  # no TCP client has these sources
+        "PROXY TCP4 255.255.255.255 192.0.2.2 1 25\r\n",
+        "PROXY TCP4 224.0.0.1 192.0.2.2 1 25\r\n",
+        "PROXY TCP6 :: 2001:db8::2 1 25\r\n",
+        "PROXY TCP6 ::1.2.3.4 2001:db8::2 1 25\r\n",  # IPv4-compatible (deprecated)
+        "PROXY TCP4 192.0.2.1 192.0.2.2 0 25\r\n",  # port 0
     ],
 )
 def test_proxy_v1_numbers_and_addresses_are_exactly_what_haproxy_writes(bad: str) -> None:
@@ -244,3 +250,26 @@ def test_read_deadline_set_during_a_wait_without_one_is_enforced() -> None:
 
     elapsed = run(go())
     assert 0.25 <= elapsed < 0.25 + 0.025 + 0.25
+
+
+def _v2(fam: int, body: bytes) -> bytes:
+    return V2_SIGNATURE + bytes([0x21, fam]) + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("fam", "body"),
+    [
+        (0x12, bytes([192, 0, 2, 1, 192, 0, 2, 2, 0, 1, 0, 25])),  # DGRAM
+        (0x1F, bytes([192, 0, 2, 1, 192, 0, 2, 2, 0, 1, 0, 25])),  # an undefined transport
+        (0x11, bytes([0, 0, 0, 0, 192, 0, 2, 2, 0, 1, 0, 25])),  # 0.0.0.0
+        (0x11, bytes([192, 0, 2, 1, 192, 0, 2, 2, 0, 0, 0, 25])),  # port 0
+    ],
+)
+def test_proxy_v2_takes_stream_sources_of_tcp_clients_only(fam: int, body: bytes) -> None:
+    with pytest.raises(ProxyError):
+        run(read_header(fed(_v2(fam, body))))
+
+
+def test_proxy_v2_stream() -> None:
+    info = run(read_header(fed(_v2(0x11, bytes([192, 0, 2, 1, 192, 0, 2, 2, 0, 1, 0, 25])))))
+    assert (info.src_addr, info.src_port) == ("192.0.2.1", 1)
