@@ -143,6 +143,10 @@ class Limits(_Strict):
     # cost 300 ms of parsing on the loop. Real messages carry tens, heavy list
     # traffic a few hundred.
     max_header_fields: Annotated[int, Field(ge=10)] = 1000
+    # Lines of the header section, continuation lines included: the parsers' work
+    # grows with lines as well (65,000 folded lines of one field cost the email
+    # package 100 ms); real headers fold a field into a few lines.
+    max_header_lines: Annotated[int, Field(ge=10)] = 10_000
     max_recipients: Annotated[int, Field(ge=1)] = 100
     max_command_line: Annotated[int, Field(ge=512)] = 2048
     command_timeout: Annotated[float, Field(gt=0)] = 300.0

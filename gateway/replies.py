@@ -107,6 +107,7 @@ REQUIRETLS_UNSUPPORTED = r(550, "5.7.30", "REQUIRETLS support required but not a
 SIZE_EXCEEDED = r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = r(552, "5.3.4", "Message header size exceeds fixed maximum size")
 HEADER_TOO_MANY_FIELDS = r(552, "5.3.4", "Message header has too many fields")
+HEADER_TOO_MANY_LINES = r(552, "5.3.4", "Message header has too many lines")
 TOO_MANY_RECIPIENTS = r(452, "4.5.3", "Error: too many recipients")
 # The process's budget for message data is spent (smtp/memory.py): at MAIL, or at
 # the end of a DATA transfer that did not fit (RFC 1870 6.1; RFC 3463 4.3.1).

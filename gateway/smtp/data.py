@@ -72,7 +72,8 @@ def check_header_section(wire: bytes, limits: Limits) -> None:
     """The header section's limits, the cheap ones first.
 
     Its size (`max_header_size` bytes of header fields, the empty line after them
-    not counted) and its number of fields (`max_header_fields`): every check that
+    not counted), its number of fields (`max_header_fields`) and of lines
+    (`max_header_lines`, continuation lines included): every check that
     reads header fields (DKIM, ARC, DMARC, the forged-field filter, the header
     rewriter) parses each of them on the event loop, so their work is bounded by
     both. Only the first max_header_size + 2 bytes are searched, and the fields
@@ -91,8 +92,12 @@ def check_header_section(wire: bytes, limits: Limits) -> None:
             if len(wire) > max_size:
                 raise DataRefused(replies.HEADER_TOO_BIG)
             end = len(wire)
-    if end and _fields(wire, end + 2) > limits.max_header_fields:
-        raise DataRefused(replies.HEADER_TOO_MANY_FIELDS)
+    if end:
+        lines, fields = _lines_and_fields(wire, end + 2)
+        if fields > limits.max_header_fields:
+            raise DataRefused(replies.HEADER_TOO_MANY_FIELDS)
+        if lines > limits.max_header_lines:
+            raise DataRefused(replies.HEADER_TOO_MANY_LINES)
     if too_many_received(wire, limits.max_received_headers):
         raise DataRefused(replies.MAIL_LOOP)
     # A first line that starts with white space continues nothing of the client's: put
@@ -102,12 +107,13 @@ def check_header_section(wire: bytes, limits: Limits) -> None:
         raise DataRefused(replies.HEADER_STARTS_FOLDED)
 
 
-def _fields(wire: bytes, end: int) -> int:
-    """Header fields in wire[:end] (stuffed, CRLF lines): lines that do not continue
-    the one before (" x", and ". x" which unstuffs to it)."""
+def _lines_and_fields(wire: bytes, end: int) -> tuple[int, int]:
+    """Lines and header fields in wire[:end] (stuffed, CRLF lines): fields are the
+    lines that do not continue the one before (" x", and ". x" which unstuffs to it)."""
     head = wire[:end]
     folded = sum(head.count(p) for p in (b"\r\n ", b"\r\n\t", b"\r\n. ", b"\r\n.\t"))
-    return head.count(b"\r\n") - folded
+    lines = head.count(b"\r\n")
+    return lines, lines - folded
 
 
 def check_wire(wire: bytes, bare: BareLinefeed) -> bytes:

@@ -397,3 +397,19 @@ def test_25_mb_of_bare_line_feeds_normalised(gw_normalizing: Gateway) -> None:
     )
     assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
     assert codes == [250]
+
+
+def test_a_header_of_60000_continuation_lines_is_refused_unread(gw: Gateway) -> None:
+    """One field folded into 60,000 lines (a non-ASCII header, so DMARC's reader is
+    the email package's, 100 ms for it): past max_header_lines (10,000), refused
+    before any check reads it."""
+    message = (
+        b"From: x@attacker.test\r\nX-A: \xc3\xa9\r\n"
+        + b" a\r\n" * 60_000
+        + b"Subject: s\r\n\r\nhi\r\n"
+    )
+    assert len(message) < 256 * 1024
+    replies: list[tuple[int, str]] = []
+    worst = _worst_noop_while(gw.port(), lambda c: replies.append(_data_reply(c, message)))
+    assert worst < BUDGET, f"a NOOP waited {worst * 1000:.0f} ms"
+    assert replies == [(552, "552 5.3.4 Message header has too many lines")]
