@@ -24,7 +24,7 @@ from gateway.checks.registry import all_known_symbols, build_checks
 from gateway.context import Context
 from gateway.dns import Resolver
 from gateway.pipeline import policy as policy_mod
-from gateway.pipeline.runner import Runner
+from gateway.pipeline.runner import Runner, View
 from gateway.smtp.handler import Services
 from gateway.smtp.local import AcceptingBackend, LocalSession, plain_listener, services
 from gateway.store.memory import MemoryStore
@@ -53,8 +53,8 @@ class _RecordingRunner(Runner):
 
     seen: _Seen
 
-    async def run(self, stage: Stage, ctx: Context) -> Verdict:
-        verdict = await super().run(stage, ctx)
+    async def run(self, stage: Stage, ctx: Context, view: View | None = None) -> Verdict:
+        verdict = await super().run(stage, ctx, view)
         label = f"rcpt <{ctx.rcpt}>" if stage is Stage.RCPT else stage.value
         self.seen.stages.append((label, verdict))
         self.seen.auth = list(ctx.auth)

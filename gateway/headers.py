@@ -141,9 +141,9 @@ def strip_comments(value: str) -> str:
 
 def _authserv_id(value: str) -> str:
     """The authserv-id of an A-R value as any reader might take it: comments of any
-    depth and folding removed, a quoted-string unquoted, encoded words decoded (not
-    valid in this structured field, but some readers decode them anyway), case and
-    a trailing dot ignored. Anything that could read as our name counts as our name."""
+    depth and folding removed, a quoted-string unquoted, backslashes dropped, case and
+    a trailing dot ignored; an id in encoded words is ENCODED (see below). Anything
+    that could read as our name counts as our name."""
     v = strip_comments(value).split(";", 1)[0].strip()
     if not v:
         return ""
@@ -152,7 +152,9 @@ def _authserv_id(value: str) -> str:
         token = v[1:end] if end > 0 else v[1:]
         token = token.replace("\\", "")
     else:
-        token = v.split()[0]
+        # Backslashes are not allowed outside a quoted string; a lenient reader drops
+        # them (`gw\.example`, `gw.example\;` read as ours).
+        token = v.split()[0].replace("\\", "")
     if "=?" in token:
         # Encoded words are not allowed here (RFC 8601: a token or a quoted string),
         # so no server writes them; a reader that decodes them anyway may read our

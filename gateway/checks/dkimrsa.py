@@ -24,6 +24,7 @@ import base64
 import binascii
 import functools
 import logging
+import math
 import re
 import threading
 import time
@@ -67,6 +68,10 @@ class PublicKey:
     public: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
     bits: int  # an RSA key's size; 256 for ed25519
     tlsrpt: bool  # s=tlsrpt: a key only for TLS reports (RFC 8460), never for mail
+    # The RSA public exponent's size: 17 for the 65537 every signer uses; a key a
+    # sender publishes may have one of nearly its modulus's size (OpenSSL allows it
+    # up to 3072 bits), and a verification then costs that many times more.
+    exponent_bits: int = 17
 
 
 class KeyRevoked(dkim.KeyFormatError):  # type: ignore[misc]  # dkimpy is untyped
@@ -112,13 +117,18 @@ class KeyCache:
         return key
 
     def bits(self, name: str, record: bytes) -> int:
-        """The key's size, for the cost of verifying with it: an RSA key's own; an
-        ed25519 one costs about what RSA-2048 does; an unusable key, 0."""
+        """The key's size for the cost of verifying with it: the size of an RSA key of
+        the common exponent (65537) that costs as much. An RSA key's own, grown with
+        the square root of its exponent's size (the cost grows with the exponent's
+        bits, and with the square of the size); an ed25519 key costs about what
+        RSA-2048 does; an unusable key, 0."""
         try:
             key = self.get(name, record)
         except dkim.DKIMException:
             return 0
-        return 2048 if key.bits == ED25519_BITS else key.bits
+        if key.bits == ED25519_BITS:
+            return 2048
+        return int(key.bits * math.sqrt(max(1.0, key.exponent_bits / 17)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -194,7 +204,8 @@ def _parse(name: str, record: bytes) -> PublicKey:
         raise dkim.KeyFormatError("k=rsa but p= is not an RSA key")
     if public.key_size > MAX_BITS:
         raise dkim.KeyFormatError(f"public key too large: {public.key_size} bits")
-    return PublicKey(public, public.key_size, service == b"tlsrpt")
+    exponent = public.public_numbers().e
+    return PublicKey(public, public.key_size, service == b"tlsrpt", exponent.bit_length())
 
 
 LOG = logging.getLogger("dkimpy")  # passed in: dkimpy looks its logger up per object

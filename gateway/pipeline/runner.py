@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 
 from gateway import metrics
 from gateway.checks.base import Check, active_stages
@@ -45,13 +46,30 @@ class _Slot:
         return entry
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """A policy and the check slots built for it: what one transaction runs under
+    from MAIL to its end, whatever reload happens meanwhile (a reload makes a new
+    view; the one a transaction holds stays as it was)."""
+
+    policy: Policy
+    by_stage: dict[Stage, list[_Slot]]
+
+    def has_checks(self, stage: Stage) -> bool:
+        return bool(self.by_stage[stage])
+
+
 class Runner:
     def __init__(self, checks: Sequence[Check], policy: Policy) -> None:
         self.checks = list(checks)
-        self.policy = policy
-        self._by_stage: dict[Stage, list[_Slot]] = {}
         self._stage_seconds: dict[Stage, metrics.BufferedHistogram] = {}
+        self.view = View(policy, {s: [] for s in Stage})
         self.swap_policy(policy)
+
+    @property
+    def policy(self) -> Policy:
+        """The current policy (new transactions take it)."""
+        return self.view.policy
 
     def swap_policy(self, policy: Policy) -> None:
         """Reload: new transactions see the new policy; running ones are unaffected."""
@@ -62,21 +80,23 @@ class Runner:
             if opts is not None and configure is not None:
                 configure(opts)
         slots = [(_Slot(c, policy), active_stages(c)) for c in active]
-        self._by_stage = {s: [slot for slot, at in slots if s in at] for s in Stage}
-        self.policy = policy
+        self.view = View(policy, {s: [slot for slot, at in slots if s in at] for s in Stage})
 
     def has_checks(self, stage: Stage) -> bool:
-        return bool(self._by_stage[stage])
+        return self.view.has_checks(stage)
 
     def check_names(self, stage: Stage) -> list[str]:
         """The checks that run at `stage` under the current policy, in order."""
-        return [slot.name for slot in self._by_stage[stage]]
+        return [slot.name for slot in self.view.by_stage[stage]]
 
-    async def run(self, stage: Stage, ctx: Context) -> Verdict:
-        slots = self._by_stage[stage]
+    async def run(self, stage: Stage, ctx: Context, view: View | None = None) -> Verdict:
+        """The verdict of `stage`'s checks under `view` (a transaction's), or under
+        the current policy."""
+        view = view or self.view
+        slots = view.by_stage[stage]
         if not slots:
             return ACCEPT
-        policy = self.policy
+        policy = view.policy
         # The strongest action so far and its symbol (the first to ask for it), and
         # every symbol seen: one Verdict at the end rather than one per symbol.
         action, symbol, strength = Action.ACCEPT, "", 0

@@ -34,7 +34,7 @@ from gateway.forward.backend import (
 from gateway.forward.client import BackendError, SmtpReply
 from gateway.net import plain_ip
 from gateway.pipeline.policy import Policy
-from gateway.pipeline.runner import Runner
+from gateway.pipeline.runner import Runner, View
 from gateway.replies import Reply
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import protocol, tls
@@ -388,6 +388,12 @@ class Session:
         self.send_raw(f"250-{host}\r\n".encode() + caps)
 
     @property
+    def view(self) -> View:
+        """The policy the current transaction runs under (taken at its MAIL), or the
+        current one outside a transaction."""
+        return self.t.view or self.svc.runner.view
+
+    @property
     def phase(self) -> protocol.Phase:
         ctx = self.ctx
         return protocol.phase_of(ctx.helo, ctx.mail_from, len(ctx.recipients))
@@ -423,7 +429,9 @@ class Session:
             self.send(mail)
             return
         declared, fwd = mail.declared, mail.forward
-        self.t = Transaction(started=time.monotonic())
+        # The policy this transaction runs under to its end (a reload meanwhile
+        # applies from the next MAIL): its checks, actions, rewriter and headers.
+        self.t = Transaction(started=time.monotonic(), view=self.svc.runner.view)
         # The process's memory budget (smtp/memory.py): a MAIL whose SIZE= does not
         # fit in what is left, or any while nothing is, waits its turn for room (up
         # to limits.data_memory_wait), before the client sends a byte; admitted, its
@@ -435,8 +443,8 @@ class Session:
         self.ctx.new_transaction()
         self.ctx.mail_from = addr
         self.t.utf8 = mail.utf8
-        if self.svc.runner.has_checks(Stage.MAIL):
-            verdict = await self.svc.runner.run(Stage.MAIL, self.ctx)
+        if self.view.has_checks(Stage.MAIL):
+            verdict = await self.svc.runner.run(Stage.MAIL, self.ctx, self.view)
             if verdict.refuses:
                 self._no_transaction()
                 self.send(self._policy_reply(verdict, Stage.MAIL))
@@ -451,7 +459,7 @@ class Session:
         )
         # Sender rewriting comes after the MAIL checks (SPF judged what the client
         # sent); ctx.mail_from stays the original for DMARC and the logs.
-        rewriter = self.svc.runner.policy.rewriter
+        rewriter = self.view.policy.rewriter
         self.t.backend_sender = rewriter.sender(addr) if rewriter.active else addr
         try:
             reply, txn = await self.link.begin(info, str(self.t.backend_sender), fwd)
@@ -512,13 +520,13 @@ class Session:
             metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
             return
         self.t.rcpt_tried += 1
-        rewriter = self.svc.runner.policy.rewriter
+        rewriter = self.view.policy.rewriter
         original = addr
         if rewriter.active:
             # Relay control and the RCPT checks judge the canonical address.
             addr = rewriter.canonical_recipient(addr)
         self.ctx.rcpt = addr
-        verdict = await self.svc.runner.run(Stage.RCPT, self.ctx)
+        verdict = await self.svc.runner.run(Stage.RCPT, self.ctx, self.view)
         if verdict.refuses:
             reply = self._policy_reply(verdict, Stage.RCPT)
             self.send(reply)
@@ -575,7 +583,7 @@ class Session:
     async def _srs_if_forwarding(self, targets: list[Address]) -> bool:
         """A recipient that leaves our domains gets the SRS sender: the backend
         transaction is opened again with it (earlier recipients replayed)."""
-        rewriter = self.svc.runner.policy.rewriter
+        rewriter = self.view.policy.rewriter
         sender = self.t.backend_sender
         assert sender is not None  # RCPT comes after the backend took MAIL
         if sender.is_null or all(self.svc.is_local(t) for t in targets):
@@ -694,24 +702,24 @@ class Session:
         size = len(wire)
         metrics.child(metrics.MESSAGE_SIZE).observe(size)
         self.ctx.wire = wire
-        if size > THREAD_BYTES and self.svc.runner.has_checks(Stage.DATA):
+        if size > THREAD_BYTES and self.view.has_checks(Stage.DATA):
             # The checks read the message unstuffed: a copy of it made on the loop
             # would hold every other session for tens of milliseconds.
             self.ctx.unstuffed(await asyncio.to_thread(unstuff_pieces, wire))
-        verdict = await self.svc.runner.run(Stage.DATA, self.ctx)
+        verdict = await self.svc.runner.run(Stage.DATA, self.ctx, self.view)
         if verdict.refuses:
             self.send(self._policy_reply(verdict, Stage.DATA))
             await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
         prefix = self._received()
-        rewriter = self.svc.runner.policy.rewriter
+        rewriter = self.view.policy.rewriter
         if rewriter.active:
             # After every check: DMARC judged the From the client sent.
             wire = rewriter.headers(wire)
             prefix += self._original_recipient()
         # Only we speak for our authserv-id and write our fields, whoever the client
         # is (trusted or not).
-        policy = self.svc.runner.policy
+        policy = self.view.policy
         wire, forged = headers.strip_forged(wire, self._our_fields(policy))
         if forged:
             logs.event("forged_ar_removed", session=self.id, count=forged)
@@ -758,7 +766,7 @@ class Session:
     def _original_recipient(self) -> bytes:
         """X-Original-To (or the configured name) for a single rewritten recipient;
         never with several, where it would show each recipient the others (Bcc)."""
-        name = self.svc.runner.policy.rewrite.original_recipient_header
+        name = self.view.policy.rewrite.original_recipient_header
         rw = self.ctx.rewritten
         if name is None or len(rw) != 1 or self.t.rcpt_tried != 1:
             return b""

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from gateway.address import Address
 from gateway.forward.backend import ClientInfo
 from gateway.forward.backend import Transaction as BackendTransaction
+from gateway.pipeline.runner import View
 from gateway.replies import Reply
 
 
 @dataclass(slots=True)
 class Transaction:
     started: float = 0.0  # time.monotonic() at MAIL
+    # The policy and check slots taken at MAIL (runner.View): every stage, rewrite and
+    # header of this transaction follows it, even if a reload comes in between.
+    view: View | None = None
     # The backend's side, once it took MAIL; None before, and after it was given up.
     backend: BackendTransaction | None = None
     # Set when the backend transaction was lost or could not be reopened: every later

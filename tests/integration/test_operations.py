@@ -112,16 +112,22 @@ def test_sighup_reloads_policy_and_refuses_a_bad_one(
         s.ehlo("c.test")
         s.mail("a@sender.test")
         assert s.rcpt("x@remote.test")[0] == 550
-        # Reload under an open session: the session survives.
+        # Reload under an open session: the session survives; the open transaction
+        # keeps the policy of its MAIL, the next one takes the new policy.
         ppath.write_text("actions:\n  relay.denied: tempfail\n")
         gw.signal(signal.SIGHUP)
         gw.wait_log(lambda e: e.get("event") == "reloaded")
+        assert s.rcpt("x@remote.test")[0] == 550
+        s.rset()
+        s.mail("a@sender.test")
         code, msg = s.rcpt("x@remote.test")
         assert (code, msg[:5]) == (450, b"4.7.1")
         ppath.write_text("actions:\n  relay.denied: bogus\n")
         gw.signal(signal.SIGHUP)
         ev = gw.wait_log(lambda e: e.get("event") == "reload_failed")
         assert "actions.relay.denied" in ev["error"]
+        s.rset()
+        s.mail("a@sender.test")
         assert s.rcpt("x@remote.test")[0] == 450  # the old policy stays
         assert s.noop()[0] == 250
 

@@ -440,3 +440,34 @@ def test_random_edits_get_dkimpys_verdict(
         edit_byte(m, a + int(where * (b - a)), op, byte)
     theirs, ours = _both(bytes(m), key.dns.encode())
     assert (theirs == "pass") == (ours == "pass"), (theirs, ours)
+
+
+def test_a_key_of_a_huge_public_exponent_costs_what_it_costs() -> None:
+    """A sender may publish an RSA key of 3072 bits whose exponent is nearly as long
+    (OpenSSL allows it there): each verification then costs 180 times one with 65537,
+    about 6 ms. Its weight sends the work to the thread."""
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
+
+    from gateway.checks.dkim import on_loop
+
+    n = rsa_mod.generate_private_key(65537, 3072).public_key().public_numbers().n
+    huge = rsa_mod.RSAPublicNumbers((1 << 3069) | 1, n).public_key()
+    der = huge.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    common = rsa_key(3072).dns.encode()
+    cache = dkimrsa.KeyCache()
+    assert cache.bits("s._domainkey.a.test", record) >= 3072 * 13  # sqrt(3070 / 17)
+    assert cache.bits("c._domainkey.a.test", common) == 3072
+    assert on_loop(4096, [b"relaxed/simple"], [3072])
+    assert not on_loop(4096, [b"relaxed/simple"], [cache.bits("s._domainkey.a.test", record)])
+
+
+def test_header_fields_count_in_the_loop_decision() -> None:
+    """Relaxed header canonicalisation costs up to 75 ns a byte: a signature over a
+    header section of 30 KB, or an ARC chain of long fields, goes to the thread."""
+    from gateway.checks.dkim import on_loop
+
+    assert on_loop(4096, [b"relaxed/simple"], [2048], header=2_000)
+    assert not on_loop(4096, [b"relaxed/simple"], [2048], header=30_000)

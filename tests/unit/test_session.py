@@ -141,3 +141,27 @@ def test_control_characters_and_unknown_commands(settings: config.Settings) -> N
     assert ctl == [str(replies.CONTROL_CHARS)]
     assert unknown == [str(replies.SYNTAX_UNRECOGNIZED)]
     assert helo == [str(replies.SYNTAX_HELO)]
+
+
+def test_a_transaction_runs_under_the_policy_of_its_mail(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """A reload between MAIL and RCPT applies from the next transaction: the open one
+    keeps the policy it began with (its actions, and which checks run)."""
+    (tmp_path / "tempfail.yaml").write_text(POLICY + "actions:\n  relay.denied: tempfail\n")
+    reloaded = policy_mod.load(str(tmp_path / "tempfail.yaml"), all_known_symbols())
+
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[list[str]]:
+        await s.start()
+        await s.send("EHLO client.test")
+        await s.send("MAIL FROM:<a@sender.test>")
+        s.session.svc.runner.swap_policy(reloaded)  # SIGHUP, mid-transaction
+        during = await s.send("RCPT TO:<x@remote.test>")
+        await s.send("RSET")
+        await s.send("MAIL FROM:<a@sender.test>")
+        after = await s.send("RCPT TO:<x@remote.test>")
+        return [during, after]
+
+    during, after = session_run(settings, play)
+    assert during == ["550 5.7.1 Relay access denied"]  # the policy at MAIL: reject
+    assert after == ["450 4.7.1 Relay access denied"]  # the reloaded one: tempfail
