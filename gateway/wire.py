@@ -55,14 +55,19 @@ def pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         pos = end
 
 
-def unstuff_pieces(wire: bytes, size: int = PIECE) -> bytes:
-    """unstuff(wire) of a wire form whose every LF ends a CRLF (what check_wire lets
-    by), one piece at a time: each piece then begins a line."""
+def unstuffed_pieces(wire: bytes, size: int = PIECE) -> list[bytes]:
+    """unstuff(wire), as pieces, of a wire form whose every LF ends a CRLF (what
+    check_wire lets by): each piece begins a line."""
     out = []
     for piece in pieces(wire, size):
         piece = piece.replace(b"\r\n.", b"\r\n")
         out.append(piece[1:] if piece[:1] == b"." else piece)
-    return b"".join(out)
+    return out
+
+
+def unstuff_pieces(wire: bytes, size: int = PIECE) -> bytes:
+    """unstuff(wire), a piece at a time (see unstuffed_pieces)."""
+    return b"".join(unstuffed_pieces(wire, size))
 
 
 def normalise(wire: bytes, size: int = PIECE) -> bytes:
@@ -148,7 +153,15 @@ def has_bare_cr_lf(wire: bytes) -> bool:
     if not wire:
         return False
     if len(wire) > _TRANSLATE_MAX:
-        pairs = wire.count(b"\r\n")
-        return wire.count(b"\r") != pairs or wire.count(b"\n") != pairs
-    crs = wire.translate(_CR_ONLY)
-    return wire[0] == 0x0A or crs[-1] == 1 or not crs.startswith(wire[1:].translate(_LF_ONLY))
+        # A piece at a time (each count a short hold of the GIL, for a thread); a
+        # pair across a cut is counted in the piece where it starts.
+        crs = lfs = pairs = 0
+        for i in range(0, len(wire), PIECE):
+            piece = wire[i : i + PIECE + 1]
+            pairs += piece.count(b"\r\n")
+            crs += piece.count(b"\r", 0, PIECE)
+            lfs += piece.count(b"\n", 0, PIECE)
+        return crs != pairs or lfs != pairs
+    cr_map = wire.translate(_CR_ONLY)
+    lf_map = wire[1:].translate(_LF_ONLY)
+    return wire[0] == 0x0A or cr_map[-1] == 1 or not cr_map.startswith(lf_map)

@@ -38,8 +38,10 @@ RELAXED_WEIGHT = 12
 
 
 # Relaxed header canonicalisation (dkimrsa.relaxed_field) costs 5 to 20 ns a byte of
-# the fields a signature covers, up to 75 on white space built to be dear.
-HEADER_WEIGHT = 10
+# the fields a signature covers, up to 75 on white space built to be dear. Header
+# fields of real mail are a few kilobytes (an eight-hop ARC chain about 10); past
+# this many bytes the verification goes to the thread, whatever else it costs.
+HEADER_LOOP_BYTES = 32 * 1024
 
 
 def on_loop(
@@ -48,8 +50,11 @@ def on_loop(
     """Verify on the event loop? Only while the work stays under about half a
     millisecond: a 256 KiB message with simple bodies, a 21 KiB one with relaxed,
     the RSA verifications (`key_bits`: one entry per signature to verify, in
-    KeyCache.bits's terms), and `header` bytes of header fields to canonicalise."""
-    cost = sum(verify_weight(bits) for bits in key_bits) + header * HEADER_WEIGHT
+    KeyCache.bits's terms); and not over HEADER_LOOP_BYTES of `header` fields to
+    canonicalise."""
+    if header > HEADER_LOOP_BYTES:
+        return False
+    cost = sum(verify_weight(bits) for bits in key_bits)
     for c in canonicalizations:
         body = c.partition(b"/")[2].strip().lower()
         cost += size * (RELAXED_WEIGHT if body == b"relaxed" else 1)
@@ -240,8 +245,7 @@ class DkimCheck(OffLoopCheck):
         bits = [self.keys.bits(n, r) for n in job.names.values() if (r := job.keys.get(n))]
         # Each signature canonicalises the fields it names: at most the header section.
         end = job.message.find(b"\r\n\r\n")
-        head = len(job.message) if end < 0 else end
-        return on_loop(len(job.message), canons, bits, head * len(bits))
+        return on_loop(len(job.message), canons, bits, len(job.message) if end < 0 else end)
 
     async def _complete(self, job: _Job) -> list[DkimSignature]:
         for name in sorted(job.pending):  # nearly always one: the same d= and s=

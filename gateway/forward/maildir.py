@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gateway.forward.backend import ClientInfo, Transaction
 from gateway.forward.client import SmtpReply
-from gateway.wire import unstuff, unstuff_pieces
+from gateway.wire import unstuff, unstuffed_pieces
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+=-]")
 _counter = itertools.count()
@@ -68,7 +68,7 @@ class MaildirTransaction:
         """In a thread: the message unstuffed a piece at a time (on the loop, the
         copies of a 25 MB message held every session for 100 ms), then written.
         Our fields end in CRLF, so the message begins a line."""
-        message = unstuff(prefix) + unstuff_pieces(wire)
+        message = [unstuff(prefix), *unstuffed_pieces(wire)]  # written piece by piece
         return self.backend.deliver(self.sender, self.recipients, message)
 
     async def finish(self) -> None:
@@ -99,7 +99,7 @@ class MaildirBackend:
     ) -> tuple[SmtpReply, Transaction | None]:
         return SmtpReply(250, ["2.1.0 Sender OK"]), MaildirTransaction(self, sender)
 
-    def deliver(self, sender: str, recipients: list[str], message: bytes) -> str:
+    def deliver(self, sender: str, recipients: list[str], message: bytes | list[bytes]) -> str:
         now = time.time()
         base = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(_counter)}.{self.host}"
         for i, rcpt in enumerate(recipients):
@@ -114,7 +114,8 @@ class MaildirBackend:
             tmp = box / "tmp" / name
             with open(tmp, "wb") as f:
                 f.write(head)
-                f.write(message)
+                for piece in [message] if isinstance(message, bytes) else message:
+                    f.write(piece)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, box / "new" / name)

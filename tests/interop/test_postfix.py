@@ -168,6 +168,8 @@ def test_a_pipelined_transaction_with_some_recipients_refused(
         assert c.reply()[0] == 250
     wait_subject(postfix, "alice", "eleven")
     wait_subject(postfix, "bob", "eleven")
+    # The transaction's log line follows the reply: wait for it, then there is one.
+    gw.wait_log(lambda e: e.get("event") == "transaction" and e.get("client") == "127.0.0.11")
     [ev] = transactions(gw.events(), "127.0.0.11")
     assert ev["outcome"] == "delivered" and ev["rcpts"] == 2
     assert ev["refused"][0].startswith("<nobody@example.test> 550 5.1.1")

@@ -245,3 +245,17 @@ def test_normalising_in_pieces_is_normalising_at_once(data: bytes, size: int) ->
 def test_unstuffing_in_pieces_is_unstuffing_at_once(data: bytes, size: int) -> None:
     clean = data.replace(b"\r", b"").replace(b"\n", b"\r\n")  # what check_wire lets by
     assert unstuff_pieces(clean, size) == unstuff(clean)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(_LINE_BYTES, st.integers(min_value=0, max_value=3))
+def test_bare_cr_lf_detection_is_the_same_across_piece_cuts(data: bytes, shift: int) -> None:
+    """Past 64 KiB the detection counts a piece at a time: a pair cut in two by a
+    piece's end is still one pair."""
+    from gateway.wire import PIECE
+
+    head = b"y\r\n" * 30_000
+    pad = b"x" * (PIECE - len(head) - shift)  # `data` begins `shift` bytes before the cut
+    whole = head + pad + data
+    expected = re.search(rb"\r(?!\n)|(?<!\r)\n", whole) is not None
+    assert has_bare_cr_lf(whole) == expected

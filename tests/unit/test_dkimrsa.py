@@ -466,8 +466,9 @@ def test_a_key_of_a_huge_public_exponent_costs_what_it_costs() -> None:
 
 def test_header_fields_count_in_the_loop_decision() -> None:
     """Relaxed header canonicalisation costs up to 75 ns a byte: a signature over a
-    header section of 30 KB, or an ARC chain of long fields, goes to the thread."""
-    from gateway.checks.dkim import on_loop
+    header section of over 32 KiB, or an ARC chain of long fields, goes to the thread."""
+    from gateway.checks.dkim import HEADER_LOOP_BYTES, on_loop
 
-    assert on_loop(4096, [b"relaxed/simple"], [2048], header=2_000)
-    assert not on_loop(4096, [b"relaxed/simple"], [2048], header=30_000)
+    assert on_loop(4096, [b"relaxed/simple"], [2048], header=10_000)
+    assert on_loop(4096, [b"relaxed/simple"], [2048], header=HEADER_LOOP_BYTES)
+    assert not on_loop(4096, [b"relaxed/simple"], [2048], header=HEADER_LOOP_BYTES + 1)
