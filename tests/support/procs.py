@@ -26,10 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, and never one this process handed out before: the kernel may
+    give the same ephemeral port to two binds in a row once the first is closed, and
+    a config with the listener and the metrics endpoint on one port cannot start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class Backend:
@@ -118,7 +128,11 @@ class Gateway:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if ready:
-            self.wait_log(lambda e: e.get("event") == "ready", timeout=20)
+            try:
+                self.wait_log(lambda e: e.get("event") == "ready", timeout=20)
+            except BaseException:
+                self.stop()  # no process or pipe left behind by a start that failed
+                raise
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
