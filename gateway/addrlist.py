@@ -18,7 +18,9 @@ import re
 # Comments in a value a library parser reads (nesting is bounded by the count).
 MAX_COMMENTS = 32
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# RFC 5322 atext, as a character class (DMARC's From reader uses it too).
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ATEXT = ATEXT
 _WS = r"[ \t\r\n]"
 _ADDR = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+@{_ATEXT}++(?:\.{_ATEXT}++)*+"
 _PHRASE = rf"{_ATEXT}++(?:{_WS}++{_ATEXT}++)*+"

@@ -264,7 +264,8 @@ def strip_forged(wire: bytes, ours: OurFields) -> tuple[bytes, int]:
         kept.append(head[last:start])
         last = stop
     kept.append(head[last:])
-    return stuff(b"".join(kept)) + wire[end:], len(drop)
+    # The body joined through a view: one copy of a large message, not two.
+    return b"".join((stuff(b"".join(kept)), memoryview(wire)[end:])), len(drop)
 
 
 def _field_end(head: bytes, pos: int) -> int:

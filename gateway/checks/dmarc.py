@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.addrlist import too_complex
+from gateway.addrlist import ATEXT, too_complex
 from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
 from gateway.vocab import AuthResult, Stage
@@ -165,7 +165,7 @@ def from_domains(message: bytes) -> list[str] | None:
     return value_domains(str(fields[0]))
 
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ATEXT = ATEXT
 _PLAIN_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
 # `local@domain` or `Display Name <local@domain>`, with nothing getaddresses treats
 # specially: no quotes, comments, commas, groups, encoded words, dots in the name,

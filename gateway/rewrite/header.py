@@ -298,4 +298,5 @@ def rewrite_headers(
         changed += 1
     if not changed:
         return wire, 0
-    return b"\r\n".join(out) + b"\r\n" + wire[head_len:], changed
+    # The body joined through a view: one copy of a large message, not two.
+    return b"".join((b"\r\n".join(out), b"\r\n", memoryview(wire)[head_len:])), changed

@@ -110,9 +110,8 @@ def check_header_section(wire: bytes, limits: Limits) -> None:
 def _lines_and_fields(wire: bytes, end: int) -> tuple[int, int]:
     """Lines and header fields in wire[:end] (stuffed, CRLF lines): fields are the
     lines that do not continue the one before (" x", and ". x" which unstuffs to it)."""
-    head = wire[:end]
-    folded = sum(head.count(p) for p in (b"\r\n ", b"\r\n\t", b"\r\n. ", b"\r\n.\t"))
-    lines = head.count(b"\r\n")
+    folded = sum(wire.count(p, 0, end) for p in (b"\r\n ", b"\r\n\t", b"\r\n. ", b"\r\n.\t"))
+    lines = wire.count(b"\r\n", 0, end)
     return lines, lines - folded
 
 

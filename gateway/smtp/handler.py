@@ -19,10 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway import config, dsn, headers, logs, metrics, replies
-from gateway.address import (
-    Address,
-    parse_path,
-)
+from gateway.address import Address, parse_path
 from gateway.checks.relay import DENIED, relay_trick
 from gateway.context import Context
 from gateway.forward.backend import (
@@ -49,10 +46,6 @@ from gateway.vocab import Action, Stage, Verdict
 from gateway.wire import unstuff_pieces
 
 log = logging.getLogger("gateway.smtp")
-
-# Control characters have no place in a command line (RFC 5321 4.1: printable text);
-# tab is tolerated between words. They would otherwise reach logs and headers.
-
 
 _ID_PREFIX = os.urandom(3).hex()
 _id_counter = itertools.count(1)

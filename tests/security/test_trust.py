@@ -108,6 +108,16 @@ def test_fields_imitating_ours_are_removed_in_every_spelling(
     gw.wait_log(lambda e: e.get("event") == "forged_ar_removed" and e["count"] == 1)
 
 
+def _data_reply(gw: Gateway, message: bytes) -> tuple[int, str]:
+    """The reply to `message` (wire form) in a transaction to x@example.test."""
+    with greeted(gw.port()) as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(message + b".\r\n")
+        return c.reply()
+
+
 @pytest.mark.parametrize("first", [b" ; dkim=pass header.d=bank.test\r\n", b".\t; dmarc=pass\r\n"])
 def test_a_message_that_begins_with_a_continuation_line_is_refused(
     first: bytes, backend: Backend, gateway_factory: Callable[..., Gateway]
@@ -115,13 +125,8 @@ def test_a_message_that_begins_with_a_continuation_line_is_refused(
     """Put after the fields the gateway adds, it would continue our own
     Authentication-Results with the client's results."""
     gw = gateway_factory(base_config(backend.url))
-    with greeted(gw.port()) as c:
-        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(first + b"From: ceo@bank.test\r\n\r\nnow\r\n.\r\n")
-        code, text = c.reply()
-        assert (code, text[:9]) == (550, "550 5.6.0"), text
+    code, text = _data_reply(gw, first + b"From: ceo@bank.test\r\n\r\nnow\r\n")
+    assert (code, text[:9]) == (550, "550 5.6.0"), text
     assert backend.messages() == []
 
 
@@ -130,13 +135,8 @@ def test_dot_stuffed_received_fields_count_toward_the_hop_limit(
 ) -> None:
     gw = gateway_factory(base_config(backend.url, limits={"max_received_headers": 5}))
     hops = b"".join(b".Received: from hop%d by relay.test\r\n" % n for n in range(6))
-    with greeted(gw.port()) as c:
-        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
-        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
-        code, text = c.reply()
-        assert (code, text[:9]) == (554, "554 5.4.6"), text
+    code, text = _data_reply(gw, hops + b"Subject: loop\r\n\r\nbody\r\n")
+    assert (code, text[:9]) == (554, "554 5.4.6"), text
     assert backend.messages() == []
 
 
