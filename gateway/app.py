@@ -135,7 +135,7 @@ class App:
             "backend_available": self.backend.available,
         }
         dnsbl = self._dnsbl()
-        if dnsbl is not None and dnsbl.zones:
+        if dnsbl is not None and dnsbl.health():
             details["dnsbl_zones_healthy"] = dnsbl.health()
         return (not self.svc.draining and self.backend.available), details
 
@@ -203,7 +203,7 @@ class App:
             await self.http.start(host, port, reuse_port=self.reuse_port)
             logs.event("metrics_listening", address=host, port=port)
         dnsbl = self._dnsbl()
-        if dnsbl is not None and dnsbl.zones:
+        if dnsbl is not None and dnsbl.health():
             await dnsbl.health_check()  # at start: an unhealthy zone is skipped from the first mail
             interval = self.runner.policy.checks.dnsbl.health_interval
             self._health_task = asyncio.get_running_loop().create_task(dnsbl.health_loop(interval))

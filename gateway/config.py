@@ -33,7 +33,10 @@ class ConfigError(Exception):
     """A config problem, already worded for the operator (key path: problem)."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Every settings model: unknown keys are errors (a typo never passes as a
+    default), and values never change after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -83,14 +86,14 @@ def file_signature(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-class SniCertificate(_Strict):
+class SniCertificate(Strict):
     cert_file: Path
     key_file: Path
     # Names this certificate answers (SNI); empty: the DNS names in the certificate.
     names: list[str] = Field(default_factory=list)
 
 
-class Listener(_Strict):
+class Listener(Strict):
     name: str = "smtp"
     address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 2525
@@ -132,7 +135,7 @@ class Listener(_Strict):
             raise ValueError("certificates need tls: starttls or implicit")
 
 
-class Limits(_Strict):
+class Limits(Strict):
     max_message_size: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
     # Bytes of header fields a message may have (the checks parse them on the event
     # loop). sendmail's default is 32 KiB; heavy real headers (long Received and ARC
@@ -187,14 +190,14 @@ class Limits(_Strict):
         return v
 
 
-class CircuitBreaker(_Strict):
+class CircuitBreaker(Strict):
     failures: Annotated[int, Field(ge=1)] = 5
     # Seconds the breaker stays open before the next transaction tries the target
     # again: a restarted backend takes mail again within this.
     cooldown: Annotated[float, Field(gt=0)] = 5.0
 
 
-class Backend(_Strict):
+class Backend(Strict):
     url: list[str] = Field(default_factory=lambda: ["maildir:./mail"])
     tls: BackendTls = BackendTls.NONE
     ca_file: Path | None = None
@@ -257,7 +260,7 @@ def backend_kind(url: str) -> str:
     return parts.scheme
 
 
-class Metrics(_Strict):
+class Metrics(Strict):
     listen: str | None = "127.0.0.1:9125"
     # Where worker processes share metric values (workers > 1); default: a temp dir.
     multiproc_dir: str | None = None
@@ -270,7 +273,7 @@ class Metrics(_Strict):
         return v
 
 
-class Dns(_Strict):
+class Dns(Strict):
     # "ip" or "ip:port" ("[v6]:port"); empty: the system's resolv.conf.
     nameservers: list[str] = Field(default_factory=list)
     timeout: Annotated[float, Field(gt=0)] = 2.0  # per query, retries included
@@ -289,7 +292,7 @@ class Dns(_Strict):
         return v
 
 
-class Store(_Strict):
+class Store(Strict):
     """Where rate and concurrency limits keep their counts."""
 
     # redis://[:password@]host:port/db, rediss:// (TLS) or unix://path; unset: in
@@ -308,12 +311,12 @@ class Store(_Strict):
         return v
 
 
-class Logging(_Strict):
+class Logging(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "kv"] = "json"
 
 
-class Settings(_Strict):
+class Settings(Strict):
     hostname: str = Field(default_factory=socket.getfqdn)
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()])
     local_domains: list[str] = Field(default_factory=lambda: ["localhost"])

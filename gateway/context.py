@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from gateway.address import Address
+from gateway.facts import Facts
 from gateway.vocab import AuthResult
 from gateway.wire import unstuff
 
@@ -43,21 +44,17 @@ class Context:
     # The message as received: dot-stuffed, CRLF lines (see smtp/data.py).
     wire: bytes | None = None
     _message: bytes | None = None
-    # What the authentication checks found (for Authentication-Results and DMARC).
+    # What the authentication checks found: their Authentication-Results entries,
+    # and their typed findings (DMARC reads SPF's, DKIM's and ARC's).
     auth: list[AuthResult] = field(default_factory=list)
-    spf_domain: str | None = None
-    spf_result: str | None = None
+    facts: Facts = field(default_factory=Facts)
     # Symbols whose action was tag or quarantine, at any stage of the transaction.
     tags: list[str] = field(default_factory=list)
     quarantine: bool = False
-    dkim: list[Any] = field(default_factory=list)  # checks.dkim.DkimSignature
-    dmarc: Any = None  # checks.dmarc.DmarcOutcome
-    arc_result: str | None = None
-    arc_sealer: str | None = None
-    # Checks that crashed or ran out of time in this transaction (set by the runner):
-    # their facts are missing, and what builds on them (DMARC) must not read the gap
-    # as a failure.
-    incomplete: frozenset[str] = frozenset()
+    # When the running check's time is up (event-loop time), set by the runner
+    # before each check: the one clock a check reads for its own lookups (none
+    # for a check called without a runner).
+    deadline: float = math.inf
 
     def new_transaction(self) -> None:
         self.mail_from = None
@@ -67,15 +64,9 @@ class Context:
         self.wire = None
         self._message = None
         self.auth = []
-        self.spf_domain = None
-        self.spf_result = None
+        self.facts = Facts()
         self.tags = []
         self.quarantine = False
-        self.dkim = []
-        self.dmarc = None
-        self.arc_result = None
-        self.arc_sealer = None
-        self.incomplete = frozenset()
 
     def unstuffed(self, content: bytes) -> None:
         """The message content, unstuffed already (a large one, in a thread)."""

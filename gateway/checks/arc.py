@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import dkim
 
 from gateway.checks import arcverify, dkimrsa
 from gateway.checks.base import OffLoopCheck
 from gateway.checks.dkim import OFFLOOP_BYTES, key_record, on_loop
+from gateway.config import Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, Resolver
+from gateway.facts import ArcFacts
 from gateway.vocab import AuthResult, Stage
 from gateway.wire import header_section
 
@@ -32,15 +34,25 @@ RESULTS = ("pass", "fail", "none", "temperror")
 LOOP_SETS = 8
 
 
+class ArcOptions(Strict):
+    enabled: bool = True
+
+
 class ArcCheck(OffLoopCheck):
     name: ClassVar[str] = "arc"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
     symbols: ClassVar[frozenset[str]] = frozenset(f"arc.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self, resolver: Resolver, *, threads: int = 2) -> None:
         super().__init__(resolver, threads=threads, name="arc")
         self.keys = dkimrsa.KeyCache()
+
+    def configured(self, options: ArcOptions) -> Self:
+        """No options beyond the switch: the same object."""
+        return self
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
         """Synchronous for the unsealed message, and for a sealed one whose keys are
@@ -60,7 +72,7 @@ class ArcCheck(OffLoopCheck):
     @staticmethod
     def _record(ctx: Context, verdict: arcverify.Verdict) -> tuple[str, ...]:
         result, sealer, why = verdict
-        ctx.arc_result, ctx.arc_sealer = result, sealer
+        ctx.facts.arc = ArcFacts(result, sealer)
         # No header.oldest-pass: 0 would claim that every older message signature
         # still validates, and only the newest is verified (RFC 8617 5.2 makes the
         # rest optional). smtp.remote-ip (RFC 8617 6): the address the chain came

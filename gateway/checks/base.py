@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from gateway.context import Context
 from gateway.dns import Resolver
@@ -21,10 +21,26 @@ class Check(Protocol):
     # Client-reputation and sender-authentication checks are exempt for
     # trusted networks (their results are still recorded); relay control is not.
     reputation: ClassVar[bool]
+    # The checks whose facts (gateway/facts.py) this one reads: the runner runs
+    # them before it, at the same stage or an earlier one.
+    requires: ClassVar[frozenset[str]]
+    # Seconds this check may take, when its options set their own; else the
+    # policy's check_timeout. The runner enforces it and hands the check its
+    # deadline (Context.deadline): a check keeps no clock of its own.
+    budget: float | None
 
     def run(self, stage: Stage, ctx: Context) -> Symbols | Awaitable[Symbols]:
         """Return symbols (possibly empty), synchronously or as an awaitable."""
         ...
+
+
+@runtime_checkable
+class Configurable(Protocol):
+    """A check with options (the policy's `checks.<name>`, validated by the type the
+    check's module defines): the configured check is a new object, so a reload
+    never changes the one a running transaction uses."""
+
+    def configured(self, options: Any) -> Self: ...
 
 
 def active_stages(check: Check) -> frozenset[Stage]:

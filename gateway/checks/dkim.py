@@ -11,18 +11,21 @@ verified in a worker thread (see on_loop).
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 import dkim
 from dkim.util import InvalidTagValueList
+from pydantic import Field
 
 from gateway.checks import dkimrsa
 from gateway.checks.base import OffLoopCheck
+from gateway.config import Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
+from gateway.facts import DkimSignature
 from gateway.vocab import AuthResult, Stage
 from gateway.wire import header_section, number
 
@@ -66,26 +69,6 @@ def verify_weight(bits: int) -> int:
     ns): 20 µs at 2048 bits, growing with the square of the size (243 µs at 8192, a
     size a sender may choose: five such signatures would hold the loop 1.2 ms)."""
     return 10_000 * bits * bits // (2048 * 2048)
-
-
-@dataclass(frozen=True, slots=True)
-class DkimSignature:
-    domain: str
-    selector: str
-    algorithm: str
-    result: str
-    reason: str = ""
-    body_length: int | None = None
-    b: str = ""
-
-    def auth_result(self) -> AuthResult:
-        props = {"header.d": self.domain, "header.s": self.selector, "header.a": self.algorithm}
-        if self.b:
-            props["header.b"] = self.b[:8]
-        reason = self.reason
-        if self.body_length is not None:
-            reason = f"{reason}; l={self.body_length}".lstrip("; ")
-        return AuthResult("dkim", self.result, props, reason)
 
 
 class _Job:
@@ -155,19 +138,30 @@ def key_record(ans: DnsAnswer) -> bytes | None:
     return b"".join(ans.records[0])
 
 
+class DkimOptions(Strict):
+    enabled: bool = True
+    # Signatures verified per message; more are ignored (a cheap DoS otherwise).
+    max_signatures: Annotated[int, Field(ge=1, le=50)] = 5
+
+
 class DkimCheck(OffLoopCheck):
     name: ClassVar[str] = "dkim"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
     symbols: ClassVar[frozenset[str]] = frozenset(f"dkim.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self, resolver: Resolver, *, threads: int = 4) -> None:
         super().__init__(resolver, threads=threads, name="dkim")
-        self.max_signatures = 5
+        self.max_signatures = DkimOptions().max_signatures
         self.keys = dkimrsa.KeyCache()
 
-    def configure(self, options: Any) -> None:
-        self.max_signatures = options.max_signatures
+    def configured(self, options: DkimOptions) -> Self:
+        """This check under `options`: a new object sharing the threads and keys."""
+        new = copy.copy(self)
+        new.max_signatures = options.max_signatures
+        return new
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
         """Synchronous when every key is in the DNS cache and the message is small
@@ -185,7 +179,7 @@ class DkimCheck(OffLoopCheck):
         return self._record(ctx, await self._complete(job))
 
     def _record(self, ctx: Context, sigs: list[DkimSignature]) -> tuple[str, ...]:
-        ctx.dkim = sigs
+        ctx.facts.dkim = tuple(sigs)
         ctx.auth.extend(s.auth_result() for s in sigs)
         if not sigs:
             ctx.auth.append(AuthResult("dkim", "none"))  # RFC 8601 2.7.1: not signed

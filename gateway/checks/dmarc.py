@@ -9,6 +9,7 @@ A DNS failure during discovery is a temperror, never "no policy".
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import re
@@ -17,13 +18,16 @@ from dataclasses import dataclass
 from email import policy as email_policy
 from email.parser import HeaderParser
 from email.utils import getaddresses
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, Literal, Self, TypeVar
 
 from publicsuffixlist import PublicSuffixList
+from pydantic import Field
 
 from gateway.addrlist import ATEXT, too_complex
+from gateway.config import Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
+from gateway.facts import DmarcOutcome
 from gateway.vocab import AuthResult, Stage
 from gateway.wire import has_bare_cr_lf, header_section, number
 
@@ -61,13 +65,15 @@ class Undecided:
 def undecided(ctx: Context, trusted_sealers: frozenset[str]) -> Undecided | None:
     """The context's undecided inputs; None in the common case of none. ARC counts
     only with trusted sealers: only then could its chain change DMARC's outcome."""
-    spf = ctx.spf_domain if ctx.spf_result == "temperror" else None
-    dkim = tuple(s.domain for s in ctx.dkim if s.result == "temperror")
-    checks = ctx.incomplete & (_INPUTS_WITH_ARC if trusted_sealers else _INPUTS)
+    facts = ctx.facts
+    spf = facts.spf.domain if facts.spf is not None and facts.spf.result == "temperror" else None
+    dkim = tuple(s.domain for s in facts.dkim if s.result == "temperror")
+    checks = facts.incomplete & (_INPUTS_WITH_ARC if trusted_sealers else _INPUTS)
     arc = (
         bool(trusted_sealers)
-        and ctx.arc_result == "temperror"
-        and (ctx.arc_sealer is None or ctx.arc_sealer in trusted_sealers)
+        and facts.arc is not None
+        and facts.arc.result == "temperror"
+        and (facts.arc.sealer is None or facts.arc.sealer in trusted_sealers)
     )
     if spf is None and not dkim and not checks and not arc:
         return None
@@ -234,13 +240,14 @@ def _plain_from_fields(head: bytes) -> list[str] | None:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class DmarcOutcome:
-    result: str  # pass, fail, none, temperror, permerror
-    disposition: str = "none"  # none, quarantine, reject (what the policy asks, after pct/t)
-    from_domain: str = ""
-    policy: str = ""  # the applicable p/sp/np value before sampling
-    reason: str = ""
+class DmarcOptions(Strict):
+    enabled: bool = True
+    # tree-walk: the DMARCbis (RFC 9989) DNS tree walk; psl: RFC 7489 with the
+    # Public Suffix List (offline, from the publicsuffixlist package).
+    organizational_domain: Literal["psl", "tree-walk"] = "tree-walk"
+    # Sealers (ARC-Seal d= domains) whose passing ARC chain may override a DMARC
+    # fail, for mailing lists and forwarders you trust. Off (empty) by default.
+    trusted_arc_sealers: list[str] = Field(default_factory=list)
 
 
 class DmarcCheck:
@@ -248,16 +255,22 @@ class DmarcCheck:
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
     symbols: ClassVar[frozenset[str]] = frozenset(f"dmarc.{s}" for s in SYMBOLS)
     reputation: ClassVar[bool] = True
+    # DMARC is judged on what these found (RFC 7489 4.2): they run first.
+    requires: ClassVar[frozenset[str]] = frozenset({"spf", "dkim", "arc"})
+    budget: float | None = None
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
-        self.org_method = "tree-walk"
+        self.org_method: Literal["psl", "tree-walk"] = "tree-walk"
         self.trusted_sealers: frozenset[str] = frozenset()
         self.rand = random.random
 
-    def configure(self, options: Any) -> None:
-        self.org_method = options.organizational_domain
-        self.trusted_sealers = frozenset(d.lower().rstrip(".") for d in options.trusted_arc_sealers)
+    def configured(self, options: DmarcOptions) -> Self:
+        """This check under `options`: a new object (the resolver is shared)."""
+        new = copy.copy(self)
+        new.org_method = options.organizational_domain
+        new.trusted_sealers = frozenset(d.lower().rstrip(".") for d in options.trusted_arc_sealers)
+        return new
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
         """Synchronous when every DNS answer the evaluation needs is cached (repeat
@@ -269,8 +282,11 @@ class DmarcCheck:
             ctx.auth.append(AuthResult("dmarc", "permerror", {}, "not exactly one From domain"))
             return ("dmarc.malformed",)
         from_domain = domains[0]
-        dkim_pass = [s.domain for s in ctx.dkim if s.result == "pass"]
-        spf_domain = ctx.spf_domain if ctx.spf_result == "pass" else None
+        facts = ctx.facts
+        dkim_pass = [s.domain for s in facts.dkim if s.result == "pass"]
+        spf_domain = (
+            facts.spf.domain if facts.spf is not None and facts.spf.result == "pass" else None
+        )
         unsure = undecided(ctx, self.trusted_sealers)
         out = self._answer(self._evaluation(from_domain, spf_domain, dkim_pass, unsure))
         if isinstance(out, DmarcOutcome):
@@ -283,10 +299,12 @@ class DmarcCheck:
         return self._judge(ctx, from_domain, await pending)
 
     def _judge(self, ctx: Context, from_domain: str, out: DmarcOutcome) -> tuple[str, ...]:
+        arc = ctx.facts.arc
         if (
             out.result == "fail"
-            and ctx.arc_result == "pass"
-            and ctx.arc_sealer in self.trusted_sealers
+            and arc is not None
+            and arc.result == "pass"
+            and arc.sealer in self.trusted_sealers
         ):
             # RFC 8617 7.2 / RFC 7489 6.7: a local-policy override for a trusted sealer.
             out = DmarcOutcome(
@@ -294,9 +312,9 @@ class DmarcCheck:
                 "none",
                 out.from_domain,
                 out.policy,
-                f"overridden: ARC chain sealed by trusted {ctx.arc_sealer}",
+                f"overridden: ARC chain sealed by trusted {arc.sealer}",
             )
-        ctx.dmarc = out
+        ctx.facts.dmarc = out
         props = {"header.from": from_domain}
         if out.policy:
             props["policy.dmarc"] = out.policy

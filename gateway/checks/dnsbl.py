@@ -16,14 +16,18 @@ and an unhealthy zone is skipped until it recovers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar, Literal, Self
+
+from pydantic import Field, field_validator
 
 from gateway import metrics
+from gateway.config import Networks, Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
 from gateway.net import network_matcher, plain_ip
@@ -47,7 +51,7 @@ def reverse_ip(ip: str) -> str:
 
 @dataclass
 class ZoneState:
-    cfg: Any  # pipeline.policy.DnsblZone
+    cfg: DnsblZone
     healthy: bool = True
     warned_error: bool = False
 
@@ -73,6 +77,47 @@ def code_matches(code: str, filters: list[str]) -> bool:
 _STAGE_KIND = {Stage.CONNECT: "ip", Stage.HELO: "helo", Stage.MAIL: "mail_from"}
 
 
+class DnsblZone(Strict):
+    name: str  # in logs and metrics labels (never the zone, which may hold an access key)
+    zone: str
+    # ip: the client address (reversed); helo: the HELO name; mail_from: the sender domain.
+    type: Literal["ip", "helo", "mail_from"] = "ip"
+    weight: float = 1.0  # negative: an allow list
+    # Return codes that count: "127.0.0.2", "127.0.0.8/29", "bitmask:0x04". Empty: any 127/8.
+    codes: list[str] = Field(default_factory=list)
+    # Shown in the reply instead of the zone and its TXT (hides paid-list access keys).
+    reply_text: str | None = None
+    use_txt: bool = True  # add the zone's TXT reason to the reply
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for c in v:
+            try:
+                if c.startswith("bitmask:"):
+                    int(c.split(":", 1)[1], 0)
+                elif "/" in c:
+                    ipaddress.ip_network(c, strict=False)
+                else:
+                    ipaddress.ip_address(c)
+            except ValueError:
+                raise ValueError(f"{c!r}: use an address, a CIDR range or bitmask:0xNN") from None
+        return v
+
+
+class DnsblOptions(Strict):
+    enabled: bool = True
+    zones: list[DnsblZone] = Field(default_factory=list)
+    threshold: float = 1.0  # score at which a client is dnsbl.listed
+    # Seconds for all zones of one stage together: the runner's time budget for
+    # this check, in place of the policy's check_timeout.
+    deadline: Annotated[float, Field(gt=0)] = 2.0
+    allow_networks: Networks = Field(default_factory=list)  # treated as allow-listed
+    health_interval: Annotated[float, Field(gt=0)] = 300.0  # RFC 5782 test-entry checks
+
+
 class DnsblCheck:
     name: ClassVar[str] = "dnsbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT, Stage.HELO, Stage.MAIL})
@@ -80,26 +125,40 @@ class DnsblCheck:
         {"dnsbl.listed", "dnsbl.allowed", "dnsbl.temperror"}
     )
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.zones: list[ZoneState] = []
+        # The zones of the latest configuration, shared by every configured copy:
+        # what the health checks test and a new configuration inherits health from.
+        self._latest: list[list[ZoneState]] = [self.zones]
         self.has_allow = False
         self.threshold = 1.0
-        self.deadline = 2.0
+        self.budget: float | None = DnsblOptions().deadline
         self.allowed_network: Callable[[str], bool] = network_matcher([])
 
-    def configure(self, options: Any) -> None:
-        old = {z.cfg.name: z for z in self.zones}
-        self.zones = [
-            ZoneState(z, old[z.name].healthy if z.name in old else True) for z in options.zones
-        ]
-        self.threshold = options.threshold
-        self.deadline = options.deadline
-        self.allowed_network = network_matcher(options.allow_networks)
-        self.has_allow = bool(options.allow_networks)
-        for z in self.zones:
+    def configured(self, options: DnsblOptions) -> Self:
+        """This check under `options`: a new object; a zone kept from the current
+        configuration keeps its health."""
+        old = {z.cfg.name: z for z in self._latest[0]}
+        zones = []
+        for cfg in options.zones:
+            prev = old.get(cfg.name)
+            if prev is not None and prev.cfg == cfg:
+                zones.append(prev)
+            else:
+                zones.append(ZoneState(cfg, prev.healthy if prev is not None else True))
+        new = copy.copy(self)
+        new.zones = zones
+        self._latest[0] = zones
+        new.threshold = options.threshold
+        new.budget = options.deadline
+        new.allowed_network = network_matcher(options.allow_networks)
+        new.has_allow = bool(options.allow_networks)
+        for z in zones:
             metrics.child(metrics.DNSBL_ZONE_HEALTHY, z.cfg.name).set(1 if z.healthy else 0)
+        return new
 
     def active_stages(self) -> set[Stage]:
         kinds = {z.cfg.type for z in self.zones}
@@ -165,7 +224,10 @@ class DnsblCheck:
         answer the cache gave (`known`) when it gave one, so nothing is asked twice."""
         n = len(done)
         rest = await asyncio.gather(
-            *(self._lookup(z, name, a) for (z, name), a in zip(queries[n:], known[n:], strict=True))
+            *(
+                self._lookup(z, name, ctx.deadline, a)
+                for (z, name), a in zip(queries[n:], known[n:], strict=True)
+            )
         )
         return self._score(stage, ctx, queries, [*done, *rest])
 
@@ -206,13 +268,15 @@ class DnsblCheck:
         return status == "listed" and z.cfg.use_txt and not z.cfg.reply_text
 
     async def _lookup(
-        self, z: ZoneState, name: str, ans: DnsAnswer | None = None
+        self, z: ZoneState, name: str, deadline: float, ans: DnsAnswer | None = None
     ) -> tuple[str, str]:
-        """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why).
+        """('listed', reason) | ('clean', '') | ('timeout', '') | ('error', why), by
+        the runner's deadline for every zone together: an unanswered zone is a
+        temperror, a listing whose TXT reason is late is a listing without one.
         `ans`: the A answer when the cache already gave it."""
         if ans is None:
             try:
-                async with asyncio.timeout(self.deadline):
+                async with asyncio.timeout_at(deadline):
                     ans = await self.resolver.query(name, "A")
             except TimeoutError:
                 metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, "timeout").inc()
@@ -220,7 +284,11 @@ class DnsblCheck:
         status, reason, label = self._classify(z, ans)
         metrics.child(metrics.DNSBL_LOOKUPS, z.cfg.name, label).inc()
         if self._wants_txt(z, status):
-            reason = _reason(await self.resolver.query(name, "TXT"))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    reason = _reason(await self.resolver.query(name, "TXT"))
+            except TimeoutError:
+                reason = ""
         return status, reason
 
     def _classify(self, z: ZoneState, ans: DnsAnswer) -> tuple[str, str, str]:
@@ -250,7 +318,7 @@ class DnsblCheck:
     async def health_check(self) -> dict[str, bool]:
         """RFC 5782 5: the test entries. IP zones only (domain zones have no standard one)."""
         out = {}
-        for z in self.zones:
+        for z in self._latest[0]:
             if z.cfg.type != "ip":
                 continue
             listed = await self.resolver.query(f"2.0.0.127.{z.cfg.zone}", "A")
@@ -279,7 +347,7 @@ class DnsblCheck:
             await asyncio.sleep(interval)
 
     def health(self) -> dict[str, bool]:
-        return {z.cfg.name: z.healthy for z in self.zones}
+        return {z.cfg.name: z.healthy for z in self._latest[0]}
 
 
 def _reason(txt: DnsAnswer) -> str:

@@ -10,13 +10,17 @@ connection ends, however it ends.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import Field, field_validator
 
 from gateway import metrics
 from gateway.checks.base import Symbols
+from gateway.config import Networks, Strict
 from gateway.context import Context
 from gateway.net import IPNetwork, network_matcher, network_of
 from gateway.store.base import CONC, RATE, GcraOp, StoreError
@@ -97,6 +101,79 @@ def _matcher(networks: list[IPNetwork]) -> Callable[[str], bool]:
     return network_matcher(networks) if networks else _never
 
 
+_KEY_PARTS = {
+    "client_ip",
+    "client_network",
+    "mail_from",
+    "mail_from_domain",
+    "recipient",
+    "recipient_domain",
+}
+
+
+# Limit names appear in metric labels and in operators' keys (`NAME:VALUE`).
+LimitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class RateLimit(Strict):
+    name: LimitName  # in logs and metrics labels
+    # Parts joined with '+': client_ip, client_network (/24, /64), mail_from,
+    # mail_from_domain, recipient, recipient_domain.
+    key: str = "client_ip"
+    unit: Literal["connections", "messages", "recipients", "bytes"] = "messages"
+    # N per period: up to N at once, refilled continuously (N/second|minute|hour|day,
+    # or N/<seconds>s); burst: extra units allowed at once on top of N.
+    rate: str = "100/minute"
+    burst: Annotated[int, Field(ge=0)] = 0
+    exempt_networks: Networks = Field(default_factory=list)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        bad = [p for p in v.split("+") if p not in _KEY_PARTS]
+        if bad:
+            raise ValueError(f"unknown key part {bad[0]!r} (use {', '.join(sorted(_KEY_PARTS))})")
+        return v
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        try:
+            parse_rate(v)
+        except (ValueError, KeyError):
+            raise ValueError(f"{v!r}: use N/second, N/minute, N/hour, N/day or N/10s") from None
+        return v
+
+
+class Concurrency(Strict):
+    name: LimitName
+    key: Literal["client_ip", "client_network"] = "client_ip"
+    max: Annotated[int, Field(ge=1)] = 20
+    exempt_networks: Networks = Field(default_factory=list)
+
+
+def _default_concurrency() -> list[Concurrency]:
+    """Sessions at once per client address and per /24 (/64): well below a
+    listener's max_connections (1000), so no one client, nor one network, can hold
+    every slot (Postfix's smtpd_client_connection_count_limit is 50)."""
+    return [
+        Concurrency(name="conns_per_ip", key="client_ip", max=50),
+        Concurrency(name="conns_per_network", key="client_network", max=150),
+    ]
+
+
+class RateLimitOptions(Strict):
+    enabled: bool = True
+    limits: list[RateLimit] = Field(default_factory=list)
+    concurrency: list[Concurrency] = Field(default_factory=_default_concurrency)
+
+    def model_post_init(self, _ctx: Any) -> None:
+        names = [x.name for x in self.limits] + [x.name for x in self.concurrency]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"limit name {dup!r} is used twice")
+
+
 class RateLimitCheck:
     name: ClassVar[str] = "ratelimit"
     stages: ClassVar[frozenset[Stage]] = frozenset(UNIT_STAGE.values())
@@ -104,17 +181,21 @@ class RateLimitCheck:
         {"ratelimit.exceeded", "ratelimit.concurrency", "ratelimit.unavailable"}
     )
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self, store: Store | None = None) -> None:
         self.store: Store = store or MemoryStore()
         self.limits: list[_Limit] = []
         self.concurrency: list[_Concurrency] = []
 
-    def configure(self, options: Any) -> None:
-        self.limits = []
+    def configured(self, options: RateLimitOptions) -> Self:
+        """This check under `options`: a new object counting in the same store."""
+        new = copy.copy(self)
+        new.limits = []
         for lim in options.limits:
             count, period = parse_rate(lim.rate)
-            self.limits.append(
+            new.limits.append(
                 _Limit(
                     lim.name,
                     UNIT_STAGE[lim.unit],
@@ -127,10 +208,11 @@ class RateLimitCheck:
                 )
             )
             metrics.child(metrics.RATELIMIT_CONFIGURED, lim.name).set(count / period)
-        self.concurrency = [
+        new.concurrency = [
             _Concurrency(c.name, c.key, c.max, _matcher(c.exempt_networks))
             for c in options.concurrency
         ]
+        return new
 
     def active_stages(self) -> set[Stage]:
         out = {lim.stage for lim in self.limits}

@@ -58,6 +58,8 @@ class RelayCheck:
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.RCPT})
     symbols: ClassVar[frozenset[str]] = frozenset({DENIED})
     reputation: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self, local_domains: list[str]) -> None:
         self.local = DomainMatcher(local_domains)

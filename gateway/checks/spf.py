@@ -20,15 +20,19 @@ are cached per (client IP, identity) for a short time.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 import spf
+from pydantic import Field
 
+from gateway.config import Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, Resolver
+from gateway.facts import SpfFacts
 from gateway.vocab import AuthResult, Stage
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -163,21 +167,34 @@ def _key(ip: str, identity: str, helo: str) -> tuple[str, str, str]:
     return (ip, identity.lower(), helo.lower())
 
 
+class SpfOptions(Strict):
+    enabled: bool = True
+    # Seconds a verdict is reused for the same client IP and identity.
+    result_cache_ttl: Annotated[float, Field(ge=0)] = 60.0
+    # Overall DNS time for one evaluation (RFC 7208 4.6.4 suggests at least 20):
+    # the runner's time budget for this check, in place of the policy's check_timeout.
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+
+
 class SpfCheck:
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
     symbols: ClassVar[frozenset[str]] = frozenset(f"spf.{r}" for r in RESULTS)
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
-        self.timeout = 10.0
+        self.budget: float | None = SpfOptions().timeout
         self.cache_ttl = 60.0
         self._cache: dict[tuple[str, str, str], tuple[float, str, str]] = {}
 
-    def configure(self, options: Any) -> None:
-        self.timeout = options.timeout
-        self.cache_ttl = options.result_cache_ttl
+    def configured(self, options: SpfOptions) -> Self:
+        """This check under `options`: a new object sharing the verdict cache."""
+        new = copy.copy(self)
+        new.budget = options.timeout
+        new.cache_ttl = options.result_cache_ttl
+        return new
 
     def run(self, stage: Stage, ctx: Context) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
         """Synchronous when no DNS answer has to be waited for: a repeat sender whose
@@ -200,7 +217,7 @@ class SpfCheck:
     async def _run_async(
         self, ctx: Context, scope: str, domain: str, identity: str, helo: str, answers: _Answers
     ) -> tuple[str, ...]:
-        verdict = await self._complete(ctx.client_ip, identity, helo, answers)
+        verdict = await self._complete(ctx.client_ip, identity, helo, answers, ctx.deadline)
         return self._record(ctx, scope, domain, helo, verdict)
 
     @staticmethod
@@ -210,8 +227,7 @@ class SpfCheck:
         result, why = verdict
         prop = {"smtp.mailfrom": domain} if scope == "mailfrom" else {"smtp.helo": helo}
         ctx.auth.append(AuthResult("spf", result, prop, why))
-        ctx.spf_domain = domain
-        ctx.spf_result = result
+        ctx.facts.spf = SpfFacts(domain, result)
         return (f"spf.{result}",)
 
     def _cached(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
@@ -225,7 +241,8 @@ class SpfCheck:
         verdict = self._quick(ip, identity, helo)
         if isinstance(verdict, tuple):
             return verdict
-        return await self._complete(ip, identity, helo, verdict)
+        deadline = asyncio.get_running_loop().time() + (self.budget or SpfOptions().timeout)
+        return await self._complete(ip, identity, helo, verdict, deadline)
 
     def _quick(self, ip: str, identity: str, helo: str) -> tuple[str, str] | _Answers:
         """The verdict without waiting (a rule, the verdict cache, or a pass of pyspf
@@ -247,12 +264,14 @@ class SpfCheck:
         return verdict
 
     async def _complete(
-        self, ip: str, identity: str, helo: str, answers: _Answers
+        self, ip: str, identity: str, helo: str, answers: _Answers, deadline: float
     ) -> tuple[str, str]:
-        """Fetch what the last pass lacked and pass again, within the check's timeout."""
+        """Fetch what the last pass lacked and pass again, until the deadline the
+        runner gave: then the verdict is a temperror (RFC 7208 4.6.4), always, as the
+        runner waits a little longer than the deadline for exactly this answer."""
         verdict: tuple[str, str] | None = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 for _ in range(MAX_PASSES):
                     await answers.fetch_missing()
                     verdict = self._pass(ip, identity, helo, answers)
@@ -261,7 +280,7 @@ class SpfCheck:
                 else:
                     return "permerror", f"SPF evaluation needs over {MAX_PASSES} rounds of DNS"
         except TimeoutError:
-            return "temperror", f"SPF evaluation incomplete after {self.timeout:g} s"
+            return "temperror", f"SPF evaluation incomplete after {self.budget:g} s"
         assert verdict is not None
         self._remember(_key(ip, identity, helo), verdict)
         return verdict
@@ -277,7 +296,7 @@ class SpfCheck:
         _tls.answers = answers
         answers.terms = 0
         try:
-            q = spf.query(i=ip, s=identity, h=helo, querytime=self.timeout)
+            q = spf.query(i=ip, s=identity, h=helo, querytime=0)
             result, _code, why = q.check()
         except _Missing:
             return None

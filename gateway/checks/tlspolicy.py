@@ -9,9 +9,12 @@ or mail for a local domain whose owner requires it (`require_tls_to`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar, Self
+
+from pydantic import Field
 
 from gateway.checks.relay import DomainMatcher
+from gateway.config import Networks, Strict
 from gateway.context import Context
 from gateway.net import network_matcher
 from gateway.vocab import Stage
@@ -19,11 +22,20 @@ from gateway.vocab import Stage
 REQUIRED = "tls.required"
 
 
+class TlsPolicyOptions(Strict):
+    enabled: bool = True
+    require_tls_from: list[str] = Field(default_factory=list)  # sender domains, *.wildcards
+    require_tls_networks: Networks = Field(default_factory=list)  # client networks
+    require_tls_to: list[str] = Field(default_factory=list)  # local recipient domains
+
+
 class TlsPolicyCheck:
     name: ClassVar[str] = "tls"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL, Stage.RCPT})
     symbols: ClassVar[frozenset[str]] = frozenset({REQUIRED})
     reputation: ClassVar[bool] = False  # trusted networks too: it is their rule
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self) -> None:
         self.from_domains = DomainMatcher([])
@@ -31,11 +43,14 @@ class TlsPolicyCheck:
         self.in_networks: Callable[[str], bool] = network_matcher([])
         self.has_networks = False
 
-    def configure(self, options: Any) -> None:
-        self.from_domains = DomainMatcher([d.lower() for d in options.require_tls_from])
-        self.to_domains = DomainMatcher([d.lower() for d in options.require_tls_to])
-        self.in_networks = network_matcher(options.require_tls_networks)
-        self.has_networks = bool(options.require_tls_networks)
+    def configured(self, options: TlsPolicyOptions) -> Self:
+        """This check under `options`: a new object."""
+        new = type(self)()
+        new.from_domains = DomainMatcher([d.lower() for d in options.require_tls_from])
+        new.to_domains = DomainMatcher([d.lower() for d in options.require_tls_to])
+        new.in_networks = network_matcher(options.require_tls_networks)
+        new.has_networks = bool(options.require_tls_networks)
+        return new
 
     def active_stages(self) -> set[Stage]:
         out = set()

@@ -1,4 +1,12 @@
-"""Runs a stage's checks, owns their time budget and failures, records outcomes once."""
+"""Runs a stage's checks, owns their time budget and failures, records outcomes once.
+
+The runner is the only clock the checks have: before each one it sets the
+check's deadline on the context, and it stops waiting a moment after it. A check
+with lookups of its own bounds them by that deadline and answers in its own
+terms (SPF: temperror); only a check that does not answer by then gets
+`<check>.timeout` from the runner. Checks run in an order where every check
+comes after those whose facts it `requires`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from gateway import metrics
-from gateway.checks.base import Check, active_stages
+from gateway.checks.base import Check, Configurable, active_stages
 from gateway.context import Context
 from gateway.pipeline.policy import Policy
 from gateway.vocab import ACCEPT, Action, Stage, Verdict
@@ -26,12 +34,13 @@ class _Slot:
     property per symbol), the runner's bookkeeping cost 1.9 µs per cached check;
     it is 1.1 µs now, and a message passes about a dozen checks."""
 
-    __slots__ = ("allowlist_skip", "check", "name", "reputation", "seconds", "symbols")
+    __slots__ = ("allowlist_skip", "budget", "check", "name", "reputation", "seconds", "symbols")
 
     def __init__(self, check: Check, policy: Policy) -> None:
         self.check = check
         self.name = check.name
         self.reputation = check.reputation
+        self.budget = check.budget or policy.check_timeout
         self.allowlist_skip = check.name in policy.allowlist_skips
         # Looked up at first use, so a check that never ran exports no series.
         self.seconds: metrics.BufferedHistogram | None = None
@@ -59,9 +68,50 @@ class View:
         return bool(self.by_stage[stage])
 
 
+def in_order(checks: Sequence[Check]) -> list[Check]:
+    """`checks` in their given order, except that each comes after the checks it
+    requires (a stable topological order). A requirement that is not among them
+    is no error (its facts are simply absent); a cycle, or a requirement that
+    only runs at a later stage, is: no order could give the facts in time."""
+    by_name = {c.name: c for c in checks}
+    out: list[Check] = []
+    visiting: set[str] = set()
+
+    def place(c: Check) -> None:
+        if c in out:
+            return
+        if c.name in visiting:
+            raise ValueError(f"check {c.name!r} requires itself through {sorted(visiting)}")
+        visiting.add(c.name)
+        for name in sorted(c.requires):
+            req = by_name.get(name)
+            if req is None:
+                continue
+            if _first(req.stages) > _last(c.stages):
+                raise ValueError(f"check {c.name!r} requires {name!r}, which runs only later")
+            place(req)
+        visiting.discard(c.name)
+        out.append(c)
+
+    for c in checks:
+        place(c)
+    return out
+
+
+_STAGE_ORDER = list(Stage)
+
+
+def _first(stages: frozenset[Stage]) -> int:
+    return min(_STAGE_ORDER.index(s) for s in stages)
+
+
+def _last(stages: frozenset[Stage]) -> int:
+    return max(_STAGE_ORDER.index(s) for s in stages)
+
+
 class Runner:
     def __init__(self, checks: Sequence[Check], policy: Policy) -> None:
-        self.checks = list(checks)
+        self.checks = in_order(checks)
         self._stage_seconds: dict[Stage, metrics.BufferedHistogram] = {}
         self.view = View(policy, {s: [] for s in Stage})
         self.swap_policy(policy)
@@ -73,12 +123,14 @@ class Runner:
 
     def swap_policy(self, policy: Policy) -> None:
         """Reload: new transactions see the new policy; running ones are unaffected."""
-        active = [c for c in self.checks if policy.enabled(c.name)]
-        for c in active:
+        active: list[Check] = []
+        for c in self.checks:
+            if not policy.enabled(c.name):
+                continue
             opts = policy.options(c.name)
-            configure = getattr(c, "configure", None)
-            if opts is not None and configure is not None:
-                configure(opts)
+            if opts is not None and isinstance(c, Configurable):
+                c = c.configured(opts)
+            active.append(c)
         slots = [(_Slot(c, policy), active_stages(c)) for c in active]
         self.view = View(policy, {s: [slot for slot, at in slots if s in at] for s in Stage})
 
@@ -102,6 +154,7 @@ class Runner:
         action, symbol, strength = Action.ACCEPT, "", 0
         seen: list[str] = []
         start = time.perf_counter()
+        clock = asyncio.get_running_loop().time
         for slot in slots:
             if ctx.trusted and slot.reputation:
                 continue  # trusted networks: no reputation/authentication checks at all
@@ -109,21 +162,22 @@ class Runner:
                 continue
             t0 = time.perf_counter()
             waited = False
+            ctx.deadline = deadline = clock() + slot.budget
             try:
                 symbols = slot.check.run(stage, ctx)
                 if type(symbols) is not tuple and inspect.isawaitable(symbols):
                     waited = True
                     # Only a check that has to wait gets a coroutine and a timer here;
                     # a tuple is an answer given at once (from a cache, say).
-                    symbols = await _bounded(symbols, policy.check_timeout)
+                    symbols = await _bounded(symbols, deadline + GRACE)
             except TimeoutError:
                 log.warning("check %s timed out at %s", slot.name, stage.value)
                 symbols = (f"{slot.name}.timeout",)
-                ctx.incomplete |= {slot.name}
+                ctx.facts.incomplete |= {slot.name}
             except Exception:
                 log.exception("check %s failed at %s", slot.name, stage.value)
                 symbols = (f"{slot.name}.error",)
-                ctx.incomplete |= {slot.name}
+                ctx.facts.incomplete |= {slot.name}
             seconds = slot.seconds
             if seconds is None:
                 seconds = slot.seconds = metrics.child(metrics.CHECK_SECONDS, slot.name)
@@ -159,7 +213,13 @@ class Runner:
 YIELD_AFTER = 0.002
 
 
-async def _bounded(pending: Awaitable[Sequence[str]], budget: float) -> Sequence[str]:
-    """A check's answer within the policy's time budget (TimeoutError past it)."""
-    async with asyncio.timeout(budget):
+# Seconds the runner waits past a check's deadline: a check that bounds its own
+# lookups by the deadline answers in its own terms at it, and the runner's timer,
+# later, never races that answer.
+GRACE = 0.1
+
+
+async def _bounded(pending: Awaitable[Sequence[str]], when: float) -> Sequence[str]:
+    """A check's answer by event-loop time `when` (TimeoutError past it)."""
+    async with asyncio.timeout_at(when):
         return await pending

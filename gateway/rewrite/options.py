@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gateway.config import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Canonical(_Strict):
+class Canonical(Strict):
     # KEY: VALUE; keys: user@domain, user, @domain, /regex/ ($1 in the value).
     rules: dict[str, str] = Field(default_factory=dict)
     # A file of `KEY VALUE` lines (relative to the policy file), read on every reload.
@@ -20,7 +18,7 @@ class Canonical(_Strict):
     headers: bool = False  # sender: From, Sender, Reply-To; recipient: To, Cc
 
 
-class VirtualAlias(_Strict):
+class VirtualAlias(Strict):
     # KEY: VALUE or [VALUE, ...]: the recipient becomes these addresses (fan-out),
     # looked up again for each (recursive); an address that maps to itself stays.
     rules: dict[str, str | list[str]] = Field(default_factory=dict)
@@ -29,7 +27,7 @@ class VirtualAlias(_Strict):
     max_expansion: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
-class Masquerade(_Strict):
+class Masquerade(Strict):
     # host.dept.example.org -> example.org for senders under these domains (in order).
     domains: list[str] = Field(default_factory=list)
     exceptions: list[str] = Field(default_factory=list)  # local parts never masqueraded
@@ -38,7 +36,7 @@ class Masquerade(_Strict):
     headers: bool = True  # From, Sender, Reply-To
 
 
-class SrsSettings(_Strict):
+class SrsSettings(Strict):
     enabled: bool = False
     domain: str | None = None  # ours, and in local_domains (bounces come back to it)
     # The first secret signs, all verify (rotation). Or secrets_file: one per line.
@@ -55,7 +53,7 @@ class SrsSettings(_Strict):
             raise ValueError("srs.enabled needs secrets or secrets_file")
 
 
-class RewriteOptions(_Strict):
+class RewriteOptions(Strict):
     subaddress_delimiter: str = "+"  # "" turns sub-addressing off
     subaddress: Literal["keep", "strip"] = "keep"
     # Header naming the original recipient when rewriting changed it; only for a

@@ -24,6 +24,7 @@ from gateway import config
 from gateway.checks.dkim import OFFLOOP_BYTES, DkimCheck, aggregate
 from gateway.checks.dmarc import DmarcCheck, Undecided, from_domains, parse_record
 from gateway.dns import Resolver
+from gateway.facts import ArcFacts, SpfFacts
 from tests.support.dkimkeys import ed25519_key, rsa_key, sign, sign_simple_by_hand
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway, base_config
@@ -399,7 +400,7 @@ def test_dmarc_answers_at_once_from_the_cache_and_resumes_where_it_misses(
     def ctx() -> Context:
         c = Context("s1", "192.0.2.1", 25, "smtp")
         c.wire = message
-        c.spf_domain, c.spf_result = "other.walk.test", "pass"
+        c.facts.spf = SpfFacts("other.walk.test", "pass")
         return c
 
     async def go() -> list[Any]:
@@ -414,7 +415,8 @@ def test_dmarc_answers_at_once_from_the_cache_and_resumes_where_it_misses(
             out.append(type(symbols) is tuple)
             if not isinstance(symbols, tuple):
                 symbols = await symbols
-            out.append((symbols, c.dmarc.policy, c.auth[-1].result))
+            assert c.facts.dmarc is not None
+            out.append((symbols, c.facts.dmarc.policy, c.auth[-1].result))
         return out
 
     half, first, warm, second = asyncio.run(go())
@@ -676,8 +678,9 @@ def test_an_unknown_arc_chain_counts_only_when_a_trusted_sealer_could_override(
         check.trusted_sealers = sealers
         ctx = Context("s", "192.0.2.1", 1, "smtp")
         ctx.wire = MSG
-        ctx.incomplete = incomplete
-        ctx.arc_result, ctx.arc_sealer = arc
+        ctx.facts.incomplete = incomplete
+        if arc[0] is not None:
+            ctx.facts.arc = ArcFacts(arc[0], arc[1])
         out = check.run(Stage.DATA, ctx)
         return out if isinstance(out, tuple) else await out
 

@@ -262,7 +262,7 @@ def test_half_cached_lookups_resume_with_what_the_cache_gave(
 
     async def go() -> tuple[bool, tuple[str, ...], dict[str, str]]:
         check = DnsblCheck(Resolver(config.Dns(nameservers=[dns_server.address], timeout=0.5)))
-        check.configure(options)
+        check = check.configured(options)
         for name in names[2:] if warm == "A of bl" else names:
             await check.resolver.query(name, "A")
         ctx = Context("s1", ip, 25, "smtp")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 
 from tests.integration.test_ratelimit import OFF, send
 from tests.integration.test_ratelimit import ratelimit_cli as cli
@@ -96,16 +97,35 @@ def test_concurrency_slot_is_shared_and_freed_at_close(
     assert wait_for_greeting(b.port(), 220, timeout=5) < 5
 
 
+def redis_now_ms(r: redis.Redis) -> int:
+    """Redis's clock as the lease scripts read it (store/redis.py: TIME, in ms)."""
+    sec, usec = r.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
 def test_killed_gateway_leases_expire(
     backend: Backend, gateway_factory: Callable[..., Gateway], redis_server: RedisServer
 ) -> None:
     a = shared(backend, gateway_factory, redis_server, CONC, lease_ttl=2)
     b = shared(backend, gateway_factory, redis_server, CONC, lease_ttl=2)
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     held = RawClient(a.port())
     try:
         assert held.reply()[0] == 220
+        # A's slot: one lease in a sorted set scored by its expiry (ms of Redis TIME).
+        key = "smtp-gateway:conc:conns:127.0.0.1"
+        [(lease, first_expiry)] = r.zrange(key, 0, -1, withscores=True)
         # Held longer than the lease: a live gateway renews it, so B still refuses.
-        time.sleep(3)
+        # Redis owns the clock, so wait on it: until A has renewed the lease past its
+        # first expiry and Redis's time is past that expiry too.
+        deadline = time.monotonic() + 10
+        while True:
+            score = r.zscore(key, lease)
+            assert score is not None, "A's lease expired: it was not renewed"
+            if score > first_expiry and redis_now_ms(r) > first_expiry:
+                break
+            assert time.monotonic() < deadline, "A's lease was not renewed past its expiry"
+            time.sleep(0.05)
         assert greeting(b.port())[0] == 421
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(10)
@@ -114,6 +134,7 @@ def test_killed_gateway_leases_expire(
         assert waited <= 2.5
     finally:
         held.close()
+        r.close()
 
 
 @pytest.mark.parametrize("closed", [False, True], ids=["fail-open", "fail-closed"])

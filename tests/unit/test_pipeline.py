@@ -20,6 +20,8 @@ class FakeCheck:
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
     symbols: ClassVar[frozenset[str]] = frozenset({"fake.bad", "fake.meh"})
     reputation: ClassVar[bool] = True
+    requires: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None
 
     def __init__(self, out: tuple[str, ...] = (), fail: bool = False, slow: bool = False):
         self.out, self.fail, self.slow = out, fail, slow
@@ -81,14 +83,14 @@ def test_checks_that_crash_or_overrun_are_named_for_the_transaction() -> None:
     """What builds on a check's facts (DMARC) must know they are missing."""
     c = ctx()
     asyncio.run(Runner([SyncFake(fail=True), FakeCheck(("fake.meh",))], POL).run(Stage.MAIL, c))
-    assert c.incomplete == {"fake"}
+    assert c.facts.incomplete == {"fake"}
     c.new_transaction()
-    assert c.incomplete == frozenset()
+    assert c.facts.incomplete == frozenset()
     asyncio.run(Runner([FakeCheck(slow=True)], POL).run(Stage.MAIL, c))
-    assert c.incomplete == {"fake"}
+    assert c.facts.incomplete == {"fake"}
     c = ctx()
     asyncio.run(Runner([SyncFake(("fake.meh",))], POL).run(Stage.MAIL, c))
-    assert c.incomplete == frozenset()
+    assert c.facts.incomplete == frozenset()
 
 
 def test_no_checks_at_stage_accepts() -> None:

@@ -21,6 +21,7 @@ from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner
 from gateway.smtp.local import AcceptingBackend, LocalSession, plain_listener, services
 from gateway.store.memory import MemoryStore
+from tests.unit.test_ratelimit import Clock
 
 T = TypeVar("T")
 
@@ -49,11 +50,16 @@ def settings(tmp_path: Path) -> config.Settings:
 
 
 def session_run(
-    settings: config.Settings, play: Callable[[LocalSession, AcceptingBackend], Awaitable[T]]
+    settings: config.Settings,
+    play: Callable[[LocalSession, AcceptingBackend], Awaitable[T]],
+    store: MemoryStore | None = None,
 ) -> T:
+    """`play` against one session; `store`: the rate-limit store (a fresh one if None)."""
+
     async def go() -> T:
         pol = policy_mod.load(settings.policy, all_known_symbols())
-        runner = Runner(build_checks(settings, Resolver(settings.dns), MemoryStore()), pol)
+        limits = MemoryStore() if store is None else store
+        runner = Runner(build_checks(settings, Resolver(settings.dns), limits), pol)
         backend = AcceptingBackend()
         svc = services(settings, runner, backend)
         s = LocalSession(svc, plain_listener(settings, svc), ("192.0.2.7", 4000))
@@ -165,3 +171,50 @@ def test_a_transaction_runs_under_the_policy_of_its_mail(
     during, after = session_run(settings, play)
     assert during == ["550 5.7.1 Relay access denied"]  # the policy at MAIL: reject
     assert after == ["450 4.7.1 Relay access denied"]  # the reloaded one: tempfail
+
+
+# What a client refused by a rate limit reads (replies.py, ratelimit.exceeded: tempfail).
+RATE_LIMITED = ["450 4.7.1 Rate limit exceeded, try again later"]
+
+
+def test_message_limit_recovers_after_one_cell_of_its_window(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """3/2s: one cell (one message's worth of the limit) comes back every 2/3 s.
+    The store runs on a clock the test moves, so "after the window" is exact: the
+    fourth message is refused until a cell has drained, and then only one more fits."""
+    (tmp_path / "limited.yaml").write_text(
+        POLICY
+        + "  ratelimit:\n    limits:\n"
+        + "      - {name: msgs, key: client_ip, unit: messages, rate: 3/2s}\n"
+        + "    concurrency: []\n"
+        + "actions:\n  ratelimit.exceeded: tempfail\n"
+    )
+    limited = settings.model_copy(update={"policy": str(tmp_path / "limited.yaml")})
+    cell = 2 / 3
+    clock = Clock()
+
+    async def message(s: LocalSession) -> list[str]:
+        """One transaction: the MAIL refusal, or the reply at the end of the data."""
+        mail = await s.send("MAIL FROM:<a@sender.test>")
+        if mail[0][:3] != "250":
+            return mail
+        assert (await s.send("RCPT TO:<x@example.test>"))[0][:3] == "250"
+        assert (await s.send("DATA"))[0][:3] == "354"
+        return await s.message(b"Subject: r\r\n\r\nhi\r\n")
+
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[list[str]]:
+        await s.start()
+        await s.send("EHLO client.test")
+        out = [await message(s) for _ in range(4)]  # all at one instant
+        clock.t += cell - 0.01
+        out.append(await message(s))  # just under one cell: still refused
+        clock.t += 0.02
+        out.append(await message(s))  # just past it: one message fits again
+        out.append(await message(s))  # and only one
+        assert len(backend.relayed) == 4
+        return out
+
+    out = session_run(limited, play, MemoryStore(clock))
+    accepted = ["250 2.0.0 Ok: queued"]  # the accepting backend's reply, relayed
+    assert out == [accepted] * 3 + [RATE_LIMITED] * 2 + [accepted] + [RATE_LIMITED]
