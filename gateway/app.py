@@ -19,15 +19,15 @@ from gateway.net import network_matcher
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner
 from gateway.smtp import tls
-from gateway.smtp.handler import (
+from gateway.smtp.memory import MessageMemory, auto_limit
+from gateway.smtp.services import (
     ListenerState,
     Services,
-    Session,
     ehlo_lines,
     requiretls_possible,
     reseed_session_ids,
 )
-from gateway.smtp.memory import MessageMemory, auto_limit
+from gateway.smtp.session import Session
 from gateway.store import make_store
 from gateway.stream import Stream
 
@@ -69,10 +69,10 @@ class App:
         self.listeners = [
             ListenerState(
                 cfg=lc,
-                tls=tls.server_context(lc),
+                tls=tls.server_context(lc, i),
                 requiretls=requiretls_possible(settings),
             )
-            for lc in settings.listeners
+            for i, lc in enumerate(settings.listeners)
         ]
         self.svc = Services(
             settings=settings,
@@ -137,6 +137,8 @@ class App:
         dnsbl = self._dnsbl()
         if dnsbl is not None and dnsbl.health():
             details["dnsbl_zones_healthy"] = dnsbl.health()
+        # Shown, never a reason to be unready (dns.Health says why).
+        details["dns"] = self.resolver.health.state()
         return (not self.svc.draining and self.backend.available), details
 
     # -- lifecycle ------------------------------------------------------------------
@@ -234,7 +236,7 @@ class App:
             pol = policy_mod.load(self.settings.policy, self.symbols)
         except config.ConfigError as e:
             metrics.child(metrics.CONFIG_RELOADS, "failed").inc()
-            logs.event("reload_failed", error=str(e))
+            logs.failure("reload_failed", error=str(e))
             return False
         self.runner.swap_policy(pol)
         metrics.child(metrics.CONFIG_RELOADS, "ok").inc()

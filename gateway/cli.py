@@ -28,9 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway (embedded defaults without --config)")
     run.add_argument("--config", "-c", help="YAML config file")
 
-    chk = sub.add_parser("check", help="the pipeline's verdict on one message (no backend)")
+    chk = sub.add_parser(
+        "check",
+        help="the pipeline's verdict on one message (no backend)",
+        epilog="exit status: 0 accepted, 3 tagged, 4 quarantined, 5 deferred (tempfail), "
+        "6 rejected; 1 an error, 2 a configuration or usage error",
+    )
     chk.add_argument("message", help="the message, as an .eml file")
-    chk.add_argument("--client-ip", required=True)
+    chk.add_argument("--client-ip", required=True, type=_ip, help="the client's IP address")
     chk.add_argument("--helo", required=True)
     chk.add_argument("--mail-from", required=True, help="envelope sender ('' for <>)")
     chk.add_argument("--rcpt", required=True, action="append", help="repeat for several")
@@ -56,21 +61,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_validate(settings: config.Settings) -> Policy:
-    """Everything that can be checked without binding a port; raises ConfigError."""
+def _ip(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address") from None
+
+
+def cmd_validate(settings: config.Settings, source: str) -> Policy:
+    """Everything that can be checked without binding a port; raises ConfigError
+    naming `source` (the config file) and the key."""
     from gateway.checks.registry import all_known_symbols
     from gateway.pipeline import policy as policy_mod
     from gateway.smtp import tls
 
-    pol = policy_mod.load(settings.policy, all_known_symbols())
-    for lc in settings.listeners:
-        tls.server_context(lc)
+    try:
+        pol = policy_mod.load(settings.policy, all_known_symbols())
+        for i, lc in enumerate(settings.listeners):
+            tls.server_context(lc, i)
+    except (policy_mod.PolicyNotFound, tls.TlsConfigError) as e:
+        raise config.ConfigError(f"{source}: {e}") from None
     return pol
 
 
 def cmd_config_check(path: str) -> int:
     settings = config.load(path)
-    cmd_validate(settings)
+    cmd_validate(settings, path)
     print(f"{path}: OK ({len(settings.listeners)} listener(s), policy {settings.policy})")
     return 0
 
@@ -83,7 +101,7 @@ def cmd_run(path: str | None) -> int:
     workers.raise_fd_limit()
     count = settings.workers or workers.available_cpus()
     if count == 1:
-        cmd_validate(settings)
+        cmd_validate(settings, path or "(embedded defaults)")
         return _serve(settings, reuse_port=False, workers=1)
     addresses = [(lc.address, lc.port) for lc in settings.listeners]
     if settings.metrics.listen:
@@ -93,7 +111,8 @@ def cmd_run(path: str | None) -> int:
     mp_dir, created = workers.prepare_multiproc(settings.metrics.multiproc_dir)
     table = None
     try:
-        cmd_validate(settings)  # policy and TLS errors stop the master, not every worker
+        # Policy and TLS errors stop the master, not every worker.
+        cmd_validate(settings, path or "(embedded defaults)")
         if not settings.store.redis_url:
             # The workers count rate limits in one table, as one process would
             # (store/shared.py); made even with no limits yet, for a reload that adds one.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from enum import StrEnum
 from pathlib import Path
@@ -354,15 +355,69 @@ class Settings(Strict):
         for d in v:
             d = d.strip().lower()
             body = d[2:] if d.startswith("*.") else d
-            if not body or "*" in body or " " in body or body.endswith("."):
+            if not _is_domain(body):
                 raise ValueError(f"{d!r} is not a domain or *.domain wildcard")
             out.append(d)
         return out
 
     def model_post_init(self, _ctx: Any) -> None:
         names = [x.name for x in self.listeners]
-        if len(set(names)) != len(names):
-            raise ValueError("listener names must be unique")
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"listeners: names must be unique ({twice!r} is used twice)")
+        problem = _listening_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+# A label of a host name: letters, digits, hyphens inside (RFC 1123 2.1); the
+# underscore too, which some sites use in internal names.
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_domain(name: str) -> bool:
+    """A domain name we can match mail against: labels of at most 63 characters,
+    none empty (`example..test`), 253 in all; an internationalised name in its
+    Unicode or its A-label form."""
+    if not name or len(name) > 253:
+        return False
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+    return all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Two listening addresses that cannot both be bound on one port."""
+    return (
+        a == b or ipaddress.ip_address(a).is_unspecified or ipaddress.ip_address(b).is_unspecified
+    )
+
+
+def _listening_problem(s: Settings) -> str | None:
+    """What would make the gateway refuse every connection or fail to start, found
+    before it starts: the message begins with the key to change."""
+    if not s.listeners:
+        return "listeners: at least one listener is needed (no mail could come in)"
+    taken: list[tuple[str, str, int]] = []
+    for i, lc in enumerate(s.listeners):
+        if lc.proxy_protocol and not s.proxy_networks:
+            return (
+                f"listeners.{i}.proxy_protocol: true needs proxy_networks (the load "
+                "balancers' addresses): every connection would be refused"
+            )
+        for where, address, port in taken:
+            if port == lc.port and port != 0 and _overlap(address, lc.address):
+                return f"listeners.{i}: {lc.address} port {lc.port} is also {where}'s"
+        taken.append((f"listeners.{i}", lc.address, lc.port))
+    if s.metrics.listen is not None:
+        host, port = split_hostport(s.metrics.listen)
+        for where, address, lport in taken:
+            if port == lport and port != 0 and _overlap(address, host):
+                return f"metrics.listen: {s.metrics.listen} is also {where}'s address and port"
+    return None
 
 
 # Infrastructure keys a container may set from its environment.
@@ -428,12 +483,13 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{source}: {loc}: {msg}")
+        # A problem of several keys together names the key to change itself.
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,6 +32,8 @@ import dns.resolver
 
 from gateway import config, metrics
 from gateway.config import parse_nameserver
+
+log = logging.getLogger("gateway.dns")
 
 
 def ascii_name(name: str) -> str:
@@ -86,6 +91,71 @@ def _count_hit() -> None:
     metrics.child(metrics.DNS_CACHE, "hit").inc()
 
 
+class Health:
+    """Whether the resolver has been failing lately: most of the queries of the last
+    minute timed out or got SERVFAIL. Every check then says temperror and the
+    policy defers mail, so the operator must hear of it: a warning (at most one a
+    minute while it lasts, and a line when it ends) and the figures in
+    /healthz/ready's body. It never makes the gateway unready: another replica's
+    resolver is likely the same, and a 451 is the right answer meanwhile."""
+
+    WINDOW = 60.0  # seconds of queries judged
+    SLOTS = 6  # the window in slots of WINDOW / SLOTS seconds
+    MIN_QUERIES = 10  # fewer in the window: too few to judge
+    WARN_EVERY = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._slots: deque[list[float]] = deque()  # [start, queries, failed]
+        self._warned_at: float | None = None
+        self.failing = False
+
+    def record(self, failed: bool) -> None:
+        now = self.clock()
+        slots = self._slots
+        width = self.WINDOW / self.SLOTS
+        if not slots or now - slots[-1][0] >= width:
+            slots.append([now, 0, 0])
+        last = slots[-1]
+        last[1] += 1
+        last[2] += failed
+        self._judge(now)
+
+    def _judge(self, now: float) -> None:
+        slots = self._slots
+        while slots and now - slots[0][0] >= self.WINDOW:
+            slots.popleft()
+        queries = sum(s[1] for s in slots)
+        failed = sum(s[2] for s in slots)
+        # Failing past half the queries; failing no more under a quarter: near the
+        # line, the verdict would change with every query, and say so each time.
+        if self.failing:
+            failing = queries >= self.MIN_QUERIES and failed * 4 >= queries
+        else:
+            failing = queries >= self.MIN_QUERIES and failed * 2 > queries
+        if failing and (self._warned_at is None or now - self._warned_at >= self.WARN_EVERY):
+            self._warned_at = now
+            log.warning(
+                "DNS resolver failing: %d of %d queries in the last %d s timed out or got "
+                "SERVFAIL; checks answer temperror and the policy decides (default: defer)",
+                failed, queries, self.WINDOW,
+            )  # fmt: skip
+        elif self.failing and not failing:
+            self._warned_at = None
+            log.warning("DNS resolver answering again: %d of %d queries failed", failed, queries)
+        self.failing = failing
+
+    def state(self) -> dict[str, object]:
+        """For /healthz/ready's body."""
+        self._judge(self.clock())
+        return {
+            "failing": self.failing,
+            "queries": int(sum(s[1] for s in self._slots)),
+            "failed": int(sum(s[2] for s in self._slots)),
+            "window_seconds": self.WINDOW,
+        }
+
+
 class Resolver:
     def __init__(self, cfg: config.Dns) -> None:
         self.cfg = cfg
@@ -101,6 +171,7 @@ class Resolver:
         self._r = r
         self._cache: dict[tuple[str, str], tuple[float, DnsAnswer]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[DnsAnswer]] = {}
+        self.health = Health()
 
     @staticmethod
     def _key(name: str, rdtype: str) -> tuple[str, str]:
@@ -187,6 +258,7 @@ class Resolver:
             status = DnsStatus.SERVFAIL
             result = DnsAnswer(status)
         metrics.child(metrics.DNS_QUERIES, rdtype, status.value).inc()
+        self.health.record(status is DnsStatus.TIMEOUT or status is DnsStatus.SERVFAIL)
         metrics.child(metrics.DNS_LATENCY, rdtype).observe(time.perf_counter() - start)
         return result
 

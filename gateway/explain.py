@@ -25,8 +25,8 @@ from gateway.context import Context
 from gateway.dns import Resolver
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner, View
-from gateway.smtp.handler import Services
 from gateway.smtp.local import AcceptingBackend, LocalSession, plain_listener, services
+from gateway.smtp.services import Services
 from gateway.store.memory import MemoryStore
 from gateway.vocab import ACCEPT, AuthResult, Stage, Verdict, combine
 from gateway.wire import stuff
@@ -209,6 +209,10 @@ def _report(
     }
 
 
+# The verdict in the exit status (1 and 2 are the command line's errors).
+EXIT_VERDICT = {"accept": 0, "tag": 3, "quarantine": 4, "tempfail": 5, "reject": 6}
+
+
 def run(args: Any) -> int:
     settings = config.load(args.config)
     message = Path(args.message).read_bytes()
@@ -217,7 +221,7 @@ def run(args: Any) -> int:
     )
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
+        return EXIT_VERDICT[out["action"]]
     print(
         f"client {out['client_ip']}{' (trusted: sender checks skipped)' if out['trusted'] else ''}"
     )
@@ -237,4 +241,4 @@ def run(args: Any) -> int:
     )
     print(f"reply:  {out['reply']}")
     print(out["authentication_results"])
-    return 0
+    return EXIT_VERDICT[out["action"]]

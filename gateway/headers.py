@@ -268,6 +268,39 @@ def strip_forged(wire: bytes, ours: OurFields) -> tuple[bytes, int]:
     return b"".join((stuff(b"".join(kept)), memoryview(wire)[end:])), len(drop)
 
 
+@dataclass(frozen=True, slots=True)
+class Verdicts:
+    """What the checks and the policy made of a message, as header fields show it."""
+
+    authserv_id: str
+    auth: list[AuthResult]
+    tag_header: str
+    tags: list[str]
+    # (field name, the recipients the message was for) when it is quarantined.
+    quarantine: tuple[str, list[str]] | None = None
+
+
+def compose(
+    wire: bytes, received: bytes, ours: OurFields, verdicts: Verdicts, extra: bytes = b""
+) -> tuple[bytes, bytes, int]:
+    """The message as the backend gets it: `wire` without the fields a client wrote
+    in our name, and ours to put in front, in order: Received (a trace field goes
+    on top, RFC 5321 4.4), `extra` (X-Original-To), Authentication-Results, the
+    policy's tag, the quarantine note. Returns (wire, our fields, fields removed).
+
+    Only we speak for our authserv-id and write our fields, whoever the client
+    is (trusted or not).
+    """
+    wire, forged = strip_forged(wire, ours)
+    prefix = received + extra + authentication_results(verdicts.authserv_id, verdicts.auth)
+    if verdicts.tags:
+        prefix += tag(verdicts.tag_header, verdicts.tags)
+    if verdicts.quarantine is not None:
+        name, recipients = verdicts.quarantine
+        prefix += quarantine(name, recipients, verdicts.tags)
+    return wire, prefix, forged
+
+
 def _field_end(head: bytes, pos: int) -> int:
     """Where the field that goes on at `pos` ends: after the CRLF of its last line
     (the next line that does not start with white space begins another)."""

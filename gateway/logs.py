@@ -154,6 +154,18 @@ def event(name: str, **fields: Any) -> None:
         _out.add(_out.format(time.time(), "info", "gateway.events", _out.pid, fields))
 
 
+def failure(name: str, *, severe: bool = False, **fields: Any) -> None:
+    """An event that needs an operator (a refused reload, a lost backend): logged at
+    warning level (severe: at error level), so `logging.level: WARNING` keeps it,
+    and written at once."""
+    level = logging.ERROR if severe else logging.WARNING
+    if _events.isEnabledFor(level):
+        fields = {"event": name, **fields}
+        line = _out.format(time.time(), logging.getLevelName(level).lower(), "gateway.events",
+                           _out.pid, fields)  # fmt: skip
+        _out.add(line, urgent=True)
+
+
 def flush() -> None:
     """Write what is queued now (before a process ends without atexit: os._exit)."""
     _out.flush()

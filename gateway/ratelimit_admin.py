@@ -80,6 +80,14 @@ def describe(entry: Entry, pol: policy_mod.Policy) -> str:
 def run(action: str, key: str, config_path: str | None) -> int:
     settings = config.load(config_path)
     pol = policy_mod.load(settings.policy, _symbols())
+    opts = pol.checks.ratelimit
+    names = [x.name for x in opts.limits] + [c.name for c in opts.concurrency]
+    name = key.split(":", 1)[0]
+    if name not in names:
+        raise config.ConfigError(
+            f"{key}: no limit named {name!r} in the policy {settings.policy}"
+            f" (limits: {', '.join(names) or 'none'})"
+        )
     via = _via_redis if settings.store.redis_url else _via_http
     result = asyncio.run(via(settings, action, key))
     if action == "reset":

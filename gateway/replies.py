@@ -211,7 +211,7 @@ SYMBOL_REPLIES.update(
             Action.TEMPFAIL: r(450, "4.7.1", "Service unavailable; client listed at {detail}"),
         },
         "dnsbl.temperror": {Action.TEMPFAIL: r(451, "4.7.1", "DNSBL lookup failed, try again")},
-        # At connect these become 421 (the handler's rule for greetings).
+        # At connect these become 421 (the session's rule for greetings).
         "ratelimit.exceeded": {
             Action.TEMPFAIL: r(450, "4.7.1", "Rate limit exceeded, try again later"),
             Action.REJECT: r(550, "5.7.1", "Rate limit exceeded"),

@@ -159,7 +159,7 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
             worst = max(worst, abs(code))
             continue
         metrics.WORKER_RESTARTS.inc()
-        logs.event("worker_died", worker=index, pid=pid, exit=code)
+        logs.failure("worker_died", severe=True, worker=index, pid=pid, exit=code)
         # A worker that dies at once (a bind error, say) must not spin the CPU.
         fast_failures = fast_failures + 1 if time.monotonic() - started < 2 else 0
         if fast_failures:

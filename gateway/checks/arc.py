@@ -60,7 +60,7 @@ class ArcCheck(OffLoopCheck):
         message = ctx.message or b""
         if not _sealed(message):
             return self._record(ctx, ("none", None, ""))
-        # The handler's DATA reader makes every line end CRLF (check_wire).
+        # The session's DATA reader makes every line end CRLF (check_wire).
         verdict = self._start(message, crlf_clean=True)
         if isinstance(verdict, tuple):
             return self._record(ctx, verdict)

@@ -169,7 +169,7 @@ class DkimCheck(OffLoopCheck):
         message = ctx.message
         if not message:
             return ("dkim.none",)
-        # The handler's DATA reader makes every line end CRLF (check_wire).
+        # The session's DATA reader makes every line end CRLF (check_wire).
         job = self._prepare(message, crlf_clean=True)
         if isinstance(job, list):
             return self._record(ctx, job)

@@ -473,7 +473,7 @@ class SmtpBackend:
     ) -> tuple[SmtpReply, Transaction | None]:
         if self.cfg.defer_mail:
             # What is known without a backend session is still said at MAIL (and the
-            # handler refuses REQUIRETLS at MAIL unless backend TLS is required).
+            # session refuses REQUIRETLS at MAIL unless backend TLS is required).
             if not self.available:
                 raise BackendUnavailable("every backend is in cooldown")
             return _SENDER_OK, DeferredTransaction(self, link, client, sender, params)

@@ -62,7 +62,15 @@ class MaildirTransaction:
             name = await asyncio.to_thread(self._deliver, wire, prefix)
         except OSError as e:
             return [SmtpReply(451, [f"4.3.0 Local delivery failed: {e.strerror}"])]
-        return [SmtpReply(250, [f"2.0.0 Delivered as {name}"])]
+        return [SmtpReply(250, [f"2.0.0 Delivered as {self._written(name)}"])]
+
+    def _written(self, base: str) -> str:
+        """The file written, relative to the Maildir root (an operator finds it), or
+        for several recipients the name each mailbox's file has."""
+        if len(self.recipients) == 1:
+            box = mailbox_dir(self.backend.root, self.recipients[0])
+            return str((box / "new" / f"{base}R0").relative_to(self.backend.root))
+        return f"new/{base}R0 to R{len(self.recipients) - 1} in {len(self.recipients)} mailboxes"
 
     def _deliver(self, wire: bytes, prefix: bytes) -> str:
         """In a thread: the message unstuffed a piece at a time (on the loop, the

@@ -127,27 +127,88 @@ def presets_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "policies"
 
 
-def resolve(name_or_path: str) -> Path:
+def resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A preset's name (`strict`) or a policy file's path; a relative path in an
+    `extends:` is read from the directory of the file that extends."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        return p
+        return relative_to / p if relative_to is not None and not p.is_absolute() else p
     return presets_dir() / f"{name_or_path}.yaml"
 
 
-def load(name_or_path: str, known_symbols: set[str]) -> Policy:
-    path = resolve(name_or_path)
+# Policies extending policies extending ...: deeper than this is a mistake.
+MAX_EXTENDS = 8
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key (an action, a check's
+    option), anything else (a list of limits, a number) replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _inherited(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The policy file's content on top of what it `extends:` (a preset's name or
+    another file), and every file read."""
     data = read_yaml_mapping(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data, [path]
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: extends: must be a preset name or a policy file's path")
+    base_path = resolve(base, path.parent)
+    seen = [p.resolve() for p in (*chain, path)]
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {base}: a policy cannot extend itself (a cycle)")
+    if len(seen) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: extends: {base}: over {MAX_EXTENDS} policies deep")
+    if not base_path.is_file():
+        raise ConfigError(
+            f"{path}: extends: {base}: no such file or preset (presets: {', '.join(presets())})"
+        )
+    base_data, files = _inherited(base_path, (*chain, path))
+    return _merge(base_data, data), [path, *files]
+
+
+class PolicyNotFound(ConfigError):
+    """The config's `policy:` names no preset and no file."""
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def load(name_or_path: str, known_symbols: set[str]) -> Policy:
+    """The policy named in the config, with what it extends; a ConfigError names the
+    file and the key."""
+    path = resolve(name_or_path)
+    if not path.is_file():
+        if path.parent == presets_dir() and "/" not in name_or_path:
+            raise PolicyNotFound(
+                f"policy: {name_or_path!r} is no preset (presets: {', '.join(presets())};"
+                " or give a policy file's path)"
+            )
+        raise PolicyNotFound(f"policy: {path}: no such file")
+    data, files = _inherited(path)
+    source = (
+        str(path) if len(files) == 1 else f"{path} (extending {', '.join(map(str, files[1:]))})"
+    )
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, source)) from None
     unknown = sorted(set(policy.actions) - known_symbols)
     if unknown:
         known = ", ".join(sorted(known_symbols))
-        raise ConfigError(f"{path}: actions.{unknown[0]}: unknown symbol (known: {known})")
+        raise ConfigError(f"{source}: actions.{unknown[0]}: unknown symbol (known: {known})")
     try:
         policy._rewriter = Rewriter(policy.rewrite, path.parent)
-        policy._files = [path, *policy._rewriter.files]
+        policy._files = [*files, *policy._rewriter.files]
     except RuleError as e:
         raise ConfigError(f"{path}: {e}") from None
     return policy

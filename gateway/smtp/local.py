@@ -1,6 +1,6 @@
 """The gateway's own session, driven in memory: no socket, no backend process.
 
-`LocalSession` runs the very `Session` the listeners run (smtp/handler.py) over a
+`LocalSession` runs the very `Session` the listeners run (smtp/session.py) over a
 transport that keeps what the session writes, against a backend that accepts
 every transaction (250) and keeps the message as it would have been relayed
 (our header fields in front). A client's conversation is played one command at a
@@ -25,8 +25,9 @@ from gateway.forward.backend import ClientInfo
 from gateway.forward.client import SmtpReply
 from gateway.net import network_matcher
 from gateway.pipeline.runner import Runner
-from gateway.smtp.handler import ListenerState, Services, Session, ehlo_lines
 from gateway.smtp.memory import MessageMemory
+from gateway.smtp.services import ListenerState, Services, ehlo_lines
+from gateway.smtp.session import Session
 from gateway.stream import Stream
 
 

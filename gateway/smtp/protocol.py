@@ -2,7 +2,7 @@
 
 Everything here is a pure function of its arguments, so it is tested without a
 socket, a loop or a backend (tests/unit/test_protocol.py), and the session
-(`handler.py`) keeps only what needs them: reading, the checks, the backend.
+(`session.py`) keeps only what needs them: reading, the checks, the backend.
 
 - `parse_line`: one command line to a `Command`, or the reply that refuses it
   (control characters, an unknown verb).

@@ -40,6 +40,53 @@ class _Loaded:
     label: str
 
 
+def _read(path: Path, where: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        problem = "no such file"
+    except PermissionError:
+        problem = "not readable by this user (permission denied)"
+    except IsADirectoryError:
+        problem = "a directory, not a file"
+    except OSError as e:
+        problem = f"cannot read: {e.strerror}"
+    raise TlsConfigError(f"{where}: {path}: {problem}")
+
+
+def diagnose(cert: Path, key: Path, where: str) -> TlsConfigError:
+    """Why a certificate and key cannot be loaded, in words that name the config key
+    and the file (OpenSSL says `[SSL] PEM lib` for most of it)."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert_pem = _read(cert, f"{where}.cert_file")
+        key_pem = _read(key, f"{where}.key_file")
+    except TlsConfigError as e:
+        return e
+    try:
+        parsed = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return TlsConfigError(f"{where}.cert_file: {cert}: no PEM certificate in it")
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        return TlsConfigError(
+            f"{where}.key_file: {key}: the key is encrypted (give it without a passphrase)"
+        )
+    except (ValueError, UnsupportedAlgorithm):
+        return TlsConfigError(f"{where}.key_file: {key}: no PEM private key in it")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if private.public_key().public_bytes(der, spki) != parsed.public_key().public_bytes(der, spki):
+        return TlsConfigError(
+            f"{where}.key_file: {key}: not the private key of {where}.cert_file ({cert})"
+        )
+    return TlsConfigError(f"{where}.cert_file: {cert}: cannot load certificate/key")
+
+
 def _load(
     ctx: ssl.SSLContext, cert: Path, key: Path, names: list[str], label: str, where: str
 ) -> _Loaded:
@@ -48,8 +95,8 @@ def _load(
     try:
         ctx.load_cert_chain(str(cert), str(key))
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
-    except (OSError, ssl.SSLError, ValueError) as e:
-        raise TlsConfigError(f"{where}: cannot load certificate/key: {e}") from None
+    except (OSError, ssl.SSLError, ValueError):
+        raise diagnose(cert, key, where) from None
     if not names:
         try:
             san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -65,9 +112,10 @@ def _load(
 
 
 class ListenerTls:
-    def __init__(self, listener: config.Listener) -> None:
+    def __init__(self, listener: config.Listener, index: int = 0) -> None:
         self.cfg = listener
         self.name = listener.name
+        self.where = f"listeners.{index}"  # the config key, in errors
         assert listener.cert_file is not None and listener.key_file is not None
         self.context = self._dispatcher()
         self._default, self._by_name, self._wild = self._build()
@@ -90,10 +138,8 @@ class ListenerTls:
         assert c.cert_file is not None and c.key_file is not None
         try:
             ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
-        except (OSError, ssl.SSLError) as e:
-            raise TlsConfigError(
-                f"listeners.{c.name}.cert_file: cannot load certificate/key: {e}"
-            ) from None
+        except (OSError, ssl.SSLError):
+            raise diagnose(c.cert_file, c.key_file, self.where) from None
         ctx.sni_callback = self._pick
         return ctx
 
@@ -111,7 +157,7 @@ class ListenerTls:
                 ctx.set_ciphers(c.ciphers)
             except ssl.SSLError:
                 raise TlsConfigError(
-                    f"listeners.{c.name}.ciphers: no cipher matches {c.ciphers!r}"
+                    f"{self.where}.ciphers: no cipher matches {c.ciphers!r}"
                 ) from None
         if c.client_certificate != "none":
             assert c.client_ca_file is not None
@@ -119,7 +165,7 @@ class ListenerTls:
                 ctx.load_verify_locations(cafile=str(c.client_ca_file))
             except (OSError, ssl.SSLError) as e:
                 raise TlsConfigError(
-                    f"listeners.{c.name}.client_ca_file: cannot load: {e}"
+                    f"{self.where}.client_ca_file: {c.client_ca_file}: cannot load: {e}"
                 ) from None
             ctx.verify_mode = (
                 ssl.CERT_REQUIRED if c.client_certificate == "required" else ssl.CERT_OPTIONAL
@@ -135,12 +181,12 @@ class ListenerTls:
             c.key_file,
             [],
             "default",
-            f"listeners.{c.name}.cert_file",
+            self.where,
         )
         by_name: dict[str, _Loaded] = {}
         wild: dict[str, _Loaded] = {}
         for i, s in enumerate(c.certificates):
-            where = f"listeners.{c.name}.certificates.{i}"
+            where = f"{self.where}.certificates.{i}"
             loaded = _load(
                 self._new_context(), s.cert_file, s.key_file, s.names, f"sni-{i + 1}", where
             )
@@ -182,7 +228,7 @@ class ListenerTls:
             built = self._build()
         except TlsConfigError as e:
             metrics.child(metrics.TLS_CERT_RELOADS, self.name, "failed").inc()
-            logs.event("tls_reload_failed", listener=self.name, error=str(e))
+            logs.failure("tls_reload_failed", listener=self.name, error=str(e))
             return False
         self._default, self._by_name, self._wild = built
         self._export_expiry()
@@ -221,5 +267,7 @@ def describe(obj: ssl.SSLObject | None) -> tuple[str | None, str | None]:
     return obj.version(), cipher[0] if cipher else None
 
 
-def server_context(listener: config.Listener) -> ListenerTls | None:
-    return ListenerTls(listener) if listener.tls is not config.TlsMode.NONE else None
+def server_context(listener: config.Listener, index: int = 0) -> ListenerTls | None:
+    """The listener's TLS (None without); `index`: its place in `listeners`, which
+    errors name."""
+    return ListenerTls(listener, index) if listener.tls is not config.TlsMode.NONE else None

@@ -93,7 +93,7 @@ def test_calls_per_message_is_measured_and_repeatable(tmp_path: Path) -> None:
         (res,) = json.loads(out.read_text())
         assert res["mode"] == "proxy" and res["messages"] == 100
         # The session's own code is in the profile, counted per message.
-        loop = [v for k, v in res["functions"].items() if k.startswith("handler.py:")
+        loop = [v for k, v in res["functions"].items() if k.startswith("session.py:")
                 and k.endswith("(run)")]  # fmt: skip
         assert loop and loop[0] >= 1
         figures.append(res["calls_per_message"])

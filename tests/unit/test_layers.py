@@ -6,6 +6,8 @@ once hid a cycle between the SMTP package and the backend client):
 - `gateway.vocab` (stages, actions, verdicts, results) imports nothing of the gateway;
 - the pipeline and the checks never import the SMTP front end or the backend client;
 - the backend client (`gateway.forward`) never imports checks, pipeline or SMTP;
+- the checks' typed facts (`gateway.facts`) import only the vocabulary, and the
+  settings (`gateway.config`) none of the parts that read them;
 - nothing below the application imports it (`app`, `cli`);
 - and no two parts import each other, directly or through others.
 """
@@ -23,7 +25,7 @@ TOP = {"gateway.app", "gateway.cli", "gateway.__main__", "gateway.explain"}
 
 
 def _part(module: str) -> str:
-    """gateway.smtp.handler -> gateway.smtp; gateway.wire -> gateway.wire."""
+    """gateway.smtp.session -> gateway.smtp; gateway.wire -> gateway.wire."""
     return ".".join(module.split(".")[:2])
 
 
@@ -65,6 +67,16 @@ def test_the_contract_sees_the_imports() -> None:
         ("gateway.forward", {"gateway.checks", "gateway.pipeline", "gateway.smtp", *TOP}),
         ("gateway.smtp", TOP),
         ("gateway.rewrite", {"gateway.checks", "gateway.pipeline", "gateway.smtp", *TOP}),
+        # The checks' typed findings: words the checks share, below all of them.
+        (
+            "gateway.facts",
+            (set(EDGES) | {t for ts in EDGES.values() for t in ts}) - {"gateway.vocab"},
+        ),
+        # Settings are plain data, read by every part and reading none of them.
+        (
+            "gateway.config",
+            {"gateway.checks", "gateway.pipeline", "gateway.smtp", "gateway.forward", *TOP},
+        ),
     ],
 )
 def test_imports_point_down(part: str, forbidden: set[str]) -> None:

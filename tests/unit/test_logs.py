@@ -139,3 +139,24 @@ def test_a_loop_that_stops_before_its_flush_loses_nothing(out: Recording) -> Non
     logs.event("after_loop")  # no loop now: written at once, with what was queued
     lines = [json.loads(line)["event"] for w in out.writes for line in w.splitlines()]
     assert lines == ["last_in_loop", "after_loop"]
+
+
+def test_failures_are_warnings_that_a_warning_level_keeps() -> None:
+    """A refused reload is an operator's business: at `logging.level: WARNING` it is
+    written (at once), while the ordinary events are not."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = Recording()
+    logs.setup("WARNING", "json", stream)
+    try:
+        logs.event("reloaded", policy="default")
+        logs.failure("reload_failed", error="p.yaml: actions.x: unknown symbol")
+        logs.failure("worker_died", severe=True, worker=1)
+        lines = [json.loads(w) for w in stream.writes for w in w.splitlines() if w]
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    assert [(x["level"], x["event"]) for x in lines] == [
+        ("warning", "reload_failed"),
+        ("error", "worker_died"),
+    ]
+    assert lines[0]["error"] == "p.yaml: actions.x: unknown symbol"

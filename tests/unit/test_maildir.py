@@ -34,3 +34,25 @@ def test_the_file_and_the_rename_are_synced_before_delivery_returns(
         str(x / "tmp" / f"{base}R0"), str(x / "new"), str(x), str(x.parent), str(tmp_path),
         str(y / "tmp" / f"{base}R1"), str(y / "new"),
     ]  # fmt: skip
+
+
+def test_the_reply_names_the_file_written(tmp_path: Path) -> None:
+    """The operator trying the gateway finds the message from the reply alone."""
+    import asyncio
+
+    async def deliver(rcpts: list[str]) -> str:
+        backend = MaildirBackend(str(tmp_path))
+        _reply, txn = await backend.begin(None, "a@sender.test", [])  # type: ignore[arg-type]
+        assert txn is not None
+        for r in rcpts:
+            await txn.rcpt(r, [])
+        [reply] = await txn.data(b"Subject: s\r\n\r\nhi\r\n", len(rcpts))
+        return str(reply)
+
+    one = asyncio.run(deliver(["x@example.test"]))
+    [f] = (tmp_path / "example%2Etest" / "x" / "new").iterdir()
+    assert one == f"250 2.0.0 Delivered as example%2Etest/x/new/{f.name}"
+    two = asyncio.run(deliver(["y@example.test", "z@example.test"]))
+    [g] = (tmp_path / "example%2Etest" / "z" / "new").iterdir()
+    base = g.name.removesuffix("R1")
+    assert two == f"250 2.0.0 Delivered as new/{base}R0 to R1 in 2 mailboxes"

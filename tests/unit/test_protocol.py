@@ -7,7 +7,7 @@ import pytest
 from gateway import replies
 from gateway.address import Address
 from gateway.replies import Reply
-from gateway.smtp import handler, protocol
+from gateway.smtp import protocol, session
 from gateway.smtp.protocol import Command, MailParams, Phase
 
 
@@ -35,7 +35,7 @@ def test_parse_line(line: bytes, expected: Command | Reply) -> None:
 
 
 def test_the_session_answers_exactly_the_verbs_of_the_protocol() -> None:
-    assert set(handler._COMMANDS) == protocol.VERBS
+    assert set(session._COMMANDS) == protocol.VERBS
     assert protocol.LAST_IN_GROUP - {b"TURN"} <= protocol.VERBS
 
 

@@ -218,3 +218,52 @@ def test_message_limit_recovers_after_one_cell_of_its_window(
     out = session_run(limited, play, MemoryStore(clock))
     accepted = ["250 2.0.0 Ok: queued"]  # the accepting backend's reply, relayed
     assert out == [accepted] * 3 + [RATE_LIMITED] * 2 + [accepted] + [RATE_LIMITED]
+
+
+def test_a_refused_mail_is_logged_with_its_sender(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """The transaction line of a MAIL the policy defers names the sender: an
+    operator looking for a sender's deferred mail finds it."""
+    import io
+    import json
+    import logging
+
+    from gateway import logs
+
+    (tmp_path / "limited.yaml").write_text(
+        POLICY
+        + "  ratelimit:\n    limits:\n"
+        + "      - {name: msgs, key: client_ip, unit: messages, rate: 1/hour}\n"
+        + "    concurrency: []\n"
+        + "actions:\n  ratelimit.exceeded: tempfail\n"
+    )
+    limited = settings.model_copy(update={"policy": str(tmp_path / "limited.yaml")})
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.setup("INFO", "json", stream)
+
+    async def play(s: LocalSession, backend: AcceptingBackend) -> list[str]:
+        await s.start()
+        await s.send("EHLO client.test")
+        first = await s.send("MAIL FROM:<first@sender.test>")
+        await s.send("RCPT TO:<x@example.test>")
+        await s.send("DATA")
+        await s.message(b"Subject: s\r\n\r\nhi\r\n")
+        second = await s.send("MAIL FROM:<second@sender.test>")
+        return [first[0], second[0]]
+
+    try:
+        replies_seen = session_run(limited, play)
+        logs.flush()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert replies_seen == ["250 2.1.0 Ok", RATE_LIMITED[0]]
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    txns = [x for x in lines if x.get("event") == "transaction"]
+    assert [(t["mail_from"], t["outcome"], t["reason"]) for t in txns] == [
+        ("first@sender.test", "delivered", "backend"),
+        ("second@sender.test", "tempfailed", "ratelimit.exceeded"),
+    ]

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-from gateway import config, dsn, headers, logs, metrics, replies
+from gateway import config, headers, logs, metrics, replies
 from gateway.address import Address, parse_path
 from gateway.checks.relay import DENIED, relay_trick
 from gateway.context import Context
+from gateway.forward import relay
 from gateway.forward.backend import (
-    Backend,
     BackendUnavailable,
     ClientInfo,
     client_reply,
@@ -31,100 +28,21 @@ from gateway.forward.backend import (
 from gateway.forward.client import BackendError, SmtpReply
 from gateway.net import plain_ip
 from gateway.pipeline.policy import Policy
-from gateway.pipeline.runner import Runner, View
+from gateway.pipeline.runner import View
 from gateway.replies import Reply
 from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
 from gateway.smtp import protocol, tls
 from gateway.smtp.data import THREAD_BYTES, DataRefused, check_header_section, read_message
-from gateway.smtp.guard import FailureLimit
-from gateway.smtp.memory import MessageMemory, Reservation
+from gateway.smtp.memory import Reservation
 from gateway.smtp.protocol import LAST_IN_GROUP
 from gateway.smtp.proxy import ProxyError, read_header
+from gateway.smtp.services import ListenerState, Services, new_session_id
 from gateway.smtp.transaction import Transaction
 from gateway.stream import LineTooLong, Stream, StreamClosed
 from gateway.vocab import Action, Stage, Verdict
 from gateway.wire import unstuff_pieces
 
 log = logging.getLogger("gateway.smtp")
-
-_ID_PREFIX = os.urandom(3).hex()
-_id_counter = itertools.count(1)
-
-
-def new_session_id() -> str:
-    """Unique across restarts and workers (random per-process prefix) without a
-    getrandom() system call per connection."""
-    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFF:06x}"
-
-
-def reseed_session_ids() -> None:
-    """After fork: each worker gets its own prefix."""
-    global _ID_PREFIX
-    _ID_PREFIX = os.urandom(3).hex()
-
-
-@dataclass
-class ListenerState:
-    """One configured listener at run time: its TLS context and live count."""
-
-    cfg: config.Listener
-    tls: tls.ListenerTls | None
-    active: int = 0
-    server: asyncio.AbstractServer | None = None
-    ehlo_plain: bytes = b""
-    ehlo_tls: bytes = b""
-    # REQUIRETLS can be honoured: the backend hop is TLS with a verified certificate.
-    requiretls: bool = False
-
-
-@dataclass
-class Services:
-    """What every session shares; owned and swapped by the app."""
-
-    settings: config.Settings
-    runner: Runner
-    backend: Backend
-    is_trusted: Callable[[str], bool]
-    is_proxy: Callable[[str], bool]
-    # A recipient in local_domains without routing tricks (relay control's rule).
-    is_local: Callable[[Address], bool]
-    memory: MessageMemory  # message data in this process (limits.max_data_memory)
-    # Invalid SRS addresses per client (smtp/guard.py).
-    srs_failures: FailureLimit = field(default_factory=FailureLimit)
-    # The largest message taken: limits.max_message_size, or the backend's SIZE when
-    # that is smaller (advertised, and refused at MAIL and in DATA with 552).
-    max_size: int = 0
-    draining: bool = False
-    sessions: set[Session] = field(default_factory=set)
-
-
-def ehlo_lines(
-    settings: config.Settings, listener: config.Listener, tls_active: bool, max_size: int
-) -> bytes:
-    """The capability lines after the greeting line; computed once per listener, and
-    again when the backend's SIZE changes what `max_size` is (Services.max_size)."""
-    caps = [
-        "PIPELINING",
-        f"SIZE {max_size}",
-        "8BITMIME",
-        "SMTPUTF8",
-        "DSN",
-        "ENHANCEDSTATUSCODES",
-    ]
-    if listener.tls is config.TlsMode.STARTTLS and not tls_active:
-        caps.append("STARTTLS")
-    if tls_active and requiretls_possible(settings):
-        caps.append("REQUIRETLS")
-    return b"".join(
-        f"250{' ' if i == len(caps) - 1 else '-'}{c}\r\n".encode() for i, c in enumerate(caps)
-    )
-
-
-def requiretls_possible(settings: config.Settings) -> bool:
-    """RFC 8689: only promise REQUIRETLS if the next hop is TLS with verification."""
-    return settings.backend.tls is config.BackendTls.REQUIRED and not any(
-        u.startswith("maildir:") for u in settings.backend.url
-    )
 
 
 class SessionEnd(Exception):
@@ -425,6 +343,8 @@ class Session:
         # The policy this transaction runs under to its end (a reload meanwhile
         # applies from the next MAIL): its checks, actions, rewriter and headers.
         self.t = Transaction(started=time.monotonic(), view=self.svc.runner.view)
+        self.ctx.new_transaction()
+        self.ctx.mail_from = addr  # a refused MAIL's log line names its sender too
         # The process's memory budget (smtp/memory.py): a MAIL whose SIZE= does not
         # fit in what is left, or any while nothing is, waits its turn for room (up
         # to limits.data_memory_wait), before the client sends a byte; admitted, its
@@ -432,16 +352,15 @@ class Session:
         if not self.room.admit(declared) and not await self._wait_for_memory(declared):
             self.send(replies.NO_MEMORY)
             self._txn_outcome(Action.TEMPFAIL, replies.NO_MEMORY.reason)
+            self.ctx.new_transaction()
             return
-        self.ctx.new_transaction()
-        self.ctx.mail_from = addr
         self.t.utf8 = mail.utf8
         if self.view.has_checks(Stage.MAIL):
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx, self.view)
             if verdict.refuses:
-                self._no_transaction()
                 self.send(self._policy_reply(verdict, Stage.MAIL))
                 self._txn_outcome(verdict.action, verdict.symbol)
+                self._no_transaction()
                 return
         info = ClientInfo(
             self.ctx.client_ip,
@@ -457,15 +376,15 @@ class Session:
         try:
             reply, txn = await self.link.begin(info, str(self.t.backend_sender), fwd)
         except BackendUnavailable as e:
-            self._no_transaction()
             refused = client_reply(e)
             self.send(refused)
             self._txn_outcome(Action.TEMPFAIL, refused.reason, error=str(e))
+            self._no_transaction()
             return
         if txn is None:
-            self._no_transaction()
             self.relay(reply)
             self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
+            self._no_transaction()
             return
         self.t.backend = txn
         self.t.client, self.t.mail_params = info, fwd
@@ -594,58 +513,39 @@ class Session:
     async def _backend_rcpts(
         self, original: Address, targets: list[Address], params: list[str]
     ) -> None:
-        """RCPT each (rewritten) address at the backend; one reply to the client.
-
-        With a fan-out, any 4xx defers the whole recipient (the client retries; an
-        alias member that already accepted may then get the message twice, which is
-        better than losing it for the one that deferred); otherwise any success
-        accepts it and permanent failures of single members are logged.
-        """
+        """RCPT the (rewritten) addresses at the backend (forward/relay.py), then tell
+        the client, count and log what came of it."""
         assert self.t.backend is not None
-        if targets != [original] and not any(p[:6] == "ORCPT=" for p in params):
-            orcpt = dsn.orcpt_for(str(original))
-            if orcpt is not None:
-                params = [*params, orcpt]
-        results: list[SmtpReply] = []
-        accepted: list[Address] = []
-        for t in targets:
-            if t in self.ctx.recipients:
-                accepted.append(t)  # two aliases meeting at one mailbox: deliver once
-                continue
-            if len(self.ctx.recipients) >= self.limits.max_recipients:
-                self.send(replies.TOO_MANY_RECIPIENTS)
-                metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
-                return
-            try:
-                r = await self.t.backend.rcpt(str(t), params)
-            except BackendError as e:
-                await self._backend_failed(e)
-                return
-            results.append(r)
-            if not r.ok and len(self.t.rcpt_refused) < _LOGGED_REFUSALS:
-                self.t.rcpt_refused.append(f"<{t}> {r}"[:_LOGGED_REFUSAL_LEN])
-            if r.ok:
-                self.ctx.recipients.append(t)
-                accepted.append(t)
-                if params:  # for a transaction opened again (_rebegin)
-                    self.t.rcpt_params[t] = params
+        out = await relay.fan_out(
+            self.t.backend,
+            original,
+            targets,
+            params,
+            held=self.ctx.recipients,
+            held_params=self.t.rcpt_params,
+            max_recipients=self.limits.max_recipients,
+        )
+        room = _LOGGED_REFUSALS - len(self.t.rcpt_refused)
+        self.t.rcpt_refused += [r[:_LOGGED_REFUSAL_LEN] for r in out.refused[: max(room, 0)]]
+        if out.error is not None:
+            await self._backend_failed(out.error)
+            return
+        final = out.reply
+        assert final is not None
+        if out.over_limit:
+            self.send(replies.TOO_MANY_RECIPIENTS)
+            metrics.child(metrics.RECIPIENTS, "tempfailed", "too_many_recipients").inc()
+            return
         if targets != [original]:
             self.ctx.rewritten.append((original, tuple(targets)))
-        temp = next((r for r in results if 400 <= r.code < 500), None)
-        if len(targets) == 1 and results:
-            final = results[0]
-        elif temp is not None:
-            final = temp
-        elif accepted:
+        if isinstance(final, Reply):  # an alias some of whose members accepted
             metrics.child(metrics.RECIPIENTS, "accepted", "backend").inc()
-            self.send(replies.ALIAS_ACCEPTED)
-            if len(accepted) < len(targets):
-                refused = [str(r) for r in results if not r.ok]
+            self.send(final)
+            refused = [str(r) for r in out.results if not r.ok]
+            if refused:
                 logs.event("alias_members_refused", session=self.id, rcpt=str(original),
                            refused=refused)  # fmt: skip
             return
-        else:
-            final = results[0]
         outcome = "accepted" if final.ok else _outcome_code(final.code)
         metrics.child(metrics.RECIPIENTS, outcome, "backend").inc()
         self.relay(final)
@@ -704,33 +604,37 @@ class Session:
             self.send(self._policy_reply(verdict, Stage.DATA))
             await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
-        prefix = self._received()
         rewriter = self.view.policy.rewriter
+        extra = b""
         if rewriter.active:
             # After every check: DMARC judged the From the client sent.
             wire = rewriter.headers(wire)
-            prefix += self._original_recipient()
-        # Only we speak for our authserv-id and write our fields, whoever the client
-        # is (trusted or not).
+            extra = self._original_recipient()
         policy = self.view.policy
-        wire, forged = headers.strip_forged(wire, self._our_fields(policy))
+        recipients = self.ctx.recipients
+        verdicts = headers.Verdicts(
+            self.authserv_id,
+            self.ctx.auth,
+            policy.tag.header,
+            self.ctx.tags,
+            (policy.quarantine.header, [str(r) for r in recipients])
+            if self.ctx.quarantine
+            else None,
+        )
+        wire, prefix, forged = headers.compose(
+            wire, self._received(), self._our_fields(policy), verdicts, extra
+        )
         if forged:
             logs.event("forged_ar_removed", session=self.id, count=forged)
-        prefix += headers.authentication_results(self.authserv_id, self.ctx.auth)
-        if self.ctx.tags:
-            prefix += headers.tag(policy.tag.header, self.ctx.tags)
-        n_rcpts = len(self.ctx.recipients)
-        if self.ctx.quarantine:
-            prefix += headers.quarantine(
-                policy.quarantine.header, [str(r) for r in self.ctx.recipients], self.ctx.tags
-            )
-            if policy.quarantine.mode == "redirect" and policy.quarantine.recipient:
-                refused = await self._redirect(policy.quarantine.recipient)
-                if refused is not None:
-                    self.send(refused)
-                    await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
-                    return
-                n_rcpts = 1
+        n_rcpts = len(recipients)
+        if self.ctx.quarantine and policy.quarantine.mode == "redirect":
+            assert policy.quarantine.recipient is not None  # the policy model requires it
+            refused = await self._redirect(policy.quarantine.recipient)
+            if refused is not None:
+                self.send(refused)
+                await self._end_txn(Action.TEMPFAIL, "quarantine_failed", abort=True)
+                return
+            n_rcpts = 1
         txn = self.t.backend
         assert txn is not None
         try:
@@ -741,7 +645,7 @@ class Session:
                 Action.TEMPFAIL, "backend_lost", abort=True, size=size, error=str(e)
             )
             return
-        final = _combine_lmtp(results, self.ctx.recipients)
+        final = relay.combine_lmtp(results, self.ctx.recipients)
         if isinstance(final, Reply):
             self.send_raw(final.wire())  # the backend's verdict: not a client error
         else:
@@ -766,34 +670,20 @@ class Session:
         return f"{name}: {rw[0][0]}\r\n".encode()
 
     async def _rebegin(self, sender: Address, recipients: list[Address]) -> Reply | None:
-        """Abandon the backend transaction (RSET) and open it again with this sender
-        and these recipients. If that fails in any way the reply is a 4xx, and the
-        rest of the transaction gets it too: the client was already told 250 for
-        recipients that are no longer open at the backend, so only a retry of the
-        whole transaction is safe (a 5xx here would lose their mail)."""
+        """Open the backend transaction again with this sender and these recipients
+        (forward/relay.py); if that fails, this and every later command of the
+        transaction gets a 4xx."""
         old, self.t.backend = self.t.backend, None
-        if old is not None:
-            await old.abort()
         assert self.t.client is not None
-        why = ""
-        try:
-            reply, txn = await self.link.begin(self.t.client, str(sender), self.t.mail_params)
-            if txn is None:
-                why = f"MAIL: {reply}"
-            else:
-                for rcpt in recipients:
-                    r = await txn.rcpt(str(rcpt), self.t.rcpt_params.get(rcpt, []))
-                    if not r.ok:
-                        await txn.abort()
-                        why = f"RCPT {rcpt}: {r}"
-                        break
-                else:
-                    self.t.backend = txn
-                    self.t.backend_sender = sender
-                    return None
-        except BackendError as e:
-            why = str(e)
-        logs.event("backend_reopen_failed", session=self.id, error=why)
+        txn = await relay.reopen(
+            self.link, old, self.t.client, sender, self.t.mail_params, recipients,
+            self.t.rcpt_params,
+        )  # fmt: skip
+        if not isinstance(txn, str):
+            self.t.backend = txn
+            self.t.backend_sender = sender
+            return None
+        logs.failure("backend_reopen_failed", session=self.id, error=txn)
         self.t.broken = replies.BACKEND_REOPEN_FAILED
         return replies.BACKEND_REOPEN_FAILED
 
@@ -938,7 +828,7 @@ class Session:
         reply = client_reply(e)
         self.t.broken = reply
         self.send(reply)
-        logs.event("backend_error", session=self.id, error=str(e))
+        logs.failure("backend_error", session=self.id, error=str(e))
         if self.t.backend is not None:
             await self.t.backend.abort()
             self.t.backend = None
@@ -1047,25 +937,6 @@ def _outcome_code(code: int) -> str:
 
 def _reply_action(r: SmtpReply) -> Action:
     return Action.REJECT if r.code >= 500 else Action.TEMPFAIL
-
-
-def _combine_lmtp(results: list[SmtpReply], recipients: list[Address]) -> SmtpReply | Reply:
-    """LMTP gives one reply per recipient (in RCPT order); SMTP can only give one.
-
-    All of one class: relay the first. Any temporary failure among them: a 4xx,
-    so the client retries every recipient; duplicates are possible, loss is not.
-    Only deliveries and permanent refusals: a 4xx would make every retry deliver
-    again to the same recipients and be refused again by the others, for the
-    days the client keeps retrying. So a 5xx that names the refused recipients:
-    the sender gets a bounce saying who did not get the message, and those who
-    did get it get it once.
-    """
-    if len(results) == 1 or len({r.code // 100 for r in results}) == 1:
-        return results[0]
-    if any(400 <= r.code < 500 for r in results) or len(results) != len(recipients):
-        return replies.BACKEND_PARTIAL
-    refused = [(str(a), str(r)) for a, r in zip(recipients, results, strict=True) if r.code >= 500]
-    return replies.partial_refusal(len(results) - len(refused), refused)
 
 
 # RFC 2920 3.1: these end a pipelined group; the client must wait for their reply
