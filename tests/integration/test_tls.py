@@ -214,7 +214,9 @@ def test_certificate_files_reload_under_a_running_gateway(
     (v3 / k1.name).write_bytes(k1.read_bytes())
     _swap(vol, v3)
     ev = gw.wait_log(lambda e: e.get("event") == "tls_reload_failed")
-    assert "cannot load certificate/key" in ev["error"]
+    # Named as config check names it: the key, the file, what is wrong with it.
+    assert ev["error"] == f"listeners.0.cert_file: {vol / 'tls.crt'}: no PEM certificate in it"
+    assert ev["level"] == "warning"
     assert peer_cert(gw.port(), "gw.test").serial_number == second.serial_number
     reloads = 'smtp_gateway_tls_certificate_reloads_total{listener="smtp",result='
     assert gw.metric(reloads + '"failed"}') == 1
