@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from tests.support.certs import make_cert
+from tests.support.procs import Backend, Gateway, base_config, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "smtp-gateway"
@@ -89,8 +91,15 @@ def test_hardening_and_operations_by_default() -> None:
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
-    assert pod["terminationGracePeriodSeconds"] > 30  # longer than gateway.drainTimeout
-    assert {v["name"] for v in pod["volumes"]} == {"config", "policy", "tls"}  # stateless
+    # The load balancer takes the pod out while it still answers; then the drain.
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
+    assert pod["terminationGracePeriodSeconds"] == 30 + 10 + 15  # drain, wait, margin
+    bare = find(render({"gateway": {"preStopSeconds": 0}}), "Deployment")["spec"]["template"]
+    assert "lifecycle" not in bare["spec"]["containers"][0]
+    # Stateless: only a memory-backed scratch directory besides what is mounted read-only.
+    assert {v["name"] for v in pod["volumes"]} == {"config", "policy", "tls", "run"}
+    [run] = [v for v in pod["volumes"] if v["name"] == "run"]
+    assert run["emptyDir"]["medium"] == "Memory"
     assert pod["topologySpreadConstraints"]
     # Only gateway.yaml restarts pods: the checksum covers it and not the policy.
     config_cm = find(r, "ConfigMap", "-config")
@@ -227,3 +236,63 @@ def test_policy_content_extends_the_preset(tmp_path: Path) -> None:
     assert policy_yaml({"policy": {"content": content, "extends": ""}}) == content
     own = "# mine\nextends: monitor\n" + content
     assert policy_yaml({"policy": {"content": own}}) == own
+
+
+def test_helm_test_passes_against_a_real_gateway_with_a_proxy_listener(
+    tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The chart's `helm test` pod script, rendered for a plain listener and one
+    behind PROXY protocol, run against a real gateway with those listeners (the
+    Service name and ports replaced by the gateway's loopback ones)."""
+    plain_port, proxy_port = free_port(), free_port()
+    r = render(
+        {
+            "listeners": {
+                "smtp": {"enabled": True, "containerPort": 2525, "servicePort": plain_port,
+                         "tls": "none"},
+                "submission": {"enabled": False, "containerPort": 5870, "servicePort": 587,
+                               "tls": "starttls"},
+                "smtps": {"enabled": True, "containerPort": 4650, "servicePort": proxy_port,
+                          "tls": "none", "proxyProtocol": True},
+            },
+            "gateway": {"proxyNetworks": ["127.0.0.0/8"]},
+        }
+    )  # fmt: skip
+    pod = find(r, "Pod", "test-banner")
+    script = pod["spec"]["containers"][0]["args"][0].replace('"mx-smtp-gateway"', '"127.0.0.1"')
+    cfg = base_config(backend.url, proxy_networks=["127.0.0.0/8"])
+    cfg["limits"] = {**cfg.get("limits", {}), "proxy_header_timeout": 1}
+    cfg["listeners"] = [
+        {"name": "smtp", "address": "127.0.0.1", "port": plain_port},
+        {"name": "proxied", "address": "127.0.0.1", "port": proxy_port, "proxy_protocol": True},
+    ]
+    gateway_factory(cfg)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{proxy_port} b'220 " in run.stdout and f"{plain_port} b'220 " in run.stdout
+    # Without the PROXY header the proxied listener gives no banner: the script's
+    # PROXY line is what makes it pass.
+    bare = script.replace('s.sendall(b"PROXY UNKNOWN\\r\\n")', "pass")
+    assert bare != script
+    run = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode != 0 and "PROXY listener" in run.stderr
+
+
+def test_workers_write_only_to_the_scratch_volume(tmp_path: Path) -> None:
+    """With a read-only root file system, several workers must keep their shared
+    metrics and rate-limit table in the pod's writable scratch volume."""
+    from gateway import config
+
+    r = render({"gateway": {"workers": 2}})
+    gw_yaml = find(r, "ConfigMap", "-config")["data"]["gateway.yaml"]
+    (tmp_path / "gateway.yaml").write_text(gw_yaml)
+    settings = config.load(str(tmp_path / "gateway.yaml"))
+    assert settings.workers == 2
+    [c] = find(r, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    [run] = [m for m in c["volumeMounts"] if m["name"] == "run"]
+    assert settings.metrics.multiproc_dir is not None
+    assert Path(settings.metrics.multiproc_dir).is_relative_to(run["mountPath"])
+    assert not run.get("readOnly")

@@ -63,12 +63,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "trusted_networks" (default list .Values.gateway.trustedNetworks)
   "proxy_networks" (default list .Values.gateway.proxyNetworks)
   "backend" $backend
-  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)))
+  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "multiproc_dir" "/run/smtp-gateway/metrics")
   "logging" (dict "level" .Values.gateway.logging.level "format" .Values.gateway.logging.format)
   "dns" (dict "nameservers" (default list .Values.gateway.dnsNameservers))
   "policy" "/etc/smtp-gateway/policy/policy.yaml"
   "drain_timeout" .Values.gateway.drainTimeout
-  "workers" 1
+  "workers" (int (default 1 .Values.gateway.workers))
 }}
 {{- if .Values.gateway.limits }}
 {{- $_ := set $cfg "limits" .Values.gateway.limits }}
