@@ -296,3 +296,91 @@ def test_workers_write_only_to_the_scratch_volume(tmp_path: Path) -> None:
     assert settings.metrics.multiproc_dir is not None
     assert Path(settings.metrics.multiproc_dir).is_relative_to(run["mountPath"])
     assert not run.get("readOnly")
+
+
+@pytest.mark.parametrize(
+    ("vals", "expect"),
+    [
+        # Caught by the schema generated from the gateway's own models.
+        ({"gateway": {"limits": {"max_recipents": 10}}}, "max_recipents"),
+        ({"gateway": {"limits": {"max_recipients": 0}}}, "/gateway/limits/max_recipients"),
+        ({"gateway": {"extraConfig": {"backnd": {}}}}, "backnd"),
+        ({"gateway": {"extraConfig": {"limits": {"data_timeout": "slow"}}}}, "data_timeout"),
+        ({"gateway": {"trustedNetworks": ["not-a-cidr"]}}, "/gateway/trustedNetworks/0"),
+        ({"gateway": {"localDomains": ["example..org"]}}, "/gateway/localDomains/0"),
+        # Caught by the templates' cross-field rules.
+        ({"listeners": {"smtp": {"proxyProtocol": True}}},
+         "listeners.smtp.proxyProtocol: true needs gateway.proxyNetworks"),
+        ({"tls": {"enabled": False}}, "tls: starttls needs tls.enabled: true"),
+        ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+         "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_what_the_gateway_would(vals: dict[str, Any], expect: str) -> None:
+    with pytest.raises(Exception, match=re.escape(expect)):
+        render(vals)
+
+
+def test_the_schema_is_generated_from_the_config_models() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "helm" / "generate_schema.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_what_a_mail_chart_is_expected_to_offer(tmp_path: Path) -> None:
+    extra_env = [{"name": "TZ", "value": "UTC"}]
+    vol = [{"name": "tables", "emptyDir": {}}]
+    mount = [{"name": "tables", "mountPath": "/etc/smtp-gateway/tables"}]
+    init = [{"name": "fetch", "image": "busybox", "command": ["true"]}]
+    r = render(
+        {
+            "gateway": {"listenAddresses": ["0.0.0.0", "::"]},
+            "service": {"loadBalancerIP": "192.0.2.25", "loadBalancerClass": "example.com/lb",
+                        "ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]},
+            "priorityClassName": "mail-critical",
+            "extraEnv": extra_env, "extraVolumes": vol, "extraVolumeMounts": mount,
+            "initContainers": init,
+        }
+    )  # fmt: skip
+    svc = find(r, "Service", "mx-smtp-gateway")
+    assert svc["spec"]["loadBalancerIP"] == "192.0.2.25"
+    assert svc["spec"]["loadBalancerClass"] == "example.com/lb"
+    assert (svc["spec"]["ipFamilyPolicy"], svc["spec"]["ipFamilies"]) == (
+        "PreferDualStack",
+        ["IPv4", "IPv6"],
+    )
+    pod = find(r, "Deployment")["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert pod["priorityClassName"] == "mail-critical" and pod["initContainers"] == init
+    assert extra_env[0] in c["env"] and mount[0] in c["volumeMounts"] and vol[0] in pod["volumes"]
+    # Dual stack: each listener on both families, which the gateway accepts (an IPv6
+    # socket is IPv6 only: 0.0.0.0 and :: on one port do not collide).
+    from gateway import config
+
+    gw_yaml = find(r, "ConfigMap", "-config")["data"]["gateway.yaml"]
+    (tmp_path / "gateway.yaml").write_text(gw_yaml)
+    listeners = config.load(str(tmp_path / "gateway.yaml")).listeners
+    smtp = sorted((x.name, x.address) for x in listeners if x.port == 2525)
+    assert smtp == [("smtp", "0.0.0.0"), ("smtp-1", "::")]
+
+
+def test_a_gateway_listens_on_both_families_of_one_port(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """What the chart's dual-stack listeners ask of the gateway, on loopback."""
+    import smtplib
+    import socket
+
+    port = free_port()
+    cfg = base_config(backend.url)
+    cfg["listeners"] = [
+        {"name": "v4", "address": "127.0.0.1", "port": port},
+        {"name": "v6", "address": "::1", "port": port},
+    ]
+    gateway_factory(cfg)
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            assert s.sock is not None and s.sock.family == family
+            assert s.ehlo("c.test")[0] == 250
