@@ -65,6 +65,8 @@ class App:
         self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)
         self.runner = Runner(self.checks, pol)
+        for result in ("ok", "failed"):  # exported at zero: the first reload shows in increase()
+            metrics.child(metrics.CONFIG_RELOADS, result)
         self.backend = build_backend(settings, workers)
         self.listeners = [
             ListenerState(
@@ -130,6 +132,11 @@ class App:
 
     # -- readiness ----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready while the gateway takes connections: until it drains. Not while the
+        backend is down: an MX that is unready drops out of its load balancer, and
+        senders fall to a secondary MX (which may bypass the gateway) or get no
+        answer, instead of the 451 that makes them retry here. The backend's state
+        is in the body, in smtp_gateway_backend_available and its alert."""
         details: dict[str, Any] = {
             "draining": self.svc.draining,
             "backend_available": self.backend.available,
@@ -139,7 +146,7 @@ class App:
             details["dnsbl_zones_healthy"] = dnsbl.health()
         # Shown, never a reason to be unready (dns.Health says why).
         details["dns"] = self.resolver.health.state()
-        return (not self.svc.draining and self.backend.available), details
+        return not self.svc.draining, details
 
     # -- lifecycle ------------------------------------------------------------------
     def _factory(self, ls: ListenerState) -> Any:
@@ -214,6 +221,9 @@ class App:
         if interval > 0 and any(ls.tls is not None for ls in self.listeners):
             self._tls_task = loop.create_task(self._watch_certs(interval))
         self._metrics_task = loop.create_task(self._flush_metrics())
+        # What start set (certificate expiry, series exported at zero) is visible to
+        # the first scrape, not a flush interval later.
+        metrics.flush()
         if self.settings.policy_reload_interval > 0:
             self._policy_task = loop.create_task(
                 self._watch_policy(self.settings.policy_reload_interval)

@@ -80,7 +80,7 @@ def cmd_validate(settings: config.Settings, source: str) -> Policy:
     try:
         pol = policy_mod.load(settings.policy, all_known_symbols())
         for i, lc in enumerate(settings.listeners):
-            tls.server_context(lc, i)
+            tls.server_context(lc, i, export=False)
     except (policy_mod.PolicyNotFound, tls.TlsConfigError) as e:
         raise config.ConfigError(f"{source}: {e}") from None
     return pol

@@ -390,10 +390,11 @@ def _is_domain(name: str) -> bool:
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Two listening addresses that cannot both be bound on one port."""
-    return (
-        a == b or ipaddress.ip_address(a).is_unspecified or ipaddress.ip_address(b).is_unspecified
-    )
+    """Two listening addresses that cannot both be bound on one port: the same, or
+    one the other's family's wildcard (an IPv6 socket here is IPv6 only, so 0.0.0.0
+    and :: together make a dual-stack listener)."""
+    x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    return x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified))
 
 
 def _listening_problem(s: Settings) -> str | None:

@@ -206,6 +206,12 @@ RECIPIENTS = Counter(
     "RCPT commands by outcome (accepted, rejected, tempfailed) and reason",
     ["outcome", "reason"],
 )
+REFUSALS = Counter(
+    P + "refusals_total",
+    "What the policy refused, at every stage (connect, helo, mail, rcpt, data), by action"
+    " (reject, tempfail) and the deciding symbol",
+    ["stage", "action", "reason"],
+)
 COMMAND_ERRORS = Counter(
     P + "command_errors_total",
     "Client protocol errors by reason",
@@ -342,7 +348,8 @@ TLS_CERT_EXPIRY = Gauge(
     P + "tls_certificate_expiry_timestamp_seconds",
     "notAfter of each loaded listener certificate (default, sni-N), as a Unix time",
     ["listener", "certificate"],
-    multiprocess_mode="min",
+    # The workers' (the processes that serve and reload); a dead one's file is left out.
+    multiprocess_mode="livemin",
 )
 TLS_CERT_RELOADS = Counter(
     P + "tls_certificate_reloads_total",

@@ -63,6 +63,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
            "waiting {{instance}}")], "short", "ts"),
     ]),
     ("Rejections", [
+        ("Policy refusals by stage",
+         "What the policy refused or deferred at each stage (connect, helo, mail, rcpt, data),"
+         " by action and the deciding symbol: refusals at connect included.",
+         [(rate("smtp_gateway_refusals_total", "stage, action, reason"),
+           "{{stage}} {{action}} {{reason}}")], "ops", "ts"),
         ("Refused transactions by reason",
          "Transactions the gateway (or the backend) refused, by the reason recorded.",
          [(rate("smtp_gateway_transactions_total", "outcome, reason",
@@ -72,7 +77,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
          [(rate("smtp_gateway_recipients_total", "outcome, reason",
                 'outcome=~"rejected|tempfailed"'), "{{outcome}} {{reason}}")], "ops", "ts"),
         ("Protocol errors",
-         "Client protocol errors by reason (unknown commands, bad syntax, bad sequence).",
+         "Client protocol errors by reason (unknown commands, bad syntax, bad sequence);"
+         " the policy's refusals are not among them.",
          [(rate("smtp_gateway_command_errors_total", "reason"), "{{reason}}")], "ops", "ts"),
     ]),
     ("Sender authentication", [

@@ -82,10 +82,16 @@ class Session:
         )
 
     # -- output -----------------------------------------------------------------
-    def send(self, r: Reply) -> None:
+    def send(self, r: Reply, *, policy: bool = False) -> None:
+        """Queue a reply. A 5xx counts against limits.max_errors, a policy refusal
+        too (as Postfix counts its rejections); only the client's own mistakes are
+        protocol errors in the metrics (refusals_total counts the policy's)."""
         self.out.append(r.wire())
-        if r.code >= 500 and r.reason not in ("backend",):
-            self._count_error(r.reason or "other")
+        if r.code >= 500 and r.reason != "backend":
+            if policy:
+                self.errors += 1
+            else:
+                self._count_error(r.reason or "other")
 
     def send_raw(self, data: bytes) -> None:
         self.out.append(data)
@@ -216,17 +222,19 @@ class Session:
         # Implicit TLS (465): the handshake is ours, after any PROXY header, so it is
         # timed, counted and uses the certificate current at this moment.
         if cfg.tls is config.TlsMode.IMPLICIT and not await self._handshake():
+            metrics.child(metrics.CONNECTIONS, cfg.name, "refused_tls").inc()
             return False
-        metrics.child(metrics.CONNECTIONS, cfg.name, "accepted").inc()
         if self.svc.runner.has_checks(Stage.CONNECT):
             verdict = await self.svc.runner.run(Stage.CONNECT, self.ctx)
             if verdict.refuses:
+                metrics.child(metrics.CONNECTIONS, cfg.name, "refused_policy").inc()
                 reply = self._policy_reply(verdict, Stage.CONNECT)
-                self.send(reply)
+                self.send(reply, policy=True)
                 self.flush()
                 if reply.code == 554:
                     await self._until_quit()
                 return False
+        metrics.child(metrics.CONNECTIONS, cfg.name, "accepted").inc()
         self.sync = self.limits.enforce_sync and not self.ctx.trusted
         if self.sync:
             pause = self.limits.greet_pause
@@ -289,7 +297,7 @@ class Session:
         if self.svc.runner.has_checks(Stage.HELO):
             verdict = await self.svc.runner.run(Stage.HELO, self.ctx)
             if verdict.refuses:
-                self.send(self._policy_reply(verdict, Stage.HELO))
+                self.send(self._policy_reply(verdict, Stage.HELO), policy=True)
                 return
         host = self.settings.hostname
         if not esmtp:
@@ -358,7 +366,7 @@ class Session:
         if self.view.has_checks(Stage.MAIL):
             verdict = await self.svc.runner.run(Stage.MAIL, self.ctx, self.view)
             if verdict.refuses:
-                self.send(self._policy_reply(verdict, Stage.MAIL))
+                self.send(self._policy_reply(verdict, Stage.MAIL), policy=True)
                 self._txn_outcome(verdict.action, verdict.symbol)
                 self._no_transaction()
                 return
@@ -441,7 +449,7 @@ class Session:
         verdict = await self.svc.runner.run(Stage.RCPT, self.ctx, self.view)
         if verdict.refuses:
             reply = self._policy_reply(verdict, Stage.RCPT)
-            self.send(reply)
+            self.send(reply, policy=True)
             metrics.child(metrics.RECIPIENTS, _outcome(verdict.action), verdict.symbol).inc()
             logs.event(
                 "rcpt_refused",
@@ -601,7 +609,7 @@ class Session:
             self.ctx.unstuffed(await asyncio.to_thread(unstuff_pieces, wire))
         verdict = await self.svc.runner.run(Stage.DATA, self.ctx, self.view)
         if verdict.refuses:
-            self.send(self._policy_reply(verdict, Stage.DATA))
+            self.send(self._policy_reply(verdict, Stage.DATA), policy=True)
             await self._end_txn(verdict.action, verdict.symbol, abort=True, size=size)
             return
         rewriter = self.view.policy.rewriter
@@ -792,6 +800,9 @@ class Session:
 
     # -- helpers ---------------------------------------------------------------------
     def _policy_reply(self, verdict: Verdict, stage: Stage) -> Reply:
+        """The reply to a refusing verdict, counted: every policy refusal at every
+        stage passes here once."""
+        metrics.child(metrics.REFUSALS, stage.value, verdict.action.value, verdict.symbol).inc()
         reply = replies.for_action(
             verdict.action, verdict.symbol, self.ctx.details.get(verdict.symbol)
         )

@@ -112,7 +112,7 @@ def _load(
 
 
 class ListenerTls:
-    def __init__(self, listener: config.Listener, index: int = 0) -> None:
+    def __init__(self, listener: config.Listener, index: int = 0, export: bool = True) -> None:
         self.cfg = listener
         self.name = listener.name
         self.where = f"listeners.{index}"  # the config key, in errors
@@ -121,9 +121,10 @@ class ListenerTls:
         self._default, self._by_name, self._wild = self._build()
         self._files = self._paths()
         self._seen = config.file_signature(self._files)
-        self._export_expiry()
-        for result in ("ok", "failed"):
-            metrics.child(metrics.TLS_CERT_RELOADS, self.name, result)  # exported as 0
+        if export:  # not from a process that only validates (the workers' master)
+            self._export_expiry()
+            for result in ("ok", "failed"):
+                metrics.child(metrics.TLS_CERT_RELOADS, self.name, result)  # exported as 0
 
     def _paths(self) -> list[Path]:
         c = self.cfg
@@ -245,6 +246,10 @@ def failure_reason(e: BaseException) -> str:
         return "timeout"  # asyncio's ssl_handshake_timeout aborts with that wording
     if isinstance(e, ssl.SSLError):
         r = (e.reason or "").upper()
+        # Plaintext (an SMTP client on the implicit-TLS port) is a record OpenSSL
+        # cannot read: "wrong version number", from the bytes where the version goes.
+        if r in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST"):
+            return "not_tls"
         if "VERSION" in r or "PROTOCOL" in r:
             return "protocol_version"
         if "CIPHER" in r:
@@ -267,7 +272,12 @@ def describe(obj: ssl.SSLObject | None) -> tuple[str | None, str | None]:
     return obj.version(), cipher[0] if cipher else None
 
 
-def server_context(listener: config.Listener, index: int = 0) -> ListenerTls | None:
+def server_context(
+    listener: config.Listener, index: int = 0, *, export: bool = True
+) -> ListenerTls | None:
     """The listener's TLS (None without); `index`: its place in `listeners`, which
-    errors name."""
-    return ListenerTls(listener, index) if listener.tls is not config.TlsMode.NONE else None
+    errors name; `export`: whether its certificates' expiry is a metric of this
+    process (not of one that only validates the config)."""
+    if listener.tls is config.TlsMode.NONE:
+        return None
+    return ListenerTls(listener, index, export)

@@ -336,8 +336,10 @@ def test_metrics_and_health_endpoints(
         assert r.status == 200
 
 
-def test_not_ready_when_every_backend_unavailable(gateway_factory: Callable[..., Gateway]) -> None:
-    import urllib.error
+def test_ready_while_every_backend_is_unavailable(gateway_factory: Callable[..., Gateway]) -> None:
+    """An MX stays in its load balancer while the backend is down, so that every
+    client gets 451 and retries here; the body says the backend is down."""
+    import json
     import urllib.request
 
     dead = f"smtp://127.0.0.1:{free_port()}"
@@ -351,7 +353,12 @@ def test_not_ready_when_every_backend_unavailable(gateway_factory: Callable[...,
         s.ehlo("c.test")
         assert s.mail("a@sender.test")[0] == 250  # MAIL waits for the first RCPT
         assert s.rcpt("x@example.test")[0] == 451  # which finds the backend down
-    with pytest.raises(urllib.error.HTTPError) as ei:
-        urllib.request.urlopen(gw.metrics_url + "/healthz/ready")
-    assert ei.value.code == 503
-    ei.value.close()
+    with urllib.request.urlopen(gw.metrics_url + "/healthz/ready") as r:
+        assert r.status == 200
+        body = json.loads(r.read())
+    assert body["ready"] is True and body["backend_available"] is False
+    assert body["dns"]["failing"] is False
+    with smtplib.SMTP("127.0.0.1", gw.port()) as s:  # and the next client gets 451 too
+        s.ehlo("c.test")
+        s.mail("a@sender.test")
+        assert s.rcpt("x@example.test")[0] == 451

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import smtplib
 import subprocess
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,6 +109,11 @@ def test_sighup_reloads_policy_and_refuses_a_bad_one(
 ) -> None:
     gw = gateway_factory(base_config(backend.url), policy="actions:\n  relay.denied: reject\n")
     ppath = gw.workdir / "policy.yaml"
+    # Both results are exported from the start, at zero: the first reload, or the
+    # first refused one, is an increase() a rule can see.
+    body = urllib.request.urlopen(gw.metrics_url + "/metrics", timeout=5).read().decode()
+    for result in ("ok", "failed"):
+        assert f'smtp_gateway_config_reloads_total{{result="{result}"}} 0.0' in body
     with smtplib.SMTP("127.0.0.1", gw.port()) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
@@ -126,6 +132,7 @@ def test_sighup_reloads_policy_and_refuses_a_bad_one(
         gw.signal(signal.SIGHUP)
         ev = gw.wait_log(lambda e: e.get("event") == "reload_failed")
         assert "actions.relay.denied" in ev["error"]
+        assert ev["level"] == "warning"  # kept by logging.level: WARNING
         s.rset()
         s.mail("a@sender.test")
         assert s.rcpt("x@remote.test")[0] == 450  # the old policy stays

@@ -7,6 +7,9 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
 
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.smtp import deliver
@@ -117,3 +120,38 @@ def test_a_second_gateway_on_the_same_port_refuses_to_start(
     assert "another smtp-gateway" in refusal["raw"]
     _send(first.port(), 3)  # the first one is untouched
     assert len(backend.messages()) == 3
+
+
+def test_a_renewed_certificate_reads_renewed_with_workers(
+    tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """With workers, the expiry gauge is the workers' own: not the master's value
+    from validating the config (it never reloads), nor a dead worker's; and it is
+    there at the first scrape, not a flush later."""
+    from tests.integration.test_tls import _swap, tls_listener
+    from tests.support.certs import make_cert
+
+    vol = tmp_path / "secret"
+    c1, k1 = make_cert(vol / "v1", "gw.test", days=10)
+    for name, src in (("tls.crt", c1.name), ("tls.key", k1.name)):
+        (vol / name).symlink_to(f"..data/{src}")
+    _swap(vol, vol / "v1")
+    cfg = tls_listener(base_config(backend.url, workers=2), vol / "tls.crt", vol / "tls.key")
+    cfg["tls_reload_interval"] = 0.2
+    gw = gateway_factory(cfg, ready=False)
+    pids = _ready_pids(gw, 2)
+    expiry = 'smtp_gateway_tls_certificate_expiry_timestamp_seconds{certificate="default"'
+    first = x509.load_pem_x509_certificate(c1.read_bytes()).not_valid_after_utc.timestamp()
+    assert _value(_scrape(gw), expiry) == first  # at once: written before `ready`
+    c2, _ = make_cert(vol / "v2", "gw.test", days=90)
+    _swap(vol, vol / "v2")
+    gw.wait_log(
+        lambda e: len({x["pid"] for x in gw.events() if x.get("event") == "tls_reloaded"}) >= 2
+    )
+    second = x509.load_pem_x509_certificate(c2.read_bytes()).not_valid_after_utc.timestamp()
+    assert _value(_scrape_until(gw, expiry, second), expiry) == second
+    # A worker killed and replaced: its file must not hold the value either way.
+    os.kill(sorted(pids)[0], signal.SIGKILL)
+    _ready_pids(gw, 3)
+    for _ in range(4):
+        assert _value(_scrape(gw), expiry) == second

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from tests.support.certs import make_cert
+from tests.support.procs import Backend, Gateway, base_config, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "smtp-gateway"
@@ -89,8 +91,15 @@ def test_hardening_and_operations_by_default() -> None:
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
-    assert pod["terminationGracePeriodSeconds"] > 30  # longer than gateway.drainTimeout
-    assert {v["name"] for v in pod["volumes"]} == {"config", "policy", "tls"}  # stateless
+    # The load balancer takes the pod out while it still answers; then the drain.
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
+    assert pod["terminationGracePeriodSeconds"] == 30 + 10 + 15  # drain, wait, margin
+    bare = find(render({"gateway": {"preStopSeconds": 0}}), "Deployment")["spec"]["template"]
+    assert "lifecycle" not in bare["spec"]["containers"][0]
+    # Stateless: only a memory-backed scratch directory besides what is mounted read-only.
+    assert {v["name"] for v in pod["volumes"]} == {"config", "policy", "tls", "run"}
+    [run] = [v for v in pod["volumes"] if v["name"] == "run"]
+    assert run["emptyDir"]["medium"] == "Memory"
     assert pod["topologySpreadConstraints"]
     # Only gateway.yaml restarts pods: the checksum covers it and not the policy.
     config_cm = find(r, "ConfigMap", "-config")
@@ -227,3 +236,151 @@ def test_policy_content_extends_the_preset(tmp_path: Path) -> None:
     assert policy_yaml({"policy": {"content": content, "extends": ""}}) == content
     own = "# mine\nextends: monitor\n" + content
     assert policy_yaml({"policy": {"content": own}}) == own
+
+
+def test_helm_test_passes_against_a_real_gateway_with_a_proxy_listener(
+    tmp_path: Path, backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The chart's `helm test` pod script, rendered for a plain listener and one
+    behind PROXY protocol, run against a real gateway with those listeners (the
+    Service name and ports replaced by the gateway's loopback ones)."""
+    plain_port, proxy_port = free_port(), free_port()
+    r = render(
+        {
+            "listeners": {
+                "smtp": {"enabled": True, "containerPort": 2525, "servicePort": plain_port,
+                         "tls": "none"},
+                "submission": {"enabled": False, "containerPort": 5870, "servicePort": 587,
+                               "tls": "starttls"},
+                "smtps": {"enabled": True, "containerPort": 4650, "servicePort": proxy_port,
+                          "tls": "none", "proxyProtocol": True},
+            },
+            "gateway": {"proxyNetworks": ["127.0.0.0/8"]},
+        }
+    )  # fmt: skip
+    pod = find(r, "Pod", "test-banner")
+    script = pod["spec"]["containers"][0]["args"][0].replace('"mx-smtp-gateway"', '"127.0.0.1"')
+    cfg = base_config(backend.url, proxy_networks=["127.0.0.0/8"])
+    cfg["limits"] = {**cfg.get("limits", {}), "proxy_header_timeout": 1}
+    cfg["listeners"] = [
+        {"name": "smtp", "address": "127.0.0.1", "port": plain_port},
+        {"name": "proxied", "address": "127.0.0.1", "port": proxy_port, "proxy_protocol": True},
+    ]
+    gateway_factory(cfg)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{proxy_port} b'220 " in run.stdout and f"{plain_port} b'220 " in run.stdout
+    # Without the PROXY header the proxied listener gives no banner: the script's
+    # PROXY line is what makes it pass.
+    bare = script.replace('s.sendall(b"PROXY UNKNOWN\\r\\n")', "pass")
+    assert bare != script
+    run = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode != 0 and "PROXY listener" in run.stderr
+
+
+def test_workers_write_only_to_the_scratch_volume(tmp_path: Path) -> None:
+    """With a read-only root file system, several workers must keep their shared
+    metrics and rate-limit table in the pod's writable scratch volume."""
+    from gateway import config
+
+    r = render({"gateway": {"workers": 2}})
+    gw_yaml = find(r, "ConfigMap", "-config")["data"]["gateway.yaml"]
+    (tmp_path / "gateway.yaml").write_text(gw_yaml)
+    settings = config.load(str(tmp_path / "gateway.yaml"))
+    assert settings.workers == 2
+    [c] = find(r, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    [run] = [m for m in c["volumeMounts"] if m["name"] == "run"]
+    assert settings.metrics.multiproc_dir is not None
+    assert Path(settings.metrics.multiproc_dir).is_relative_to(run["mountPath"])
+    assert not run.get("readOnly")
+
+
+@pytest.mark.parametrize(
+    ("vals", "expect"),
+    [
+        # Caught by the schema generated from the gateway's own models.
+        ({"gateway": {"limits": {"max_recipents": 10}}}, "max_recipents"),
+        ({"gateway": {"limits": {"max_recipients": 0}}}, "/gateway/limits/max_recipients"),
+        ({"gateway": {"extraConfig": {"backnd": {}}}}, "backnd"),
+        ({"gateway": {"extraConfig": {"limits": {"data_timeout": "slow"}}}}, "data_timeout"),
+        ({"gateway": {"trustedNetworks": ["not-a-cidr"]}}, "/gateway/trustedNetworks/0"),
+        ({"gateway": {"localDomains": ["example..org"]}}, "/gateway/localDomains/0"),
+        # Caught by the templates' cross-field rules.
+        ({"listeners": {"smtp": {"proxyProtocol": True}}},
+         "listeners.smtp.proxyProtocol: true needs gateway.proxyNetworks"),
+        ({"tls": {"enabled": False}}, "tls: starttls needs tls.enabled: true"),
+        ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+         "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_what_the_gateway_would(vals: dict[str, Any], expect: str) -> None:
+    with pytest.raises(Exception, match=re.escape(expect)):
+        render(vals)
+
+
+def test_the_schema_is_generated_from_the_config_models() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "helm" / "generate_schema.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_what_a_mail_chart_is_expected_to_offer(tmp_path: Path) -> None:
+    extra_env = [{"name": "TZ", "value": "UTC"}]
+    vol = [{"name": "tables", "emptyDir": {}}]
+    mount = [{"name": "tables", "mountPath": "/etc/smtp-gateway/tables"}]
+    init = [{"name": "fetch", "image": "busybox", "command": ["true"]}]
+    r = render(
+        {
+            "gateway": {"listenAddresses": ["0.0.0.0", "::"]},
+            "service": {"loadBalancerIP": "192.0.2.25", "loadBalancerClass": "example.com/lb",
+                        "ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]},
+            "priorityClassName": "mail-critical",
+            "extraEnv": extra_env, "extraVolumes": vol, "extraVolumeMounts": mount,
+            "initContainers": init,
+        }
+    )  # fmt: skip
+    svc = find(r, "Service", "mx-smtp-gateway")
+    assert svc["spec"]["loadBalancerIP"] == "192.0.2.25"
+    assert svc["spec"]["loadBalancerClass"] == "example.com/lb"
+    assert (svc["spec"]["ipFamilyPolicy"], svc["spec"]["ipFamilies"]) == (
+        "PreferDualStack",
+        ["IPv4", "IPv6"],
+    )
+    pod = find(r, "Deployment")["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert pod["priorityClassName"] == "mail-critical" and pod["initContainers"] == init
+    assert extra_env[0] in c["env"] and mount[0] in c["volumeMounts"] and vol[0] in pod["volumes"]
+    # Dual stack: each listener on both families, which the gateway accepts (an IPv6
+    # socket is IPv6 only: 0.0.0.0 and :: on one port do not collide).
+    from gateway import config
+
+    gw_yaml = find(r, "ConfigMap", "-config")["data"]["gateway.yaml"]
+    (tmp_path / "gateway.yaml").write_text(gw_yaml)
+    listeners = config.load(str(tmp_path / "gateway.yaml")).listeners
+    smtp = sorted((x.name, x.address) for x in listeners if x.port == 2525)
+    assert smtp == [("smtp", "0.0.0.0"), ("smtp-1", "::")]
+
+
+def test_a_gateway_listens_on_both_families_of_one_port(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """What the chart's dual-stack listeners ask of the gateway, on loopback."""
+    import smtplib
+    import socket
+
+    port = free_port()
+    cfg = base_config(backend.url)
+    cfg["listeners"] = [
+        {"name": "v4", "address": "127.0.0.1", "port": port},
+        {"name": "v6", "address": "::1", "port": port},
+    ]
+    gateway_factory(cfg)
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            assert s.sock is not None and s.sock.family == family
+            assert s.ehlo("c.test")[0] == 250

@@ -36,17 +36,37 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-tls" (include "smtp-gateway.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
+{{/* Rules across values that the schema cannot state: refused at install, naming the values. */}}
+{{- define "smtp-gateway.validate" -}}
+{{- range $name, $l := .Values.listeners }}
+{{- if $l.enabled }}
+{{- if and $l.proxyProtocol (empty $.Values.gateway.proxyNetworks) }}
+{{- fail (printf "listeners.%s.proxyProtocol: true needs gateway.proxyNetworks (the load balancers' addresses): every connection would be refused" $name) }}
+{{- end }}
+{{- if and (ne $l.tls "none") (not $.Values.tls.enabled) }}
+{{- fail (printf "listeners.%s.tls: %s needs tls.enabled: true (a certificate to serve)" $name $l.tls) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- end }}
+
 {{/* gateway.yaml: what needs a restart to change (hence the checksum annotation). */}}
 {{- define "smtp-gateway.config" -}}
+{{- include "smtp-gateway.validate" . }}
 {{- $listeners := list }}
 {{- range $name, $l := .Values.listeners }}
 {{- if $l.enabled }}
-{{- $entry := dict "name" $name "address" "0.0.0.0" "port" $l.containerPort "tls" $l.tls "require_tls" (default false $l.requireTls) "proxy_protocol" (default false $l.proxyProtocol) }}
+{{- range $i, $address := $.Values.gateway.listenAddresses }}
+{{- $entry := dict "name" (ternary $name (printf "%s-%d" $name $i) (eq $i 0)) "address" $address "port" $l.containerPort "tls" $l.tls "require_tls" (default false $l.requireTls) "proxy_protocol" (default false $l.proxyProtocol) }}
 {{- if ne $l.tls "none" }}
 {{- $_ := set $entry "cert_file" "/etc/smtp-gateway/tls/tls.crt" }}
 {{- $_ := set $entry "key_file" "/etc/smtp-gateway/tls/tls.key" }}
 {{- end }}
 {{- $listeners = append $listeners $entry }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $backend := dict "url" .Values.gateway.backend.url "tls" (default "none" .Values.gateway.backend.tls) }}
@@ -63,12 +83,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "trusted_networks" (default list .Values.gateway.trustedNetworks)
   "proxy_networks" (default list .Values.gateway.proxyNetworks)
   "backend" $backend
-  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)))
+  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "multiproc_dir" "/run/smtp-gateway/metrics")
   "logging" (dict "level" .Values.gateway.logging.level "format" .Values.gateway.logging.format)
   "dns" (dict "nameservers" (default list .Values.gateway.dnsNameservers))
   "policy" "/etc/smtp-gateway/policy/policy.yaml"
   "drain_timeout" .Values.gateway.drainTimeout
-  "workers" 1
+  "workers" (int (default 1 .Values.gateway.workers))
 }}
 {{- if .Values.gateway.limits }}
 {{- $_ := set $cfg "limits" .Values.gateway.limits }}
