@@ -95,9 +95,7 @@ def tool(name: str) -> str:
         f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
     )
     if not path:
-        sys.exit(
-            f"{name} not found: apt-get install postfix (see bench/README section in README.md)"
-        )
+        sys.exit(f"{name} not found: apt-get install postfix (see bench/RESULTS.md)")
     return path
 
 
