@@ -65,8 +65,14 @@ class App:
         self.symbols = all_known_symbols()
         pol = policy_mod.load(settings.policy, self.symbols)
         self.runner = Runner(self.checks, pol)
-        for result in ("ok", "failed"):  # exported at zero: the first reload shows in increase()
+        # Exported at zero, so that the first event shows in increase() and a panel of
+        # rare events has data before the first one.
+        for result in ("ok", "failed"):
             metrics.child(metrics.CONFIG_RELOADS, result)
+        for result in ("admitted", "timeout"):
+            metrics.child(metrics.MESSAGE_MEMORY_WAITS, result)
+        for result in ("ok", "refused", "timeout", "failed", "busy"):
+            metrics.child(metrics.BACKEND_CONNECTS, result)
         self.backend = build_backend(settings, workers)
         self.listeners = [
             ListenerState(

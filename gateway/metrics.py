@@ -206,6 +206,18 @@ RECIPIENTS = Counter(
     "RCPT commands by outcome (accepted, rejected, tempfailed) and reason",
     ["outcome", "reason"],
 )
+TRANSACTION_SECONDS = Histogram(
+    P + "transaction_seconds",
+    "Time from MAIL to the transaction's end, by outcome (delivered, rejected, tempfailed,"
+    " aborted): the client's wait, checks and the backend's replies included",
+    ["outcome"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SESSION_SECONDS = Histogram(
+    P + "session_seconds",
+    "Time from connect to disconnect of client sessions",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
 REFUSALS = Counter(
     P + "refusals_total",
     "What the policy refused, at every stage (connect, helo, mail, rcpt, data), by action"

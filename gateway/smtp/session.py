@@ -60,6 +60,7 @@ class Session:
         self.listener = listener
         self.stream = stream
         self.id = new_session_id()
+        self.started = time.monotonic()
         self.out: list[bytes] = []
         self.errors = 0
         self.junk = 0  # NOOP/RSET/VRFY/HELP since the last transaction
@@ -185,6 +186,7 @@ class Session:
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
+            metrics.child(metrics.SESSION_SECONDS).observe(time.monotonic() - self.started)
             if logs.enabled():
                 logs.event(
                     "disconnect",
@@ -890,6 +892,10 @@ class Session:
             self.junk = 0
         self.txn_count += 1
         metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
+        if self.t.started:
+            metrics.child(metrics.TRANSACTION_SECONDS, outcome).observe(
+                time.monotonic() - self.t.started
+            )
         if not logs.enabled():
             return
         mail_from = self.ctx.mail_from
