@@ -22,7 +22,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 USER 10001:10001
 # Unprivileged ports; the Service maps 25/465/587 to them. 9125: metrics and health.
 EXPOSE 2525 4650 5870 9125
+# The health check asks the metrics endpoint the configuration names (metrics.listen).
+ENV GATEWAY_CONFIG=/etc/smtp-gateway/config/gateway.yaml
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9125/healthz/live', timeout=4).status == 200 else 1)"]
+    CMD ["smtp-gateway", "health"]
 ENTRYPOINT ["smtp-gateway", "run"]
 CMD ["--config", "/etc/smtp-gateway/config/gateway.yaml"]

@@ -26,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway (embedded defaults without --config)")
-    run.add_argument("--config", "-c", help="YAML config file")
+    run.add_argument(
+        "--config", "-c", default=os.environ.get("GATEWAY_CONFIG"),
+        help="YAML config file (default: $GATEWAY_CONFIG, else the embedded defaults)",
+    )  # fmt: skip
 
     chk = sub.add_parser(
         "check",
@@ -53,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     side.add_argument("--sender", action="store_true", help="as MAIL FROM")
     side.add_argument("--recipient", action="store_true", help="as RCPT TO")
     rw.add_argument("--config", "-c", help="YAML config file (policy and local_domains)")
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the gateway answers on its metrics endpoint (/healthz/live)",
+        epilog="the config file: --config, else $GATEWAY_CONFIG; the endpoint: metrics.listen"
+        " (a wildcard address is asked on loopback)",
+    )
+    health.add_argument("--config", "-c", default=os.environ.get("GATEWAY_CONFIG"))
+    health.add_argument("--ready", action="store_true", help="ask /healthz/ready instead")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -91,6 +103,32 @@ def cmd_config_check(path: str) -> int:
     cmd_validate(settings, path)
     print(f"{path}: OK ({len(settings.listeners)} listener(s), policy {settings.policy})")
     return 0
+
+
+def cmd_health(path: str | None, ready: bool) -> int:
+    """For a container's HEALTHCHECK: the metrics endpoint the configuration names,
+    so it follows metrics.listen (and GATEWAY_METRICS_LISTEN) wherever it is."""
+    import ipaddress
+    import urllib.error
+    import urllib.request
+
+    settings = config.load(path)
+    if settings.metrics.listen is None:
+        print("smtp-gateway: metrics.listen is off: no endpoint to ask", file=sys.stderr)
+        return EXIT_CONFIG
+    host, port = config.split_hostport(settings.metrics.listen)
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        addr = ipaddress.ip_address("::1" if addr.version == 6 else "127.0.0.1")
+    where = f"[{addr}]" if addr.version == 6 else str(addr)
+    url = f"http://{where}:{port}/healthz/{'ready' if ready else 'live'}"
+    try:
+        with urllib.request.urlopen(url, timeout=4) as r:
+            print(f"{url}: {r.status}")
+            return 0
+    except (urllib.error.URLError, OSError) as e:
+        print(f"{url}: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_run(path: str | None) -> int:
@@ -171,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             from gateway import ratelimit_admin
 
             return ratelimit_admin.run(args.action, args.key, args.config)
+        if args.command == "health":
+            return cmd_health(args.config, args.ready)
         if args.command == "config" and args.config_command == "check":
             return cmd_config_check(args.file)
     except config.ConfigError as e:

@@ -220,3 +220,23 @@ def test_swaks_against_embedded_defaults(tmp_path: Path) -> None:
         gw.stop()
     [f] = (tmp_path / "mail" / "localhost" / "postmaster" / "new").iterdir()
     assert b"Subject: swaks test" in f.read_bytes()
+
+
+def test_health_command_asks_the_configured_metrics_endpoint(
+    backend: Backend, gateway_factory: Callable[..., Gateway]
+) -> None:
+    """The container's HEALTHCHECK: it follows metrics.listen, from --config or
+    $GATEWAY_CONFIG, and fails once the gateway is gone."""
+    import os
+
+    gw = gateway_factory(base_config(backend.url))
+    url = f"{gw.metrics_url}/healthz/live"
+    r = run_cli("health", "--config", str(gw.config_path))
+    assert (r.returncode, r.stdout.strip()) == (0, f"{url}: 200"), r.stderr
+    env = {**os.environ, "GATEWAY_CONFIG": str(gw.config_path)}
+    r = subprocess.run([PY, "-m", "gateway", "health", "--ready"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60, env=env)  # fmt: skip
+    assert (r.returncode, r.stdout.strip()) == (0, url.replace("live", "ready") + ": 200")
+    gw.stop()
+    r = run_cli("health", "--config", str(gw.config_path))
+    assert r.returncode == 1 and url in r.stderr
