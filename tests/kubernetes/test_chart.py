@@ -200,7 +200,9 @@ def test_dockerfile_is_hardened_and_lints() -> None:
     assert all("slim" in image for image, _ in stages)
     final = text[text.rindex("\nFROM ") :]
     assert re.search(r"^USER\s+(?!root|0\b)\S+", final, re.M), "non-root user"
-    assert "HEALTHCHECK" in final and "/healthz/live" in final
+    # The health check follows the configured metrics endpoint (smtp-gateway health).
+    assert "HEALTHCHECK" in final and 'CMD ["smtp-gateway", "health"]' in final
+    assert "ENV GATEWAY_CONFIG=/etc/smtp-gateway/config/gateway.yaml" in final
     assert re.search(r'^ENTRYPOINT \["smtp-gateway", "run"\]', final, re.M)
     assert not re.search(r"apt-get install|gcc|build-essential", final), "no compilers"
     for port in re.findall(r"^EXPOSE (.*)$", final, re.M)[0].split():

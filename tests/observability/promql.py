@@ -15,6 +15,9 @@ GRAFANA = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
 class Refs:
     metrics: set[str] = field(default_factory=set)
     labels: set[str] = field(default_factory=set)
+    # The label list of every aggregation (`sum by (...)`) and every vector matching
+    # (`and on (...)`), in order; `without` and `ignoring` lists start with "-".
+    groupings: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def refs(expr: str) -> Refs:
@@ -44,6 +47,10 @@ def _walk(node: Any, out: Refs) -> None:
     elif kind == "AggregateExpr":
         if node.modifier is not None:
             out.labels.update(node.modifier.labels)
+            without = "without" in str(node.modifier.type).lower()
+            out.groupings.append(("-",) * without + tuple(node.modifier.labels))
+        else:
+            out.groupings.append(())
         _walk(node.expr, out)
         if node.param is not None:
             _walk(node.param, out)
@@ -51,6 +58,8 @@ def _walk(node: Any, out: Refs) -> None:
         mod = node.modifier
         if mod is not None and mod.matching is not None:
             out.labels.update(mod.matching.labels)
+            ignoring = "exclude" in str(mod.matching.type).lower()
+            out.groupings.append(("-",) * ignoring + tuple(mod.matching.labels))
         _walk(node.lhs, out)
         _walk(node.rhs, out)
     elif kind in ("ParenExpr", "UnaryExpr", "SubqueryExpr"):

@@ -19,7 +19,30 @@ from tests.observability.promql import refs
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
-TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
+# Added at scrape time: job and instance by Prometheus, namespace by the Prometheus
+# Operator (ServiceMonitor targets).
+TARGET_LABELS = {"namespace", "job", "instance"}
+# Series Prometheus makes itself, allowed by name: `up` (1 if the scrape succeeded).
+PROMETHEUS_SERIES: dict[str, set[str]] = {"up": set()}
+OPERATIONS = ROOT / "docs" / "operations.md"
+ALERTS = {
+    "SmtpGatewayDown",
+    "SmtpGatewayAbsent",
+    "SmtpGatewayBackendUnavailable",
+    "SmtpGatewayTempfailRatioHigh",
+    "SmtpGatewayRejectionSpike",
+    "SmtpGatewayDnsErrors",
+    "SmtpGatewayCertificateExpiringSoon",
+    "SmtpGatewayCertificateReloadFailed",
+    "SmtpGatewayNoTraffic",
+    "SmtpGatewayRateLimitStoreErrors",
+    "SmtpGatewayMessageMemoryFull",
+    "SmtpGatewayWorkerRestarts",
+    "SmtpGatewayPolicyReloadFailed",
+    "SmtpGatewayDnsblZoneUnhealthy",
+    "SmtpGatewayBackendConnectFailures",
+    "SmtpGatewayBackendSlow",
+}
 
 
 def known_series() -> dict[str, set[str]]:
@@ -59,6 +82,7 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def check_refs(where: str, expr: str, series: dict[str, set[str]]) -> None:
+    series = {**series, **PROMETHEUS_SERIES}
     r = refs(expr)
     assert r.metrics, f"{where}: no metric in {expr}"
     unknown = r.metrics - series.keys()
@@ -80,23 +104,27 @@ def test_every_dashboard_query_uses_existing_metrics_and_labels() -> None:
 
 def test_every_alert_uses_existing_metrics_and_has_summary_and_runbook() -> None:
     series = known_series()
-    readme = (ROOT / "README.md").read_text()
+    runbooks = OPERATIONS.read_text()
     rules = alert_rules()
-    assert {r["alert"] for r in rules} == {
-        "SmtpGatewayBackendUnavailable",
-        "SmtpGatewayTempfailRatioHigh",
-        "SmtpGatewayRejectionSpike",
-        "SmtpGatewayDnsErrors",
-        "SmtpGatewayCertificateExpiringSoon",
-        "SmtpGatewayNoTraffic",
-        "SmtpGatewayRateLimitStoreErrors",
-        "SmtpGatewayMessageMemoryFull",
-    }
+    assert {r["alert"] for r in rules} == ALERTS
     for rule in rules:
-        check_refs(f"alert {rule['alert']}", rule["expr"], series)
-        assert rule["annotations"]["summary"]
-        assert rule["annotations"]["runbook"].endswith(rule["alert"])
-        assert f"**{rule['alert']}**" in readme, f"README has no runbook for {rule['alert']}"
+        name = rule["alert"]
+        check_refs(f"alert {name}", rule["expr"], series)
+        ann = rule["annotations"]
+        assert set(ann) == {"summary", "description", "runbook_url"}, name
+        assert ann["summary"] and ann["description"], name
+        assert ann["runbook_url"] == f"docs/operations.md#{name}", name
+        assert f'<a id="{name}"></a>' in runbooks, f"docs/operations.md has no runbook for {name}"
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+
+
+def test_alerts_never_merge_namespaces() -> None:
+    """Two releases in different namespaces (same job name, same chart) are separate:
+    every aggregation and every vector matching keeps namespace and job."""
+    for rule in alert_rules():
+        for grouping in refs(rule["expr"]).groupings:
+            assert grouping[:1] != ("-",), (rule["alert"], grouping)
+            assert {"namespace", "job"} <= set(grouping), (rule["alert"], grouping)
 
 
 def test_the_metric_helpers_see_what_the_registry_exports() -> None:
@@ -157,7 +185,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
         [tool, "check", "rules", "alerts.yaml"], cwd=GRAFANA, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 8 rules found" in check.stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in check.stdout
     test = subprocess.run(
         [tool, "test", "rules", "alerts-test.yaml"], cwd=GRAFANA, capture_output=True, text=True
     )

@@ -1,5 +1,7 @@
-"""A real Prometheus scrapes a running gateway through a mix of mail; every dashboard
-panel's query must return data (a panel that shows nothing fails the test)."""
+"""A real Prometheus scrapes a running two-worker gateway through a mix of mail; every
+dashboard panel's query must return data (a panel that shows nothing fails the test),
+every alert rule's expression must evaluate on the real series, and what Prometheus
+reads must be right: refusals at connect, and a renewed certificate's expiry."""
 
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
-from tests.observability.test_dashboard import panel_queries
+from tests.integration.test_tls import _swap
+from tests.integration.test_workers import _ready_pids
+from tests.observability.test_dashboard import alert_rules, panel_queries
 from tests.support.certs import make_cert
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway, base_config
@@ -25,14 +31,20 @@ ZONE = {
     "_dmarc.src.test": [("TXT", "v=DMARC1; p=none")],
     "2.0.0.127.bl.test": [("A", "127.0.0.2"), ("TXT", "test entry")],
 }
+# 127.0.0.2 is the zone's RFC 5782 test entry: a client connecting from it is listed
+# (554 at connect). 127.0.0.1, the rest of the traffic, is exempt from the concurrency
+# limit; 127.0.0.3 may hold one session at a time (421 at connect for a second one).
 POLICY = """
 actions:
+  dnsbl.listed: reject
   ratelimit.exceeded: tempfail
+  ratelimit.concurrency: tempfail
 checks:
   dnsbl:
     zones: [{name: testbl, zone: bl.test}]
   ratelimit:
     limits: [{name: per_sender, key: mail_from, unit: messages, rate: 1/hour}]
+    concurrency: [{name: one_at_a_time, max: 1, exempt_networks: [127.0.0.1/32]}]
 rewrite:
   virtual_alias:
     rules:
@@ -98,6 +110,43 @@ def traffic(port: int) -> None:
         raw.recv(100)
 
 
+def refused_at_connect(port: int) -> None:
+    """Two sessions the policy refuses before the greeting: a listed client (reject)
+    and one over its concurrency limit (tempfail)."""
+    with pytest.raises(smtplib.SMTPConnectError) as listed:
+        smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.2", 0), timeout=10)
+    assert listed.value.smtp_code == 554
+    with smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.3", 0), timeout=10) as held:
+        held.ehlo("client.src.test")
+        with pytest.raises(smtplib.SMTPConnectError) as second:
+            smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.3", 0), timeout=10)
+        assert second.value.smtp_code == 421
+        assert held.noop()[0] == 250  # the first one is untouched
+
+
+def poll(prom: Prometheus, expr: str, done: Callable[[list[dict[str, Any]]], bool]) -> Any:
+    """The query's result once `done` says so, or the last one after 20 s (a worker
+    writes its figures within a second, Prometheus scrapes every second)."""
+    deadline = time.monotonic() + 20
+    while True:
+        result = prom.query(expr)
+        if done(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def values(result: list[dict[str, Any]]) -> list[float]:
+    return [float(r["value"][1]) for r in result]
+
+
+def not_after(cert: Path) -> float:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
+def by_pid(gw: Gateway, event: str) -> set[int]:
+    return {e["pid"] for e in gw.events() if e.get("event") == event}
+
+
 def test_every_panel_returns_data_from_a_real_prometheus(
     tmp_path: Path,
     backend: Backend,
@@ -107,20 +156,43 @@ def test_every_panel_returns_data_from_a_real_prometheus(
 ) -> None:
     dns = DnsServer(ZONE)
     try:
-        cert, key = make_cert(tmp_path / "certs")
+        # The certificate as a Kubernetes Secret mounts it: tls.crt -> ..data/..., so a
+        # renewal is one rename. Ten days left, then a renewal to ninety.
+        vol = tmp_path / "secret"
+        c1, k1 = make_cert(vol / "v1", "gw.test", days=10)
+        for name, src in (("tls.crt", c1.name), ("tls.key", k1.name)):
+            (vol / name).symlink_to(f"..data/{src}")
+        _swap(vol, vol / "v1")
         cfg = base_config(
             backend.url,
+            workers=2,
+            tls_reload_interval=0.2,
             trusted_networks=[],
             dns={"nameservers": [dns.address]},
             store={"redis_url": redis_server.url},
         )
-        cfg["listeners"][0].update(tls="starttls", cert_file=str(cert), key_file=str(key))
-        gw = gateway_factory(cfg, policy=POLICY)
+        cfg["listeners"][0].update(
+            tls="starttls", cert_file=str(vol / "tls.crt"), key_file=str(vol / "tls.key")
+        )
+        gw = gateway_factory(cfg, policy=POLICY, ready=False)
+        workers = _ready_pids(gw, 2)
+        assert len(workers) == 2
         prom = prometheus([gw.cfg["metrics"]["listen"]])
+        expiry = 'min(smtp_gateway_tls_certificate_expiry_timestamp_seconds{job="smtp-gateway"})'
+        old = not_after(c1)
+        assert values(poll(prom, expiry, lambda r: values(r) == [old])) == [old]
+
         traffic(gw.port())
-        gw.signal(signal.SIGHUP)
-        gw.wait_log(lambda e: e.get("event") == "reloaded")
+        refused_at_connect(gw.port())
+        gw.signal(signal.SIGHUP)  # the master passes it on to each worker
+        gw.wait_log(lambda e: len(by_pid(gw, "reloaded")) >= 2)
         gw.wait_log(lambda e: e.get("event") == "tls_failed")
+        # The renewal, picked up by both workers.
+        c2, _ = make_cert(vol / "v2", "gw.test", days=90)
+        new = not_after(c2)
+        _swap(vol, vol / "v2")
+        gw.wait_log(lambda e: by_pid(gw, "tls_reloaded") >= workers)
+
         # A rate needs two scrapes of a series: poll until every panel has data, or
         # give up after 30 s of one-second scrapes.
         queries = [
@@ -140,5 +212,43 @@ def test_every_panel_returns_data_from_a_real_prometheus(
             for r in prom.query('smtp_gateway_transactions_total{job="smtp-gateway"}')
         }
         assert {"delivered", "rejected", "tempfailed"} <= outcomes
+
+        # (a) The refusals at connect, as Prometheus reads them from the two workers.
+        want = {("reject", "dnsbl.listed"): 1.0, ("tempfail", "ratelimit.concurrency"): 1.0}
+        refusals = 'sum by (action, reason) (smtp_gateway_refusals_total{stage="connect"})'
+
+        def at_connect(r: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+            return {(x["metric"]["action"], x["metric"]["reason"]): float(x["value"][1]) for x in r}
+
+        assert at_connect(poll(prom, refusals, lambda r: at_connect(r) == want)) == want
+        results = 'sum by (result) (smtp_gateway_connections_total{job="smtp-gateway"})'
+
+        def connections(r: list[dict[str, Any]]) -> dict[str, float]:
+            return {x["metric"]["result"]: float(x["value"][1]) for x in r}
+
+        # Accepted: the three sessions of traffic() and the one held from 127.0.0.3; the
+        # two refused at connect never got a 220.
+        seen = connections(poll(prom, results, lambda r: connections(r).get("accepted") == 4))
+        assert seen["refused_policy"] == 2 and seen["accepted"] == 4, seen
+        hits = 'sum(smtp_gateway_ratelimit_hits_total{limit="one_at_a_time"})'
+        assert values(prom.query(hits)) == [1.0]
+
+        # (b) The renewed certificate's notAfter, whichever worker answers the scrape: the
+        # least over the series is the new one, and stays so scrape after scrape.
+        assert values(poll(prom, expiry, lambda r: values(r) == [new])) == [new]
+        time.sleep(4)
+        window = "smtp_gateway_tls_certificate_expiry_timestamp_seconds[3s]"
+        assert values(prom.query(f"min(min_over_time({window}))")) == [new]
+        assert values(prom.query(f"max(max_over_time({window}))")) == [new]
+        assert new > old  # so the least over old and new series would be the old one
+
+        # Every alert rule evaluates on the real series (no matching error), and the
+        # SmtpGatewayDown join finds the gateway's target by its `up`.
+        for rule in alert_rules():
+            prom.query(rule["expr"])
+        joined = prom.query(
+            "up == 1 and on (namespace, job, instance) max_over_time(smtp_gateway_build_info[1h])"
+        )
+        assert [r["metric"]["instance"] for r in joined] == [gw.cfg["metrics"]["listen"]]
     finally:
         dns.close()
