@@ -87,7 +87,9 @@ def dns(dns_server: DnsServer) -> DnsServer:
 
 
 def resolver(dns: DnsServer) -> Resolver:
-    return Resolver(config.Dns(nameservers=[dns.address], timeout=0.3))
+    return Resolver(
+        config.Dns(nameservers=[dns.address], timeout=1.0)
+    )  # a loaded machine answers late
 
 
 def verify(dns: DnsServer, message: bytes, *, crlf_clean: bool = False) -> list[Any]:
