@@ -21,9 +21,15 @@ def rate(metric: str, by: str, extra: str = "") -> str:
     return f"sum by ({by}) (rate({metric}{{{sel}}}[$__rate_interval]))"
 
 
-def quantile(q: float, metric: str, by: str) -> str:
-    inner = rate(f"{metric}_bucket", f"le, {by}" if by else "le")
+def quantile(q: float, metric: str, by: str, extra: str = "") -> str:
+    inner = rate(f"{metric}_bucket", f"le, {by}" if by else "le", extra)
     return f"histogram_quantile({q}, {inner})"
+
+
+def quantiles(
+    metric: str, extra: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99)
+) -> list[tuple[str, str]]:
+    return [(quantile(q, metric, "", extra), f"p{round(q * 100)}") for q in qs]
 
 
 # (title, description, [(expr, legend)], unit, kind)
@@ -31,6 +37,10 @@ Panel = tuple[str, str, list[tuple[str, str]], str, str]
 
 ROWS: list[tuple[str, list[Panel]]] = [
     ("Traffic", [
+        ("Instances up",
+         "1 while Prometheus scrapes an instance, 0 when the scrape fails (down, hung,"
+         " unreachable): the SmtpGatewayDown alert.",
+         [(f"up{{{SEL}}}", "{{instance}}")], "short", "ts"),
         ("Transactions by outcome",
          "Completed SMTP transactions per second: delivered, rejected, tempfailed, aborted.",
          [(rate("smtp_gateway_transactions_total", "outcome"), "{{outcome}}")], "ops", "ts"),
@@ -61,6 +71,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
          " (limits.data_memory_wait); a wait that runs out is a 452 4.3.1 (reason no_memory).",
          [(f"sum by (instance) (smtp_gateway_message_memory_waiters{{{SEL}}})",
            "waiting {{instance}}")], "short", "ts"),
+        ("MAILs that waited for memory, by result",
+         "MAILs per second that had to wait for room in the message data budget: admitted"
+         " after the wait, or timeout (452 4.3.1, reason no_memory).",
+         [(rate("smtp_gateway_message_memory_waits_total", "result"), "{{result}}")],
+         "ops", "ts"),
     ]),
     ("Rejections", [
         ("Policy refusals by stage",
@@ -112,6 +127,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ("Sessions by TLS version",
          "Client sessions by the TLS version they ended with ('none': plaintext).",
          [(rate("smtp_gateway_tls_sessions_total", "version"), "{{version}}")], "ops", "ts"),
+        ("TLS share of sessions",
+         "Share of client sessions that ended encrypted (any TLS version) among all sessions"
+         " that ended.",
+         [(f'sum(rate(smtp_gateway_tls_sessions_total{{{SEL}, version!="none"}}'
+           f"[$__rate_interval])) / sum(rate(smtp_gateway_tls_sessions_total{{{SEL}}}"
+           "[$__rate_interval]))", "TLS")], "percentunit", "ts"),
         ("TLS handshake failures",
          "Failed client handshakes by reason (protocol version, cipher, certificate, ...).",
          [(rate("smtp_gateway_tls_handshake_failures_total", "reason"), "{{reason}}")],
@@ -133,6 +154,21 @@ ROWS: list[tuple[str, list[Panel]]] = [
          "99th percentile time from a command to the backend's reply.",
          [(quantile(0.99, "smtp_gateway_backend_reply_seconds", "command"), "{{command}}")],
          "s", "ts"),
+        ("Backend connects by result",
+         "Connection attempts to the backend per second: ok, refused, timeout, busy (a 4xx"
+         " greeting: at its connection limit), failed (a 5xx greeting, a TLS or protocol"
+         " error). The SmtpGatewayBackendConnectFailures alert fires over 20% not ok.",
+         [(rate("smtp_gateway_backend_connects_total", "result"), "{{result}}")], "ops", "ts"),
+        ("Backend greeting latency",
+         "Median and 99th percentile time from connecting to the backend to its greeting;"
+         " the SmtpGatewayBackendSlow alert fires at a p99 over 2.5 s.",
+         quantiles("smtp_gateway_backend_reply_seconds", 'command="greeting"', (0.5, 0.99)),
+         "s", "ts"),
+        ("Backend session waits by result",
+         "Transactions per second that waited for a backend session at backend.max_sessions,"
+         " per target: ok (got one) or timeout (451 4.4.5, reason backend_busy).",
+         [(rate("smtp_gateway_backend_session_waits_total", "target, result"),
+           "{{target}} {{result}}")], "ops", "ts"),
         ("Backend circuit breakers and pool",
          "Open circuit breakers per target (1 = open) and spare sessions kept ready.",
          [(f"max by (target) (smtp_gateway_backend_circuit_open{{{SEL}}})", "open {{target}}"),
@@ -159,6 +195,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
            "hit ratio")], "percentunit", "ts"),
     ]),
     ("Latency and operations", [
+        ("Transaction duration",
+         "Time from MAIL to the end of the transaction, all outcomes: the client's pace,"
+         " the checks and the backend's replies; p50, p95, p99.",
+         quantiles("smtp_gateway_transaction_seconds"), "s", "ts"),
+        ("Session duration",
+         "Time from connect to disconnect of client sessions; p50, p95, p99.",
+         quantiles("smtp_gateway_session_seconds"), "s", "ts"),
         ("Check latency p99",
          "99th percentile time per check (DNS waits included).",
          [(quantile(0.99, "smtp_gateway_check_seconds", "check"), "{{check}}")], "s", "ts"),
@@ -171,7 +214,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
           (f"sum(rate(smtp_gateway_rewrite_loops_total{{{SEL}}}[$__rate_interval]))",
            "loops")], "ops", "ts"),
         ("Reloads and restarts",
-         "Policy reloads and certificate reloads by result, worker restarts.",
+         "Policy reloads and certificate reloads by result, and worker processes restarted"
+         " after dying, in the hour before each point (failed reloads and restarts alert).",
          [(f"sum by (result) (increase(smtp_gateway_config_reloads_total{{{SEL}}}[1h]))",
            "policy {{result}}"),
           (f"sum by (result) (increase(smtp_gateway_tls_certificate_reloads_total{{{SEL}}}[1h]))",
@@ -240,8 +284,8 @@ def build() -> dict[str, Any]:
     return {
         "uid": "smtp-gateway",
         "title": "SMTP gateway",
-        "description": "smtp-gateway: mail flow, refusals, authentication, DNSBL, rate limits, "
-        "TLS, backend, DNS and latency.",
+        "description": "smtp-gateway: instances, mail flow, refusals, authentication, DNSBL, "
+        "rate limits, TLS, backend, DNS, durations and latency, reloads and restarts.",
         "tags": ["smtp", "mail", "smtp-gateway"],
         "timezone": "browser",
         "editable": True,
