@@ -56,6 +56,13 @@ class Verdict:
 ACCEPT = Verdict(Action.ACCEPT)
 
 
+def action_of_code(code: int) -> Action:
+    """What a reply code decided, as the policy's words: 2xx accept, 5xx reject, and
+    anything else tempfail (a 3xx where a decision was due accepted nothing). The
+    one place a code becomes an action, for the outcome counted and logged."""
+    return Action.ACCEPT if code < 300 else Action.REJECT if code >= 500 else Action.TEMPFAIL
+
+
 def combine(a: Verdict, b: Verdict) -> Verdict:
     """Keep the stronger action; keep every symbol seen (for logs and tags)."""
     symbols = a.symbols + b.symbols

@@ -39,7 +39,7 @@ from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.services import ListenerState, Services, new_session_id
 from gateway.smtp.transaction import Transaction
 from gateway.stream import LineTooLong, Stream, StreamClosed
-from gateway.vocab import Action, Stage, Verdict
+from gateway.vocab import Action, Stage, Verdict, action_of_code
 from gateway.wire import unstuff_pieces
 
 log = logging.getLogger("gateway.smtp")
@@ -393,7 +393,7 @@ class Session:
             return
         if txn is None:
             self.relay(reply)
-            self._txn_outcome(_reply_action(reply), "backend", backend=str(reply))
+            self._txn_outcome(action_of_code(reply.code), "backend", backend=str(reply))
             self._no_transaction()
             return
         self.t.backend = txn
@@ -556,7 +556,7 @@ class Session:
                 logs.event("alias_members_refused", session=self.id, rcpt=str(original),
                            refused=refused)  # fmt: skip
             return
-        outcome = "accepted" if final.ok else _outcome_code(final.code)
+        outcome = "accepted" if final.ok else _outcome(action_of_code(final.code))
         metrics.child(metrics.RECIPIENTS, outcome, "backend").inc()
         self.relay(final)
         if final.code >= 500:
@@ -661,7 +661,7 @@ class Session:
         else:
             self.relay(final)
         code = final.code
-        action = Action.ACCEPT if code < 300 else (Action.TEMPFAIL if code < 500 else Action.REJECT)
+        action = action_of_code(code)
         await self._end_txn(action, "backend", abort=False, size=size, backend=str(final))
 
     def _our_fields(self, policy: Policy) -> headers.OurFields:
@@ -946,14 +946,6 @@ def _outcome(action: Action) -> str:
     if action is Action.TEMPFAIL:
         return "tempfailed"
     return "delivered"
-
-
-def _outcome_code(code: int) -> str:
-    return "rejected" if code >= 500 else "tempfailed"
-
-
-def _reply_action(r: SmtpReply) -> Action:
-    return Action.REJECT if r.code >= 500 else Action.TEMPFAIL
 
 
 # RFC 2920 3.1: these end a pipelined group; the client must wait for their reply

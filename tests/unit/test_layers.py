@@ -113,3 +113,12 @@ def test_no_two_parts_import_each_other() -> None:
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def test_a_reply_code_becomes_an_action_in_one_place() -> None:
+    from gateway.vocab import Action, action_of_code
+
+    assert [action_of_code(c) for c in (250, 251, 354, 421, 451, 550, 554)] == [
+        Action.ACCEPT, Action.ACCEPT, Action.TEMPFAIL, Action.TEMPFAIL, Action.TEMPFAIL,
+        Action.REJECT, Action.REJECT,
+    ]  # fmt: skip
