@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 
 from gateway import config, headers, logs, metrics, replies
 from gateway.address import Address, parse_path
-from gateway.checks.relay import DENIED, relay_trick
 from gateway.context import Context
 from gateway.forward import relay
 from gateway.forward.backend import (
@@ -30,10 +29,10 @@ from gateway.net import plain_ip
 from gateway.pipeline.policy import Policy
 from gateway.pipeline.runner import View
 from gateway.replies import Reply
-from gateway.rewrite.engine import AliasLoop, Rewriter, SrsError
-from gateway.smtp import protocol, tls
+from gateway.smtp import protocol, recipients, tls
 from gateway.smtp.data import THREAD_BYTES, DataRefused, check_header_section, read_message
 from gateway.smtp.memory import Reservation
+from gateway.smtp.outcome import outcome_of, record
 from gateway.smtp.protocol import LAST_IN_GROUP
 from gateway.smtp.proxy import ProxyError, read_header
 from gateway.smtp.services import ListenerState, Services, new_session_id
@@ -452,7 +451,7 @@ class Session:
         if verdict.refuses:
             reply = self._policy_reply(verdict, Stage.RCPT)
             self.send(reply, policy=True)
-            metrics.child(metrics.RECIPIENTS, _outcome(verdict.action), verdict.symbol).inc()
+            metrics.child(metrics.RECIPIENTS, outcome_of(verdict.action), verdict.symbol).inc()
             logs.event(
                 "rcpt_refused",
                 session=self.id,
@@ -466,7 +465,16 @@ class Session:
             return
         targets = [addr]
         if rewriter.active:
-            expanded = self._expand(rewriter, original, addr)
+            sender = self.ctx.mail_from
+            expanded = recipients.expand(
+                rewriter,
+                original,
+                addr,
+                client_ip=self.ctx.client_ip,
+                bounce=sender is not None and sender.is_null,
+                srs_failures=self.svc.srs_failures,
+                session_id=self.id,
+            )
             if isinstance(expanded, Reply):
                 self.send(expanded)
                 return
@@ -474,33 +482,6 @@ class Session:
             if rewriter.srs is not None and not await self._srs_if_forwarding(targets):
                 return
         await self._backend_rcpts(original, targets, dsn_params)
-
-    def _expand(
-        self, rewriter: Rewriter, original: Address, addr: Address
-    ) -> Reply | list[Address]:
-        """SRS reverse then virtual aliases; a refusal is the reply to send."""
-        ip = self.ctx.client_ip
-        guard = self.svc.srs_failures
-        bounce = self.ctx.mail_from is not None and self.ctx.mail_from.is_null
-        try:
-            if guard.blocked(ip) and rewriter.is_srs(addr):
-                raise SrsError("too many invalid SRS addresses from this client")
-            targets = rewriter.expand(rewriter.srs_reverse(addr, bounce))
-        except SrsError as e:
-            reply: Reply = replies.SRS_LIMITED if guard.blocked(ip) else replies.SRS_INVALID
-            why = str(e)
-            if reply is replies.SRS_INVALID:
-                guard.failed(ip)
-        except AliasLoop as e:
-            reply, why = replies.ALIAS_LOOP, str(e)
-        else:
-            if not any(relay_trick(t) for t in targets):
-                return targets
-            reply, why = replies.for_action(Action.REJECT, DENIED), "rewrite produced a relay trick"
-        metrics.child(metrics.RECIPIENTS, "rejected", reply.reason).inc()
-        logs.event("rcpt_refused", session=self.id, rcpt=str(original), reason=reply.reason,
-                   reply=str(reply), error=why)  # fmt: skip
-        return reply
 
     async def _srs_if_forwarding(self, targets: list[Address]) -> bool:
         """A recipient that leaves our domains gets the SRS sender: the backend
@@ -556,7 +537,7 @@ class Session:
                 logs.event("alias_members_refused", session=self.id, rcpt=str(original),
                            refused=refused)  # fmt: skip
             return
-        outcome = "accepted" if final.ok else _outcome(action_of_code(final.code))
+        outcome = "accepted" if final.ok else outcome_of(action_of_code(final.code))
         metrics.child(metrics.RECIPIENTS, outcome, "backend").inc()
         self.relay(final)
         if final.code >= 500:
@@ -887,43 +868,11 @@ class Session:
     def _txn_outcome(
         self, action: Action, reason: str, *, size: int = 0, aborted: bool = False, **extra: object
     ) -> None:
-        outcome = "aborted" if aborted else _outcome(action)
+        self.txn_count += 1
+        outcome = record(self.id, self.txn_count, self.ctx, self.t, action, reason, size=size,
+                         aborted=aborted, **extra)  # fmt: skip
         if outcome == "delivered":  # a refused MAIL must not reset the junk count
             self.junk = 0
-        self.txn_count += 1
-        metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
-        if self.t.started:
-            metrics.child(metrics.TRANSACTION_SECONDS, outcome).observe(
-                time.monotonic() - self.t.started
-            )
-        if not logs.enabled():
-            return
-        mail_from = self.ctx.mail_from
-        if self.ctx.rewritten:
-            extra["rewritten"] = {
-                str(orig): [str(t) for t in targets] for orig, targets in self.ctx.rewritten
-            }
-        sender = self.t.backend_sender
-        if sender is not None and mail_from is not None and sender != mail_from:
-            extra["backend_sender"] = str(sender)
-        if self.t.rcpt_refused:
-            extra["refused"] = self.t.rcpt_refused
-        logs.event(
-            "transaction",
-            session=self.id,
-            txn=self.txn_count,
-            client=self.ctx.client_ip,
-            helo=self.ctx.helo,
-            tls=self.ctx.tls_version,
-            tls_cipher=self.ctx.tls_cipher,
-            mail_from=str(mail_from or ""),
-            rcpts=len(self.ctx.recipients),
-            size=size,
-            outcome=outcome,
-            reason=reason,
-            duration_ms=round((time.monotonic() - self.t.started) * 1000, 1),
-            **extra,
-        )
 
 
 # After a 554 greeting: commands answered (503) while waiting for QUIT, and for how long.
@@ -938,14 +887,6 @@ _MTA_FIELDS = ("X-Original-To",)
 # each cut to this length: the count of recipients is the client's to choose.
 _LOGGED_REFUSALS = 10
 _LOGGED_REFUSAL_LEN = 300
-
-
-def _outcome(action: Action) -> str:
-    if action is Action.REJECT:
-        return "rejected"
-    if action is Action.TEMPFAIL:
-        return "tempfailed"
-    return "delivered"
 
 
 # RFC 2920 3.1: these end a pipelined group; the client must wait for their reply
