@@ -18,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Install from the wheels only, then drop pip's caches; no compiler in this stage.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index /wheels/*.whl \
-    && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin gateway
+    && groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 USER 10001:10001
 # Unprivileged ports; the Service maps 25/465/587 to them. 9125: metrics and health.
 EXPOSE 2525 4650 5870 9125

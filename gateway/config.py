@@ -96,6 +96,8 @@ class SniCertificate(Strict):
 
 class Listener(Strict):
     name: str = "smtp"
+    # The address to listen on. An IPv6 address, :: included, listens on IPv6 only:
+    # for both families, two listeners on one port, 0.0.0.0 and ::.
     address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 2525
     tls: TlsMode = TlsMode.NONE

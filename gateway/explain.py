@@ -170,13 +170,7 @@ def _report(
             refused_at = label
     if not any_rcpt and rcpt_refusal is not None and refused_at is None:
         final, refused_at = combine(final, rcpt_refusal), "rcpt"
-    # The reply that decided the message: a refusal at connect, else the last one
-    # before QUIT.
-    greeting = said[0]["reply"]
-    if greeting and not greeting[0].startswith("220"):
-        last = greeting
-    else:
-        last = [s for s in said if s["command"] != "QUIT"][-1]["reply"]
+    last = _deciding_reply(said, refused_at)
     authserv = settings.authserv_id or settings.hostname
     ar = headers.authentication_results(authserv, seen.auth).decode().rstrip("\r\n")
     relayed = backend.relayed[-1].prefix if backend.relayed else b""
@@ -211,6 +205,26 @@ def _report(
 
 # The verdict in the exit status (1 and 2 are the command line's errors).
 EXIT_VERDICT = {"accept": 0, "tag": 3, "quarantine": 4, "tempfail": 5, "reject": 6}
+
+
+# The conversation's entry for each stage, by the start of its command.
+_STAGE_COMMAND = {"connect": "(connect)", "helo": "EHLO", "mail": "MAIL", "rcpt": "RCPT",
+                  "data": "(message)"}  # fmt: skip
+
+
+def _deciding_reply(said: list[dict[str, Any]], refused_at: str | None) -> list[str]:
+    """The reply that decided the message: the refusing stage's (of recipients, the
+    first one refused: a DATA refused for want of recipients only follows it), else
+    the last reply before QUIT (the message's acceptance)."""
+    spoken = [s for s in said if s["command"] != "QUIT"]
+    if refused_at is not None:
+        start = _STAGE_COMMAND.get(refused_at.split(" ")[0])
+        for s in spoken:
+            if start and s["command"].startswith(start) and s["reply"][0][:1] in ("4", "5"):
+                return list(s["reply"])
+    refusals = [s["reply"] for s in spoken if s["reply"] and s["reply"][0][:1] in ("4", "5")]
+    last = spoken[-1]["reply"]
+    return list(last if last[0][:1] == "2" or not refusals else refusals[0])
 
 
 def run(args: Any) -> int:

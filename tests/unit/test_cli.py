@@ -78,3 +78,23 @@ def test_ratelimit_refuses_a_limit_the_policy_does_not_have(
     err = capsys.readouterr().err
     assert "per_ipp:192.0.2.7: no limit named 'per_ipp' in the policy" in err
     assert "(limits: conns_per_ip, conns_per_network)" in err
+
+
+def test_check_reports_the_reply_that_decided(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relay attempt is decided at RCPT: its refusal is the deciding reply, not the
+    DATA that follows for want of recipients; a tagged message's is its acceptance."""
+    import json
+
+    from gateway import replies
+    from gateway.checks.relay import DENIED
+    from gateway.vocab import Action
+
+    args = setup(tmp_path, "tag")
+    cli.main([*args, "--mail-from", "a@other.test", "--rcpt", "x@elsewhere.test", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["reply"] == str(replies.for_action(Action.REJECT, DENIED))
+    cli.main([*args, "--mail-from", "a@sender.test", "--rcpt", "x@example.test", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["action"] == "tag" and out["reply"].startswith("250 ")
