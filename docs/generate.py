@@ -296,8 +296,6 @@ FALLBACK: dict[str, str] = {
     "Settings.drain_timeout": "Seconds a draining gateway (SIGTERM) gives open transactions to "
     "finish before it tells the sessions still open `421 4.3.2`.",
     "Listener.name": "Names the listener in logs and metrics labels; unique.",
-    "Listener.address": "IP address to listen on. `::` listens on IPv6 and IPv4; an IPv4 client "
-    "seen as `::ffff:a.b.c.d` is `a.b.c.d` everywhere.",
     "Listener.port": "TCP port to listen on.",
     "Listener.tls": "`starttls` (ports 25 and 587), `implicit` (TLS from the first byte, port "
     "465) or `none`.",
