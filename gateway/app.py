@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import Any
 
 from gateway import __version__, config, logs, metrics, replies
@@ -197,13 +198,20 @@ class App:
             await self.backend.warm()
         for ls in self.listeners:
             c = ls.cfg
-            ls.server = await loop.create_server(
-                self._factory(ls),
-                c.address,
-                c.port,
-                backlog=1024,
-                reuse_port=self.reuse_port or None,
-            )
+            if c.address == "::":
+                # Every address, IPv6 and IPv4 (as Postfix's inet_interfaces = all):
+                # asyncio would make the socket IPv6 only.
+                ls.server = await loop.create_server(
+                    self._factory(ls), sock=_dual_stack(c.port, self.reuse_port), backlog=1024
+                )
+            else:
+                ls.server = await loop.create_server(
+                    self._factory(ls),
+                    c.address,
+                    c.port,
+                    backlog=1024,
+                    reuse_port=self.reuse_port or None,
+                )
             sock = ls.server.sockets[0].getsockname()
             logs.event(
                 "listening",
@@ -323,3 +331,20 @@ class App:
         await self.start()
         await self.stopping.wait()
         await self.drain()
+
+
+def _dual_stack(port: int, reuse_port: bool) -> socket.socket:
+    """A listening socket on [::]:port that takes IPv4 clients too (as ::ffff:a.b.c.d,
+    which the session names a.b.c.d)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -96,8 +96,8 @@ class SniCertificate(Strict):
 
 class Listener(Strict):
     name: str = "smtp"
-    # The address to listen on. An IPv6 address, :: included, listens on IPv6 only:
-    # for both families, two listeners on one port, 0.0.0.0 and ::.
+    # The address to listen on: one of the machine's, 0.0.0.0 (every IPv4 address)
+    # or :: (every address, IPv6 and IPv4: an IPv4 client is named a.b.c.d).
     address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 2525
     tls: TlsMode = TlsMode.NONE
@@ -392,11 +392,12 @@ def _is_domain(name: str) -> bool:
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Two listening addresses that cannot both be bound on one port: the same, or
-    one the other's family's wildcard (an IPv6 socket here is IPv6 only, so 0.0.0.0
-    and :: together make a dual-stack listener)."""
+    """Two listening addresses that cannot both be bound on one port: the same, one
+    the other's family's wildcard, or :: (every address of both families) with any."""
     x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    return x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified))
+    if x == y or (x.version == 6 and x.is_unspecified) or (y.version == 6 and y.is_unspecified):
+        return True
+    return x.version == y.version and (x.is_unspecified or y.is_unspecified)
 
 
 def _listening_problem(s: Settings) -> str | None:

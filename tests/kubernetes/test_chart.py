@@ -338,7 +338,7 @@ def test_what_a_mail_chart_is_expected_to_offer(tmp_path: Path) -> None:
     init = [{"name": "fetch", "image": "busybox", "command": ["true"]}]
     r = render(
         {
-            "gateway": {"listenAddresses": ["0.0.0.0", "::"]},
+            "gateway": {"listenAddresses": ["::"]},
             "service": {"loadBalancerIP": "192.0.2.25", "loadBalancerClass": "example.com/lb",
                         "ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]},
             "priorityClassName": "mail-critical",
@@ -357,32 +357,35 @@ def test_what_a_mail_chart_is_expected_to_offer(tmp_path: Path) -> None:
     [c] = pod["containers"]
     assert pod["priorityClassName"] == "mail-critical" and pod["initContainers"] == init
     assert extra_env[0] in c["env"] and mount[0] in c["volumeMounts"] and vol[0] in pod["volumes"]
-    # Dual stack: each listener on both families, which the gateway accepts (an IPv6
-    # socket is IPv6 only: 0.0.0.0 and :: on one port do not collide).
+    # Dual stack: each listener on ::, every address of both families.
     from gateway import config
 
     gw_yaml = find(r, "ConfigMap", "-config")["data"]["gateway.yaml"]
     (tmp_path / "gateway.yaml").write_text(gw_yaml)
     listeners = config.load(str(tmp_path / "gateway.yaml")).listeners
     smtp = sorted((x.name, x.address) for x in listeners if x.port == 2525)
-    assert smtp == [("smtp", "0.0.0.0"), ("smtp-1", "::")]
+    assert smtp == [("smtp", "::")]
 
 
-def test_a_gateway_listens_on_both_families_of_one_port(
+def test_a_listener_on_every_address_takes_both_families(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    """What the chart's dual-stack listeners ask of the gateway, on loopback."""
+    """What the chart's dual-stack listener asks of the gateway: one listener on ::
+    takes IPv6 and IPv4 clients (only loopback ones here), and names an IPv4 client
+    by its IPv4 address, not ::ffff:127.0.0.1."""
     import smtplib
     import socket
 
     port = free_port()
     cfg = base_config(backend.url)
-    cfg["listeners"] = [
-        {"name": "v4", "address": "127.0.0.1", "port": port},
-        {"name": "v6", "address": "::1", "port": port},
-    ]
+    cfg["listeners"] = [{"name": "all", "address": "::", "port": port}]
     gateway_factory(cfg)
     for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
         with smtplib.SMTP(host, port, timeout=10) as s:
             assert s.sock is not None and s.sock.family == family
             assert s.ehlo("c.test")[0] == 250
+            assert (
+                s.sendmail("a@sender.test", ["x@example.test"], b"Subject: s\r\n\r\nhi\r\n") == {}
+            )
+    clients = [m["xclient"]["ADDR"] for m in backend.messages()]
+    assert clients == ["127.0.0.1", "IPV6:::1"], clients  # XCLIENT names IPv6 so (Postfix)

@@ -44,6 +44,10 @@ def L(port: int, address: str = "127.0.0.1", **kw: Any) -> dict[str, Any]:
             {"listeners": [L(2525, "::"), L(2525, "::1")]},
             "listeners.1: ::1 port 2525 is also listeners.0's",
         ),
+        (  # :: takes IPv4 clients too
+            {"listeners": [L(2525, "0.0.0.0"), L(2525, "::")]},
+            "listeners.1: :: port 2525 is also listeners.0's",
+        ),
         (
             {"listeners": [L(2525, "0.0.0.0"), L(2525, "127.0.0.2")]},
             "listeners.1: 127.0.0.2 port 2525 is also listeners.0's",
@@ -76,7 +80,7 @@ def test_mistakes_are_refused_naming_the_file_and_key(
     [
         {"listeners": [L(2525), L(2526)], "metrics": {"listen": "127.0.0.1:9125"}},
         {"listeners": [L(2525, "127.0.0.1"), L(2525, "127.0.0.2")]},
-        {"listeners": [L(2525, "0.0.0.0"), L(2525, "::")]},  # dual stack: IPv6 sockets are v6-only
+        {"listeners": [L(2525, "127.0.0.1"), L(2525, "::1")]},
         {"listeners": [L(0), {**L(0), "name": "other"}]},  # ephemeral ports never collide
         {"listeners": [L(2525, proxy_protocol=True)], "proxy_networks": ["10.0.0.0/8"]},
         {"local_domains": ["example.test", "*.example.test", "bücher.test", "_x.test"]},
