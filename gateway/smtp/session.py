@@ -185,7 +185,7 @@ class Session:
             for release in self.ctx.on_close:
                 release()
             metrics.child(metrics.TLS_SESSIONS, cfg.name, self.ctx.tls_version or "none").inc()
-            metrics.child(metrics.SESSION_SECONDS).observe(time.monotonic() - self.started)
+            _SESSION_SECONDS.observe(time.monotonic() - self.started)
             if logs.enabled():
                 logs.event(
                     "disconnect",
@@ -516,8 +516,9 @@ class Session:
             held_params=self.t.rcpt_params,
             max_recipients=self.limits.max_recipients,
         )
-        room = _LOGGED_REFUSALS - len(self.t.rcpt_refused)
-        self.t.rcpt_refused += [r[:_LOGGED_REFUSAL_LEN] for r in out.refused[: max(room, 0)]]
+        if out.refused:
+            room = max(_LOGGED_REFUSALS - len(self.t.rcpt_refused), 0)
+            self.t.rcpt_refused += [r[:_LOGGED_REFUSAL_LEN] for r in out.refused[:room]]
         if out.error is not None:
             await self._backend_failed(out.error)
             return
@@ -874,6 +875,9 @@ class Session:
         if outcome == "delivered":  # a refused MAIL must not reset the junk count
             self.junk = 0
 
+
+# Every session's duration goes to the one series of this process.
+_SESSION_SECONDS = metrics.child(metrics.SESSION_SECONDS)
 
 # After a 554 greeting: commands answered (503) while waiting for QUIT, and for how long.
 AFTER_554_COMMANDS = 5

@@ -131,11 +131,21 @@ class Running:
         return s
 
 
-@pytest.fixture
-def gateway(image: str, backend: Backend, tmp_path: Path) -> Iterator[Running]:
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def gateway(
+    image: str, backend: Backend, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Running]:
+    """The image as the chart runs it; with two workers, their shared metrics and
+    rate-limit table go to a memory-backed scratch directory (the chart's `run`
+    emptyDir), the only writable place."""
+    workers: int = request.param
     cfgdir = tmp_path / "config"
     cert, key = make_cert(cfgdir)
-    cfg = base_config(backend.url, drain_timeout=DRAIN)
+    cfg = base_config(backend.url, drain_timeout=DRAIN, workers=workers)
+    scratch: list[str] = []
+    if workers > 1:
+        cfg["metrics"]["multiproc_dir"] = "/run/smtp-gateway/metrics"
+        scratch = ["--tmpfs", "/run/smtp-gateway:rw,size=64m,mode=1777"]
     cfg["listeners"][0].update(
         tls="starttls",
         cert_file=f"{CONFIG_DIR}/{cert.name}",
@@ -161,11 +171,16 @@ def gateway(image: str, backend: Backend, tmp_path: Path) -> Iterator[Running]:
             "no-new-privileges",
             "--network=host",  # the listener and metrics are on 127.0.0.1 (the config)
             *ulimits(),
+            *scratch,
             "-v",
             f"{cfgdir}:{CONFIG_DIR}:ro",
             image,
         )
         running = Running(name, cfg, cert)
+        if workers > 1:
+            running.wait_log(
+                lambda e: e.get("event") == "workers_started" and e.get("workers") == workers
+            )
         running.wait_log(lambda e: e.get("event") == "ready")
         yield running
     finally:
