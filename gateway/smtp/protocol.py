@@ -211,3 +211,8 @@ def rcpt_parameters(params: Params, *, utf8: bool) -> list[str] | Reply:
             return replies.DSN_SYNTAX
         out.append(param)
     return out
+
+
+class SessionEnd(Exception):
+    """Close the connection after what was already sent (QUIT, a timeout, a refusal
+    that ends the session)."""

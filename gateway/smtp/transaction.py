@@ -1,7 +1,7 @@
 """One transaction's state, from MAIL to its end, in one object.
 
 The session makes a new one at MAIL and another when the transaction ends
-(`Session._end_txn`), the only two places; nothing of one transaction can leak
+(`Session.end_txn`), the only two places; nothing of one transaction can leak
 into the next (a stale backend sender in the next one's log line, say). The
 facts the checks see live in the check context (`gateway.context`), reset at the
 same two points.
