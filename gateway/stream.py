@@ -11,7 +11,6 @@ high-water mark).
 from __future__ import annotations
 
 import asyncio
-import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -137,8 +136,12 @@ class Stream(asyncio.Protocol):
         if seconds is None:
             self._deadline = None
             return
-        grain = min(_GRAIN, seconds / 8) or _GRAIN
-        deadline = math.ceil(((self._loop or self.loop).time() + seconds) / grain) * grain
+        grain = seconds / 8
+        if grain > _GRAIN or not grain:
+            grain = _GRAIN
+        # -(-x // g): the next multiple of the grain, without two calls (min, ceil)
+        # on a path taken before every command.
+        deadline = -(-((self._loop or self.loop).time() + seconds) // grain) * grain
         self._deadline = deadline
         w = self._waiter
         if w is not None and not w.done() and (self._timer_at is None or deadline < self._timer_at):
