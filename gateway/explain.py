@@ -141,11 +141,12 @@ async def offline_services(
     )
     pol = policy_mod.load(settings.policy, all_known_symbols())
     checks = build_checks(settings, Resolver(settings.dns), MemoryStore())
+    # The runner configures the checks: only then has the DNSBL check zones to test.
+    runner = _RecordingRunner(checks, pol)
+    runner.seen = _Seen()
     for check in checks:
         if isinstance(check, DnsblCheck) and pol.enabled(check.name):
             await check.health_check()
-    runner = _RecordingRunner(checks, pol)
-    runner.seen = _Seen()
     backend = AcceptingBackend()
     return runner, services(settings, runner, backend), backend
 

@@ -59,6 +59,8 @@ def dns() -> Iterator[DnsServer]:
             # RFC 5782's test entries, so that the zone is healthy, and the client.
             "2.0.0.127.bl.test": [("A", "127.0.0.2")],
             "5.0.0.127.bl.test": [("A", "127.0.0.2"), ("TXT", "listed for a test")],
+            # A zone that lists the client but not RFC 5782's test entry: unhealthy.
+            "5.0.0.127.dead.test": [("A", "127.0.0.2")],
             "sender.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
         }
     )
@@ -165,3 +167,20 @@ def test_check_reports_the_live_reply_to_a_listed_client(
     )
     assert out["refused_at"] == "connect" and out["action"] == "reject"
     assert [s["command"] for s in out["conversation"]] == ["(connect)", "QUIT"]
+
+
+def test_check_skips_an_unhealthy_zone_as_the_gateway_does(
+    dns: DnsServer, backend: Backend, tmp_path: Path
+) -> None:
+    """A zone that fails its test entries is skipped from the first mail at start,
+    so a client it lists is greeted; `check` must health-check it too (it used to
+    test the zones before the policy had given the check any)."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions:\n  dnsbl.listed: reject\n"
+        "checks:\n  dnsbl:\n    zones:\n      - {name: dead, zone: dead.test}\n"
+    )
+    settings = config.Settings.model_validate({**_cfg(backend, dns), "policy": str(policy)})
+    out = asyncio.run(explain(settings, MESSAGE, CLIENT, "c.test", "a@x.test", ["x@example.test"]))
+    assert out["conversation"][0]["reply"][0].startswith("220 ")
+    assert out["refused_at"] is None and out["action"] == "accept"
