@@ -21,6 +21,8 @@ from gateway.wire import unstuff, unstuffed_pieces
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+=-]")
 _counter = itertools.count()
+# The longest mailbox path a delivery reply names.
+_REPLY_PATH = 200
 
 
 def _component(s: str) -> str:
@@ -69,7 +71,10 @@ class MaildirTransaction:
         for several recipients the name each mailbox's file has."""
         if len(self.recipients) == 1:
             box = mailbox_dir(self.backend.root, self.recipients[0])
-            return str((box / "new" / f"{base}R0").relative_to(self.backend.root))
+            path = str((box / "new" / f"{base}R0").relative_to(self.backend.root))
+            # The path holds the recipient, escaped: a long one would make the reply
+            # line longer than a client must accept (RFC 5321 4.5.3.1.5).
+            return path if len(path) <= _REPLY_PATH else f"new/{base}R0"
         return f"new/{base}R0 to R{len(self.recipients) - 1} in {len(self.recipients)} mailboxes"
 
     def _deliver(self, wire: bytes, prefix: bytes) -> str:

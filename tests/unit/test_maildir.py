@@ -56,3 +56,20 @@ def test_the_reply_names_the_file_written(tmp_path: Path) -> None:
     [g] = (tmp_path / "example%2Etest" / "z" / "new").iterdir()
     base = g.name.removesuffix("R1")
     assert two == f"250 2.0.0 Delivered as new/{base}R0 to R1 in 2 mailboxes"
+
+
+def test_a_long_recipient_does_not_make_the_reply_line_too_long(tmp_path: Path) -> None:
+    import asyncio
+
+    async def deliver() -> str:
+        backend = MaildirBackend(str(tmp_path))
+        _reply, txn = await backend.begin(None, "a@sender.test", [])  # type: ignore[arg-type]
+        assert txn is not None
+        await txn.rcpt("\u00fc" * 64 + "@example.test", [])
+        [reply] = await txn.data(b"Subject: s\r\n\r\nhi\r\n", 1)
+        return str(reply)
+
+    reply = asyncio.run(deliver())
+    [box] = (tmp_path / "example%2Etest").iterdir()
+    [f] = (box / "new").iterdir()
+    assert reply == f"250 2.0.0 Delivered as new/{f.name}" and len(reply) < 512
