@@ -1,5 +1,10 @@
 """One buffered byte stream for both SMTP sides (client-facing and backend).
 
+The transport adapter: bytes arrive, wait with a deadline, flow control, TLS,
+writes. Framing the client's commands and DATA is the protocol's job
+(smtp/protocol.py Receiver, over `buffer`); the line reads here serve the
+backend's replies and the PROXY header.
+
 Why our own instead of asyncio streams: we need to (a) find the end-of-data
 marker in bulk across the whole buffer, (b) throw away pipelined plaintext at
 STARTTLS (the command-injection class), and (c) bound the buffer per state.
@@ -171,7 +176,7 @@ class Stream(asyncio.Protocol):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    def _more(self) -> asyncio.Future[None]:
+    def more(self) -> asyncio.Future[None]:
         """What to await for more bytes (or EOF); TimeoutError past the deadline.
 
         A plain function returning the future, not a coroutine: every wait of a
@@ -198,6 +203,12 @@ class Stream(asyncio.Protocol):
                 self._arm(deadline)
         self._waiter = waiter = loop.create_future()
         return waiter
+
+    @property
+    def buffer(self) -> bytearray:
+        """What arrived and nobody has taken yet: the server session's protocol
+        (smtp/protocol.py Receiver) frames it in place, with no copy between them."""
+        return self._buf
 
     def set_high_water(self, n: int) -> None:
         self._high_water = n
@@ -226,11 +237,11 @@ class Stream(asyncio.Protocol):
     def wait_line(self, limit: int) -> Awaitable[None]:
         """What to await before `take_line` again (readline's loop, and the hot
         callers that run it inline to spare a coroutine frame per wait): the plain
-        future of `_more`, or, past `limit`, the wait that discards the rest of the
+        future of `more`, or, past `limit`, the wait that discards the rest of the
         line and raises LineTooLong."""
         if len(self._buf) > limit + 1:
             return self._too_long()
-        return self._more()
+        return self.more()
 
     async def _too_long(self) -> None:
         await self._discard_line()
@@ -258,58 +269,11 @@ class Stream(asyncio.Protocol):
             keep = buf[-1:] if buf.endswith(b"\r") else b""
             buf.clear()
             buf += keep
-            await self._more()
-
-    async def read_until(
-        self,
-        marker: bytes,
-        max_size: int,
-        keep: int = 0,
-        room: Callable[[int], bool] | None = None,
-    ) -> bytes | int:
-        """The bytes before `marker` (consumed with it); or, when they were not kept,
-        how many there were.
-
-        The first `keep` bytes of the marker stay with the data (the CRLF that ends
-        a message's last line, without copying the message again to add it).
-
-        Past `max_size` the content is discarded as it arrives (the marker is still
-        searched for, so the session stays in step) and only its length is returned:
-        the caller refuses with a size error without ever having held more than
-        max_size bytes. The same happens when `room`, asked before each wait for more
-        bytes with the number buffered so far, says there is no room for them (a
-        memory budget); the length, counted on after the discarding began, still
-        tells the caller whether the content was also too big, which is the
-        permanent reason of the two.
-        """
-        buf = self._buf
-        mlen = len(marker)
-        start = 0
-        dropped = 0  # content discarded so far
-        discarding = False
-        while True:
-            i = buf.find(marker, start)
-            if i >= 0:
-                if discarding or i > max_size:
-                    del buf[: i + mlen]
-                    return dropped + i
-                data = bytes(memoryview(buf)[: i + keep])
-                del buf[: i + mlen]
-                return data
-            if discarding or len(buf) > max_size or (room is not None and not room(len(buf))):
-                discarding = True
-                drop = len(buf) - (mlen - 1)
-                if drop > 0:
-                    del buf[:drop]
-                    dropped += drop
-                start = 0
-            else:
-                start = max(0, len(buf) - mlen + 1)
-            await self._more()
+            await self.more()
 
     async def read_exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
-            await self._more()
+            await self.more()
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data
@@ -317,7 +281,7 @@ class Stream(asyncio.Protocol):
     async def peek(self, n: int) -> bytes:
         """At least min(n, what the peer sends before EOF) bytes, not consumed."""
         while len(self._buf) < n and not self._eof:
-            await self._more()
+            await self.more()
         return bytes(self._buf[:n])
 
     @property
@@ -331,7 +295,7 @@ class Stream(asyncio.Protocol):
         self.set_deadline(seconds)
         try:
             while not self._buf:
-                await self._more()
+                await self.more()
         except TimeoutError:
             return False
         return True

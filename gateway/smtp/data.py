@@ -23,10 +23,10 @@ from gateway.config import BareLinefeed, Limits
 from gateway.headers import too_many_received
 from gateway.replies import Reply
 from gateway.smtp.memory import Reservation
+from gateway.smtp.protocol import Receiver
 from gateway.stream import Stream
 from gateway.wire import has_bare_cr_lf, normalise
 
-EOD = b"\r\n.\r\n"
 # A message larger than this has its whole-message passes (NUL, bare CR/LF, the
 # normalisation) done in a thread: each pass is one C call that holds the GIL for
 # at most tens of milliseconds, and the loop runs between them, where on the loop
@@ -41,9 +41,11 @@ class DataRefused(Exception):
 
 
 async def read_message(
-    stream: Stream, max_size: int, bare: BareLinefeed, room: Reservation
+    stream: Stream, rx: Receiver, max_size: int, bare: BareLinefeed, room: Reservation
 ) -> bytes:
     """The message in wire form: dot-stuffed, CRLF-terminated lines, without the final dot.
+
+    `rx` frames it (smtp/protocol.py); this waits for the stream's bytes between.
 
     `room` holds the message's share of the process's memory budget: grown while
     the message arrives, fitted to its size once read (the caller releases it
@@ -51,11 +53,12 @@ async def read_message(
     DataRefused after the whole DATA section was consumed, so the session stays in
     step with the client.
     """
-    if await stream.peek(3) == b".\r\n":
-        await stream.read_exactly(3)
-        return b""
-    # max_size counts the content without the final CRLF, as before `keep`.
-    raw = await stream.read_until(EOD, max_size, keep=2, room=room.grow)
+    # max_size counts the content without the CRLF that ends its last line.
+    rx.start_message(max_size, room.grow)
+    raw = rx.next_message()
+    while raw is None:
+        await stream.more()
+        raw = rx.next_message()
     if isinstance(raw, int):  # discarded: too big, or no room for it, or both
         room.release()
         # Too big is permanent and says what the sender must change; no room only

@@ -52,7 +52,7 @@ async def data(s: Session, arg: str) -> None:
     try:
         # Charged to the process's memory budget as it arrives (smtp/memory.py);
         # end_txn gives it back.
-        wire = await read_message(s.stream, max_size, s.limits.bare_linefeed, s.room)
+        wire = await read_message(s.stream, s.rx, max_size, s.limits.bare_linefeed, s.room)
         check_header_section(wire, s.limits)
     except TimeoutError:
         s.send(replies.TIMEOUT)

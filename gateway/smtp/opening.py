@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from gateway import config, logs, metrics, replies
 from gateway.net import plain_ip
+from gateway.replies import Reply
 from gateway.smtp import tls
 from gateway.smtp.protocol import SessionEnd
 from gateway.smtp.proxy import ProxyError, read_header
-from gateway.stream import LineTooLong, StreamClosed
+from gateway.stream import StreamClosed
 from gateway.vocab import Stage
 
 if TYPE_CHECKING:
@@ -83,20 +84,21 @@ async def until_quit(s: Session) -> None:
     anything else with 503. Bounded, so a refused client holds its connection
     for little: at most AFTER_554_COMMANDS commands within AFTER_554_SECONDS."""
     stream = s.stream
+    limit = s.limits.max_command_line
     try:
         async with asyncio.timeout(AFTER_554_SECONDS):
             for _ in range(AFTER_554_COMMANDS):
-                line = stream.take_line(s.limits.max_command_line)
-                while line is None:
-                    await stream.wait_line(s.limits.max_command_line)
-                    line = stream.take_line(s.limits.max_command_line)
-                if line[:4].upper() == b"QUIT" and line[4:].strip() == b"":
+                cmd = s.rx.next_command(limit)
+                while cmd is None:
+                    await stream.more()
+                    cmd = s.rx.next_command(limit)
+                if not isinstance(cmd, Reply) and cmd.verb == b"QUIT" and not cmd.arg:
                     s.send(replies.BYE)
                     s.flush()
                     return
                 s.send(replies.REFUSED_SESSION)
                 s.flush()
-    except (TimeoutError, StreamClosed, LineTooLong, ConnectionError):
+    except (TimeoutError, StreamClosed, ConnectionError):
         pass
 
 

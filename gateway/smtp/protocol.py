@@ -1,11 +1,15 @@
-"""The SMTP server protocol without I/O: lines in, commands or replies out.
+"""The SMTP server protocol without I/O: bytes in, commands or replies out.
 
-Everything here is a pure function of its arguments, so it is tested without a
-socket, a loop or a backend (tests/unit/test_protocol.py), and the session
-(`session.py`) keeps only what needs them: reading, the checks, the backend.
+Nothing here reads a socket, waits or keeps a clock, so all of it is tested
+without a socket, a loop or a backend (tests/unit/test_protocol.py), and the
+session (`session.py`) keeps only what needs them: waiting for bytes, the
+checks, the backend.
 
+- `Receiver`: the client's bytes framed, as h11 frames HTTP: `receive_data`
+  adds bytes, `next_command` gives the next command (or the reply refusing its
+  line), `next_message` the DATA content; None means more bytes are needed.
 - `parse_line`: one command line to a `Command`, or the reply that refuses it
-  (control characters, an unknown verb).
+  (control characters; an unknown verb is still a command).
 - `Phase` and `out_of_sequence`: the session's state table, in one place: which
   commands each phase takes and what the others are told (RFC 5321 4.1.4).
 - `path_and_params`, `mail_parameters`, `rcpt_parameters`: the MAIL and RCPT
@@ -15,6 +19,7 @@ socket, a loop or a backend (tests/unit/test_protocol.py), and the session
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -74,6 +79,107 @@ def parse_line(line: bytes) -> Command | Reply:
         return replies.CONTROL_CHARS
     verb = verb_of(line)
     return Command(verb, line[len(verb) + 1 :].decode("utf-8", "surrogateescape").strip(" "))
+
+
+# The end of DATA (RFC 5321 4.1.1.4), and the only one honoured: `\n.\n` and its
+# like stay inside the content, where the bare CR/LF rule finds them (smuggling).
+EOD = b"\r\n.\r\n"
+
+
+class Receiver:
+    """The client's side of a session, framed: bytes in, commands and messages out.
+
+    The buffer is shared with the transport adapter (gateway/stream.py), which
+    appends what arrives and pauses reading past its high-water mark; tests and
+    other drivers feed `receive_data`. Only CRLF ends a line: a bare LF stays in
+    it, for `parse_line` to refuse, never a command boundary. A line longer than
+    `line_limit` is discarded as it arrives (never held whole) and answered once
+    its CRLF is seen, so the session stays in step with the client.
+    """
+
+    __slots__ = ("_discarding", "_dropped", "_max_size", "_room", "_skipping", "_start", "buf")
+
+    def __init__(self, buf: bytearray | None = None) -> None:
+        self.buf = bytearray() if buf is None else buf
+        self._skipping = False  # inside a command line already found too long
+        # DATA in progress (start_message): the limits, where the marker search
+        # resumes, and the content discarded so far.
+        self._max_size = 0
+        self._room: Callable[[int], bool] | None = None
+        self._start = 0
+        self._dropped = 0
+        self._discarding = False
+
+    def receive_data(self, data: bytes) -> None:
+        self.buf += data
+
+    def next_command(self, line_limit: int) -> Command | Reply | None:
+        """The next command, the reply refusing its line, or None until more bytes come."""
+        buf = self.buf
+        i = buf.find(b"\r\n")
+        if i < 0:
+            if len(buf) > line_limit + 1:
+                # Too long already: drop it as it comes (a CR may start the CRLF).
+                cr = buf.endswith(b"\r")
+                buf.clear()
+                if cr:
+                    buf += b"\r"
+                self._skipping = True
+            return None
+        if i > line_limit or self._skipping:
+            del buf[: i + 2]
+            self._skipping = False
+            return replies.LINE_TOO_LONG
+        line = bytes(memoryview(buf)[:i])
+        del buf[: i + 2]
+        return parse_line(line)
+
+    def start_message(self, max_size: int, room: Callable[[int], bool] | None = None) -> None:
+        """Frame DATA content next (after our 354): at most `max_size` bytes kept.
+
+        `room`, asked with the number of bytes buffered before each wait for more,
+        may refuse to hold them (a memory budget); past either bound the content is
+        discarded as it arrives, and only its length is given, once the end of data
+        is seen."""
+        self._max_size = max_size
+        self._room = room
+        self._start = self._dropped = 0
+        self._discarding = False
+
+    def next_message(self) -> bytes | int | None:
+        """The content in wire form (dot-stuffed, with the CRLF that ends its last
+        line, without the final dot); its length if it was discarded; None until the
+        end of data has arrived."""
+        buf = self.buf
+        if not self._start and not self._dropped:  # at the content's first byte
+            if buf.startswith(b".\r\n"):
+                del buf[:3]
+                return b""  # the empty message: its end marker has no CRLF before it
+            if len(buf) < 3 and b".\r\n".startswith(buf):
+                return None  # may yet be
+        i = buf.find(EOD, self._start)
+        if i >= 0:
+            if self._discarding or i > self._max_size:
+                del buf[: i + 5]
+                return self._dropped + i
+            data = bytes(memoryview(buf)[: i + 2])
+            del buf[: i + 5]
+            return data
+        room = self._room
+        if (
+            self._discarding
+            or len(buf) > self._max_size
+            or (room is not None and not room(len(buf)))  # asked only while keeping
+        ):
+            self._discarding = True
+            drop = len(buf) - 4  # what cannot be part of a marker still to come
+            if drop > 0:
+                del buf[:drop]
+                self._dropped += drop
+            self._start = 0
+        else:
+            self._start = max(0, len(buf) - 4)
+        return None
 
 
 class Phase(IntEnum):

@@ -1,8 +1,8 @@
 """The SMTP server side: one coroutine per connection, command by command.
 
 The session holds what a connection knows (its client, its transaction, its
-output) and runs the loop: a line from the stream, parsed by smtp/protocol.py,
-handed to the verb's handler. The handlers live by job: the start of a session
+output) and runs the loop: the stream's bytes, framed into a command by
+smtp/protocol.py, handed to the verb's handler. The handlers live by job: the start of a session
 and STARTTLS in smtp/opening.py, HELO, MAIL and RCPT in smtp/envelope.py, DATA in
 smtp/message.py; the small ones here. The invariant they keep: the client hears
 250 for DATA only after the backend said 250; any backend failure becomes a 4xx.
@@ -29,7 +29,7 @@ from gateway.smtp.outcome import record
 from gateway.smtp.protocol import LAST_IN_GROUP, SessionEnd
 from gateway.smtp.services import ListenerState, Services, new_session_id
 from gateway.smtp.transaction import Transaction
-from gateway.stream import LineTooLong, Stream, StreamClosed
+from gateway.stream import Stream, StreamClosed
 from gateway.vocab import Action, Stage, Verdict
 
 log = logging.getLogger("gateway.smtp")
@@ -45,6 +45,8 @@ class Session:
         self.authserv_id = svc.settings.authserv_id or svc.settings.hostname
         self.listener = listener
         self.stream = stream
+        # The client's bytes, framed into commands and messages (sans-I/O).
+        self.rx = protocol.Receiver(stream.buffer)
         self.id = new_session_id()
         self.started = time.monotonic()
         self.out: list[bytes] = []
@@ -104,7 +106,9 @@ class Session:
             # The command loop is here, not in a coroutine of its own: every wait of
             # the session resumes through each frame of its stack.
             limits = self.limits
+            line_limit = limits.max_command_line
             stream = self.stream
+            rx = self.rx
             while True:
                 if self.errors >= limits.max_errors:
                     self.send(replies.TOO_MANY_ERRORS)
@@ -124,20 +128,16 @@ class Session:
                         stream.abort()
                         raise SessionEnd from None
                 try:
-                    line = stream.take_line(limits.max_command_line)
-                    while line is None:
-                        await stream.wait_line(limits.max_command_line)
-                        line = stream.take_line(limits.max_command_line)
+                    cmd = rx.next_command(line_limit)
+                    while cmd is None:
+                        await stream.more()
+                        cmd = rx.next_command(line_limit)
                 except TimeoutError:
                     self.send(replies.TIMEOUT)
                     raise SessionEnd from None
-                except LineTooLong:
-                    self.send(replies.LINE_TOO_LONG)
-                    continue
                 finally:
                     self.idle = False
-                cmd = protocol.parse_line(line)
-                if isinstance(cmd, Reply):
+                if isinstance(cmd, Reply):  # a line too long, or with control characters
                     self.send(cmd)
                     continue
                 verb = cmd.verb

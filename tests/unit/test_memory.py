@@ -16,6 +16,7 @@ from gateway import replies
 from gateway.config import BareLinefeed
 from gateway.smtp.data import DataRefused, read_message
 from gateway.smtp.memory import CHUNK, MessageMemory, Reservation, auto_limit, available_memory
+from gateway.smtp.protocol import Receiver
 from gateway.stream import Stream
 
 
@@ -84,7 +85,7 @@ def test_a_transfer_that_outgrows_the_budget_is_discarded_in_step() -> None:
 
         feeder = asyncio.create_task(feed())
         with pytest.raises(DataRefused) as ei:
-            await read_message(s, 10 * CHUNK, BareLinefeed.REJECT, r)
+            await read_message(s, Receiver(s.buffer), 10 * CHUNK, BareLinefeed.REJECT, r)
         await feeder
         return ei.value, mem.used, await s.readline(100)
 
@@ -119,7 +120,7 @@ def test_a_message_out_of_room_and_then_too_big_gets_552() -> None:
         feeder = asyncio.create_task(feed())
         with pytest.raises(DataRefused) as ei:
             # The limit is above the room, below the message: room runs out first.
-            await read_message(s, 6 * len(chunk), BareLinefeed.REJECT, r)
+            await read_message(s, Receiver(s.buffer), 6 * len(chunk), BareLinefeed.REJECT, r)
         await feeder
         return ei.value, mem.used, await s.readline(100)
 
@@ -139,7 +140,7 @@ def test_a_message_read_whole_is_refused_if_it_does_not_fit() -> None:
     s.data_received(b"Subject: x\r\n\r\n" + b"y" * 6_000 + b"\r\n.\r\nQUIT\r\n")
     r = Reservation(mem)
     with pytest.raises(DataRefused) as ei:
-        asyncio.run(read_message(s, 100_000, BareLinefeed.REJECT, r))
+        asyncio.run(read_message(s, Receiver(s.buffer), 100_000, BareLinefeed.REJECT, r))
     assert ei.value.reply is replies.NO_MEMORY
     assert mem.used == 0
     assert asyncio.run(s.readline(100)) == b"QUIT"
@@ -150,7 +151,7 @@ def test_size_limit_is_still_a_552_when_memory_is_plenty() -> None:
     s.data_received(b"z" * 3_000 + b"\r\n.\r\n")
     r = Reservation(MessageMemory(1 << 30))
     with pytest.raises(DataRefused) as ei:
-        asyncio.run(read_message(s, 1_000, BareLinefeed.REJECT, r))
+        asyncio.run(read_message(s, Receiver(s.buffer), 1_000, BareLinefeed.REJECT, r))
     assert ei.value.reply is replies.SIZE_EXCEEDED
     assert r.held == 0
 
@@ -174,7 +175,7 @@ def test_a_failed_fit_does_not_turn_a_later_oversize_into_a_452() -> None:
     s = Stream()
     s.data_received(b"w" * 8_000 + b"\r\n.\r\n")
     with pytest.raises(DataRefused) as ei:
-        asyncio.run(read_message(s, 6_000, BareLinefeed.REJECT, r))
+        asyncio.run(read_message(s, Receiver(s.buffer), 6_000, BareLinefeed.REJECT, r))
     assert ei.value.reply is replies.SIZE_EXCEEDED
 
 

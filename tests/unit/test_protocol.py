@@ -152,3 +152,130 @@ def test_mail_parameters(
 )
 def test_rcpt_parameters(params: dict[str, str | None], expected: list[str] | Reply) -> None:
     assert protocol.rcpt_parameters(params, utf8=False) == expected
+
+
+# -- framing: bytes in, commands and messages out ----------------------------------
+
+
+def commands_of(rx: protocol.Receiver, limit: int = 40) -> list[Command | Reply]:
+    out: list[Command | Reply] = []
+    while (event := rx.next_command(limit)) is not None:
+        out.append(event)
+    return out
+
+
+def fed_in(chunks: list[bytes], limit: int = 40) -> list[Command | Reply]:
+    """What a receiver gives for bytes arriving in these pieces."""
+    rx = protocol.Receiver()
+    out: list[Command | Reply] = []
+    for chunk in chunks:
+        rx.receive_data(chunk)
+        out += commands_of(rx, limit)
+    return out
+
+
+SESSION = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nNOOP\nQUIT\r\n" + b"X" * 60 + b"\r\nRSET\r\n"
+EXPECTED: list[Command | Reply] = [
+    Command(b"EHLO", "c.test"),
+    Command(b"MAIL", "FROM:<a@b.test>"),
+    replies.CONTROL_CHARS,  # a bare LF stays inside its line, never ends it
+    replies.LINE_TOO_LONG,
+    Command(b"RSET", ""),
+]
+
+
+def test_commands_are_framed_the_same_however_the_bytes_arrive() -> None:
+    assert fed_in([SESSION]) == EXPECTED
+    assert fed_in([SESSION[i : i + 1] for i in range(len(SESSION))]) == EXPECTED
+    for cut in range(1, len(SESSION)):
+        assert fed_in([SESSION[:cut], SESSION[cut:]]) == EXPECTED, cut
+
+
+def test_a_line_too_long_is_never_held_whole() -> None:
+    rx = protocol.Receiver()
+    for _ in range(1000):
+        rx.receive_data(b"A" * 100)
+        assert rx.next_command(40) is None
+        assert len(rx.buf) <= 41  # dropped as it arrives
+    rx.receive_data(b"\r")
+    assert rx.next_command(40) is None
+    assert rx.buf == b"\r"  # the CR that may start the CRLF is kept
+    rx.receive_data(b"\nNOOP\r\n")
+    assert commands_of(rx) == [replies.LINE_TOO_LONG, Command(b"NOOP", "")]
+
+
+def test_a_line_at_the_limit_is_a_command() -> None:
+    line = b"HELO " + b"h" * 35
+    assert len(line) == 40
+    assert fed_in([line + b"\r\n"]) == [Command(b"HELO", "h" * 35)]
+    assert fed_in([line + b"h\r\n"]) == [replies.LINE_TOO_LONG]
+
+
+def message_in(chunks: list[bytes], max_size: int = 1000) -> tuple[bytes | int, bytes]:
+    """The content a receiver frames from these pieces, and what it leaves after it."""
+    rx = protocol.Receiver()
+    rx.start_message(max_size)
+    got: bytes | int | None = None
+    for chunk in chunks:
+        rx.receive_data(chunk)
+        if got is None:
+            got = rx.next_message()
+    assert got is not None, "no end of data"
+    return got, bytes(rx.buf)
+
+
+BODY = b"Subject: x\r\n\r\n..leading dot\r\nbare\n.\nLF\r\nlast\r\n.\r\nQUIT\r\n"
+
+
+def test_a_message_is_framed_the_same_however_the_bytes_arrive() -> None:
+    want = (BODY[: BODY.index(b".\r\nQUIT")], b"QUIT\r\n")
+    assert message_in([BODY]) == want
+    assert message_in([BODY[i : i + 1] for i in range(len(BODY))]) == want
+    for cut in range(1, len(BODY)):
+        assert message_in([BODY[:cut], BODY[cut:]]) == want, cut
+
+
+def test_only_crlf_dot_crlf_ends_a_message() -> None:
+    content, rest = message_in([b"a\n.\nb\r.\rc\r\n.\nd\r\n.\r\n"])
+    assert content == b"a\n.\nb\r.\rc\r\n.\nd\r\n"
+    assert rest == b""
+
+
+def test_the_empty_message() -> None:
+    assert message_in([b".", b"\r", b"\nNOOP\r\n"]) == (b"", b"NOOP\r\n")
+    assert message_in([b"\r\n.\r\n"]) == (b"\r\n", b"")  # one empty line
+    assert message_in([b"..\r\n.\r\n"]) == (b"..\r\n", b"")  # one line: a dot
+
+
+def test_a_message_too_big_is_discarded_as_it_arrives_and_measured() -> None:
+    rx = protocol.Receiver()
+    rx.start_message(100)
+    for _ in range(500):
+        rx.receive_data(b"y" * 99 + b"\r")
+        assert rx.next_message() is None
+        assert len(rx.buf) <= 104
+    rx.receive_data(b"\n.\r\nNOOP\r\n")
+    assert rx.next_message() == 500 * 100 - 1  # every byte before the final CRLF.CRLF
+    assert commands_of(rx) == [Command(b"NOOP", "")]
+
+
+def test_no_room_discards_the_message_and_room_is_not_asked_again() -> None:
+    asked: list[int] = []
+
+    def room(n: int) -> bool:
+        asked.append(n)
+        return n < 30
+
+    rx = protocol.Receiver()
+    rx.start_message(1000, room)
+    for _ in range(5):
+        rx.receive_data(b"z" * 10)
+        assert rx.next_message() is None
+    rx.receive_data(b"\r\n.\r\n")
+    assert rx.next_message() == 50  # discarded, its length still told
+    assert asked == [10, 20, 30]  # once refused, never asked to hold more
+
+
+def test_a_message_at_the_size_limit_is_kept() -> None:
+    assert message_in([b"x" * 98 + b"\r\n.\r\n"], max_size=98) == (b"x" * 98 + b"\r\n", b"")
+    assert message_in([b"x" * 99 + b"\r\n.\r\n"], max_size=98) == (99, b"")

@@ -11,6 +11,7 @@ from gateway.config import BareLinefeed
 from gateway.dsn import xtext
 from gateway.smtp.data import DataRefused, check_wire, read_message
 from gateway.smtp.memory import MessageMemory, Reservation
+from gateway.smtp.protocol import Receiver
 from gateway.smtp.proxy import V2_SIGNATURE, ProxyError, read_header
 from gateway.stream import LineTooLong, Stream, StreamClosed
 from gateway.vocab import Action
@@ -52,7 +53,9 @@ def test_readline_too_long_discards_to_next_line() -> None:
 def test_read_message_in_chunks_split_across_marker() -> None:
     async def go() -> bytes:
         s = Stream()
-        task = asyncio.create_task(read_message(s, 10_000, BareLinefeed.REJECT, room()))
+        task = asyncio.create_task(
+            read_message(s, Receiver(s.buffer), 10_000, BareLinefeed.REJECT, room())
+        )
         for chunk in (b"Subject: x\r\n\r\nline1\r\n..dot\r", b"\n.", b"\r", b"\nNOOP\r\n"):
             await asyncio.sleep(0)
             s.data_received(chunk)
@@ -65,15 +68,19 @@ def test_read_message_in_chunks_split_across_marker() -> None:
     assert unstuff(wire) == b"Subject: x\r\n\r\nline1\r\n.dot\r\n"
 
 
+def message_of(s: Stream, max_size: int = 100) -> bytes:
+    return run(read_message(s, Receiver(s.buffer), max_size, BareLinefeed.REJECT, room()))
+
+
 def test_empty_message_and_leading_dot() -> None:
-    assert run(read_message(fed(b".\r\n"), 100, BareLinefeed.REJECT, room())) == b""
-    assert run(read_message(fed(b"..x\r\n.\r\n"), 100, BareLinefeed.REJECT, room())) == b"..x\r\n"
+    assert message_of(fed(b".\r\n")) == b""
+    assert message_of(fed(b"..x\r\n.\r\n")) == b"..x\r\n"
 
 
 def test_oversize_is_drained_and_refused_with_session_in_sync() -> None:
     s = fed(b"a" * 500 + b"\r\n" + b"b" * 500 + b"\r\n.\r\nNOOP\r\n")
     with pytest.raises(DataRefused) as ei:
-        run(read_message(s, 600, BareLinefeed.REJECT, room()))
+        run(read_message(s, Receiver(s.buffer), 600, BareLinefeed.REJECT, room()))
     assert ei.value.reply is replies.SIZE_EXCEEDED
     assert run(s.readline(100)) == b"NOOP"
 
