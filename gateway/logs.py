@@ -135,6 +135,9 @@ class _Handler(logging.Handler):
 
 
 def setup(level: str = "INFO", fmt: str = "json", stream: TextIO | None = None) -> None:
+    # Lines still queued (a loop that stopped before its timer wrote them) go where
+    # they were logged for, never into the new stream.
+    _out.flush()
     _out.stream = stream or sys.stderr
     _out.format = _json_line if fmt == "json" else _kv_line
     root = logging.getLogger()

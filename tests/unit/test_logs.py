@@ -160,3 +160,30 @@ def test_failures_are_warnings_that_a_warning_level_keeps() -> None:
         ("error", "worker_died"),
     ]
     assert lines[0]["error"] == "p.yaml: actions.x: unknown symbol"
+
+
+def test_lines_queued_when_a_loop_stopped_go_to_their_own_stream_not_the_next() -> None:
+    """A loop that ends before its flush timer leaves lines queued; the next setup
+    (a reload's new stream, the next test's) must not get them."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    first, second = Recording(), Recording()
+    try:
+        logs.setup("INFO", "json", first)
+
+        async def stop_before_the_flush() -> None:
+            logs.event("from_the_first", n=1)
+
+        asyncio.run(stop_before_the_flush())
+        assert first.writes == []  # still queued: its timer died with the loop
+        logs.setup("INFO", "json", second)
+        logs.event("from_the_second", n=2)
+        logs.flush()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert [json.loads(x)["event"] for w in first.writes for x in w.splitlines()] == [
+        "from_the_first"
+    ]
+    assert [json.loads(x)["event"] for w in second.writes for x in w.splitlines()] == [
+        "from_the_second"
+    ]
