@@ -48,9 +48,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def site_policy(preset: str, path: Path) -> str:
-    """Write preset (a name from policies/ or a file) + SITE to `path`; return the path."""
+def site_policy(preset: str, path: Path, extra: dict[str, Any] | None = None) -> str:
+    """Write preset (a name from policies/ or a file) + SITE (+ `extra`, a mode's own
+    additions) to `path`; return the path."""
     src = Path(preset) if preset.endswith(".yaml") else ROOT / "policies" / f"{preset}.yaml"
     data = yaml.safe_load(src.read_text()) or {}
-    path.write_text(yaml.safe_dump(_merge(data, SITE)))
+    path.write_text(yaml.safe_dump(_merge(_merge(data, SITE), extra or {})))
     return str(path)

@@ -57,8 +57,16 @@ def _profile(
     return int(stats.total_calls), per_function
 
 
-def measure(mode: str, n: int, sink_port: int, dns: str, tmp: Path, shape: dict[str, Any]) -> Any:
-    preset = run.mode_policy(mode, tmp)
+def measure(
+    mode: str,
+    n: int,
+    sink_port: int,
+    dns: str,
+    tmp: Path,
+    shape: dict[str, Any],
+    scanners: run.Scanners | None = None,
+) -> Any:
+    preset = run.mode_policy(mode, tmp, scanners)
     total1, f1 = _profile(tmp / f"{mode}-1", sink_port, preset, dns, shape, n)
     total2, f2 = _profile(tmp / f"{mode}-2", sink_port, preset, dns, shape, 2 * n)
     per_fn = {k: (v - f1.get(k, 0)) / n for k, v in f2.items()}
@@ -84,15 +92,20 @@ def main() -> None:
     sink = run.start_sink(sink_port)
     dns = DnsServer(BENCH_ZONE)
     results = []
+    scanners: run.Scanners | None = None
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; smtp-source retries anyway
+        if "scanning" in args.modes.split(","):
+            scanners = run.Scanners(tmp / "scanners", dns.address)
         for mode in args.modes.split(","):
-            r = measure(mode, args.messages, sink_port, dns.address, tmp, shape)
+            r = measure(mode, args.messages, sink_port, dns.address, tmp, shape, scanners)
             results.append(r)
             print(f"\n{mode}: {r['calls_per_message']:.0f} Python calls per message")
             for name, calls in list(r["functions"].items())[: args.top]:
                 print(f"  {calls:7.1f}  {name}")
     finally:
+        if scanners is not None:
+            scanners.stop()
         sink.terminate()
         dns.close()
     if args.json:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import uvloop
 
+from gateway.smtp.protocol import Receiver
 from gateway.stream import Stream
 
 MAX_MESSAGE = 50_000_000
@@ -68,10 +69,13 @@ class Relay:
                     c.write(await _reply(b))
                 elif verb == b"DATA" and b is not None:
                     c.write(b"354 go ahead\r\n")
-                    raw = await c.read_until(b"\r\n.\r\n", MAX_MESSAGE)
+                    rx = Receiver(c.buffer)
+                    rx.start_message(MAX_MESSAGE)
+                    while (raw := rx.next_message()) is None:
+                        await c.more()
                     b.write(b"DATA\r\n")
                     await _reply(b)
-                    b.write((raw or b"") + b"\r\n.\r\n")
+                    b.write((raw if isinstance(raw, bytes) else b"") + b".\r\n")
                     c.write(await _reply(b))
                     self.pool.append(b)
                     b = None

@@ -8,6 +8,9 @@ Modes, measured in the same run so the ratios are meaningful on a noisy machine:
   proxy    through the gateway, policy `bench/proxy-policy.yaml` (no optional checks)
   policy   through the gateway with the default preset plus bench/site.py's DNSBL
            zone and rate limits (every check that exists)
+  scanning the policy mode plus content scanning: a real Rspamd and a real clamd
+           (tests/support's, configured in the bench's temporary directory), each
+           message sent to both; the scanners' own CPU is reported apart
 
 Shapes: small (4 KB, 1 rcpt, 20 sessions, new connection per message), large
 (100 KB, 5 rcpts), persistent (4 KB, many messages per connection: -d).
@@ -53,6 +56,7 @@ MODES = {
     "proxy": str(HERE / "proxy-policy.yaml"),
     "policy": "default",
     "policy-cold": str(HERE / "cold-policy.yaml"),
+    "scanning": "default",
 }
 
 
@@ -150,13 +154,57 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def mode_policy(mode: str, workdir: Path) -> str:
+def mode_policy(mode: str, workdir: Path, scanners: Scanners | None = None) -> str:
     """The policy a gateway mode runs: the proxy's own file, or a preset plus the
-    bench site's DNSBL zone and limits (written into `workdir`)."""
+    bench site's DNSBL zone and limits (and for `scanning`, the scanners), written
+    into `workdir`."""
     from bench_site import site_policy
 
     preset = MODES[mode]
-    return preset if mode == "proxy" else site_policy(preset, workdir / f"{mode}-policy.yaml")
+    if mode == "proxy":
+        return preset
+    extra = scanners.checks() if mode == "scanning" and scanners is not None else None
+    return site_policy(preset, workdir / f"{mode}-policy.yaml", extra)
+
+
+class Scanners:
+    """A real clamd and a real Rspamd for the `scanning` mode (the tests' own
+    servers: their configuration and signatures in `workdir`, nothing downloaded).
+
+    clamd's database here is the tests' few signatures, not the official ones: its
+    CPU per message is a floor; with the full database each scan costs clamd more,
+    never the gateway."""
+
+    def __init__(self, workdir: Path, dns: str) -> None:
+        from tests.support.clamd import Clamd
+        from tests.support.rspamd import RspamdServer
+
+        self.clamd = Clamd(workdir / "clamd", stream_max=25 * 1024 * 1024)
+        try:
+            self.rspamd = RspamdServer(workdir / "rspamd", dns)
+        except BaseException:
+            self.clamd.stop()
+            raise
+
+    def checks(self) -> dict[str, Any]:
+        return {
+            "checks": {
+                "clamav": {"enabled": True, "endpoint": self.clamd.tcp},
+                "rspamd": {"enabled": True, "endpoint": self.rspamd.url},
+            }
+        }
+
+    @property
+    def pids(self) -> list[int]:
+        out: list[int] = []
+        for proc in (self.clamd.proc, self.rspamd.proc):
+            if proc is not None:
+                out += process_tree(proc.pid)
+        return out
+
+    def stop(self) -> None:
+        self.clamd.stop()
+        self.rspamd.stop()
 
 
 def wait_for_greeting(port: int, proc: subprocess.Popen[bytes], failure: str) -> None:
@@ -328,7 +376,10 @@ def run_source(port: int, shape: dict[str, Any], messages: int) -> float:
 
 
 def throughput(
-    args: argparse.Namespace, sink_port: int, gateways: dict[str, GatewayProc | FloorProc]
+    args: argparse.Namespace,
+    sink_port: int,
+    gateways: dict[str, GatewayProc | FloorProc],
+    scanners: Scanners | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for shape_name, shape in SHAPES.items():
@@ -347,10 +398,14 @@ def throughput(
                 pids = proc.pids if proc is not None else []
                 gw = proc if isinstance(proc, GatewayProc) else None
                 seen0 = gw.settled() if gw is not None else {}
-                cpu0 = cpu_seconds(pids)
+                # The scanners' processes, apart from the gateway's (scanning mode).
+                spids = scanners.pids if scanners is not None and mode == "scanning" else []
+                cpu0, scpu0 = cpu_seconds(pids), cpu_seconds(spids)
                 t = run_source(port, shape, n)
                 cpu = cpu_seconds(pids) - cpu0
                 sample = {"rate": n / t, "cpu_ms": 1000 * cpu / n}
+                if spids:
+                    sample["scanner_cpu_ms"] = 1000 * (cpu_seconds(spids) - scpu0) / n
                 if gw is not None:
                     gw.sent += n
                     seen = gw.settled()
@@ -376,6 +431,9 @@ def throughput(
                     "peak_mb": (
                         memory_kb(gateways[mode].pids, "VmHWM") / 1024 if mode != "direct" else None
                     ),
+                    "scanner_cpu_ms": statistics.median(x["scanner_cpu_ms"] for x in s)
+                    if s and "scanner_cpu_ms" in s[0]
+                    else None,
                     # Per measured run, from the gateway's own metrics (gateway modes only).
                     "delivered": [
                         {k: x[k] for k in ("messages", "avg_bytes", "dkim_pass")} for x in s
@@ -396,7 +454,7 @@ def _verify(mode: str, shape_name: str, shape: dict[str, Any], n: int, s: dict[s
         problems.append(f"{s['messages']:.0f} messages counted, {n} sent")
     if not size <= s["avg_bytes"] < size * 1.2:
         problems.append(f"{s['avg_bytes']:.0f} bytes per message, the file has {size}")
-    if mode.startswith("policy") and s["dkim_pass"] != 1.0:
+    if (mode.startswith("policy") or mode == "scanning") and s["dkim_pass"] != 1.0:
         problems.append(f"DKIM passed for {100 * s['dkim_pass']:.0f}% of messages")
     if problems:
         sys.exit(f"{shape_name}/{mode}: " + "; ".join(problems))
@@ -405,7 +463,11 @@ def _verify(mode: str, shape_name: str, shape: dict[str, Any], n: int, s: dict[s
 def _fmt_row(r: dict[str, Any]) -> str:
     cpu = f"{r['cpu_ms']:.3f}" if r["cpu_ms"] is not None else "-"
     mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-    return f"| {r['shape']} | {r['mode']} | {r['rate']:.0f} | {r['ratio']:.2f} | {cpu} | {mem} |"
+    scan = f"{r['scanner_cpu_ms']:.3f}" if r.get("scanner_cpu_ms") is not None else "-"
+    return (
+        f"| {r['shape']} | {r['mode']} | {r['rate']:.0f} | {r['ratio']:.2f} | {cpu} | {mem} "
+        f"| {scan} |"
+    )
 
 
 def main() -> None:
@@ -419,7 +481,7 @@ def main() -> None:
         help="gateway worker processes (default: the gateway's default, one per CPU)",
     )
     p.add_argument("--shapes", default="small,large,persistent")
-    p.add_argument("--modes", default="floor,proxy,policy,policy-cold")
+    p.add_argument("--modes", default="floor,proxy,policy,policy-cold,scanning")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-idle", action="store_true")
     p.add_argument("--idle-sessions", type=int, default=10000)
@@ -466,8 +528,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
+    scanners: Scanners | None = None
     try:
         time.sleep(0.2)  # smtp-sink has no readiness signal; the first source run retries anyway
+        if "scanning" in args.modes.split(","):
+            scanners = Scanners(tmp / "scanners", dns.address)
         for mode in args.modes.split(","):
             if mode == "floor":
                 gateways[mode] = FloorProc(sink_port)
@@ -475,15 +540,18 @@ def main() -> None:
             gateways[mode] = GatewayProc(
                 tmp / mode,
                 sink_port,
-                mode_policy(mode, tmp),
+                mode_policy(mode, tmp, scanners),
                 args.workers,
                 dns=dns.address,
                 log_level=args.log_level,
                 pool_size=args.pool_size,
             )
-        print("| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB |")
-        print("|---|---|---|---|---|---|")
-        results["throughput"] = throughput(args, sink_port, gateways)
+        print(
+            "| shape | mode | msg/s | ratio to direct | gateway CPU ms/msg | peak RSS MB "
+            "| scanners CPU ms/msg |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        results["throughput"] = throughput(args, sink_port, gateways, scanners)
         from checks import measure as measure_checks
 
         wire = files[4096].read_bytes().replace(b"\n", b"\r\n")
@@ -529,6 +597,8 @@ def main() -> None:
     finally:
         for g in gateways.values():
             g.stop()
+        if scanners is not None:
+            scanners.stop()
         sink.terminate()
         sink.wait(10)
         dns.close()

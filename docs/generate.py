@@ -113,16 +113,24 @@ def prose(lines: list[str]) -> str:
 
 
 def field_descriptions(model: type[BaseModel]) -> dict[str, str]:
-    """Each field's description, from the comments around it in the class body."""
-    source = inspect.getsource(model)
-    comments = Comments.of(source)
-    tree = ast.parse(source)
-    klass = tree.body[0]
-    assert isinstance(klass, ast.ClassDef), model
+    """Each field's description, from the comments around it in the class body
+    (or in the body of the base class that defines it: the scanners' options
+    share ScannerOptions' fields)."""
     out: dict[str, str] = {}
-    for stmt in klass.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            out[stmt.target.id] = comments.describe(stmt)
+    for klass_obj in reversed(model.__mro__):
+        if not (isinstance(klass_obj, type) and issubclass(klass_obj, BaseModel)):
+            continue
+        if not klass_obj.__module__.startswith("gateway"):
+            continue
+        source = inspect.getsource(klass_obj)
+        comments = Comments.of(source)
+        klass = ast.parse(source).body[0]
+        assert isinstance(klass, ast.ClassDef), klass_obj
+        for stmt in klass.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text = comments.describe(stmt)
+                if text or stmt.target.id not in out:
+                    out[stmt.target.id] = text
     return out
 
 
@@ -795,7 +803,10 @@ def policy_replies() -> list[str]:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for symbol in sorted(all_known_symbols()):
-        cls = owner.get(symbol.partition(".")[0])
+        # The check that declares it (virus.found is clamav's), else by its prefix.
+        cls = next((c for c in CHECK_CLASSES if symbol in c.symbols), None) or owner.get(
+            symbol.partition(".")[0]
+        )
         stages = ", ".join(s.value for s in sorted(cls.stages, key=order.index)) if cls else ""
         row = [code(symbol), stages]
         row += [loaded[p].action_for(symbol).value for p in PRESETS]

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, config, logs, metrics, replies
 from gateway.checks.dnsbl import DnsblCheck
@@ -31,6 +31,9 @@ from gateway.smtp.services import (
 from gateway.smtp.session import Session
 from gateway.store import make_store
 from gateway.stream import Stream
+
+if TYPE_CHECKING:
+    from gateway.dmarcreports.service import DmarcReports
 
 log = logging.getLogger("gateway.app")
 
@@ -99,6 +102,12 @@ class App:
         self._size_changed()
         if isinstance(self.backend, SmtpBackend):
             self.backend.on_size = self._size_changed
+        self.dmarc_reports: DmarcReports | None = None
+        if settings.dmarc_reports.enabled:
+            from gateway.dmarcreports.service import DmarcReports
+
+            self.dmarc_reports = DmarcReports(settings, self.resolver, limits_table[1])
+            self.svc.dmarc = self.dmarc_reports.recorder
         self.http = HttpEndpoint(self.readiness, self.store)
         self.stopping = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
@@ -235,6 +244,8 @@ class App:
         if interval > 0 and any(ls.tls is not None for ls in self.listeners):
             self._tls_task = loop.create_task(self._watch_certs(interval))
         self._metrics_task = loop.create_task(self._flush_metrics())
+        if self.dmarc_reports is not None:
+            self.dmarc_reports.start()
         # What start set (certificate expiry, series exported at zero) is visible to
         # the first scrape, not a flush interval later.
         metrics.flush()
@@ -315,6 +326,8 @@ class App:
         for task in (self._health_task, self._tls_task, self._policy_task, self._metrics_task):
             if task is not None:
                 task.cancel()
+        if self.dmarc_reports is not None:
+            await self.dmarc_reports.stop()  # what is buffered goes to the store first
         await self.backend.close()
         await self.store.close()
         await self.http.close()

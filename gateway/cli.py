@@ -1,9 +1,11 @@
-"""Command line: `smtp-gateway run`, `smtp-gateway config check FILE`."""
+"""Command line: `smtp-gateway run`, `smtp-gateway config check FILE`, and the operators'
+commands (`ratelimit`, `greylist`, `rewrite`, `check`, `health`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -50,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("key", help="LIMIT:VALUE (one key, e.g. per_ip:192.0.2.7) or LIMIT (all)")
     rl.add_argument("--config", "-c", help="YAML config file (finds the store)")
 
+    gl = sub.add_parser(
+        "greylist",
+        help="show, allow or reset greylist entries",
+        epilog="CLIENT: an IP address (its network), a network, or spf:DOMAIN; SENDER '' or"
+        " '<>' is the null sender; addresses are normalised as the check does",
+    )
+    gl.add_argument("action", choices=["show", "allow", "reset"])
+    gl.add_argument("client", help="IP address, network, or spf:DOMAIN")
+    gl.add_argument("sender", nargs="?", help="envelope sender (MAIL FROM)")
+    gl.add_argument("recipient", nargs="?", help="envelope recipient (RCPT TO)")
+    gl.add_argument("--config", "-c", help="YAML config file (finds the store and the policy)")
+
     rw = sub.add_parser("rewrite", help="show each rewrite stage's result for an address")
     rw.add_argument("address")
     side = rw.add_mutually_exclusive_group(required=True)
@@ -65,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--config", "-c", default=os.environ.get("GATEWAY_CONFIG"))
     health.add_argument("--ready", action="store_true", help="ask /healthz/ready instead")
+
+    dr = sub.add_parser(
+        "dmarc-report",
+        help="make and send the DMARC aggregate reports now (those of the intervals ended)",
+        epilog="the gateway sends them itself once per interval; this runs the same under"
+        " the same lease (docs/dmarc-reports.md)",
+    )
+    dr.add_argument("--config", "-c", default=os.environ.get("GATEWAY_CONFIG"))
+    dr.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent; change nothing"
+    )
+    dr.add_argument(
+        "--now", type=float, metavar="SECONDS",
+        help="act as if it were this time (UTC seconds since the epoch)",
+    )  # fmt: skip
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -159,6 +188,10 @@ def cmd_run(path: str | None) -> int:
             path = os.path.join(mp_dir, "ratelimit.table")
             SharedStore.create(path, count)
             table = path
+            # And the greylist's, found beside it (store/greylist_shared.py).
+            from gateway.store.greylist_shared import SharedGreylist, table_path
+
+            SharedGreylist.create(table_path(table))
         return workers.supervise(
             count,
             lambda i: _serve(settings, reuse_port=True, limits_table=(table, i), workers=count),
@@ -166,6 +199,10 @@ def cmd_run(path: str | None) -> int:
     finally:
         if table is not None:
             os.unlink(table)
+            from gateway.store.greylist_shared import table_path
+
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(table_path(table))
         workers.cleanup(mp_dir, created)
 
 
@@ -209,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
             from gateway import ratelimit_admin
 
             return ratelimit_admin.run(args.action, args.key, args.config)
+        if args.command == "greylist":
+            from gateway import greylist_admin
+
+            return greylist_admin.run(
+                args.action, args.client, args.sender, args.recipient, args.config
+            )
+        if args.command == "dmarc-report":
+            from gateway.dmarcreports import command
+
+            return command.run(args.config, args.dry_run, args.now)
         if args.command == "health":
             return cmd_health(args.config, args.ready)
         if args.command == "config" and args.config_command == "check":

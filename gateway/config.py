@@ -319,6 +319,102 @@ class Logging(Strict):
     format: Literal["json", "kv"] = "json"
 
 
+class ReportRelay(Strict):
+    """Where DMARC aggregate reports are handed over for delivery."""
+
+    # smtp://host:port of a submission server; null: the first smtp:// URL of
+    # backend.url (which must then relay mail from the gateway to other domains).
+    url: str | None = None
+    # STARTTLS to the relay: none, opportunistic (when offered) or required.
+    tls: BackendTls = BackendTls.OPPORTUNISTIC
+    # CA bundle that verifies the relay's certificate; null: the system's. With
+    # tls: opportunistic and no ca_file, the certificate is not verified.
+    ca_file: Path | None = None
+    # AUTH PLAIN (only ever over TLS): the user, and a file holding the password.
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds per command, the message too
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme != "smtp" or not parts.hostname:
+                raise ValueError(f"{v!r}: must be smtp://host:port")
+            try:
+                parts.port  # noqa: B018 - validates the port
+            except ValueError as e:
+                raise ValueError(f"{v!r}: bad port") from e
+        return v
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        if self.username is not None and self.tls is BackendTls.NONE:
+            raise ValueError("AUTH needs TLS: set tls: required (or opportunistic)")
+
+
+class DmarcReports(Strict):
+    """DMARC aggregate reports (RFC 7489 7.2): what the gateway sends to the domains
+    whose DMARC records ask for them (rua=mailto:...)."""
+
+    # Record each DMARC evaluation and send the reports. Off: nothing is recorded.
+    enabled: bool = False
+    # sqlite: a file on this machine, shared by its workers (created on start);
+    # redis: store.redis_url, shared by replicas (one of them sends each run).
+    store: Literal["sqlite", "redis"] = "sqlite"
+    # The SQLite file of store: sqlite; it and its folder are made on start.
+    sqlite_path: Path = Path("/var/lib/smtp-gateway/dmarc.sqlite")
+    # Seconds each report covers, aligned to UTC midnight: a divisor of 86400
+    # (3600, 21600, 86400, ...). RFC 7489 asks for daily at least.
+    interval: Annotated[int, Field(ge=60, le=86400)] = 86400
+    # Seconds after an interval ends before its reports are made: every worker's
+    # and replica's evaluations of it are in the store by then.
+    send_delay: Annotated[float, Field(ge=0, le=86400)] = 600.0
+    # Seconds between writes of the evaluations buffered in memory to the store.
+    flush_interval: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # The reporting organisation (report_metadata/org_name); null: hostname.
+    org_name: str | None = None
+    # The address reports come from (From:, report_metadata/email); its domain is the
+    # Submitter in the subject and the receiver in the file name. Required when on.
+    email: str | None = None
+    # More ways to reach the reporting organisation (a URL, say), in every report.
+    extra_contact_info: str | None = None
+    # Destinations used of each domain's rua (mailto: only; RFC 7489 asks for two).
+    max_uris: Annotated[int, Field(ge=1, le=10)] = 2
+    # Records (rows) in one report; the least frequent beyond are left out (an
+    # <error> in the report says how many).
+    max_records: Annotated[int, Field(ge=1)] = 10_000
+    # Domains reported per interval; the ones with the least mail beyond are dropped.
+    max_domains: Annotated[int, Field(ge=1)] = 1000
+    # Distinct rows the store keeps per interval; evaluations beyond are dropped and
+    # counted (smtp_gateway_dmarc_evaluations_dropped_total).
+    max_rows: Annotated[int, Field(ge=1)] = 200_000
+    # Distinct rows a process buffers between flushes; beyond, dropped and counted.
+    max_pending: Annotated[int, Field(ge=1)] = 20_000
+    # Bytes of one report message (the gzip attachment, base64, headers): larger is
+    # never sent, as with a smaller rua size limit (mailto:...!10m).
+    max_report_size: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    # Runs a report whose hand-over failed for a temporary reason (relay down, 4xx)
+    # is tried again at, before it is dropped.
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    relay: ReportRelay = ReportRelay()
+
+    @field_validator("interval")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if 86400 % v:
+            raise ValueError(f"{v} does not divide a day (86400): reports align to UTC days")
+        return v
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.enabled and not self.email:
+            raise ValueError("email: required when enabled (the reports' From address)")
+        if self.email is not None and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", self.email):
+            raise ValueError(f"email: {self.email!r} is not an address")
+
+
 class Settings(Strict):
     hostname: str = Field(default_factory=socket.getfqdn)
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()])
@@ -344,6 +440,8 @@ class Settings(Strict):
     policy_reload_interval: Annotated[float, Field(ge=0)] = 10.0
     # Worker processes sharing the listeners; null: one per CPU available to us.
     workers: Annotated[int, Field(ge=1, le=256)] | None = None
+    # DMARC aggregate reports (docs/dmarc-reports.md); off by default.
+    dmarc_reports: DmarcReports = DmarcReports()
 
     @field_validator("trusted_networks", "proxy_networks", mode="before")
     @classmethod
@@ -368,6 +466,9 @@ class Settings(Strict):
         if twice is not None:
             raise ValueError(f"listeners: names must be unique ({twice!r} is used twice)")
         problem = _listening_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        problem = _reports_problem(self)
         if problem is not None:
             raise ValueError(problem)
 
@@ -421,6 +522,21 @@ def _listening_problem(s: Settings) -> str | None:
         for where, address, lport in taken:
             if port == lport and port != 0 and _overlap(address, host):
                 return f"metrics.listen: {s.metrics.listen} is also {where}'s address and port"
+    return None
+
+
+def _reports_problem(s: Settings) -> str | None:
+    """DMARC reports on with nowhere to keep or send them."""
+    r = s.dmarc_reports
+    if not r.enabled:
+        return None
+    if r.store == "redis" and not s.store.redis_url:
+        return "dmarc_reports.store: redis needs store.redis_url"
+    if r.relay.url is None and not any(u.startswith("smtp:") for u in s.backend.url):
+        return (
+            "dmarc_reports.relay.url: required: the backend is not smtp:// (a maildir or "
+            "an LMTP server delivers locally and cannot send reports to other domains)"
+        )
     return None
 
 

@@ -23,6 +23,7 @@ from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.registry import all_known_symbols, build_checks
 from gateway.context import Context
 from gateway.dns import Resolver
+from gateway.facts import ScanFacts
 from gateway.pipeline import policy as policy_mod
 from gateway.pipeline.runner import Runner, View
 from gateway.smtp.local import AcceptingBackend, LocalSession, plain_listener, services
@@ -46,6 +47,7 @@ class _Seen:
     tags: list[str] = field(default_factory=list)
     quarantine: bool = False
     trusted: bool = False
+    scans: tuple[ScanFacts, ...] = ()
 
 
 class _RecordingRunner(Runner):
@@ -61,6 +63,7 @@ class _RecordingRunner(Runner):
         self.seen.tags = list(ctx.tags)
         self.seen.quarantine = ctx.quarantine
         self.seen.trusted = ctx.trusted
+        self.seen.scans = ctx.facts.scans
         return verdict
 
 
@@ -199,6 +202,10 @@ def _report(
             for a in seen.auth
         ],
         "authentication_results": ar,
+        # What each content scanner said (a virus's signature name is only here).
+        "scans": [
+            {"scanner": f.scanner, "verdict": f.verdict, "detail": f.detail} for f in seen.scans
+        ],
         # What the backend would have received in front of the message: our fields.
         "added_fields": relayed.decode("utf-8", "replace"),
     }
@@ -250,6 +257,13 @@ def run(args: Any) -> int:
     for r in out["results"]:
         extra = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("method", "result"))
         print(f"  {r['method']}={r['result']} {extra}")
+    if out["scans"]:
+        print("scans:")
+        for sc in out["scans"]:
+            print(
+                f"  {sc['scanner']}: {sc['verdict']}"
+                + (f" ({sc['detail']})" if sc["detail"] else "")
+            )
     print(
         f"action: {out['action']}"
         + (f" ({out['deciding_symbol']})" if out["deciding_symbol"] else "")

@@ -13,6 +13,7 @@ from typing import Any
 
 import idna
 
+from gateway.facts import HeaderEdits, RspamdFacts
 from gateway.vocab import AuthResult
 from gateway.wire import stuff, wire_header
 
@@ -278,6 +279,8 @@ class Verdicts:
     tags: list[str]
     # (field name, the recipients the message was for) when it is quarantined.
     quarantine: tuple[str, list[str]] | None = None
+    # Rspamd's verdict: our X-Spam-* fields, and the header changes it asks for.
+    spam: RspamdFacts | None = None
 
 
 def compose(
@@ -286,10 +289,12 @@ def compose(
     """The message as the backend gets it: `wire` without the fields a client wrote
     in our name, and ours to put in front, in order: Received (a trace field goes
     on top, RFC 5321 4.4), `extra` (X-Original-To), Authentication-Results, the
-    policy's tag, the quarantine note. Returns (wire, our fields, fields removed).
+    policy's tag, the quarantine note, our X-Spam-* fields; then the fields Rspamd
+    asks to add. Rspamd's removals and rewritten Subject change `wire` (never our
+    fields, which are not in it). Returns (wire, our fields, fields removed).
 
     Only we speak for our authserv-id and write our fields, whoever the client
-    is (trusted or not).
+    is (trusted or not), and whatever Rspamd asks.
     """
     wire, forged = strip_forged(wire, ours)
     prefix = received + extra + authentication_results(verdicts.authserv_id, verdicts.auth)
@@ -298,7 +303,116 @@ def compose(
     if verdicts.quarantine is not None:
         name, recipients = verdicts.quarantine
         prefix += quarantine(name, recipients, verdicts.tags)
+    spam = verdicts.spam
+    if spam is not None:
+        if spam.spam_headers:
+            prefix += spam_fields(spam)
+        prefix += added_fields(spam.edits, ours)
+        wire = edit_section(wire, spam.edits)
     return wire, prefix, forged
+
+
+# Our fields from Rspamd's verdict (checks.rspamd.spam_headers); in OurFields.names
+# when they are on, so a client's own are removed and Rspamd cannot add them.
+SPAM_FIELDS = ("X-Spam-Status", "X-Spam-Score", "X-Spam-Action")
+# Rspamd's actions for which its own X-Spam-Status says Yes (milter_headers).
+_NOT_SPAM = ("no action", "greylist")
+
+
+def spam_fields(v: RspamdFacts) -> bytes:
+    """X-Spam-Status (Yes or No as Rspamd's own field says it, the score, the
+    required score and the strongest symbols), X-Spam-Score, X-Spam-Action."""
+    verdict = "No" if v.action in _NOT_SPAM else "Yes"
+    status = f"X-Spam-Status: {verdict}, score={v.score:.2f} required={v.required:.2f}"
+    if v.symbols:
+        status += " tests=" + ",".join(f"{n}({s:.2f})" for n, s in v.symbols)
+    action = _SAFE_TEXT.sub("?", v.action)[:32]
+    return (
+        _fold(status) + f"\r\nX-Spam-Score: {v.score:.2f}\r\nX-Spam-Action: {action}\r\n"
+    ).encode("ascii", "replace")
+
+
+_SAFE_TEXT = re.compile(r"[^\x20-\x7e]")
+_SAFE_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+# A value as rspamd_protocol.field_value makes it: printable ASCII lines joined by
+# CRLF and a tab. Checked again here, the one place that writes fields.
+_SAFE_VALUE = re.compile(r"[\t\x20-\x7e]*(?:\r\n\t[\t\x20-\x7e]*)*")
+
+
+def added_fields(edits: HeaderEdits, ours: OurFields) -> bytes:
+    """The fields Rspamd asks to add, but any in our name (our field names, an
+    Authentication-Results with our authserv-id) and any not safely formed."""
+    out = []
+    for name, value in edits.add:
+        raw_name, raw_value = name.encode("ascii", "replace"), value.encode("ascii", "replace")
+        if not _SAFE_NAME.fullmatch(name) or not _SAFE_VALUE.fullmatch(value):
+            continue
+        if _claims_ours(raw_name.lower(), raw_value, ours):
+            continue
+        out.append(raw_name + b": " + raw_value + b"\r\n")
+    return b"".join(out)
+
+
+def edit_section(wire: bytes, edits: HeaderEdits) -> bytes:
+    """`wire` with the header fields Rspamd asks to remove removed (by name, any
+    case: 0 every one, N the Nth from the top, -N the Nth from the bottom) and its
+    Subject in place of the first Subject field (the others removed; added at the
+    end of the section if there was none). The body is not touched."""
+    if not edits.remove and edits.subject is None:
+        return wire
+    head, end = wire_header(wire)
+    if edits.subject is None:
+        # Rspamd asks for removals on every message (its milter_headers routines
+        # remove the fields they add); mostly there is none of them to remove.
+        folded = head.lower()
+        if not any(n.lower().encode("ascii", "replace") in folded for n, _ in edits.remove):
+            return wire
+    fields = _fields(head)
+    by_name: dict[bytes, list[int]] = {}
+    for i, (field, _, _) in enumerate(fields):
+        by_name.setdefault(field, []).append(i)
+    drop: set[int] = set()
+    for name, which in edits.remove:
+        found = by_name.get(name.lower().encode("ascii", "replace"), [])
+        if which == 0:
+            drop.update(found)
+        elif 0 < which <= len(found):
+            drop.add(found[which - 1])
+        elif which < 0 and -which <= len(found):
+            drop.add(found[which])
+    subject = b""
+    first_subject = -1
+    if edits.subject is not None and _SAFE_VALUE.fullmatch(edits.subject):
+        subject = b"Subject: " + edits.subject.encode("ascii") + b"\r\n"
+        subjects = by_name.get(b"subject", [])
+        if subjects:
+            first_subject = subjects[0]
+            drop.update(subjects[1:])
+    if not drop and not subject:
+        return wire
+    kept = []
+    for i, (_, start, stop) in enumerate(fields):
+        if i == first_subject:
+            kept.append(subject)
+        elif i not in drop:
+            kept.append(head[start:stop])
+    if subject and first_subject < 0:
+        kept.append(subject)
+    return b"".join((stuff(b"".join(kept)), memoryview(wire)[end:]))
+
+
+def _fields(head: bytes) -> list[tuple[bytes, int, int]]:
+    """Each field of a header section (unstuffed, CRLF lines): its name in lower
+    case, where it starts and where it ends (after its last line's CRLF)."""
+    out = []
+    pos, size = 0, len(head)
+    while pos < size:
+        stop = _field_end(head, pos)
+        colon = head.find(b":", pos, stop)
+        name = head[pos:colon].rstrip(b" \t").lower() if colon >= 0 else b""
+        out.append((name, pos, stop))
+        pos = stop
+    return out
 
 
 def _field_end(head: bytes, pos: int) -> int:

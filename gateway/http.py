@@ -1,5 +1,6 @@
 """A tiny HTTP/1.0 endpoint: /metrics, /healthz/live, /healthz/ready, and the
-loopback-only operator routes behind `smtp-gateway ratelimit show|reset`.
+loopback-only operator routes behind `smtp-gateway ratelimit show|reset` and
+`smtp-gateway greylist show|allow|reset`.
 
 Our own few lines on asyncio instead of prometheus_client's thread server:
 that one cannot share its port between worker processes (no SO_REUSEPORT)
@@ -57,6 +58,8 @@ class HttpEndpoint:
         path, _, query = target.partition("?")
         if path in ("/ratelimit", "/ratelimit/reset"):
             return await self._ratelimit(method, path, query, peer)
+        if path in ("/greylist", "/greylist/allow", "/greylist/reset"):
+            return await self._greylist(method, path, query, peer)
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/metrics":
@@ -89,6 +92,41 @@ class HttpEndpoint:
             entries = await self.store.entries(prefix, exact)
             out = {"entries": [e._asdict() for e in entries]}
         out["pid"] = os.getpid()  # which worker answered (they share one table)
+        return 200, "application/json", json.dumps(out).encode() + b"\n"
+
+    async def _greylist(
+        self, method: str, path: str, query: str, peer: str
+    ) -> tuple[int, str, bytes]:
+        """`smtp-gateway greylist show|allow|reset` (greylist_admin.py), for the
+        in-memory state: loopback only, as the rate-limit routes (an allow from the
+        network would let a sender whitelist itself)."""
+        if self.store is None or not ipaddress.ip_address(peer).is_loopback:
+            return 403, "text/plain", b"forbidden\n"
+        if method != ("GET" if path == "/greylist" else "POST"):
+            return 405, "text/plain", b"method not allowed\n"
+        from gateway.store import greylist_for
+        from gateway.store.greylist import Params
+
+        args = urllib.parse.parse_qs(query)
+        key = args.get("key", [""])[0]
+        if not key or len(key) > 2048:
+            return 400, "text/plain", b"key= is required\n"
+        exact = args.get("exact", ["0"])[0] == "1"
+        store = greylist_for(self.store)
+        out: dict[str, object] = {}
+        if path == "/greylist/allow":
+            try:
+                p = Params(
+                    0, 1, float(args["ttl"][0]), int(args["after"][0]), float(args["awl_ttl"][0])
+                )
+            except (KeyError, ValueError):
+                return 400, "text/plain", b"ttl=, after= and awl_ttl= are required\n"
+            await store.allow(key, p)
+        elif path == "/greylist/reset":
+            out["deleted"] = await store.reset(key, exact)
+        else:
+            out["entries"] = [e._asdict() for e in await store.entries(key, exact)]
+        out["pid"] = os.getpid()
         return 200, "application/json", json.dumps(out).encode() + b"\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

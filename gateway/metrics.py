@@ -407,3 +407,60 @@ BACKEND_SESSION_WAITERS = Gauge(
     ["target"],
     multiprocess_mode="livesum",
 )
+# Content scanners (checks/scanner.py: clamav, rspamd). `scanner` is the check's
+# name, a closed set; what a scanner found (a signature name) is in the logs only.
+SCAN_SECONDS = Histogram(
+    P + "scan_seconds",
+    "Time a content scanner took for one message: connecting, sending it and its answer"
+    " (not the wait for a free slot under max_concurrent: that is in check_seconds)",
+    ["scanner"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SCANNER_ERRORS = Counter(
+    P + "scanner_errors_total",
+    "Content scans that gave no verdict, by scanner and kind (unavailable: refused or"
+    " cut off; timeout: no answer by the deadline; protocol: an answer not understood);"
+    " the policy's action for <scanner>.unavailable or <scanner>.timeout applied",
+    ["scanner", "kind"],
+)
+SCANNER_CONNECTIONS = Counter(
+    P + "scanner_connections_total",
+    "Connections to a content scanner by result (opened: a new one; reused: a kept one)",
+    ["scanner", "result"],
+)
+# Greylisting (checks/greylist.py): each triplet judged, by how. new and early were
+# deferred; passed: a retry in time, now whitelisted; whitelisted: a known triplet;
+# network: its client network is auto-whitelisted; exempt: skipped by the policy
+# (an authenticated sender of exempt_domains, Rspamd's verdict); unavailable: the
+# Redis store did not answer (greylist.unavailable's action applied).
+GREYLIST_TRIPLETS = Counter(
+    P + "greylist_triplets_total",
+    "Greylist triplets judged, by result (new, early: deferred; passed, whitelisted,"
+    " network: passed; exempt: skipped by the policy; unavailable: no store)",
+    ["result"],
+)
+# DMARC aggregate reports (gateway/dmarcreports/). Recorded: evaluations counted
+# into a report row. Dropped, by reason: buffer_full (dmarc_reports.max_pending
+# between flushes), store_full (max_rows of an interval), store_error (the store
+# failed a flush), domain_limit (past max_domains of an interval), too_old (an
+# outboxed report past its retries). Reports by result: sent, or why a report was
+# not sent to a destination: unauthorized (no _report._dmarc record for an outside
+# destination), temperror (that lookup failed), too_big (the rua size limit or
+# max_report_size), refused (a 5xx from the relay), relay_error (relay unreachable
+# or a 4xx: kept for a retry), dropped (retries used up).
+DMARC_EVALUATIONS_RECORDED = Counter(
+    P + "dmarc_evaluations_recorded_total",
+    "DMARC evaluations counted for aggregate reports (dmarc_reports.enabled)",
+)
+DMARC_EVALUATIONS_DROPPED = Counter(
+    P + "dmarc_evaluations_dropped_total",
+    "DMARC evaluations left out of aggregate reports, by reason (buffer_full, store_full,"
+    " store_error, domain_limit)",
+    ["reason"],
+)
+DMARC_REPORTS = Counter(
+    P + "dmarc_reports_total",
+    "DMARC aggregate report messages by result (sent; unauthorized, temperror, too_big,"
+    " refused, relay_error, dropped: not sent, by why)",
+    ["result"],
+)

@@ -9,11 +9,9 @@ count in one shared table, store/shared.py).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
-from urllib.parse import quote
 
-from gateway import config
+from gateway import admin, config
 from gateway.checks.ratelimit import parse_rate
 from gateway.pipeline import policy as policy_mod
 from gateway.store.base import CONC, Entry, operator_key
@@ -33,26 +31,9 @@ async def _via_redis(settings: config.Settings, action: str, key: str) -> dict[s
 
 
 async def _via_http(settings: config.Settings, action: str, key: str) -> dict[str, Any]:
-    if settings.metrics.listen is None:
-        raise OSError("metrics.listen is off: the in-memory counts cannot be reached")
-    host, port = config.split_hostport(settings.metrics.listen)
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    host, port = admin.loopback(settings, "the in-memory counts")
     method, path = ("POST", "/ratelimit/reset") if action == "reset" else ("GET", "/ratelimit")
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(
-            f"{method} {path}?key={quote(key, safe='')} HTTP/1.0\r\n"
-            f"Host: {host}\r\nContent-Length: 0\r\n\r\n".encode()
-        )
-        raw = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    if status != [b"200"]:
-        raise OSError(f"gateway at {host}:{port} answered {head.splitlines()[0].decode()}")
-    result: dict[str, Any] = json.loads(body)
+    result: dict[str, Any] = await admin.request(host, port, method, path, {"key": key})
     return result
 
 
@@ -78,8 +59,7 @@ def describe(entry: Entry, pol: policy_mod.Policy) -> str:
 
 
 def run(action: str, key: str, config_path: str | None) -> int:
-    settings = config.load(config_path)
-    pol = policy_mod.load(settings.policy, _symbols())
+    settings, pol = admin.load(config_path)
     opts = pol.checks.ratelimit
     names = [x.name for x in opts.limits] + [c.name for c in opts.concurrency]
     name = key.split(":", 1)[0]
@@ -99,9 +79,3 @@ def run(action: str, key: str, config_path: str | None) -> int:
     for e in entries:
         print(describe(e, pol))
     return 0
-
-
-def _symbols() -> set[str]:
-    from gateway.checks.registry import all_known_symbols
-
-    return all_known_symbols()

@@ -163,9 +163,6 @@ SYMBOL_REPLIES: dict[str, dict[Action, Reply]] = {
         Action.REJECT: r(550, "5.7.1", "Relay access denied"),
         Action.TEMPFAIL: r(450, "4.7.1", "Relay access denied"),
     },
-    "relay.source_route": {
-        Action.REJECT: r(550, "5.7.1", "Relay access denied: source routes are not accepted"),
-    },
 }
 
 SYMBOL_REPLIES.update(
@@ -229,6 +226,73 @@ SYMBOL_REPLIES.update(
         # The shared store (Redis) did not answer and the policy fails closed.
         "ratelimit.unavailable": {
             Action.TEMPFAIL: r(451, "4.3.0", "Rate limit service unavailable, try again later"),
+        },
+    }
+)
+
+SYMBOL_REPLIES.update(
+    {
+        # Content scanners. A virus reply names no signature: the sender learns only
+        # that its message carries one (the name is in our log line).
+        "virus.found": {Action.REJECT: r(554, "5.7.0", "Message rejected: virus found")},
+        # clamd refused or dropped the connection, or said it could not scan, and
+        # the policy fails closed.
+        "clamav.unavailable": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Virus scanner unavailable, try again later"),
+        },
+        # clamd gave no verdict within checks.clamav.timeout.
+        "clamav.timeout": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Virus scan timed out, try again later"),
+        },
+        # Over checks.clamav.max_size (or clamd's StreamMaxLength): not scanned.
+        "clamav.too_big": {
+            Action.REJECT: r(552, "5.3.4", "Message too big to be scanned for viruses"),
+        },
+    }
+)
+
+SYMBOL_REPLIES.update(
+    {
+        # Rspamd's verdict (checks.rspamd). The symbols and score are in our log
+        # line; the sender learns only that the message was taken for spam.
+        "rspamd.reject": {
+            Action.REJECT: r(554, "5.7.1", "Message rejected as spam"),
+            Action.TEMPFAIL: r(451, "4.7.1", "Message deferred as probable spam, try again later"),
+        },
+        # Rspamd asks for a retry (its ratelimit or greylist module, a timeout of its own).
+        "rspamd.soft_reject": {
+            Action.TEMPFAIL: r(451, "4.7.1", "Deferred by the spam filter, try again later"),
+        },
+        "rspamd.greylist": {
+            Action.TEMPFAIL: r(451, "4.7.1", "Greylisted, try again later"),
+        },
+        # Rspamd refused, dropped or garbled the conversation, or gave no verdict
+        # within checks.rspamd.timeout, and the policy fails closed.
+        "rspamd.unavailable": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Spam filter unavailable, try again later"),
+        },
+        "rspamd.timeout": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Spam filter timed out, try again later"),
+        },
+        # Over checks.rspamd.max_size: not scanned.
+        "rspamd.too_big": {
+            Action.REJECT: r(552, "5.3.4", "Message too big to be scanned for spam"),
+        },
+    }
+)
+
+SYMBOL_REPLIES.update(
+    {
+        # Greylisting (checks.greylist): the first attempt of an unknown triplet, or
+        # a retry before checks.greylist.delay. {detail}: the seconds left until a
+        # retry passes ("300 seconds"), so a client that schedules by the reply
+        # (and the human reading a bounce's transcript) knows when.
+        "greylist.deferred": {
+            Action.TEMPFAIL: r(451, "4.7.1", "Greylisted, please try again in {detail}"),
+        },
+        # The greylist's Redis store did not answer and the policy fails closed.
+        "greylist.unavailable": {
+            Action.TEMPFAIL: r(451, "4.3.0", "Greylisting service unavailable, try again later"),
         },
     }
 )

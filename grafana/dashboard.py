@@ -106,6 +106,44 @@ ROWS: list[tuple[str, list[Panel]]] = [
          [(rate("smtp_gateway_check_results_total", "check, symbol"), "{{symbol}}")],
          "ops", "ts"),
     ]),
+    ("Content scanning", [
+        ("Scan latency",
+         "Time clamd or Rspamd took for one message (connecting, sending it, the answer),"
+         " per scanner: p50, p95, p99. The wait for a free slot under max_concurrent is not"
+         " in it (see the scanners' check time); the SmtpGatewayScannerSlow alert fires at a"
+         " p95 over 5 s.",
+         [(quantile(q, "smtp_gateway_scan_seconds", "scanner"),
+           f"{{{{scanner}}}} p{round(q * 100)}") for q in (0.5, 0.95, 0.99)], "s", "ts"),
+        ("Scanner verdicts by symbol",
+         "What the scanners found, per second: virus.found (clamav), rspamd.reject,"
+         " rspamd.add_header, ... and the failures the policy acted on (<scanner>.unavailable,"
+         " .timeout, .too_big). A clean message emits no symbol.",
+         [(rate("smtp_gateway_check_results_total", "check, symbol",
+                'check=~"clamav|rspamd"'), "{{symbol}}")], "ops", "ts"),
+        ("Scanner errors by kind",
+         "Scans that gave no verdict, per scanner and kind: unavailable (refused, cut off),"
+         " timeout (no answer by the check's timeout), protocol (an answer not understood);"
+         " the policy's <scanner>.unavailable or <scanner>.timeout action applied.",
+         [(rate("smtp_gateway_scanner_errors_total", "scanner, kind"), "{{scanner}} {{kind}}")],
+         "ops", "ts"),
+        ("Scanner error share",
+         "Errors per scan sent, per scanner (capped at 1: scans that timed out waiting for a"
+         " slot count as errors but were never sent); the SmtpGatewayScannerFailing alert"
+         " fires over 10%.",
+         [(f"clamp_max({rate('smtp_gateway_scanner_errors_total', 'scanner')}"
+           f" / {rate('smtp_gateway_scan_seconds_count', 'scanner')}, 1)", "{{scanner}}")],
+         "percentunit", "ts"),
+        ("Scanner check time p99",
+         "99th percentile time of the scanner checks as the runner sees it: the wait for a"
+         " slot under max_concurrent included, so it is bounded by the check's timeout.",
+         [(quantile(0.99, "smtp_gateway_check_seconds", "check", 'check=~"clamav|rspamd"'),
+           "{{check}}")], "s", "ts"),
+        ("Scanner connections opened vs reused",
+         "Connections to each scanner per second: opened (a new one) or reused (a kept one,"
+         " keep_connections). Rspamd's own worker closes every connection: all opened there.",
+         [(rate("smtp_gateway_scanner_connections_total", "scanner, result"),
+           "{{scanner}} {{result}}")], "ops", "ts"),
+    ]),
     ("DNS block lists and rate limits", [
         ("DNSBL lookups by zone and result",
          "Lookups per zone name: listed, not listed, error, timeout.",
@@ -122,6 +160,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
          "Failed Redis operations; the policy's ratelimit.unavailable action applied.",
          [(rate("smtp_gateway_ratelimit_store_errors_total", "operation"), "{{operation}}")],
          "ops", "ts"),
+        ("Greylisting by result",
+         "Triplets judged per second: new and early were deferred (451 4.7.1); passed,"
+         " whitelisted and network (auto-whitelisted) went through; exempt skipped by the"
+         " policy; unavailable: the store (Redis) did not answer.",
+         [(rate("smtp_gateway_greylist_triplets_total", "result"), "{{result}}")], "ops", "ts"),
     ]),
     ("TLS", [
         ("Sessions by TLS version",
@@ -284,8 +327,9 @@ def build() -> dict[str, Any]:
     return {
         "uid": "smtp-gateway",
         "title": "SMTP gateway",
-        "description": "smtp-gateway: instances, mail flow, refusals, authentication, DNSBL, "
-        "rate limits, TLS, backend, DNS, durations and latency, reloads and restarts.",
+        "description": "smtp-gateway: instances, mail flow, refusals, authentication, content "
+        "scanning, DNSBL, rate limits, TLS, backend, DNS, durations and latency, reloads and "
+        "restarts.",
         "tags": ["smtp", "mail", "smtp-gateway"],
         "timezone": "browser",
         "editable": True,

@@ -13,7 +13,7 @@ that nothing here reads, and the verdicts do not depend on them.
 
 The order of the checks, the verdicts and their reasons are dkimpy's (its
 `ARC.verify` and `verify_instance`), so that the gateway's ARC results do not
-change with this module; tests/unit/test_arcverify.py holds it to dkimpy's
+change with this module; tests/unit/checks/test_arcverify.py holds it to dkimpy's
 verdicts on chains made by dkimpy's signer and altered in every way that counts.
 """
 

@@ -27,7 +27,7 @@ from gateway.addrlist import ATEXT, too_complex
 from gateway.config import Strict
 from gateway.context import Context
 from gateway.dns import DnsAnswer, DnsStatus, Resolver, ascii_name
-from gateway.facts import DmarcOutcome
+from gateway.facts import DmarcOutcome, PublishedPolicy
 from gateway.vocab import AuthResult, Stage
 from gateway.wire import has_bare_cr_lf, header_section, number
 
@@ -103,6 +103,8 @@ class DmarcRecord:
     # RFC 9989 4.10.1: an invalid p, sp or np without a usable rua means "apply no
     # DMARC processing". The record still counts in the tree walk (it exists).
     unusable: bool = False
+    # What an aggregate report says of this record, made once with it (cached).
+    published: PublishedPolicy | None = None
 
 
 # A reporting URI with a scheme (RFC 3986), the "syntactically valid" rua 4.10.1 asks for.
@@ -141,18 +143,37 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
     psd = tags.get("psd", "u").lower()
     pct = number(tags.get("pct", "100"), 3)
     pct = 100 if pct is None else min(100, pct)
+    adkim = "s" if tags.get("adkim", "r").lower() == "s" else "r"
+    aspf = "s" if tags.get("aspf", "r").lower() == "s" else "r"
     return DmarcRecord(
         domain=domain,
         p=p,
         sp=sp,
         np=np,
-        adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
-        aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
+        adkim=adkim,
+        aspf=aspf,
         pct=pct,
         testing=tags.get("t", "n").lower() == "y",
         psd=psd if psd in ("y", "n", "u") else "u",
         unusable=unusable,
+        published=PublishedPolicy(
+            domain=domain,
+            p=p,
+            sp=sp or p,
+            adkim=adkim,
+            aspf=aspf,
+            pct=pct,
+            # Bounded here: both are the domain's to write, and go into every report.
+            fo=_FO.sub("", tags.get("fo", "0"))[:16] or "0",
+            rua=tags.get("rua", "")[:MAX_RUA],
+        ),
     )
+
+
+# Characters of an fo= value (RFC 7489 6.3: 0, 1, d, s joined by colons).
+_FO = re.compile(r"[^01dsDS:]")
+# Characters of rua= kept: enough for a few URIs; what follows is never read.
+MAX_RUA = 2048
 
 
 def from_domains(message: bytes) -> list[str] | None:
@@ -313,6 +334,8 @@ class DmarcCheck:
                 out.from_domain,
                 out.policy,
                 f"overridden: ARC chain sealed by trusted {arc.sealer}",
+                out.published,
+                overrides=(*out.overrides, "trusted_forwarder"),
             )
         ctx.facts.dmarc = out
         props = {"header.from": from_domain}
@@ -388,26 +411,39 @@ class DmarcCheck:
             why = "aligned " + " and ".join(
                 x for x, ok in (("spf", spf_ok), ("dkim", dkim_ok)) if ok
             )
-            return DmarcOutcome("pass", "none", from_domain, record.p, why)
+            return DmarcOutcome(
+                "pass", "none", from_domain, record.p, why, record.published, spf_ok, dkim_ok
+            )
         applicable = record.p
         if from_domain != record.domain:
             applicable = record.sp or record.p
             if record.np and not (yield from self._exists(from_domain)):
                 applicable = record.np
         disposition = applicable
+        overrides: tuple[str, ...] = ()
         if record.pct < 100 and self.rand() * 100 >= record.pct:
             disposition = _downgrade(disposition)
-        if record.testing:
+            overrides += ("sampled_out",)
+        if record.testing and _downgrade(disposition) != disposition:
             disposition = _downgrade(disposition)
+            overrides += ("testing",)
         if unsure is not None and disposition != "none":
             try:
                 why = yield from self._unsure(unsure, from_domain, org, record)
             except DmarcTempError as e:
                 why = str(e)
             if why:
-                return DmarcOutcome("temperror", "none", from_domain, applicable, why)
+                return DmarcOutcome(
+                    "temperror", "none", from_domain, applicable, why, record.published
+                )
         return DmarcOutcome(
-            "fail", disposition, from_domain, applicable, "neither SPF nor DKIM aligned with a pass"
+            "fail",
+            disposition,
+            from_domain,
+            applicable,
+            "neither SPF nor DKIM aligned with a pass",
+            record.published,
+            overrides=overrides,
         )
 
     def _unsure(

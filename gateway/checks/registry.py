@@ -7,14 +7,18 @@ from typing import TYPE_CHECKING, Any
 from gateway import config
 from gateway.checks.arc import ArcCheck
 from gateway.checks.base import Check, generic_symbols
+from gateway.checks.clamav import ClamavCheck
 from gateway.checks.dkim import DkimCheck
 from gateway.checks.dmarc import DmarcCheck
 from gateway.checks.dnsbl import DnsblCheck
+from gateway.checks.greylist import GreylistCheck
 from gateway.checks.ratelimit import RateLimitCheck
 from gateway.checks.relay import RelayCheck
+from gateway.checks.rspamd import RspamdCheck
 from gateway.checks.spf import SpfCheck
 from gateway.checks.tlspolicy import TlsPolicyCheck
 from gateway.dns import Resolver
+from gateway.store import greylist_for
 
 if TYPE_CHECKING:
     from gateway.store import Store
@@ -30,6 +34,14 @@ CHECK_CLASSES: tuple[Any, ...] = (
     DkimCheck,
     ArcCheck,
     DmarcCheck,
+    # Content scanners last: a message refused by the checks above is not sent.
+    # Rspamd before clamd: most refused mail is spam, and a message Rspamd rejects
+    # is spared the slower virus scan.
+    RspamdCheck,
+    # Greylisting: at RCPT after relay control and the limits (a refused recipient
+    # is no triplet); at DATA after Rspamd, whose verdict it may defer to.
+    GreylistCheck,
+    ClamavCheck,
 )
 
 
@@ -43,6 +55,9 @@ def build_checks(settings: config.Settings, resolver: Resolver, store: Store) ->
         DkimCheck(resolver),
         ArcCheck(resolver),
         DmarcCheck(resolver),
+        RspamdCheck(),
+        GreylistCheck(greylist_for(store)),
+        ClamavCheck(),
     ]
 
 

@@ -15,10 +15,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, ValidationError
 
 from gateway.checks.arc import ArcOptions
+from gateway.checks.clamav import ClamavOptions
 from gateway.checks.dkim import DkimOptions
 from gateway.checks.dmarc import DmarcOptions
 from gateway.checks.dnsbl import DnsblOptions
+from gateway.checks.greylist import GreylistOptions
 from gateway.checks.ratelimit import RateLimitOptions
+from gateway.checks.rspamd import RspamdOptions
 from gateway.checks.spf import SpfOptions
 from gateway.checks.tlspolicy import TlsPolicyOptions
 from gateway.config import ConfigError, Strict, format_validation_error, read_yaml_mapping
@@ -53,6 +56,9 @@ class CheckOptions(Strict):
     dkim: DkimOptions = DkimOptions()
     arc: ArcOptions = ArcOptions()
     dmarc: DmarcOptions = DmarcOptions()
+    clamav: ClamavOptions = ClamavOptions()
+    rspamd: RspamdOptions = RspamdOptions()
+    greylist: GreylistOptions = GreylistOptions()
 
 
 # Actions that hold unless the policy names the symbol (and for relay control,
@@ -74,7 +80,7 @@ class Policy(Strict):
     quarantine: QuarantineSettings = QuarantineSettings()
     # Checks an allow-listed client (dnsbl allow zones or allow_networks) skips.
     allowlist_skips: list[str] = Field(
-        default_factory=lambda: ["spf", "dkim", "arc", "dmarc", "ratelimit"]
+        default_factory=lambda: ["spf", "dkim", "arc", "dmarc", "ratelimit", "greylist"]
     )
     rewrite: RewriteOptions = RewriteOptions()
     check_timeout: Annotated[float, Field(gt=0)] = 10.0

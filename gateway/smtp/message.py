@@ -91,6 +91,7 @@ async def data(s: Session, arg: str) -> None:
         policy.tag.header,
         s.ctx.tags,
         (policy.quarantine.header, [str(r) for r in recipients]) if s.ctx.quarantine else None,
+        s.ctx.facts.rspamd,
     )
     wire, prefix, forged = headers.compose(
         wire, _received(s), _our_fields(s, policy), verdicts, extra
@@ -150,6 +151,8 @@ def _our_fields(s: Session, policy: Policy) -> headers.OurFields:
     names = [policy.tag.header, policy.quarantine.header, *_MTA_FIELDS]
     if policy.rewrite.original_recipient_header:
         names.append(policy.rewrite.original_recipient_header)
+    if policy.checks.rspamd.enabled and policy.checks.rspamd.spam_headers:
+        names.extend(headers.SPAM_FIELDS)
     return headers.our_fields(s.authserv_id, s.settings.hostname, tuple(names))
 
 

@@ -59,6 +59,13 @@ def record(
         extra["backend_sender"] = str(sender)
     if t.rcpt_refused:
         extra["refused"] = t.rcpt_refused
+    if ctx.facts.scans:
+        # What the content scanners said (a virus's signature name): here, never in
+        # the reply or a metric label.
+        extra["scans"] = {
+            f.scanner: {"verdict": f.verdict, **({"detail": f.detail} if f.detail else {})}
+            for f in ctx.facts.scans
+        }
     logs.event(
         "transaction",
         session=session_id,

@@ -1,7 +1,7 @@
 """The SMTP server protocol without I/O: bytes in, commands or replies out.
 
 Nothing here reads a socket, waits or keeps a clock, so all of it is tested
-without a socket, a loop or a backend (tests/unit/test_protocol.py), and the
+without a socket, a loop or a backend (tests/unit/smtp/test_protocol.py), and the
 session (`session.py`) keeps only what needs them: waiting for bytes, the
 checks, the backend.
 

@@ -19,6 +19,7 @@ from gateway.smtp.guard import FailureLimit
 from gateway.smtp.memory import MessageMemory
 
 if TYPE_CHECKING:
+    from gateway.dmarcreports.record import Recorder
     from gateway.smtp.session import Session
 
 _ID_PREFIX = os.urandom(3).hex()
@@ -70,6 +71,8 @@ class Services:
     max_size: int = 0
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
+    # DMARC evaluations for aggregate reports (dmarc_reports.enabled), else None.
+    dmarc: Recorder | None = None
 
 
 def ehlo_lines(

@@ -324,6 +324,9 @@ class Session:
         self.txn_count += 1
         outcome = record(self.id, self.txn_count, self.ctx, self.t, action, reason, size=size,
                          aborted=aborted, **extra)  # fmt: skip
+        dmarc = self.svc.dmarc
+        if dmarc is not None and self.ctx.facts.dmarc is not None:
+            dmarc.note(self.ctx, action, outcome)  # for aggregate reports
         if outcome == "delivered":  # a refused MAIL must not reset the junk count
             self.junk = 0
 

@@ -20,16 +20,14 @@ The key text (its first bytes) is kept only for `smtp-gateway ratelimit show`.
 from __future__ import annotations
 
 import asyncio
-import mmap
-import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from fcntl import LOCK_EX, LOCK_UN, lockf
 from typing import Any
 
 from gateway.store.base import CONC, RATE, Entry, GcraOp, gcra_new_tat
+from gateway.store.mapped import carver, get_text, locked, open_table, put_text
 from gateway.store.memory import MemoryStore
 
 _MAGIC = b"SGWLIM01"
@@ -69,24 +67,14 @@ class SharedStore(MemoryStore):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(clock)
-        self.fd = os.open(path, os.O_RDWR)
-        size = os.fstat(self.fd).st_size
-        self.mm = mmap.mmap(self.fd, size)
+        self.path = path  # the greylist table is found beside it (store/greylist_shared.py)
+        self.fd, self.mm = open_table(path)
         magic, rate_slots, conc_slots, workers = _HEADER.unpack_from(self.mm, 0)
         if magic != _MAGIC or not 0 <= worker < workers:
             raise ValueError(f"{path}: not a limit table for worker {worker}")
         self.worker: int = worker
         self.workers: int = workers
-        view = memoryview(self.mm)
-        at = _HEADER_SIZE
-
-        def region(n: int, fmt: str, width: int) -> Any:
-            """n items of struct format `fmt` (memoryview's typing knows only bytes)."""
-            nonlocal at
-            part = view[at : at + n * width].cast(fmt)  # type: ignore[call-overload]
-            at += n * width
-            return part
-
+        region = carver(self.mm, _HEADER_SIZE)
         self.rate_slots: int = rate_slots
         self.conc_slots: int = conc_slots
         self.r_hash = region(rate_slots, "Q", 8)
@@ -95,7 +83,7 @@ class SharedStore(MemoryStore):
         self.c_hash = region(conc_slots, "Q", 8)
         self.c_count = region(conc_slots * workers, "i", 4)
         self.c_key = region(conc_slots, "B", KEY_BYTES)
-        with self._locked():  # a (re)started worker holds no connections yet
+        with locked(self.fd):  # a (re)started worker holds no connections yet
             counts = self.c_count
             for slot in range(conc_slots):
                 counts[slot * workers + worker] = 0
@@ -108,23 +96,6 @@ class SharedStore(MemoryStore):
         with open(path, "wb") as f:
             f.write(_HEADER.pack(_MAGIC, rate_slots, conc_slots, workers))
             f.truncate(size)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        lockf(self.fd, LOCK_EX)
-        try:
-            yield
-        finally:
-            lockf(self.fd, LOCK_UN)
-
-    def _set_key(self, keys: Any, slot: int, key: str) -> None:
-        raw = key.encode()[:KEY_BYTES]
-        keys[slot * KEY_BYTES : (slot + 1) * KEY_BYTES] = raw.ljust(KEY_BYTES, b"\0")
-
-    def _key(self, keys: Any, slot: int) -> tuple[str, bool]:
-        """The key's text as kept, and whether it was cut short."""
-        raw = bytes(keys[slot * KEY_BYTES : (slot + 1) * KEY_BYTES]).rstrip(b"\0")
-        return raw.decode("utf-8", "replace"), len(raw) == KEY_BYTES
 
     # -- rates --------------------------------------------------------------------
     def _rate_slot(self, key: str, now: float) -> int:
@@ -141,12 +112,12 @@ class SharedStore(MemoryStore):
             free = min(((h + i) % n for i in range(PROBE)), key=lambda s: tats[s])
         hashes[free] = h
         tats[free] = now
-        self._set_key(self.r_key, free, key)
+        put_text(self.r_key, free, key, KEY_BYTES)
         return free
 
     def take(self, ops: Sequence[GcraOp]) -> int:
         now = self.clock()
-        lockf(self.fd, LOCK_EX)  # not `with self._locked()`: a third of the cost, per message
+        lockf(self.fd, LOCK_EX)  # not `with locked(self.fd)`: a third of the cost, per message
         try:
             slots, news = [], []
             for i, op in enumerate(ops):
@@ -183,7 +154,7 @@ class SharedStore(MemoryStore):
                 return False
             if self.c_hash[slot] != h:
                 self.c_hash[slot] = h
-                self._set_key(self.c_key, slot, key)
+                put_text(self.c_key, slot, key, KEY_BYTES)
             self.c_count[row + self.worker] += 1
         finally:
             lockf(self.fd, LOCK_UN)
@@ -215,7 +186,7 @@ class SharedStore(MemoryStore):
         if exact:
             h = _hash(head)
             slot, _ = _probe(hashes, n, h, lambda s: False)
-            return [] if slot < 0 else [(slot, h, self._key(keys, slot)[0])]
+            return [] if slot < 0 else [(slot, h, get_text(keys, slot, KEY_BYTES)[0])]
         out = []
         for start in range(0, n, SCAN_CHUNK):
             if start:
@@ -223,7 +194,7 @@ class SharedStore(MemoryStore):
             for slot in range(start, min(n, start + SCAN_CHUNK)):
                 h = hashes[slot]
                 if h:
-                    key, cut = self._key(keys, slot)
+                    key, cut = get_text(keys, slot, KEY_BYTES)
                     if key.startswith(head) or (cut and head.startswith(key)):
                         out.append((slot, h, key))
         return out
@@ -244,7 +215,7 @@ class SharedStore(MemoryStore):
         now, n, w = self.clock(), 0, self.workers
         rates = await self._matches(RATE, prefix, exact)
         conns = await self._matches(CONC, prefix, exact)
-        with self._locked():  # each slot cleared only if it still holds the key found
+        with locked(self.fd):  # each slot cleared only if it still holds the key found
             for slot, h, _ in rates:
                 if self.r_hash[slot] == h:
                     n += self.r_tat[slot] > now

@@ -44,7 +44,7 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     seen = {(row["shape"], row["mode"]) for row in res["throughput"]}
     for shape in ("small", "large", "persistent"):
-        for mode in ("direct", "floor", "proxy", "policy"):
+        for mode in ("direct", "floor", "proxy", "policy", "scanning"):
             assert (shape, mode) in seen
     sizes = {"small": 4096, "large": 102400, "persistent": 4096}
     for row in res["throughput"]:
@@ -60,8 +60,13 @@ def test_bench_harness_runs_every_mode_and_figure(tmp_path: Path) -> None:
             for run in row["delivered"]:
                 assert run["messages"] == row["messages"]
                 assert sizes[row["shape"]] <= run["avg_bytes"] < sizes[row["shape"]] * 1.2
-                if row["mode"] == "policy":
+                if row["mode"] in ("policy", "scanning"):
                     assert run["dkim_pass"] == 1.0
+        # The scanners' own CPU is measured apart, and only where they run.
+        if row["mode"] == "scanning":
+            assert row["scanner_cpu_ms"] > 0
+        else:
+            assert row["scanner_cpu_ms"] is None
     assert res["latency"]["gateway"]["p99"] >= res["latency"]["gateway"]["p50"] > 0
     assert res["idle"]["sessions"] == 300 and res["idle"]["rss_after_mb"] > 0
     assert {c["check"] for c in res["checks"]} >= {"relay"}

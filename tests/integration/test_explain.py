@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
-
-import yaml
 
 from tests.support.dkimkeys import rsa_key, sign
 from tests.support.dnsserver import DnsServer
-from tests.support.procs import PY, ROOT
+from tests.support.procs import check_command
 
 MSG = (
     b"From: Alice <alice@signed.test>\nTo: bob@example.test\nSubject: hi\n"
@@ -19,39 +16,8 @@ MSG = (
 
 
 def run_check(tmp_path: Path, dns: DnsServer, message: bytes, *args: str) -> dict:
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "hostname": "mx.gw.test",
-                "trusted_networks": [],
-                "local_domains": ["example.test"],
-                "dns": {"nameservers": [dns.address], "timeout": 0.5},
-            }
-        )
-    )
-    eml = tmp_path / "m.eml"
-    eml.write_bytes(message)
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "gateway",
-            "check",
-            str(eml),
-            "--config",
-            str(cfg),
-            "--client-ip",
-            "192.0.2.10",
-            "--helo",
-            "client.test",
-            *args,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
+    r = check_command(
+        tmp_path, message, *args, "--json", dns={"nameservers": [dns.address], "timeout": 0.5}
     )
     out = dict(json.loads(r.stdout))
     # The verdict is the exit status too: 0 accept, 3 tag, 4 quarantine, 5 tempfail, 6 reject.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import subprocess
-import sys
 from collections.abc import Callable
 
 from tests.support.procs import Backend, Gateway, base_config
@@ -28,14 +26,7 @@ def limited(backend: Backend, gateway_factory: Callable[..., Gateway], limits: s
 
 
 def ratelimit_cli(gw: Gateway, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "ratelimit", *args, "--config", str(gw.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return gw.command("ratelimit", *args)
 
 
 def send(port: int, rcpts: tuple[str, ...] = ("x@example.test",)) -> tuple[int, bytes]:
@@ -55,8 +46,8 @@ def test_message_limit_refuses_the_n_plus_first_and_shows_the_count(
     backend: Backend, gateway_factory: Callable[..., Gateway]
 ) -> None:
     """A window far longer than the test, so nothing drains while it runs. That the
-    count drains on time is the store's, on a controlled clock: tests/unit/test_session.py
-    (test_message_limit_recovers_after_one_cell_of_its_window)."""
+    count drains on time is the store's, on a controlled clock:
+    tests/unit/smtp/test_envelope.py (test_message_limit_recovers_after_one_cell_of_its_window)."""
     gw = limited(
         backend,
         gateway_factory,

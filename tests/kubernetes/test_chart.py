@@ -168,7 +168,7 @@ def test_values_schema_rejects_bad_values() -> None:
             render(bad)
 
 
-@pytest.mark.parametrize("case", ["default", "redis-values"])
+@pytest.mark.parametrize("case", ["default", "redis-values", "scanners-values"])
 def test_rendered_config_is_accepted_by_config_check(case: str, tmp_path: Path) -> None:
     r = render(values(case))
     etc = tmp_path / "etc"
@@ -316,6 +316,14 @@ def test_workers_write_only_to_the_scratch_volume(tmp_path: Path) -> None:
         ({"tls": {"enabled": False}}, "tls: starttls needs tls.enabled: true"),
         ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
          "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
+        ({"scanners": {"clamav": {"enabled": True}}},
+         "scanners.clamav.enabled: true needs scanners.clamav.endpoint, or"
+         " scanners.clamav.deploy.enabled: true"),
+        ({"scanners": {"rspamd": {"enabled": True, "endpoint": "http://rspamd:11333"}},
+          "policy": {"files": {"site-policy.yaml": "x"}}},
+         "policy.files: site-policy.yaml is the chart's name"),
+        # Caught by the schema: clamd speaks no HTTP.
+        ({"scanners": {"clamav": {"endpoint": "http://clamd:3310"}}}, "/scanners/clamav/endpoint"),
     ],
 )  # fmt: skip
 def test_the_chart_refuses_what_the_gateway_would(vals: dict[str, Any], expect: str) -> None:
@@ -389,3 +397,217 @@ def test_a_listener_on_every_address_takes_both_families(
             )
     clients = [m["xclient"]["ADDR"] for m in backend.messages()]
     assert clients == ["127.0.0.1", "IPV6:::1"], clients  # XCLIENT names IPv6 so (Postfix)
+
+
+# -- Content scanners ------------------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for e in selector.get("matchExpressions", []):
+        key, op, vals = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in vals,
+            "NotIn": key not in labels or labels[key] not in vals,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def pods(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, str]]:
+    """Every pod the release makes, by a short name, with its labels: each Deployment's
+    pod template and the helm test pod."""
+    out = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs(rendered)
+        if d["kind"] == "Deployment"
+    }
+    out.update({d["metadata"]["name"]: d["metadata"]["labels"] for d in docs(rendered)
+                if d["kind"] == "Pod"})  # fmt: skip
+    return out
+
+
+def policy_files(rendered: dict[str, list[dict[str, Any]]], where: Path) -> Path:
+    """The policy ConfigMap as the pods see it: its files in one directory."""
+    where.mkdir(parents=True)
+    for name, content in find(rendered, "ConfigMap", "-policy")["data"].items():
+        (where / name).write_text(content)
+    return where / "policy.yaml"
+
+
+def test_scanner_endpoints_reach_the_policy_over_its_content(tmp_path: Path) -> None:
+    """scanners.*.enabled writes each check's `enabled` and `endpoint` (the chart's own
+    Service, or the endpoint given) over the policy; everything else policy.content says
+    (options, actions) and the preset it extends still hold."""
+    from gateway.checks.registry import all_known_symbols
+    from gateway.pipeline import policy as policy_mod
+    from gateway.vocab import Action
+
+    r = render(values("scanners-values"))
+    pol = policy_mod.load(str(policy_files(r, tmp_path / "a")), all_known_symbols())
+    clamav, rspamd = pol.checks.clamav, pol.checks.rspamd
+    assert clamav.enabled and rspamd.enabled
+    # The endpoints name the rendered Services, in the release's namespace, on their ports.
+    for opts, scheme, name in ((clamav, "tcp", "clamav"), (rspamd, "http", "rspamd")):
+        svc = find(r, "Service", f"-{name}")
+        [port] = svc["spec"]["ports"]
+        want = f"{scheme}://{svc['metadata']['name']}.mail.svc:{port['port']}"
+        assert opts.endpoint == want
+    # From policy.content: options and an action; from the default preset: the rest.
+    assert (clamav.timeout, clamav.max_concurrent, rspamd.max_size) == (20, 4, 5242880)
+    assert pol.action_for("rspamd.unavailable") is Action.TEMPFAIL
+    assert pol.action_for("virus.found") is Action.REJECT
+    assert pol.action_for("dnsbl.listed") is Action.REJECT
+
+    # A scanner run elsewhere: its endpoint as given, nothing deployed.
+    own = render({"scanners": {"clamav": {"enabled": True,
+                                          "endpoint": "unix:/run/clamav/clamd.ctl"}}})  # fmt: skip
+    pol = policy_mod.load(str(policy_files(own, tmp_path / "b")), all_known_symbols())
+    assert pol.checks.clamav.enabled and pol.checks.clamav.endpoint == "unix:/run/clamav/clamd.ctl"
+    assert not pol.checks.rspamd.enabled
+    assert not [d for d in docs(own) if d["metadata"]["name"].endswith(("-clamav", "-rspamd"))]
+
+    # Deployed but not enabled (deploy first, enable once clamd is ready): the policy is
+    # the one it would be without scanners, byte for byte.
+    staged = render({"scanners": {"clamav": {"deploy": {"enabled": True}}}})
+    assert find(staged, "Deployment", "-clamav")
+    assert find(staged, "ConfigMap", "-policy")["data"] == find(render({}), "ConfigMap",
+                                                                  "-policy")["data"]  # fmt: skip
+    assert "site-policy.yaml" not in find(staged, "ConfigMap", "-policy")["data"]
+
+
+def test_only_the_gateway_pods_reach_the_scanners() -> None:
+    """Each scanner's NetworkPolicy selects exactly that scanner's pods and admits, on
+    its port only, exactly the gateway's pods (not the helm test pod, not the other
+    scanner); and no selector of the gateway's takes in a scanner pod."""
+    r = render(values("scanners-values"))
+    all_pods = pods(r)
+    gateway, clamav, rspamd, test_pod = (
+        "mx-smtp-gateway",
+        "mx-smtp-gateway-clamav",
+        "mx-smtp-gateway-rspamd",
+        "mx-smtp-gateway-test-banner",
+    )
+    assert set(all_pods) == {gateway, clamav, rspamd, test_pod}
+    for scanner in (clamav, rspamd):
+        netpol = find(r, "NetworkPolicy", scanner.removeprefix("mx-smtp-gateway"))
+        spec = netpol["spec"]
+        assert {p for p, labels in all_pods.items() if selects(spec["podSelector"], labels)} == {
+            scanner
+        }
+        assert "Ingress" in spec["policyTypes"]
+        [rule] = spec["ingress"]
+        [peer] = rule["from"]
+        # A pod selector alone: pods of the policy's own namespace, no other peer.
+        assert set(peer) == {"podSelector"}
+        admitted = {p for p, labels in all_pods.items() if selects(peer["podSelector"], labels)}
+        assert admitted == {gateway}
+        # The port: the scanner container's, which the Service targets.
+        dep = find(r, "Deployment", scanner.removeprefix("mx-smtp-gateway"))
+        [c] = dep["spec"]["template"]["spec"]["containers"]
+        [cport] = c["ports"]
+        assert rule["ports"] == [{"port": cport["containerPort"], "protocol": "TCP"}]
+        svc = find(r, "Service", scanner.removeprefix("mx-smtp-gateway"))
+        [sport] = svc["spec"]["ports"]
+        assert sport["targetPort"] == cport["name"]
+        by_service = {"matchLabels": svc["spec"]["selector"]}
+        assert {p for p, labels in all_pods.items() if selects(by_service, labels)} == {scanner}
+    # The gateway's own selectors never reach a scanner pod.
+    dep = find(r, "Deployment", "mx-smtp-gateway")
+    for selector in (
+        dep["spec"]["selector"],
+        find(r, "NetworkPolicy", "mx-smtp-gateway")["spec"]["podSelector"],
+        find(r, "PodDisruptionBudget", "mx-smtp-gateway")["spec"]["selector"],
+        {"matchLabels": find(r, "Service", "mx-smtp-gateway")["spec"]["selector"]},
+        {"matchLabels": find(r, "Service", "-metrics")["spec"]["selector"]},
+    ):
+        assert selects(selector, all_pods[gateway])
+        assert not selects(selector, all_pods[clamav])
+        assert not selects(selector, all_pods[rspamd])
+    # The gateway's own policy restricts ingress only: its connections to the scanners
+    # need no egress rule.
+    assert find(r, "NetworkPolicy", "mx-smtp-gateway")["spec"]["policyTypes"] == ["Ingress"]
+    # With networkPolicy off, none for the scanners either.
+    off = render({**values("scanners-values"), "networkPolicy": {"enabled": False}})
+    assert not [d for d in docs(off) if d["kind"] == "NetworkPolicy"]
+
+
+def test_deployed_scanners_are_hardened_and_probed() -> None:
+    r = render(values("scanners-values"))
+    for name, probe in (("-clamav", "tcpSocket"), ("-rspamd", "httpGet")):
+        dep = find(r, "Deployment", name)
+        pod = dep["spec"]["template"]["spec"]
+        [c] = pod["containers"]
+        assert pod["automountServiceAccountToken"] is False
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert probe in c[kind], (name, kind)
+        # A new pod must answer before an old one goes (loading signatures takes minutes).
+        assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        assert c["resources"]["limits"]["memory"]
+    rspamd = find(r, "Deployment", "-rspamd")["spec"]["template"]
+    [c] = rspamd["spec"]["containers"]
+    assert c["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ping"
+    # Its local.d from scanners.rspamd.deploy.config; a change rolls the pods.
+    cm = find(r, "ConfigMap", "-rspamd")
+    assert set(cm["data"]) == {"actions.conf", "options.inc"}
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert mount["mountPath"] == "/etc/rspamd/local.d"
+    vals = values("scanners-values")
+    vals["scanners"]["rspamd"]["deploy"]["config"]["actions.conf"] = "reject = 20;\n"
+    changed = find(render(vals), "Deployment", "-rspamd")["spec"]["template"]["metadata"]
+    assert (
+        changed["annotations"]["checksum/config"]
+        != rspamd["metadata"]["annotations"]["checksum/config"]
+    )
+    # Two clamd replicas (clamav fails closed) under a disruption budget.
+    assert find(r, "Deployment", "-clamav")["spec"]["replicas"] == 2
+    assert find(r, "PodDisruptionBudget", "-clamav")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize(
+    ("scanner", "endpoint"),
+    [
+        ("clamav", "tcp://clamd.mail.svc:3310"),
+        ("clamav", "tcp://[2001:db8::1]:3310"),
+        ("clamav", "unix:/run/clamav/clamd.ctl"),
+        ("clamav", "http://clamd:3310"),
+        ("clamav", "tcp://clamd"),
+        ("clamav", "tcp://clamd:65536"),
+        ("clamav", "clamd:3310"),
+        ("clamav", "unix:run/clamd.ctl"),
+        ("rspamd", "http://rspamd.mail.svc:11333"),
+        ("rspamd", "http://rspamd:11333/"),
+        ("rspamd", "unix:/run/rspamd/normal.sock"),
+        ("rspamd", "tcp://rspamd:11333"),
+        ("rspamd", "https://rspamd:11333"),
+        ("rspamd", "http://rspamd:0"),
+    ],
+)
+def test_the_chart_takes_the_endpoints_the_gateway_takes(scanner: str, endpoint: str) -> None:
+    """The schema's endpoint patterns agree with the gateway's own parser on these forms."""
+    from pydantic import ValidationError
+
+    from gateway.pipeline.policy import CheckOptions
+
+    try:
+        CheckOptions.model_validate({scanner: {"enabled": True, "endpoint": endpoint}})
+        gateway_takes = True
+    except ValidationError:
+        gateway_takes = False
+    try:
+        render({"scanners": {scanner: {"enabled": True, "endpoint": endpoint}}})
+        chart_takes = True
+    except helm_python.HelmError:
+        chart_takes = False
+    assert chart_takes == gateway_takes, (scanner, endpoint, gateway_takes)

@@ -42,6 +42,8 @@ ALERTS = {
     "SmtpGatewayDnsblZoneUnhealthy",
     "SmtpGatewayBackendConnectFailures",
     "SmtpGatewayBackendSlow",
+    "SmtpGatewayScannerFailing",
+    "SmtpGatewayScannerSlow",
 }
 
 
@@ -158,8 +160,9 @@ def test_dashboard_shape() -> None:
     assert variables["datasource"]["query"] == "prometheus"
     assert {"job", "instance"} <= variables.keys()
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-    for needed in ("Traffic", "Rejections", "Sender authentication", "DNS block lists and rate "
-                   "limits", "TLS", "Backend", "DNS", "Latency and operations"):  # fmt: skip
+    for needed in ("Traffic", "Rejections", "Sender authentication", "Content scanning",
+                   "DNS block lists and rate limits", "TLS", "Backend", "DNS",
+                   "Latency and operations"):  # fmt: skip
         assert needed in rows
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))

@@ -1,7 +1,14 @@
 """A real Prometheus scrapes a running two-worker gateway through a mix of mail; every
 dashboard panel's query must return data (a panel that shows nothing fails the test),
 every alert rule's expression must evaluate on the real series, and what Prometheus
-reads must be right: refusals at connect, and a renewed certificate's expiry."""
+reads must be right: refusals at connect, a renewed certificate's expiry, and the
+virus scans of a real clamd (a verdict, a kept connection, an error once it stops).
+
+Content scanning runs against clamd only: every panel of its row aggregates over the
+scanners, so clamd's series fill them all (the error kinds are exported at zero from
+the start, and clamd stopped mid-test gives a real `unavailable`). Rspamd's own series
+are proved by its integration tests; its first start here (compiling its regex cache)
+would cost about a minute for no panel that clamd leaves empty."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from tests.integration.test_tls import _swap
 from tests.integration.test_workers import _ready_pids
 from tests.observability.test_dashboard import alert_rules, panel_queries
 from tests.support.certs import make_cert
+from tests.support.clamd import MARKER, SIGNATURES, Clamd
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Backend, Gateway, base_config
 from tests.support.prometheus import Prometheus
@@ -39,7 +47,13 @@ actions:
   dnsbl.listed: reject
   ratelimit.exceeded: tempfail
   ratelimit.concurrency: tempfail
+  virus.found: reject
+  clamav.unavailable: tempfail
 checks:
+  clamav: {enabled: true, endpoint: "@CLAMD@"}
+  # Greylisting on, the test's own senders (SPF pass for src.test) exempt: its
+  # panel has data and no message of the traffic below is deferred by it.
+  greylist: {enabled: true, exempt_domains: [src.test]}
   dnsbl:
     zones: [{name: testbl, zone: bl.test}]
   ratelimit:
@@ -52,6 +66,14 @@ rewrite:
       loop1@example.test: loop2@example.test
       loop2@example.test: loop1@example.test
 """
+
+
+@pytest.fixture(scope="module")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """A real clamd with the test's own signatures (the test stops it part-way)."""
+    server = Clamd(tmp_path_factory.mktemp("clamd"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -124,6 +146,33 @@ def refused_at_connect(port: int) -> None:
         assert held.noop()[0] == 250  # the first one is untouched
 
 
+SCANNED = b"From: d@src.test\r\nTo: alice@example.test\r\nSubject: scan\r\n\r\n"
+
+
+def scanned(port: int, clamd: Clamd) -> None:
+    """In one session (so one worker, one kept clamd connection): a clean message
+    delivered and an infected one refused, both scanned by clamd, the first scans it
+    made."""
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("client.src.test")
+        assert s.sendmail("d@src.test", ["alice@example.test"], SCANNED + b"clean\r\n") == {}
+        s.mail("e@src.test")
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(SCANNED + b"attached: " + MARKER + b"\r\n")[0] == 554
+    assert clamd.wait_results(2) == ["OK", f"{SIGNATURES['marker']} FOUND"]
+
+
+def scanner_down(port: int, clamd: Clamd) -> None:
+    """clamd stops (and has logged every scan it made); the next message is deferred
+    (clamav.unavailable: tempfail)."""
+    clamd.stop()
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("client.src.test")
+        s.mail("f@src.test")
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(SCANNED + b"unscanned\r\n")[0] == 451
+
+
 def poll(prom: Prometheus, expr: str, done: Callable[[list[dict[str, Any]]], bool]) -> Any:
     """The query's result once `done` says so, or the last one after 20 s (a worker
     writes its figures within a second, Prometheus scrapes every second)."""
@@ -153,6 +202,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(
     gateway_factory: Callable[..., Gateway],
     redis_server: RedisServer,
     prometheus: Callable[[list[str]], Prometheus],
+    clamd: Clamd,
 ) -> None:
     dns = DnsServer(ZONE)
     try:
@@ -174,7 +224,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(
         cfg["listeners"][0].update(
             tls="starttls", cert_file=str(vol / "tls.crt"), key_file=str(vol / "tls.key")
         )
-        gw = gateway_factory(cfg, policy=POLICY, ready=False)
+        gw = gateway_factory(cfg, policy=POLICY.replace("@CLAMD@", clamd.tcp), ready=False)
         workers = _ready_pids(gw, 2)
         assert len(workers) == 2
         prom = prometheus([gw.cfg["metrics"]["listen"]])
@@ -182,8 +232,10 @@ def test_every_panel_returns_data_from_a_real_prometheus(
         old = not_after(c1)
         assert values(poll(prom, expiry, lambda r: values(r) == [old])) == [old]
 
+        scanned(gw.port(), clamd)
         traffic(gw.port())
         refused_at_connect(gw.port())
+        scanner_down(gw.port(), clamd)
         gw.signal(signal.SIGHUP)  # the master passes it on to each worker
         gw.wait_log(lambda e: len(by_pid(gw, "reloaded")) >= 2)
         gw.wait_log(lambda e: e.get("event") == "tls_failed")
@@ -226,10 +278,10 @@ def test_every_panel_returns_data_from_a_real_prometheus(
         def connections(r: list[dict[str, Any]]) -> dict[str, float]:
             return {x["metric"]["result"]: float(x["value"][1]) for x in r}
 
-        # Accepted: the three sessions of traffic() and the one held from 127.0.0.3; the
-        # two refused at connect never got a 220.
-        seen = connections(poll(prom, results, lambda r: connections(r).get("accepted") == 4))
-        assert seen["refused_policy"] == 2 and seen["accepted"] == 4, seen
+        # Accepted: the three sessions of traffic(), the one held from 127.0.0.3, those of
+        # scanned() and scanner_down(); the two refused at connect never got a 220.
+        seen = connections(poll(prom, results, lambda r: connections(r).get("accepted") == 6))
+        assert seen["refused_policy"] == 2 and seen["accepted"] == 6, seen
         hits = 'sum(smtp_gateway_ratelimit_hits_total{limit="one_at_a_time"})'
         assert values(prom.query(hits)) == [1.0]
 
@@ -241,6 +293,21 @@ def test_every_panel_returns_data_from_a_real_prometheus(
         assert values(prom.query(f"min(min_over_time({window}))")) == [new]
         assert values(prom.query(f"max(max_over_time({window}))")) == [new]
         assert new > old  # so the least over old and new series would be the old one
+
+        # (c) The scans as Prometheus reads them: one per scan clamd logged (its log is
+        # complete: it has stopped), and the one refused after it stopped; one virus;
+        # one error, `unavailable`; the second message of scanned() over the connection
+        # the first one left open.
+        want_scans = len(clamd.results()) + 1.0
+        scans = 'sum(smtp_gateway_scan_seconds_count{scanner="clamav"})'
+        assert values(poll(prom, scans, lambda r: values(r) == [want_scans])) == [want_scans]
+        virus = 'sum(smtp_gateway_check_results_total{check="clamav",symbol="virus.found"})'
+        assert values(prom.query(virus)) == [1.0]
+        kinds = 'sum by (kind) (smtp_gateway_scanner_errors_total{scanner="clamav"})'
+        errors = {r["metric"]["kind"]: float(r["value"][1]) for r in prom.query(kinds)}
+        assert errors == {"unavailable": 1.0, "timeout": 0.0, "protocol": 0.0}
+        reused = 'sum(smtp_gateway_scanner_connections_total{scanner="clamav",result="reused"})'
+        assert values(prom.query(reused))[0] >= 1
 
         # Every alert rule evaluates on the real series (no matching error), and the
         # SmtpGatewayDown join finds the gateway's target by its `up`.

@@ -1,7 +1,7 @@
 """Our DKIM parsers and canonicalisation against dkimpy's, on thousands of generated
 inputs each: the same result, or the same exception with the same text.
 
-The fuzzing side of tests/unit/test_dkimrsa.py (which keeps the examples); here
+The fuzzing side of tests/unit/checks/test_dkimrsa.py (which keeps the examples); here
 because each property runs thousands of examples (over 20 s together).
 """
 

@@ -46,9 +46,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from tests.support.closing import Closing
 from tests.support.procs import free_port
 
 EXIM_DEFAULT = "/opt/smtp-gateway-test/exim/usr/sbin/exim4"
@@ -270,7 +269,7 @@ def read_greeting(port: int, timeout: float = 5.0) -> str:
         return "\n".join(lines)
 
 
-class _Server:
+class _Server(Closing):
     """What the three servers share: the instance directory, the log file, the
     mailboxes (Maildir under `mail/<user>/Maildir`), start/stop bookkeeping."""
 
@@ -483,17 +482,6 @@ class _Server:
                 shutil.copyfile(self.log_path, self.workdir / f"{self.label}.log")
             self._link.unlink(missing_ok=True)
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------

@@ -196,6 +196,19 @@ class Gateway:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    def command(self, *args: str) -> str:
+        """An operator's command on this gateway's config (`python -m gateway ARGS
+        --config FILE`): what it printed; one that fails fails the test, with its
+        stderr."""
+        out = subprocess.run(
+            [PY, "-m", "gateway", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -208,6 +221,33 @@ class Gateway:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode
+
+
+def check_command(
+    workdir: Path, message: bytes, *args: str, **config: Any
+) -> subprocess.CompletedProcess[str]:
+    """`smtp-gateway check` on `message` as if sent by 192.0.2.10 (HELO client.test),
+    `args` after those: its result, whatever its status. The config (gw.yaml in
+    `workdir`, the message beside it) is the gateway mx.gw.test for example.test, no
+    network trusted, `config` on top (a policy, the DNS to ask)."""
+    cfg = workdir / "gw.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "hostname": "mx.gw.test",
+                "trusted_networks": [],
+                "local_domains": ["example.test"],
+                **config,
+            }
+        )
+    )
+    eml = workdir / "m.eml"
+    eml.write_bytes(message)
+    return subprocess.run(
+        [PY, "-m", "gateway", "check", str(eml), "--config", str(cfg),
+         "--client-ip", "192.0.2.10", "--helo", "client.test", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
 
 
 def base_config(backend_url: str | list[str], **over: Any) -> dict[str, Any]:

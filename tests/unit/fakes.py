@@ -1,4 +1,5 @@
-"""Fakes the design allows in the unit tier: a resolver answering from a dict."""
+"""Fakes the design allows in the unit tier: a resolver answering from a dict, a
+clock the test moves, and a stream fed the bytes a peer would send (no socket)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 
 from gateway import config
 from gateway.dns import DnsAnswer, DnsStatus, Resolver
+from gateway.stream import Stream
 
 
 def txt(*records: str) -> DnsAnswer:
@@ -47,3 +49,29 @@ class DictResolver(Resolver):
         if not ans.temporary:
             self.known[key] = ans
         return ans
+
+
+def fed(*chunks: bytes, eof: bool = True) -> Stream:
+    """A stream that has received `chunks` (and the peer's end, with `eof`), as a
+    transport would have delivered them."""
+    s = Stream()
+    for c in chunks:
+        s.data_received(c)
+    if eof:
+        s.eof_received()
+    return s
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+class Clock:
+    """A clock that moves only when the test moves it (`clock.t += seconds`): time
+    passing without waiting for it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t

@@ -18,6 +18,7 @@ from gateway.checks.dmarc import DmarcCheck
 from gateway.checks.dnsbl import DnsblCheck
 from gateway.checks.ratelimit import RateLimitCheck
 from gateway.checks.registry import CHECK_CLASSES
+from gateway.checks.scanner import Scanner
 from gateway.checks.spf import SpfCheck
 from gateway.checks.tlspolicy import TlsPolicyCheck
 from gateway.context import Context
@@ -67,8 +68,12 @@ def _instance(cls: Any) -> Any:
         return cls()
     if cls is TlsPolicyCheck:
         return cls()
+    if cls.__name__ == "GreylistCheck":  # its store, not a resolver: in memory by default
+        return cls()
     if cls.__name__ == "RelayCheck":
         return cls(["example.test"])
+    if issubclass(cls, Scanner):  # content scanners: no resolver, their options only
+        return cls()
     return cls(resolver())
 
 

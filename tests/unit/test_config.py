@@ -65,6 +65,28 @@ def L(port: int, address: str = "127.0.0.1", **kw: Any) -> dict[str, Any]:
         ({"local_domains": ["a" * 64 + ".test"]}, "is not a domain"),
         ({"policy": "strct"}, "policy: 'strct' is no preset (presets: default, monitor, strict;"),
         ({"policy": "/nonexistent/p.yaml"}, "policy: /nonexistent/p.yaml: no such file"),
+        ({"dmarc_reports": {"enabled": True}}, "dmarc_reports: email: required when enabled"),
+        ({"dmarc_reports": {"email": "nobody"}}, "dmarc_reports: email: 'nobody' is not an"),
+        ({"dmarc_reports": {"interval": 7000}}, "dmarc_reports.interval: 7000 does not divide"),
+        (
+            {"dmarc_reports": {"enabled": True, "email": "d@gw.test"}},
+            "dmarc_reports.relay.url: required: the backend is not smtp://",
+        ),
+        (
+            {
+                "backend": {"url": "smtp://127.0.0.1:25"},
+                "dmarc_reports": {"enabled": True, "email": "d@gw.test", "store": "redis"},
+            },
+            "dmarc_reports.store: redis needs store.redis_url",
+        ),
+        (
+            {"dmarc_reports": {"relay": {"url": "smtp://r.test:587", "username": "u"}}},
+            "username and password_file go together",
+        ),
+        (
+            {"dmarc_reports": {"relay": {"url": "lmtp://r.test"}}},
+            "dmarc_reports.relay.url: 'lmtp://r.test': must be smtp://host:port",
+        ),
     ],
 )
 def test_mistakes_are_refused_naming_the_file_and_key(
@@ -85,6 +107,14 @@ def test_mistakes_are_refused_naming_the_file_and_key(
         {"listeners": [L(2525, proxy_protocol=True)], "proxy_networks": ["10.0.0.0/8"]},
         {"local_domains": ["example.test", "*.example.test", "bücher.test", "_x.test"]},
         {"policy": "strict"},
+        {"dmarc_reports": {"interval": 3600}},
+        {
+            "dmarc_reports": {
+                "enabled": True,
+                "email": "dmarc@gw.test",
+                "relay": {"url": "smtp://192.0.2.25:587", "tls": "required"},
+            }
+        },
     ],
 )
 def test_what_is_right_still_passes(tmp_path: Path, data: dict[str, Any]) -> None:
@@ -152,3 +182,23 @@ def _refuse_key(key: Path) -> Callable[..., None]:
         real(self, certfile, keyfile)
 
     return load
+
+
+def test_loading_the_config_does_not_import_prometheus_client(tmp_path: Path) -> None:
+    """With workers, the metrics storage is chosen when prometheus_client is first
+    imported, which must come after the multiprocess setup: reading any config key
+    (dns.nameservers used to pull in gateway.metrics) must not import it."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "dns: {nameservers: ['127.0.0.1:53']}\nstore: {redis_url: 'redis://127.0.0.1:1'}\n"
+        "workers: 2\n"
+    )
+    code = (
+        "import sys; from gateway import config; config.load(sys.argv[1]); "
+        "assert 'prometheus_client' not in sys.modules, 'imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

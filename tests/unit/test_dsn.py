@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import dsn
+from gateway.dsn import xtext
 
 
 @pytest.mark.parametrize(
@@ -74,3 +77,19 @@ def test_xtext_parameters_are_decoded_checked_and_passed_on_octet_for_octet() ->
     orcpt = dsn.rcpt_param("ORCPT", "rfc822;caf+C3+A9@example.org", False)
     assert orcpt == "ORCPT=rfc822;caf+C3+A9@example.org"
     assert dsn.rcpt_param("ORCPT", "rfc822;a+0Ab@example.org", False) is None
+
+
+def test_xtext() -> None:
+    assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+
+
+@settings(max_examples=2000, derandomize=True)
+@given(st.text(max_size=12))
+def test_xtext_fast_path_matches_the_rfc_definition(s: str) -> None:
+    from gateway.dsn import xtext
+
+    ref = "".join(
+        chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"
+        for b in s.encode("utf-8", "surrogateescape")
+    )
+    assert xtext(s) == ref

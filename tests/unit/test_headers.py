@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import headers
-from gateway.address import AddressError, _walk_path, split_path
 from gateway.vocab import AuthResult
 
 words = st.text(alphabet="abcdefgh.-@ =;()", min_size=1, max_size=12)
@@ -52,21 +51,6 @@ def test_different_results_never_share_a_cached_header() -> None:
     assert len(out) == 3
     assert b"spf=none" not in headers.authentication_results("gw", [])
     assert headers.authentication_results("gw", []).endswith(b"; none\r\n")
-
-
-@settings(max_examples=3000, deadline=None)
-@given(st.text(alphabet='<>"\\a@ =', max_size=16).map(lambda s: "<" + s))
-def test_split_path_agrees_with_the_quote_aware_walk(arg: str) -> None:
-    """The shortcut for paths without a quoted string splits where the walk would."""
-    try:
-        want: tuple[str, str] | None = _walk_path(arg)
-    except AddressError:
-        want = None
-    try:
-        got: tuple[str, str] | None = split_path(arg)
-    except AddressError:
-        got = None
-    assert got == want
 
 
 def _received_fields(wire: bytes) -> int:

@@ -8,6 +8,7 @@ import json
 
 from gateway.http import HttpEndpoint
 from gateway.store.memory import MemoryStore
+from tests.unit.store.stores import Make
 
 
 def route(ep: HttpEndpoint, method: str, target: str, peer: str = "127.0.0.1") -> tuple[int, bytes]:
@@ -43,3 +44,20 @@ def test_rate_limit_routes_are_for_loopback_operators_only() -> None:
     assert status == 200 and json.loads(body)["entries"] == []
     status, body = route(ep, "POST", "/ratelimit/reset?key=msgs:192.0.2.7")
     assert status == 200 and json.loads(body)["deleted"] == 0
+
+
+def test_operator_routes_answer_loopback_only(make: Make) -> None:
+    from gateway.http import HttpEndpoint
+
+    store = make()
+    assert store.acquire("conc:conns:192.0.2.1", 3)
+    http = HttpEndpoint(lambda: (True, {}), store)
+    status, _, body = asyncio.run(http.route("GET", "/ratelimit?key=conns", "192.0.2.9"))
+    assert status == 403
+    status, _, body = asyncio.run(http.route("POST", "/ratelimit/reset?key=conns", "10.0.0.1"))
+    assert status == 403 and asyncio.run(store.entries("conns:", exact=False))
+    status, _, body = asyncio.run(http.route("GET", "/ratelimit?key=conns", "127.0.0.1"))
+    assert status == 200 and b'"key": "conns:192.0.2.1"' in body
+    assert asyncio.run(http.route("GET", "/ratelimit/reset?key=conns", "::1"))[0] == 405
+    assert asyncio.run(http.route("POST", "/ratelimit/reset?key=conns", "::1"))[0] == 200
+    assert asyncio.run(store.entries("conns:", exact=False)) == []

@@ -95,3 +95,134 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.gateway.extraConfig)) }}
 {{- end }}
+
+{{/* The gateway's pods, and only they (not the helm test pod, not the scanners): what
+the scanners' NetworkPolicies let in. */}}
+{{- define "smtp-gateway.gatewayPodLabels" -}}
+{{ include "smtp-gateway.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* A scanner's objects: call with (dict "root" $ "scanner" "clamav"). Its own
+app.kubernetes.io/name, so that no selector of the gateway's (Deployment, Service,
+PodDisruptionBudget, NetworkPolicy) takes in a scanner pod. */}}
+{{- define "smtp-gateway.scannerName" -}}
+{{- printf "%s-%s" (include "smtp-gateway.fullname" .root | trunc 55 | trimSuffix "-") .scanner }}
+{{- end }}
+
+{{- define "smtp-gateway.scannerSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-%s" (include "smtp-gateway.name" .root | trunc 55 | trimSuffix "-") .scanner }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end }}
+
+{{- define "smtp-gateway.scannerLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{ include "smtp-gateway.scannerSelectorLabels" . }}
+app.kubernetes.io/component: {{ .scanner }}
+app.kubernetes.io/part-of: {{ include "smtp-gateway.name" .root }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end }}
+
+{{/* Where the gateway reaches a scanner: scanners.<name>.endpoint, else the Service the
+chart deploys for it (by its namespace-qualified name, resolved by the cluster DNS). */}}
+{{- define "smtp-gateway.scannerEndpoint" -}}
+{{- $s := index .root.Values.scanners .scanner }}
+{{- if $s.endpoint }}
+{{- $s.endpoint }}
+{{- else }}
+{{- $scheme := ternary "http" "tcp" (eq .scanner "rspamd") }}
+{{- printf "%s://%s.%s.svc:%d" $scheme (include "smtp-gateway.scannerName" .) .root.Release.Namespace (int $s.deploy.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The policy as policy.content and policy.extends make it (or the default preset). */}}
+{{- define "smtp-gateway.sitePolicy" -}}
+{{- if .Values.policy.content }}
+{{- if and .Values.policy.extends (not (regexMatch "(?m)^extends:" .Values.policy.content)) -}}
+extends: {{ .Values.policy.extends }}
+{{ end }}
+{{- .Values.policy.content }}
+{{- else }}
+{{- .Files.Get "files/default-policy.yaml" }}
+{{- end }}
+{{- end }}
+
+{{/* The checks the chart writes over that policy: each enabled scanner's enabled and
+endpoint, nothing else. Empty when no scanner is enabled. */}}
+{{- define "smtp-gateway.scannerChecks" -}}
+{{- $checks := dict }}
+{{- range $name := list "clamav" "rspamd" }}
+{{- $s := index $.Values.scanners $name }}
+{{- if $s.enabled }}
+{{- if and (not $s.endpoint) (not $s.deploy.enabled) }}
+{{- fail (printf "scanners.%s.enabled: true needs scanners.%s.endpoint, or scanners.%s.deploy.enabled: true (the chart's own)" $name $name $name) }}
+{{- end }}
+{{- $_ := set $checks $name (dict "enabled" true "endpoint" (include "smtp-gateway.scannerEndpoint" (dict "root" $ "scanner" $name))) }}
+{{- end }}
+{{- end }}
+{{- if $checks }}
+{{- if hasKey .Values.policy.files "site-policy.yaml" }}
+{{- fail "policy.files: site-policy.yaml is the chart's name for policy.content when scanners are enabled: rename that file" }}
+{{- end }}
+{{- toYaml (dict "checks" $checks) }}
+{{- end }}
+{{- end }}
+
+{{/* What every deployed scanner has besides its Deployment: a Service, a NetworkPolicy
+that lets only the gateway's pods reach its port, a PodDisruptionBudget with more than
+one replica. Call with (dict "root" $ "scanner" "clamav"). */}}
+{{- define "smtp-gateway.scannerAccess" -}}
+{{- $s := index .root.Values.scanners .scanner }}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "smtp-gateway.scannerName" . }}
+  labels:
+    {{- include "smtp-gateway.scannerLabels" . | nindent 4 }}
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "smtp-gateway.scannerSelectorLabels" . | nindent 4 }}
+  ports:
+    - name: {{ .scanner }}
+      port: {{ $s.deploy.port }}
+      targetPort: {{ .scanner }}
+      protocol: TCP
+{{- if .root.Values.networkPolicy.enabled }}
+---
+# Only the gateway's pods reach the scanner (kubelet probes are not subject to it).
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "smtp-gateway.scannerName" . }}
+  labels:
+    {{- include "smtp-gateway.scannerLabels" . | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "smtp-gateway.scannerSelectorLabels" . | nindent 6 }}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              {{- include "smtp-gateway.gatewayPodLabels" .root | nindent 14 }}
+      ports:
+        - port: {{ $s.deploy.port }}
+          protocol: TCP
+{{- end }}
+{{- if and .root.Values.podDisruptionBudget.enabled (gt (int $s.deploy.replicas) 1) }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "smtp-gateway.scannerName" . }}
+  labels:
+    {{- include "smtp-gateway.scannerLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: 1
+  selector:
+    matchLabels:
+      {{- include "smtp-gateway.scannerSelectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}

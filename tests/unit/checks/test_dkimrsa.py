@@ -22,24 +22,7 @@ from hypothesis import strategies as st
 from gateway.checks import dkimrsa
 from tests.support.dkimkeys import Key, ed25519_key, rsa_key
 from tests.support.edits import EDITS, edit_byte
-
-MSG = (
-    b"From: Alice <alice@example.test>\r\nTo: bob@example.net\r\nSubject: hello  there\r\n"
-    b"Date: Sun, 29 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n\r\n"
-    b"Hello Bob,\r\n  spaced   line \r\n\r\n\r\n"
-)
-
-
-def _sign(key: Key, msg: bytes = MSG, **kw: Any) -> bytes:
-    sig = dkim.sign(
-        msg,
-        b"s1",
-        b"example.test",
-        key.private,
-        include_headers=kw.pop("include", [b"from", b"to", b"subject", b"date"]),
-        **kw,
-    )
-    return bytes(sig) + msg
+from tests.unit.checks.signing import MSG, _sign
 
 
 def _outcome(fn: Callable[[], bool]) -> str:
@@ -315,59 +298,6 @@ def test_header_hash_matches_dkimpys(
     assert ours.digest() == theirs.digest()
 
 
-def test_work_that_would_hold_the_loop_goes_to_a_thread() -> None:
-    from gateway.checks.dkim import on_loop
-
-    assert on_loop(4096, [b"relaxed/simple"])  # the common small message
-    assert on_loop(250_000, [b"relaxed/simple"])  # simple body: hashing only
-    assert on_loop(21_000, [b"relaxed/relaxed"])
-    assert not on_loop(22_000, [b"relaxed/relaxed"])  # relaxed body: up to 11 ns a byte
-    assert not on_loop(8192, [b"relaxed/relaxed"] * 3)  # every signature pays again
-    assert not on_loop(100_000, [b"simple"] * 3)  # c=simple means simple/simple
-    assert on_loop(4096, [])
-    # RSA verifications count too, with the square of the key size.
-    assert on_loop(4096, [b"relaxed/simple"] * 5, [2048] * 5)
-    assert on_loop(4096, [b"relaxed/simple"] * 5, [4096] * 5)
-    assert not on_loop(4096, [b"relaxed/simple"] * 2, [8192] * 2)
-    assert not on_loop(4096, [b"relaxed/relaxed"], [2048] * 25)  # an ARC chain of 24 hops
-
-
-def test_relaxed_body_of_a_large_message_verifies_in_the_thread_alike() -> None:
-    """A 100 KB relaxed-body message takes the thread path; the verdict is dkimpy's."""
-    import asyncio
-
-    from gateway import config
-    from gateway.checks.dkim import DkimCheck, on_loop
-    from gateway.dns import Resolver
-
-    key = rsa_key(1024)
-    big = MSG + b"word  \t spaced   \r\n" * 5000
-    message = _sign(key, big, canonicalize=(b"relaxed", b"relaxed"))
-    assert not on_loop(len(message), [b"relaxed/relaxed"])
-    record = key.dns.encode()
-    theirs = dkim.DKIM(message).verify(dnsfunc=lambda n, timeout=5: record)
-
-    async def go() -> list[str]:
-        # The key is handed over as a cached answer: no DNS server is needed.
-        check = DkimCheck(Resolver(config.Dns(nameservers=["127.0.0.1:9"])))
-        try:
-            out = []
-            for m in (message, message.replace(b"word", b"ward", 1)):
-                job = check._prepare(m, crlf_clean=True)
-                assert not isinstance(job, list)
-                for name in list(job.pending):
-                    job.keys[name] = record
-                job.pending.clear()
-                assert not check._on_loop(job)
-                [s] = await check._complete(job)
-                out.append(s.result)
-            return out
-        finally:
-            check.close()
-
-    assert asyncio.run(go()) == ["pass" if theirs else "fail", "fail"]
-
-
 @pytest.mark.parametrize(
     "record", [b"v=DKIM1; k=rsa; p=", b"v=DKIM1; p= ; k=rsa", b"k=ed25519; p=", b"p="]
 )
@@ -462,13 +392,3 @@ def test_a_key_of_a_huge_public_exponent_costs_what_it_costs() -> None:
     assert cache.bits("c._domainkey.a.test", common) == 3072
     assert on_loop(4096, [b"relaxed/simple"], [3072])
     assert not on_loop(4096, [b"relaxed/simple"], [cache.bits("s._domainkey.a.test", record)])
-
-
-def test_header_fields_count_in_the_loop_decision() -> None:
-    """Relaxed header canonicalisation costs up to 75 ns a byte: a signature over a
-    header section of over 32 KiB, or an ARC chain of long fields, goes to the thread."""
-    from gateway.checks.dkim import HEADER_LOOP_BYTES, on_loop
-
-    assert on_loop(4096, [b"relaxed/simple"], [2048], header=10_000)
-    assert on_loop(4096, [b"relaxed/simple"], [2048], header=HEADER_LOOP_BYTES)
-    assert not on_loop(4096, [b"relaxed/simple"], [2048], header=HEADER_LOOP_BYTES + 1)

@@ -290,18 +290,3 @@ def test_a_newcomer_does_not_take_the_session_a_waiter_was_woken_for() -> None:
         return order
 
     assert asyncio.run(go()) == ["first", "second", "newcomer"]
-
-
-def test_the_workers_share_max_sessions_rounded_up() -> None:
-    from gateway import config
-    from gateway.forward.backend import SmtpBackend
-
-    def caps(max_sessions: int | None, workers: int) -> list[int | None]:
-        cfg = config.Backend(url=["smtp://127.0.0.1:1", "smtp://127.0.0.1:2"])
-        cfg = cfg.model_copy(update={"max_sessions": max_sessions})
-        return [t.pool.max_open for t in SmtpBackend(cfg, "gw.test", workers).targets]
-
-    assert caps(100, 1) == [100, 100]  # per target: each backend has its own limit
-    assert caps(100, 3) == [34, 34]
-    assert caps(1, 4) == [1, 1]  # never none at all
-    assert caps(None, 2) == [None, None]

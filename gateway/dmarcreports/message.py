@@ -1,0 +1,69 @@
+"""The mail that carries one report (RFC 7489 7.2.1.1): a multipart/mixed message
+with a short text part and the gzipped XML as an application/gzip attachment named
+<receiver>!<policy-domain>!<begin>!<end>!<report-id>.xml.gz, under the subject
+"Report Domain: <domain> Submitter: <receiver> Report-ID: <<report-id>>".
+
+The receiver (Submitter) is the domain of the reports' From address. The report id
+is letters and digits only, as the file name's unique-id must be (RFC 7489's ABNF).
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: str  # the reports' From (dmarc_reports.email)
+    rcpt: str
+    domain: str  # the policy domain
+    report_id: str
+    begin: int
+    end: int
+
+
+def receiver(sender: str) -> str:
+    return sender.rpartition("@")[2].lower()
+
+
+def filename(env: Envelope) -> str:
+    return f"{receiver(env.sender)}!{env.domain}!{env.begin}!{env.end}!{env.report_id}.xml.gz"
+
+
+def subject(env: Envelope) -> str:
+    return (
+        f"Report Domain: {env.domain} Submitter: {receiver(env.sender)} "
+        f"Report-ID: <{env.report_id}>"
+    )
+
+
+def compose(env: Envelope, org_name: str, gz: bytes, now: float) -> bytes:
+    """The message, CRLF line ends, ready for DATA once dot-stuffed."""
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = env.sender
+    msg["To"] = env.rcpt
+    msg["Subject"] = subject(env)
+    msg["Date"] = email.utils.formatdate(now, usegmt=True)
+    msg["Message-ID"] = f"<{env.report_id}.{env.domain}@{receiver(env.sender)}>"
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to a report
+    first = datetime.fromtimestamp(env.begin, UTC).strftime("%Y-%m-%d %H:%M")
+    last = datetime.fromtimestamp(env.end, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    msg.set_content(
+        f"This is a DMARC aggregate report from {org_name} for {env.domain},\n"
+        f"covering {first} to {last} UTC (report {env.report_id}).\n"
+    )
+    msg.add_attachment(gz, maintype="application", subtype="gzip", filename=filename(env))
+    return msg.as_bytes()
+
+
+def stuffed(message: bytes) -> bytes:
+    """Dot-stuffed for DATA (RFC 5321 4.5.2), ending in CRLF; the client adds the
+    final dot."""
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    out = message.replace(b"\r\n.", b"\r\n..")
+    return b"." + out if out.startswith(b".") else out

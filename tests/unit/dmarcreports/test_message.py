@@ -1,0 +1,41 @@
+"""The mail that carries a report: subject, file name, parts; stuffed for DATA."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+
+from gateway.dmarcreports.message import Envelope, compose, filename, stuffed, subject
+
+ENV = Envelope(
+    "dmarc-reports@gw.example", "agg@own.test", "own.test", "0f1e2d", 1700006400, 1700092799
+)
+
+
+def test_subject_and_file_name_as_rfc_7489_asks() -> None:
+    assert subject(ENV) == "Report Domain: own.test Submitter: gw.example Report-ID: <0f1e2d>"
+    assert filename(ENV) == "gw.example!own.test!1700006400!1700092799!0f1e2d.xml.gz"
+
+
+def test_a_multipart_message_with_a_text_part_and_the_gzip_attachment() -> None:
+    gz = b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4
+    raw = compose(ENV, "Example Org", gz, 1700093000)
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    assert isinstance(msg, EmailMessage)
+    assert msg.get_content_type() == "multipart/mixed"
+    assert (msg["From"], msg["To"]) == (ENV.sender, ENV.rcpt)
+    assert msg["Subject"] == subject(ENV)
+    assert msg["Auto-Submitted"] == "auto-generated"
+    text = msg.get_body(("plain",))
+    assert text is not None and "Example Org" in text.get_content()
+    [part] = list(msg.iter_attachments())
+    assert part.get_content_type() == "application/gzip"
+    assert part.get_filename() == filename(ENV)
+    assert part.get_payload(decode=True) == gz
+
+
+def test_stuffing_for_data() -> None:
+    assert stuffed(b".a\r\nb\r\n.c") == b"..a\r\nb\r\n..c\r\n"
+    assert stuffed(b"x\r\n") == b"x\r\n"
