@@ -124,7 +124,23 @@ def cmd_validate(settings: config.Settings, source: str) -> Policy:
             tls.server_context(lc, i, export=False)
     except (policy_mod.PolicyNotFound, tls.TlsConfigError) as e:
         raise config.ConfigError(f"{source}: {e}") from None
+    for warning in policy_warnings(settings, pol):
+        print(f"smtp-gateway: {source}: warning: {warning}", file=sys.stderr)
     return pol
+
+
+def policy_warnings(settings: config.Settings, pol: Policy) -> list[str]:
+    """What is valid but likely not meant. The virus scan only: a message too big
+    for it and accepted unscanned is a way past it (Rspamd's smaller default
+    max_size is a choice the documentation explains)."""
+    from gateway.checks.scanner import unscanned_gap
+    from gateway.vocab import Action
+
+    clam = pol.checks.clamav
+    if not clam.enabled or pol.action_for("clamav.too_big") is not Action.ACCEPT:
+        return []
+    gap = unscanned_gap("clamav", clam.max_size, settings.limits.max_message_size)
+    return [gap] if gap else []
 
 
 def cmd_config_check(path: str) -> int:

@@ -181,10 +181,14 @@ class ClamavCheck(Scanner):
             return ScanResult(("virus.found",), "infected", reply.text)
         conn.close()  # clamd ends the session after an error
         if reply.kind == "size_limit":
+            # Not `too_big`: the message was within max_size and should have been
+            # scanned; clamd's configuration stopped it. Unscanned mail must not pass
+            # as if the policy had chosen so (clamav.too_big: accept): it is the
+            # scanner failing, and the policy's clamav.unavailable decides.
             log.warning(
                 "clamd refused a %d-byte message as over its StreamMaxLength: set"
-                " checks.clamav.max_size to at most clamd's StreamMaxLength",
+                " clamd's StreamMaxLength above checks.clamav.max_size",
                 len(message),
             )
-            return ScanResult(("clamav.too_big",), "too_big", reply.text)
+            raise ScannerUnavailable(f"clamd: {reply.text} (StreamMaxLength)")
         raise ScannerUnavailable(f"clamd: {reply.text}")

@@ -123,7 +123,9 @@ class ScannerOptions(Strict):
     # Seconds for one scan: waiting for a slot, connecting, sending, the answer.
     # This check's time budget (in place of the policy's check_timeout).
     timeout: Annotated[float, Field(gt=0)] = 10.0
-    # Bytes: a larger message is not sent to the scanner (`<name>.too_big`).
+    # Bytes: a larger message is not sent to the scanner (`<name>.too_big`). Counted
+    # as limits.max_message_size counts (the CRLF that ends the last line not
+    # included), so the two set equal leave no message unscanned.
     max_size: Annotated[int, Field(gt=0)] = 25 * 1024 * 1024
     # Scans in flight at once per worker process; more wait for a slot (within timeout).
     max_concurrent: Annotated[int, Field(ge=1)] = 8
@@ -168,8 +170,15 @@ class Connection:
 
     @property
     def usable(self) -> bool:
-        """Still open at our end and the peer has not closed it."""
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        """Still open at our end, the peer has not closed it, and it sent nothing
+        while it was idle: bytes waiting there are no answer to anything we asked
+        (a scanner out of step, or a hostile one numbering a verdict in advance),
+        and would be read as the next message's."""
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and not getattr(self.reader, "_buffer", b"")
+        )
 
     def close(self) -> None:
         if not self.writer.is_closing():
@@ -259,6 +268,26 @@ class _Shared:
         self.max_concurrent = 0
 
 
+def content_size(message: bytes) -> int:
+    """A message's size as `max_size` counts it: as limits.max_message_size does,
+    without the CRLF that ends its last line. Counted with it, a message the gateway
+    took at exactly its size limit was 2 bytes over a scanner's equal `max_size`,
+    and went unscanned."""
+    return len(message) - 2 if message.endswith(b"\r\n") else len(message)
+
+
+def unscanned_gap(name: str, max_size: int, max_message_size: int) -> str | None:
+    """What `config check` says when a scanner's `max_size` is below the largest
+    message the gateway takes and the policy accepts what is too big to scan."""
+    if max_size >= max_message_size:
+        return None
+    return (
+        f"checks.{name}.max_size ({max_size}) is below limits.max_message_size"
+        f" ({max_message_size}) and {name}.too_big is accept: messages in between are"
+        f" delivered without the {name} scan"
+    )
+
+
 def scanner_symbols(name: str) -> frozenset[str]:
     """The symbols the base emits for scanner `name`."""
     return frozenset({f"{name}.unavailable", f"{name}.timeout", f"{name}.too_big"})
@@ -338,9 +367,10 @@ class Scanner:
         message = ctx.message
         if message is None:
             return ()
-        if len(message) > self.options.max_size:
+        size = content_size(message)
+        if size > self.options.max_size:
             sym = f"{self.name}.too_big"
-            detail = f"{len(message)} bytes > max_size {self.options.max_size}"
+            detail = f"{size} bytes > max_size {self.options.max_size}"
             ctx.facts.scans += (ScanFacts(self.name, "too_big", detail, (sym,)),)
             return (sym,)
         return self._scan(ctx, message)
@@ -386,6 +416,11 @@ class Scanner:
             reused = conn.uses > 0
             try:
                 result = await self.scan(ctx, message, conn)
+            except (ValueError, OverflowError) as e:
+                # A number past what Python converts (a 5,000-digit length or score):
+                # an answer not understood, like any other.
+                conn.close()
+                raise ScannerProtocolError(f"answer not understood: {_describe(e)}"[:200]) from None
             except (ConnectionError, asyncio.IncompleteReadError, ScannerUnavailable) as e:
                 conn.close()
                 if reused:

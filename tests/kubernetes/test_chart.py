@@ -570,6 +570,26 @@ def test_deployed_scanners_are_hardened_and_probed() -> None:
         changed["annotations"]["checksum/config"]
         != rspamd["metadata"]["annotations"]["checksum/config"]
     )
+    # clamd's own configuration only when given (the image's otherwise); a change
+    # rolls the pods.
+    clamd = find(r, "Deployment", "-clamav")["spec"]["template"]
+    [c] = clamd["spec"]["containers"]
+    assert not [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert not [
+        d for d in docs(r) if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-clamav")
+    ]
+    vals = values("scanners-values")
+    vals["scanners"]["clamav"]["deploy"]["clamdConf"] = "AlertExceedsMax yes\nTCPSocket 3310\n"
+    own = render(vals)
+    assert find(own, "ConfigMap", "-clamav")["data"]["clamd.conf"].startswith("AlertExceedsMax")
+    pod = find(own, "Deployment", "-clamav")["spec"]["template"]
+    [c] = pod["spec"]["containers"]
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert (mount["mountPath"], mount["subPath"]) == ("/etc/clamav/clamd.conf", "clamd.conf")
+    assert (
+        pod["metadata"]["annotations"]["checksum/config"]
+        != clamd["metadata"]["annotations"]["checksum/config"]
+    )
     # Two clamd replicas (clamav fails closed) under a disruption budget.
     assert find(r, "Deployment", "-clamav")["spec"]["replicas"] == 2
     assert find(r, "PodDisruptionBudget", "-clamav")["spec"]["maxUnavailable"] == 1

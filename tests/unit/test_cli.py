@@ -98,3 +98,29 @@ def test_check_reports_the_reply_that_decided(
     cli.main([*args, "--mail-from", "a@sender.test", "--rcpt", "x@example.test", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["action"] == "tag" and out["reply"].startswith("250 ")
+
+
+@pytest.mark.parametrize(
+    ("max_size", "too_big", "warned"),
+    [
+        (1_000_000, "accept", True),  # messages of 1 MB to 25 MiB pass unscanned
+        (25 * 1024 * 1024, "accept", False),  # equal: none does (counted alike)
+        (1_000_000, "reject", False),  # too big is refused, not passed
+    ],
+)
+def test_config_check_warns_of_mail_too_big_for_the_virus_scan_and_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_size: int, too_big: str, warned: bool
+) -> None:
+    policy = {
+        "checks": {"clamav": {"enabled": True, "max_size": max_size}},
+        "actions": {"clamav.too_big": too_big},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy))
+    (tmp_path / "gw.yaml").write_text(
+        yaml.safe_dump(
+            {"policy": str(tmp_path / "p.yaml"), "limits": {"max_message_size": 25 * 1024 * 1024}}
+        )
+    )
+    assert cli.main(["config", "check", str(tmp_path / "gw.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert ("checks.clamav.max_size" in err and "without the clamav scan" in err) is warned

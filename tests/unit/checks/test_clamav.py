@@ -222,14 +222,18 @@ def test_big_message_is_sent_in_chunks_whole() -> None:
     assert fake.streams == [message]
 
 
-def test_clamd_size_limit_is_too_big_and_the_connection_is_not_kept() -> None:
+def test_clamd_size_limit_is_unavailable_not_too_big_and_the_connection_is_not_kept() -> None:
     """max_size above clamd's StreamMaxLength: clamd answers mid-stream and
-    closes; the answer is read although sending failed."""
+    closes; the answer is read although sending failed. The message was within
+    max_size and went unscanned for clamd's configuration: the scanner failed
+    (clamav.unavailable, fail closed by default), not the policy's too_big, which
+    the default accepts: that would deliver it unscanned."""
     fake = FakeClamd(stream_max=100_000)
     check = clamav(fake)
     symbols, c = scan(check, b"x" * 300_000)
-    assert symbols == ("clamav.too_big",)
-    assert c.facts.scans[0].verdict == "too_big"
+    assert symbols == ("clamav.unavailable",)
+    assert c.facts.scans[0].verdict == "unavailable"
+    assert "StreamMaxLength" in c.facts.scans[0].detail
     assert isinstance(check.pool, FakePool) and check.pool.idle == []
 
 

@@ -279,6 +279,23 @@ def test_a_message_over_max_size_is_not_sent() -> None:
     asyncio.run(go())
 
 
+def test_max_size_counts_as_the_gateways_size_limit_does() -> None:
+    """Without the CRLF that ends the last line, as limits.max_message_size counts:
+    a message the gateway took at exactly its limit is scanned by a scanner whose
+    max_size equals that limit (counted with the CRLF it was 2 bytes over, and the
+    default too_big: accept delivered it unscanned)."""
+
+    async def go() -> None:
+        check = probe(max_size=100)
+        assert await run(check, ctx_with(b"x" * 98 + b"\r\n")) == ()
+        assert await run(check, ctx_with(b"x" * 100 + b"\r\n")) == ()  # at the bound
+        assert len(check.seen) == 2
+        assert check.run(Stage.DATA, ctx_with(b"x" * 101 + b"\r\n")) == ("probe.too_big",)
+        assert len(check.seen) == 2
+
+    asyncio.run(go())
+
+
 def test_trusted_clients_skip_the_scan_unless_scan_trusted() -> None:
     async def go() -> None:
         check = probe()
@@ -553,3 +570,53 @@ def test_one_scan_per_transaction_whatever_the_recipients_and_unstuffed() -> Non
     assert clean[0].startswith("250")
     assert bad[0] == "550 5.7.1 Message rejected by policy"  # for all three recipients
     assert check.seen == [b"Subject: s\r\n\r\n.dotted line\r\n", b"Subject: s\r\n\r\nEVIL\r\n"]
+
+
+def test_a_kept_connection_with_unasked_bytes_is_not_reused() -> None:
+    """A scanner that sends more than its answer (out of step, or a hostile one
+    numbering a verdict in advance): what it sent must not be read as the next
+    message's verdict; the connection is dropped and the next scan has a new one."""
+
+    async def go() -> None:
+        check = probe()
+        pool = fake_pool(check)
+
+        def chatty(peer: FakePeer, data: bytes) -> None:
+            answering({})(peer, data)  # CLEAN, as asked
+            if len(pool.peers) == 1:
+                peer.reply(b"BAD Test.Early\n")  # and a verdict nobody asked for yet
+
+        pool.answer = chatty
+        assert await run(check, ctx_with(b"Subject: one\r\n\r\nfine\r\n")) == ()
+        assert await run(check, ctx_with(b"Subject: two\r\n\r\nfine\r\n")) == ()
+        assert len(pool.peers) == 2  # the first connection was not taken again
+        assert pool.peers[0].writer.closed
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("error", [ValueError, OverflowError])
+def test_a_number_past_conversion_in_an_answer_is_a_protocol_error(
+    error: type[Exception],
+) -> None:
+    """int() of 5,000 digits raises ValueError, float() of a huge int OverflowError:
+    an answer not understood (<name>.unavailable, as the policy decides), not a
+    crash of the check (<name>.error, a traceback, no scan record)."""
+
+    async def go() -> None:
+        check = probe()
+        before = sample("smtp_gateway_scanner_errors_total", scanner="probe", kind="protocol")
+
+        async def huge(conn: Connection) -> ScanResult:
+            raise error("Exceeds the limit (4300 digits) for integer string conversion")
+
+        check.hook = huge
+        c = ctx_with(b"Subject: x\r\n\r\nhi\r\n")
+        assert await run(check, c) == ("probe.unavailable",)
+        assert c.facts.scans[0].verdict == "unavailable"
+        assert "not understood" in c.facts.scans[0].detail
+        after = sample("smtp_gateway_scanner_errors_total", scanner="probe", kind="protocol")
+        assert after == before + 1
+        assert fake_pool(check).idle == []
+
+    asyncio.run(go())
