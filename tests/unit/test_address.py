@@ -92,7 +92,7 @@ def _dot_atom_ref(s: str) -> bool:
     return all(c in _ATEXT_REF or c == "." or ord(c) > 127 for c in s)
 
 
-@settings(max_examples=2000, derandomize=True)
+@settings(max_examples=600, derandomize=True)
 @given(st.text(alphabet=st.sampled_from(list('aZ9.!+=-"\\ @()<>[]:;,é\x7f\x00\t')), max_size=12))
 def test_dot_atom_pattern_matches_the_rfc_definition(s: str) -> None:
     from gateway.address import _is_dot_atom
@@ -114,7 +114,7 @@ def test_ascii_path_for_a_backend_without_smtputf8(path: str, want: str | None) 
     assert ascii_path(path) == want
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.text(alphabet='<>"\\a@ =', max_size=16).map(lambda s: "<" + s))
 def test_split_path_agrees_with_the_quote_aware_walk(arg: str) -> None:
     """The shortcut for paths without a quoted string splits where the walk would."""

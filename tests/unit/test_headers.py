@@ -35,7 +35,7 @@ def _result(method: str) -> st.SearchStrategy[AuthResult]:
 results = st.lists(st.one_of([_result(m) for m in PROPS]), max_size=4)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(results, st.sampled_from(["mx.gw.test", "gw.example"]))
 def test_cached_header_is_what_authres_formats(res: list[AuthResult], authserv: str) -> None:
     expected = headers._format_results(authserv, res)
