@@ -160,7 +160,18 @@ def span(seconds: float) -> str:
     return f"{s / 86400:.1f} days"
 
 
+def shown(key: str) -> str:
+    """A key as an operator's terminal shows it: the sender and recipient are the
+    client's to choose, so anything but printable ASCII is escaped (a right-to-left
+    override would reorder the line; a zero-width space or a Cyrillic letter would
+    pass for a real address)."""
+    if key.isascii() and key.isprintable():
+        return key
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in key)
+
+
 def describe(e: GreyEntry, p: Params) -> str:
+    e = e._replace(key=shown(e.key))
     if e.state == "network":
         if p.awl_after <= 0:
             status = "auto-whitelisting is off"

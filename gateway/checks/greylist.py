@@ -38,10 +38,15 @@ Who skips it, all in the policy:
 Authenticated (SMTP AUTH) senders do not reach this check: the gateway is an
 inbound MX and offers no AUTH; submission is another service's.
 
+A client network holds at most `max_pending_per_network` pending triplets (the
+store's rule, store/greylist.py): a flood of new triplets from one network
+displaces its own, never another network's nor a whitelisted one.
+
 Symbols: `greylist.deferred` (tempfail: `451 4.7.1 Greylisted, please try again
-in N seconds`), `greylist.passed` (a retry that passed: recorded),
-`greylist.unavailable` (the Redis store did not answer: accept, fail open, by
-default; tempfail fails closed).
+in N seconds`; a new triplet the cap kept from being recorded too),
+`greylist.passed` (a retry that passed: recorded), `greylist.unavailable` (the
+Redis store did not answer: accept, fail open, by default; tempfail fails
+closed).
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ from gateway.context import Context
 from gateway.store.base import StoreError
 from gateway.store.greylist import (
     BY_NETWORK,
+    CAPPED,
     DEFERRED,
     EARLY,
     KNOWN,
+    MAX_PENDING,
     NEW,
     PASSED,
     GreylistStore,
@@ -86,7 +93,7 @@ UNAVAILABLE_SYMBOL = "greylist.unavailable"
 
 DAY = 86400.0
 # The values of smtp_gateway_greylist_triplets_total's `result` label.
-RESULTS = (NEW, EARLY, PASSED, KNOWN, BY_NETWORK, "exempt", "unavailable")
+RESULTS = (NEW, EARLY, CAPPED, PASSED, KNOWN, BY_NETWORK, "exempt", "unavailable")
 
 
 class AutoWhitelist(Strict):
@@ -119,6 +126,11 @@ class GreylistOptions(Strict):
     # When SPF passed, the triplet's client is the SPF-authenticated domain instead
     # of the network: a retry from any address its SPF record names passes.
     spf_origin: bool = True
+    # Pending (not yet retried) triplets one client network (network_prefix_v4/_v6)
+    # may hold. Past it, a new triplet displaces the network's oldest one if that
+    # has waited `delay`, else it is deferred without being recorded (`capped`):
+    # a flood of new triplets displaces only its own network's (store/greylist.py).
+    max_pending_per_network: Annotated[int, Field(ge=1)] = MAX_PENDING
     auto_whitelist: AutoWhitelist = AutoWhitelist()
     # Sender domains (*.example.org for subdomains) that skip greylisting when
     # authenticated: SPF pass for the MAIL FROM domain, or (stage data) DMARC pass
@@ -227,7 +239,7 @@ class GreylistCheck:
 def params_of(o: GreylistOptions) -> Params:
     """The store's view of the options (the operators' commands use it too)."""
     awl = o.auto_whitelist
-    return Params(o.delay, o.expire, o.ttl, awl.after, awl.ttl)
+    return Params(o.delay, o.expire, o.ttl, awl.after, awl.ttl, o.max_pending_per_network)
 
 
 def _count(result: str, n: int = 1) -> None:

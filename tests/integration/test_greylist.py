@@ -12,9 +12,12 @@ are kept on time is the store's, on a controlled clock
 from __future__ import annotations
 
 import smtplib
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
+
+import pytest
 
 from tests.support.procs import Backend, Gateway, base_config
 
@@ -159,3 +162,71 @@ def test_workers_share_the_greylist(
         }
     assert delivered == deciding  # both workers passed it
     assert len(backend.messages()) == sent
+
+
+def _letters(i: int) -> str:
+    """A sender local part per i without digits (the sender key makes runs of digits
+    one `#`: spam1@ and spam2@ would be one sender)."""
+    s = ""
+    while True:
+        s = chr(97 + i % 26) + s
+        i //= 26
+        if not i:
+            return s
+
+
+def flood(port: int, source: str, count: int, per_connection: int = 100) -> dict[bytes, int]:
+    """The review's flood: new triplets pipelined (MAIL, RCPT, RSET), never retried,
+    from the loopback address `source`; the reply codes, counted."""
+    codes: dict[bytes, int] = {}
+    for start in range(0, count, per_connection):
+        n = min(per_connection, count - start)
+        with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO flood.test\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(
+                b"".join(
+                    b"MAIL FROM:<%s@flood.test>\r\nRCPT TO:<x@example.test>\r\nRSET\r\n"
+                    % _letters(start + k).encode()
+                    for k in range(n)
+                )
+                + b"QUIT\r\n"
+            )
+            for _ in range(3 * n + 1):
+                code = f.readline()[:3]
+                codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_flood_of_new_triplets_from_one_network_keeps_no_other_sender_greylisted(
+    backend: Backend, gateway_factory: Callable[..., Gateway], workers: int
+) -> None:
+    """The review's attack, small: a legitimate first attempt, then another network
+    (127.0.0.2, a network of its own with network_prefix_v4: 32) pipelines ten times
+    its cap of new, never retried triplets. The flood keeps its newest 50, having
+    displaced its own oldest (delay 0: each had waited it); the legitimate retry
+    passes, in one process and with workers sharing their table. (That a full
+    store once gave the legitimate entry up to such a flood is the stores' unit
+    tests', tests/unit/store/test_greylist.py, on a store small enough to fill.)"""
+    opts = (
+        "delay: 0, max_pending_per_network: 50, network_prefix_v4: 32, auto_whitelist: {after: 0}"
+    )
+    gw = start(backend, gateway_factory, opts, workers=workers)
+    if workers > 1:
+        gw.wait_log(
+            lambda e: len({x["pid"] for x in gw.events() if x.get("event") == "ready"}) >= 2,
+            timeout=20,
+        )
+    assert attempt(gw.port(), sender="alice@partner.test")[0][0] == 451
+    codes = flood(gw.port(), "127.0.0.2", 500)
+    assert codes == {b"250": 1000, b"451": 500, b"221": 5}, codes
+    [(rcpt, _), (data, _)] = attempt(gw.port(), sender="alice@partner.test")
+    assert (rcpt, data) == (250, 250)
+    shown = greylist_cli(gw, "show", "127.0.0.2").splitlines()
+    pending = sorted(line.split("|")[1] for line in shown if ": pending," in line)
+    assert pending == sorted(f"{_letters(i)}@flood.test" for i in range(450, 500)), shown
+    assert wait_triplets(gw, {"new": 501, "passed": 1}) == {"new": 501, "passed": 1}

@@ -69,6 +69,19 @@ def test_each_entry_is_one_line_saying_what_happens_next() -> None:
     assert "auto-whitelisted," in describe(net._replace(passes=5), P)
 
 
+def test_a_key_is_shown_with_what_the_client_chose_escaped() -> None:
+    """A sender with a right-to-left override, a zero-width space or a Cyrillic
+    letter must not pass, on an operator's terminal, for another address."""
+    tricky = GreyEntry(
+        "t:192.0.2.0/24|ceo@b\u0430nk.test|x\u202eliame@e.test|\u200b", "pending", 1, 9
+    )
+    line = describe(tricky, P)
+    assert line.isascii() and line.isprintable()
+    assert "ceo@b\\u0430nk.test" in line and "x\\u202eliame" in line and "\\u200b" in line
+    plain = GreyEntry("t:192.0.2.0/24|a@s.test|b@e.test", "pending", 1, 9)
+    assert describe(plain, P).startswith("t:192.0.2.0/24|a@s.test|b@e.test: ")
+
+
 def test_allow_refuses_what_would_not_be_honoured(tmp_path: Path) -> None:
     pol = tmp_path / "p.yaml"
     pol.write_text(yaml.safe_dump({"checks": {"greylist": {"auto_whitelist": {"after": 0}}}}))

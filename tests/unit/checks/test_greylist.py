@@ -121,6 +121,26 @@ def test_a_retry_from_another_network_the_senders_spf_authorises_passes() -> Non
     assert run(chk2, ctx(ip="198.51.100.20", spf="pass")) == ("greylist.deferred",)
 
 
+def test_a_networks_pending_triplets_are_capped_whatever_their_spf_origins() -> None:
+    """The cap is the client network's: a client with a wildcard SPF record passes SPF
+    for every subdomain of its domain, each triplet its own origin, yet its network
+    holds no more than max_pending_per_network pending triplets; past it (none has
+    waited the delay) a new one is deferred as any first attempt, not recorded
+    (`capped`), and another network is not touched."""
+    clock = Clock()
+    chk = check(clock, max_pending_per_network=3)
+    capped, new = triplets("capped"), triplets("new")
+    for i in range(5):
+        c = ctx(ip="203.0.113.7", sender=f"a@r{chr(97 + i)}.flood.test", spf="pass")
+        assert run(chk, c) == ("greylist.deferred",)
+        assert c.details["greylist.deferred"] == "300 seconds"
+    assert (triplets("new") - new, triplets("capped") - capped) == (3, 2)
+    assert run(chk, ctx(ip="192.0.2.10")) == ("greylist.deferred",)
+    assert triplets("new") - new == 4
+    clock.t += 300
+    assert run(chk, ctx(ip="192.0.2.10")) == ("greylist.passed",)
+
+
 def test_authenticated_senders_of_exempt_domains_skip_it() -> None:
     clock = Clock()
     chk = check(clock, exempt_domains=["sender.test", "*.partner.test"])
@@ -239,6 +259,8 @@ def test_options_errors() -> None:
         GreylistOptions(network_prefix_v4=33)
     with pytest.raises(ValueError, match="stage"):
         GreylistOptions.model_validate({"stage": "mail"})
+    with pytest.raises(ValueError, match="max_pending_per_network"):
+        GreylistOptions(max_pending_per_network=0)  # no network could ever be recorded
 
 
 # -- through the pipeline and a session ---------------------------------------------------------

@@ -75,3 +75,92 @@ def test_simultaneous_first_attempts_in_forked_workers_make_one_new_triplet(
     os.close(go_r)
     os.close(go_w)
     assert sum(news) == len(keys), news
+
+
+NET_A = "grey:n:203.0.113.0/24"
+
+
+def spam(i: int) -> str:
+    return f"grey:t:203.0.113.0/24|spam{i}@x.test|r@example.test"
+
+
+def lists_hold(g: SharedGreylist) -> dict[int, int]:
+    """Every network's list, walked: its length is its count, its members are pending
+    entries pointing back at it, oldest first, and no other slot claims a network.
+    {network slot: count}."""
+    counts = {}
+    claimed = set()
+    for net in range(g.nets):
+        if not g.n_hash[net]:
+            assert g.n_count[net] == g.n_head[net] == g.n_tail[net] == 0
+            continue
+        seen, prev, link, since = 0, 0, g.n_head[net], float("-inf")
+        while link:
+            slot = link - 1
+            assert g.owner[slot] == net + 1 and g.prev[slot] == prev and g.kinds[slot] == 1
+            assert g.since[slot] >= since
+            since, prev, link = g.since[slot], link, g.next[slot]
+            claimed.add(slot)
+            seen += 1
+            assert seen <= g.slots
+        assert g.n_tail[net] == prev and seen == g.n_count[net] > 0
+        counts[net] = seen
+    assert {s for s in range(g.slots) if g.owner[s]} == claimed
+    return counts
+
+
+def test_workers_sharing_a_table_count_a_networks_pending_entries_as_one(tmp_path: Path) -> None:
+    """A flood spread over two workers (two mappings) meets one cap: another
+    network's first attempt stays, and its retry passes at either worker."""
+    clock = Clock()
+    path = str(tmp_path / "greylist.table")
+    SharedGreylist.create(path, slots=64)
+    w0, w1 = SharedGreylist(path, clock), SharedGreylist(path, clock)
+    p = P._replace(max_pending=10)
+    assert one(w0, p=p)[0] == "new"
+    results = [(w0, w1)[i % 2].judge(NET_A, [spam(i)], p)[0].result for i in range(100)]
+    assert results.count("new") == 10 and results.count("capped") == 90
+    assert w0.pending_of(NET_A) == w1.pending_of(NET_A) == 10
+    clock.t += 300
+    assert [(w1, w0)[i % 2].judge(NET_A, [spam(i)], p)[0].result for i in range(20)] == (
+        ["passed"] * 10 + ["new"] * 10  # each new one displaced one that had waited
+    )
+    assert one(w1, p=p)[0] == "passed"
+    assert sorted(lists_hold(w0).values()) == [10]
+
+
+def test_forked_workers_flooding_at_once_leave_one_consistent_cap(tmp_path: Path) -> None:
+    """Three processes flood one network's new triplets at the same moment, each
+    displacing the network's oldest (delay 0): under the record lock the network
+    ends with exactly its cap of pending entries, its list intact, and another
+    network's entry untouched."""
+    path = str(tmp_path / "greylist.table")
+    SharedGreylist.create(path, slots=1024)
+    p = P._replace(delay=0, max_pending=50)
+    parent = SharedGreylist(path)
+    assert one(parent, p=P)[0] == "new"  # with the real delay: kept only if not displaced
+    go_r, go_w = os.pipe()
+    children = []
+    for c in range(3):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 0
+            try:
+                os.read(go_r, 1)
+                g = SharedGreylist(path)
+                for i in range(c * 1000, c * 1000 + 1000):
+                    assert g.judge(NET_A, [spam(i)], p)[0].result == "new"
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    os.write(go_w, b"ggg")
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    os.close(go_r)
+    os.close(go_w)
+    assert parent.pending_of(NET_A) == 50
+    assert sorted(lists_hold(parent).values()) == [1, 50]
+    live = sum(1 for s in range(parent.slots) if parent.hashes[s] and parent.kinds[s] == 1)
+    assert live == 51
+    assert one(parent, p=P)[0] == "early"  # the other network's first attempt is there
