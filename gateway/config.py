@@ -386,15 +386,24 @@ class DmarcReports(Strict):
     # Records (rows) in one report; the least frequent beyond are left out (an
     # <error> in the report says how many).
     max_records: Annotated[int, Field(ge=1)] = 10_000
-    # Domains reported per interval; the ones with the least mail beyond are dropped.
+    # Policy domains reported per interval (all reports of a domain count as one,
+    # ranked by their sum); the ones with the least mail beyond are dropped.
     max_domains: Annotated[int, Field(ge=1)] = 1000
     # Distinct rows the store keeps per interval; evaluations beyond are dropped and
     # counted (smtp_gateway_dmarc_evaluations_dropped_total).
     max_rows: Annotated[int, Field(ge=1)] = 200_000
+    # Distinct rows the store keeps per interval for the policy domains of one
+    # organisational domain (example.org with its subdomains): one sender's unique
+    # rows fill its own share, not the whole store. Beyond, its new rows are dropped
+    # and counted, and its report says how many. In a process's buffer a domain
+    # holds at most a tenth of max_pending, or this if less.
+    max_rows_per_domain: Annotated[int, Field(ge=1)] = 10_000
     # Distinct rows a process buffers between flushes; beyond, dropped and counted.
     max_pending: Annotated[int, Field(ge=1)] = 20_000
     # Bytes of one report message (the gzip attachment, base64, headers): larger is
-    # never sent, as with a smaller rua size limit (mailto:...!10m).
+    # never sent, as with a smaller rua size limit (mailto:...!10m). Also the bytes
+    # of a report's XML: the least frequent records beyond are left out (an <error>
+    # says how many), so that making one report is bounded work.
     max_report_size: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     # Runs a report whose hand-over failed for a temporary reason (relay down, 4xx)
     # is tried again at, before it is dropped.
@@ -413,6 +422,11 @@ class DmarcReports(Strict):
             raise ValueError("email: required when enabled (the reports' From address)")
         if self.email is not None and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", self.email):
             raise ValueError(f"email: {self.email!r} is not an address")
+        if self.email is not None:
+            # Its domain names the Submitter in every report's Subject and file name.
+            domain = self.email.rpartition("@")[2].lower()
+            if not (domain.isascii() and _is_domain(domain)):
+                raise ValueError(f"email: {domain!r} is not a host name")
 
 
 class Settings(Strict):

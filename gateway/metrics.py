@@ -429,23 +429,29 @@ SCANNER_CONNECTIONS = Counter(
     ["scanner", "result"],
 )
 # Greylisting (checks/greylist.py): each triplet judged, by how. new and early were
-# deferred; passed: a retry in time, now whitelisted; whitelisted: a known triplet;
+# deferred; capped: deferred and not recorded, its client network holding
+# max_pending_per_network pending triplets, none yet `delay` old (a flood of new
+# triplets); passed: a retry in time, now whitelisted; whitelisted: a known triplet;
 # network: its client network is auto-whitelisted; exempt: skipped by the policy
 # (an authenticated sender of exempt_domains, Rspamd's verdict); unavailable: the
 # Redis store did not answer (greylist.unavailable's action applied).
 GREYLIST_TRIPLETS = Counter(
     P + "greylist_triplets_total",
-    "Greylist triplets judged, by result (new, early: deferred; passed, whitelisted,"
+    "Greylist triplets judged, by result (new, early: deferred; capped: deferred,"
+    " not recorded, its network at its cap of pending triplets; passed, whitelisted,"
     " network: passed; exempt: skipped by the policy; unavailable: no store)",
     ["result"],
 )
 # DMARC aggregate reports (gateway/dmarcreports/). Recorded: evaluations counted
 # into a report row. Dropped, by reason: buffer_full (dmarc_reports.max_pending
-# between flushes), store_full (max_rows of an interval), store_error (the store
-# failed a flush), domain_limit (past max_domains of an interval), too_old (an
-# outboxed report past its retries). Reports by result: sent, or why a report was
-# not sent to a destination: unauthorized (no _report._dmarc record for an outside
-# destination), temperror (that lookup failed), too_big (the rua size limit or
+# between flushes), store_full (max_rows of an interval), domain_full (its
+# organisational domain's share: max_rows_per_domain in the store, a tenth of the
+# buffer), store_error (the store failed a flush), domain_limit (past max_domains
+# of an interval), bad_domain (a policy or From domain that is no host name),
+# bad_address (a source that is no IP address), report_error (a report that failed
+# to build; logged). Reports by result: sent, or why a report was not sent to a
+# destination: unauthorized (no _report._dmarc record for an outside destination),
+# temperror (that lookup failed: kept for a retry), too_big (the rua size limit or
 # max_report_size), refused (a 5xx from the relay), relay_error (relay unreachable
 # or a 4xx: kept for a retry), dropped (retries used up).
 DMARC_EVALUATIONS_RECORDED = Counter(
@@ -455,7 +461,7 @@ DMARC_EVALUATIONS_RECORDED = Counter(
 DMARC_EVALUATIONS_DROPPED = Counter(
     P + "dmarc_evaluations_dropped_total",
     "DMARC evaluations left out of aggregate reports, by reason (buffer_full, store_full,"
-    " store_error, domain_limit)",
+    " domain_full, store_error, domain_limit, bad_domain, bad_address, report_error)",
     ["reason"],
 )
 DMARC_REPORTS = Counter(

@@ -9,20 +9,30 @@ count, here already: a sender's thousand messages are one dictionary entry.
 
 Recording costs a dictionary update on the event loop; the buffer goes to the store
 (disk or Redis) from a task every `flush_interval` seconds, the disk work in a
-thread. Both the buffer and the store are bounded; what does not fit is dropped and
-counted (smtp_gateway_dmarc_evaluations_dropped_total).
+thread. Both the buffer and the store are bounded, overall and per organisational
+domain (`org_of`): one sender's unique rows fill its own share, never the room of
+every other domain. What does not fit is dropped and counted, in the metric
+(smtp_gateway_dmarc_evaluations_dropped_total) and for its domain, whose report
+says how many of its messages were not recorded.
+
+The policy domain and the From domain become the report mail's Subject, file name
+and Message-ID: a row is kept only when both are host names (`hostname`); the
+others are counted as dropped (bad_domain).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway import metrics
+from gateway.checks.dmarc import psl
 from gateway.context import Context
 from gateway.vocab import Action
 
@@ -39,6 +49,42 @@ MAX_DKIM = 8  # signatures reported per row (a message may carry more; they repe
 # DKIM results an aggregate report may carry (RFC 7489 Appendix C, DKIMResultType).
 DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
 SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
+
+
+# A host name (RFC 1123 2.1, RFC 5890's A-labels included): letters, digits and
+# hyphens, no hyphen first or last, 1 to 63 octets a label, 253 in all.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# The same with underscores, which config.py allows in our own (internal) names.
+_LABEL_ = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOSTNAME_ = re.compile(rf"{_LABEL_}(?:\.{_LABEL_})*")
+
+
+@functools.lru_cache(maxsize=4096)
+def hostname(name: str, underscore: bool = False) -> bool:
+    """Whether `name` is a host name: the only names that go into a report mail's
+    header fields and file name (a DNS name may hold "/", controls, any octet).
+    Cached: asked twice per message, of the same few domains."""
+    pattern = _HOSTNAME_ if underscore else _HOSTNAME
+    return len(name) <= MAX_NAME and pattern.fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def org_of(domain: str) -> str:
+    """The organisational domain of a policy domain by the Public Suffix List
+    (offline): whose share of the buffer and the store its rows take. Per policy
+    domain would not do: a wildcard TXT record under one registered domain makes
+    any number of policy domains."""
+    return psl().privatesuffix(domain) or domain
+
+
+class Unreportable(Exception):
+    """A transaction whose row cannot go into a report; `reason` is the dropped
+    counter's label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Policy(NamedTuple):
@@ -105,9 +151,18 @@ def _name(value: str) -> str:
     return value[:MAX_NAME]
 
 
+def source_ip(ip: str) -> str:
+    """The client's address as a row keeps it: without an IPv6 zone index
+    ("fe80::1%eth0": an interface of this host, not the sender). Not parsed here (11
+    µs for IPv6, on every message): a row whose source is no address is left out
+    when its report is made (feedback.py), counted, never the report."""
+    return ip.partition("%")[0]
+
+
 def key_of(ctx: Context, action: Action, outcome: str, now: float, interval: int) -> Key | None:
     """The row this transaction adds, or None (no DMARC record asking for reports,
-    no result to report, no fate yet)."""
+    no result to report, no fate yet). Raises Unreportable for a policy or From
+    domain that is no host name."""
     out = ctx.facts.dmarc
     if out is None or out.published is None or out.result not in ("pass", "fail"):
         return None
@@ -117,6 +172,9 @@ def key_of(ctx: Context, action: Action, outcome: str, now: float, interval: int
     disposition = disposition_of(action, outcome, ctx.quarantine)
     if disposition is None:
         return None
+    if not hostname(pub.domain) or not hostname(out.from_domain):
+        raise Unreportable("bad_domain")
+    ip = source_ip(ctx.client_ip)
     reasons: list[tuple[str, str]] = []
     for o in out.overrides:
         if o == "testing":
@@ -141,7 +199,7 @@ def key_of(ctx: Context, action: Action, outcome: str, now: float, interval: int
         for s in ctx.facts.dkim[:MAX_DKIM]
     )
     row = Row(
-        ctx.client_ip,
+        ip,
         disposition,
         "pass" if out.dkim_aligned else "fail",
         "pass" if out.spf_aligned else "fail",
@@ -190,9 +248,28 @@ def row_of(text: str) -> Row:
 
 _RECORDED = metrics.child(metrics.DMARC_EVALUATIONS_RECORDED)
 
+# Lost evaluations by (interval, policy domain): what a domain's report says was
+# not recorded.
+Lost = dict[tuple[int, str], int]
+
+
+def note_lost(lost: Lost, interval: int, domain: str, n: int, bound: int) -> None:
+    """Add `n` to a domain's lost count; a new domain past `bound` entries is
+    counted by the metric only (many domains at once: the map stays bounded)."""
+    key = (interval, domain)
+    have = lost.get(key)
+    if have is not None:
+        lost[key] = have + n
+    elif len(lost) < bound:
+        lost[key] = n
+
 
 class Recorder:
-    """Counts rows in memory (on the loop); `flush` hands them to the store."""
+    """Counts rows in memory (on the loop); `flush` hands them to the store.
+
+    Bounded overall (`max_pending` distinct rows) and per organisational domain
+    (`per_domain`): past its share, a domain's new rows are dropped and counted for
+    that domain, and the others still find room."""
 
     def __init__(
         self,
@@ -201,18 +278,29 @@ class Recorder:
         max_pending: int,
         flush_interval: float,
         clock: Callable[[], float] = time.time,
+        per_domain: int | None = None,
     ) -> None:
         self.store = store
         self.interval = interval
         self.max_pending = max_pending
+        # None: no share but the whole buffer (service.buffer_share gives a tenth).
+        self.per_domain = max_pending if per_domain is None else per_domain
         self.flush_interval = flush_interval
         self.clock = clock
         self.pending: dict[Key, int] = {}
+        self.held: dict[str, int] = {}  # distinct pending rows by organisational domain
+        self.lost: Lost = {}
         self._dropped = metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "buffer_full")
+        self._domain_full = metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "domain_full")
+        self._bad = {"bad_domain": metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "bad_domain")}
 
     def note(self, ctx: Context, action: Action, outcome: str) -> None:
         """At the end of a transaction whose DMARC check ran: one more of its row."""
-        key = key_of(ctx, action, outcome, self.clock(), self.interval)
+        try:
+            key = key_of(ctx, action, outcome, self.clock(), self.interval)
+        except Unreportable as e:
+            self._bad[e.reason].inc()
+            return
         if key is None:
             return
         pending = self.pending
@@ -220,8 +308,16 @@ class Recorder:
         if n is None:
             if len(pending) >= self.max_pending:
                 self._dropped.inc()
+                note_lost(self.lost, key.interval, key.domain, 1, self.max_pending)
+                return
+            org = org_of(key.domain)
+            held = self.held.get(org, 0)
+            if held >= self.per_domain:
+                self._domain_full.inc()
+                note_lost(self.lost, key.interval, key.domain, 1, self.max_pending)
                 return
             pending[key] = 1
+            self.held[org] = held + 1
         else:
             pending[key] = n + 1
         _RECORDED.inc()
@@ -230,11 +326,13 @@ class Recorder:
         """Everything buffered so far, to the store; what the store cannot keep is
         counted as dropped there. A store that fails keeps nothing of this batch:
         it is counted as dropped, never retried into a growing buffer."""
-        if not self.pending:
+        if not self.pending and not self.lost:
             return
         batch, self.pending = self.pending, {}
+        lost, self.lost = self.lost, {}
+        self.held = {}
         try:
-            await self.store.add(batch)
+            await self.store.add(batch, lost)
         except Exception as e:
             metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "store_error").inc(sum(batch.values()))
             log.warning("DMARC report store: %d evaluations not kept: %s", len(batch), e)

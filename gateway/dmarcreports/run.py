@@ -2,13 +2,22 @@
 of its groups (policy domain and published policy) one report, sent to each
 authorised destination of the domain's rua; then the retries of earlier runs.
 
-Bounds: at most `max_domains` reports per interval (the domains with the most mail
-first: the rest are dropped and counted), at most `max_records` records in a report
-(the most frequent: an <error> in the report says how many were left out), no
-message larger than `max_report_size` or a destination's own limit ("!" in rua).
-One domain's failure (its DNS, its destination, the relay refusing it) never stops
-the others. A report the relay could not take for a temporary reason is kept in the
-store's outbox and tried at the next `retries` runs, then dropped.
+Bounds: at most `max_domains` policy domains reported per interval (the domains
+with the most mail first, a domain's groups summed: the rest are dropped and
+counted), at most `max_records` records in a report and `max_report_size` bytes of
+its XML (the most frequent: an <error> in the report says how many were left out),
+no message larger than `max_report_size` or a destination's own limit ("!" in
+rua). The XML, its gzip and the MIME message are made in a thread: a large report
+is a second of CPU that the event loop, serving mail in the same process, never
+waits for. Nothing is built for a group no destination may receive.
+
+One domain's failure (its DNS, its destination, the relay refusing it, even a
+report that fails to build) never stops the others, and never loses its rows
+without a trace: rows the store could not read stay for the next run; a report
+that failed to build is counted as dropped (report_error) and logged. A report
+the relay could not take for a temporary reason, or whose destination's
+authorisation lookup failed (temperror), is kept in the store's outbox and tried
+at the next `retries` runs (the authorisation asked again), then dropped.
 
 A dry run reads the store, checks the destinations and builds every report, and
 prints what would be sent instead of sending it; it changes nothing.
@@ -16,6 +25,8 @@ prints what would be sent instead of sending it; it changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import logging
 import os
 import socket
@@ -26,8 +37,9 @@ from dataclasses import dataclass, field
 
 from gateway import config, logs, metrics
 from gateway.dmarcreports import feedback, message
+from gateway.dmarcreports.record import Row, hostname
 from gateway.dmarcreports.relay import Relay, SendFailed, send
-from gateway.dmarcreports.rua import Authorizer, destinations
+from gateway.dmarcreports.rua import Authorizer, Destination, Verdict, destinations
 from gateway.dmarcreports.store import Group, Outgoing, ReportStore
 from gateway.dns import Resolver
 
@@ -86,9 +98,9 @@ class Reporter:
             logs.event("dmarc_report_run", skipped="another process holds the lease")
             return summary
         try:
-            if not dry_run:
-                await self._retry(summary)
             authorizer = Authorizer(self.resolver)
+            if not dry_run:
+                await self._retry(summary, authorizer)
             for interval in await self.store.intervals():
                 if interval + self.cfg.interval + self.cfg.send_delay > now:
                     continue  # not over yet, or its last flushes may be on their way
@@ -105,6 +117,21 @@ class Reporter:
         )
         return summary
 
+    async def _leased(self, dry_run: bool) -> bool:
+        """The lease, renewed before each report and each retry: a run that outlived
+        it (a relay slow for hours) stops rather than race the process that took it."""
+        if dry_run or await self.store.lease(LEASE, self.holder, LEASE_TTL):
+            return True
+        log.warning("DMARC report run: lease lost; the rest is left to its holder")
+        return False
+
+    def _drop(self, group: Group, reason: str, dry_run: bool, out: Callable[[str], None]) -> None:
+        if dry_run:
+            out(f"# {group.domain}: {group.messages} messages dropped: {reason}")
+            return
+        metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, reason).inc(group.messages)
+        logs.failure("dmarc_report", domain=group.domain, result=reason, messages=group.messages)
+
     async def _interval(
         self,
         interval: int,
@@ -115,36 +142,56 @@ class Reporter:
         out: Callable[[str], None],
     ) -> None:
         groups = await self.store.groups(interval)
-        dropped = await self.store.dropped(interval)
-        for i, group in enumerate(groups):
-            if not dry_run and not await self.store.lease(LEASE, self.holder, LEASE_TTL):
-                # Renewed at each report: a run that outlived its lease (a relay
-                # slow for hours) stops rather than race the process that took it.
-                log.warning("DMARC report run: lease lost; the rest is left to its holder")
+        # max_domains counts policy domains, ranked by all their mail: a domain whose
+        # record text changes all day has many groups, each small, and one rank.
+        totals: dict[str, int] = {}
+        for group in groups:
+            totals[group.domain] = totals.get(group.domain, 0) + group.messages
+        ranked = sorted(totals, key=lambda d: (-totals[d], d))
+        kept = set(ranked[: self.cfg.max_domains])
+        told: set[str] = set()  # domains whose lost count a report carried
+        complete = True
+        for group in groups:
+            if not await self._leased(dry_run):
                 return
-            if i >= self.cfg.max_domains:
+            if not hostname(group.domain):
+                # Recorded before domains were checked: never a report (message.py).
+                self._drop(group, "bad_domain", dry_run, out)
+            elif group.domain not in kept:
                 if not dry_run:
                     metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "domain_limit").inc(
                         group.messages
                     )
-                    await self.store.delete_group(group)
                 else:
                     out(f"# {group.domain}: past max_domains ({self.cfg.max_domains}): dropped")
-                continue
-            try:
-                await self._report(group, dropped, now, authorizer, summary, dry_run, out)
-            except Exception:
-                # One domain's report never stops the others'; its rows go, as sent
-                # ones do, rather than fail again at every run.
-                log.exception("DMARC report for %s failed", group.domain)
+            else:
+                try:
+                    rows = await self.store.rows(group, self.cfg.max_records)
+                    dropped = 0
+                    if group.domain not in told:
+                        told.add(group.domain)
+                        dropped = await self.store.dropped(interval, group.domain)
+                except Exception:
+                    # The store did not answer: its rows stay for the next run.
+                    log.exception("DMARC report for %s: its rows could not be read", group.domain)
+                    complete = False
+                    continue
+                try:
+                    await self._report(group, rows, dropped, now, authorizer, summary, dry_run, out)
+                except Exception:
+                    # One domain's report never stops the others'; its rows go, counted
+                    # and logged, rather than fail again at every run.
+                    log.exception("DMARC report for %s failed", group.domain)
+                    self._drop(group, "report_error", dry_run, out)
             if not dry_run:
                 await self.store.delete_group(group)
-        if not dry_run:
+        if not dry_run and complete:
             await self.store.clear_dropped(interval)
 
     async def _report(
         self,
         group: Group,
+        rows: list[tuple[Row, int]],
         dropped: int,
         now: float,
         authorizer: Authorizer,
@@ -153,42 +200,71 @@ class Reporter:
         out: Callable[[str], None],
     ) -> None:
         cfg = self.cfg
-        rows = await self.store.rows(group, cfg.max_records)
-        errors = []
-        if group.rows > len(rows):
-            errors.append(f"{group.rows - len(rows)} records left out: more than {cfg.max_records}")
-        if dropped:
-            errors.append(f"{dropped} messages of this period were not recorded (store full)")
         report_id = uuid.uuid4().hex
         begin, end = group.interval, group.interval + cfg.interval - 1
-        meta = feedback.Metadata(
-            self.org_name, self.email, cfg.extra_contact_info, report_id, begin, end, tuple(errors)
-        )
-        xml = feedback.build(meta, group.domain, group.policy, rows)
-        gz = feedback.compress(xml, end)
         summary.reports += 1
         if dry_run:
             out(
                 f"# report {report_id}: domain {group.domain}, {begin}-{end}, "
                 f"{len(rows)} records, {group.messages} messages"
             )
+        # Where it may go first: nothing is built for no destination.
+        wanted: list[tuple[Destination, Verdict]] = []
         for dest in destinations(group.policy.rua, cfg.max_uris):
             verdict = await authorizer.check(group.domain, dest)
-            if verdict != "ok":
+            if verdict == "unauthorized":
                 self._not_sent(summary, group, dest.address, report_id, verdict, dry_run, out)
-                continue
+            else:
+                wanted.append((dest, verdict))
+        if not wanted:
+            return
+        errors = []
+        if group.rows > len(rows):
+            errors.append(f"{group.rows - len(rows)} records left out: more than {cfg.max_records}")
+        if dropped:
+            errors.append(f"{dropped} messages of this domain were not recorded (limits reached)")
+        meta = feedback.Metadata(
+            self.org_name, self.email, cfg.extra_contact_info, report_id, begin, end, tuple(errors)
+        )
+        limits = {
+            d.address: min(d.limit or cfg.max_report_size, cfg.max_report_size) for d, _ in wanted
+        }
+        # The gzip as base64 alone passes the largest limit past 3/4 of it: no need
+        # to write more of it.
+        built = await asyncio.to_thread(
+            feedback.report,
+            meta,
+            group.domain,
+            group.policy,
+            rows,
+            cfg.max_report_size,
+            max(limits.values()) * 3 // 4,
+        )
+        if built.bad_rows and not dry_run:
+            metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, "bad_address").inc(built.bad_messages)
+        for dest, verdict in wanted:
             env = message.Envelope(self.email, dest.address, group.domain, report_id, begin, end)
-            msg = message.compose(env, self.org_name, gz, now)
-            limit = min(dest.limit or cfg.max_report_size, cfg.max_report_size)
-            if len(msg) > limit:
+            msg = None
+            if built.gz is not None:
+                msg = await asyncio.to_thread(message.compose, env, self.org_name, built.gz, now)
+            if msg is None or len(msg) > limits[dest.address]:
                 self._not_sent(summary, group, dest.address, report_id, "too_big", dry_run, out)
                 continue
             if dry_run:
-                out(f"#   to {dest.address}: would send {message.filename(env)} ({len(msg)} bytes)")
+                name = message.filename(env)
+                what = "would send" if verdict == "ok" else f"{verdict}: would keep"
+                out(f"#   to {dest.address}: {what} {name} ({len(msg)} bytes)")
                 continue
-            await self._send(Outgoing(report_id, dest.address, group.domain, msg, 0), summary)
+            item = Outgoing(report_id, dest.address, group.domain, msg, 0)
+            if verdict == "ok":
+                await self._send(item, summary)
+            else:
+                await self._keep(item, verdict, "authorisation lookup failed", summary)
         if dry_run:
-            out(xml.decode())
+            if built.gz is None:
+                out(f"# report {report_id}: too big for every destination: not built in full")
+            else:
+                out(gzip.decompress(built.gz).decode())
 
     def _not_sent(
         self,
@@ -208,26 +284,40 @@ class Reporter:
             "dmarc_report", domain=group.domain, rcpt=rcpt, report_id=report_id, result=reason
         )
 
+    async def _keep(self, item: Outgoing, reason: str, error: str, summary: Summary) -> None:
+        """A report not handed over for a temporary reason: into the outbox for the
+        next run, or dropped once its retries are used."""
+        if item.attempts < self.cfg.retries:
+            await self.store.outbox_put(
+                Outgoing(item.report_id, item.rcpt, item.domain, item.message, item.attempts + 1)
+            )
+            result = reason
+        else:
+            result = "dropped"
+        summary.count(result)
+        logs.failure(
+            "dmarc_report",
+            domain=item.domain,
+            rcpt=item.rcpt,
+            report_id=item.report_id,
+            result=result,
+            error=error,
+        )
+
     async def _send(self, item: Outgoing, summary: Summary) -> None:
         try:
             reply = await self.sender(self.relay, self.email, item.rcpt, item.message)
         except SendFailed as e:
-            if e.temporary and item.attempts < self.cfg.retries:
-                await self.store.outbox_put(
-                    Outgoing(
-                        item.report_id, item.rcpt, item.domain, item.message, item.attempts + 1
-                    )
-                )
-                result = e.reason
-            else:
-                result = "dropped" if e.temporary else e.reason
-            summary.count(result)
+            if e.temporary:
+                await self._keep(item, e.reason, str(e), summary)
+                return
+            summary.count(e.reason)
             logs.failure(
                 "dmarc_report",
                 domain=item.domain,
                 rcpt=item.rcpt,
                 report_id=item.report_id,
-                result=result,
+                result=e.reason,
                 error=str(e),
             )
             return
@@ -241,7 +331,28 @@ class Reporter:
             relay=reply,
         )
 
-    async def _retry(self, summary: Summary) -> None:
-        for item in await self.store.outbox():
-            await self.store.outbox_delete(item.report_id, item.rcpt)
-            await self._send(item, summary)
+    async def _retry(self, summary: Summary, authorizer: Authorizer) -> None:
+        """The outbox, one message at a time (never all read at once), under the
+        lease; each destination's authorisation asked again."""
+        for report_id, rcpt in await self.store.outbox_keys():
+            if not await self._leased(False):
+                return
+            item = await self.store.outbox_get(report_id, rcpt)
+            if item is None:
+                continue
+            await self.store.outbox_delete(report_id, rcpt)
+            dest = Destination(item.rcpt, item.rcpt.rpartition("@")[2].lower())
+            verdict = await authorizer.check(item.domain, dest)
+            if verdict == "ok":
+                await self._send(item, summary)
+            elif verdict == "temperror":
+                await self._keep(item, verdict, "authorisation lookup failed", summary)
+            else:
+                summary.count(verdict)
+                logs.event(
+                    "dmarc_report",
+                    domain=item.domain,
+                    rcpt=item.rcpt,
+                    report_id=item.report_id,
+                    result=verdict,
+                )

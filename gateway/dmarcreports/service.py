@@ -17,6 +17,24 @@ from gateway.dns import Resolver
 
 # Every result smtp_gateway_dmarc_reports_total may carry (run.py).
 RESULTS = ("sent", "unauthorized", "temperror", "too_big", "refused", "relay_error", "dropped")
+# Every reason smtp_gateway_dmarc_evaluations_dropped_total may carry (record.py,
+# store.py, redisstore.py, run.py).
+DROPPED = (
+    "buffer_full",
+    "store_full",
+    "domain_full",
+    "store_error",
+    "domain_limit",
+    "bad_domain",
+    "bad_address",
+    "report_error",
+)
+
+
+def buffer_share(cfg: config.DmarcReports) -> int:
+    """Distinct rows one organisational domain may hold in a process's buffer: a
+    tenth of it, or its share of the store if less."""
+    return max(1, min(cfg.max_rows_per_domain, cfg.max_pending // 10))
 
 
 def make_store(settings: config.Settings) -> ReportStore:
@@ -26,8 +44,10 @@ def make_store(settings: config.Settings) -> ReportStore:
 
         s = settings.store
         assert s.redis_url is not None  # config: dmarc_reports.store: redis needs it
-        return RedisReportStore(s.redis_url, s.key_prefix, s.timeout, cfg.max_rows)
-    return SqliteStore(cfg.sqlite_path, cfg.max_rows)
+        return RedisReportStore(
+            s.redis_url, s.key_prefix, s.timeout, cfg.max_rows, cfg.max_rows_per_domain
+        )
+    return SqliteStore(cfg.sqlite_path, cfg.max_rows, max_rows_per_domain=cfg.max_rows_per_domain)
 
 
 def reporter(settings: config.Settings, store: ReportStore, resolver: Resolver) -> Reporter:
@@ -38,7 +58,13 @@ class DmarcReports:
     def __init__(self, settings: config.Settings, resolver: Resolver, worker: int) -> None:
         cfg = settings.dmarc_reports
         self.store = make_store(settings)
-        self.recorder = Recorder(self.store, cfg.interval, cfg.max_pending, cfg.flush_interval)
+        self.recorder = Recorder(
+            self.store,
+            cfg.interval,
+            cfg.max_pending,
+            cfg.flush_interval,
+            per_domain=buffer_share(cfg),
+        )
         self.scheduler: Scheduler | None = None
         if is_sender(worker):
             self.scheduler = Scheduler(
@@ -46,7 +72,7 @@ class DmarcReports:
             )
         self._tasks: list[asyncio.Task[None]] = []
         # Exported at zero, so that the first of each shows in increase().
-        for reason in ("buffer_full", "store_full", "store_error", "domain_limit"):
+        for reason in DROPPED:
             metrics.child(metrics.DMARC_EVALUATIONS_DROPPED, reason)
         for result in RESULTS:
             metrics.child(metrics.DMARC_REPORTS, result)

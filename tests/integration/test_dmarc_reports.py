@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from gateway.dmarcreports.record import Key, Policy, Row
-from gateway.dmarcreports.redisstore import RedisReportStore
-from gateway.dmarcreports.store import SqliteStore
+from gateway.dmarcreports.redisstore import RedisReportStore, group_id
+from gateway.dmarcreports.store import Outgoing, SqliteStore
 from tests.support.certs import make_cert
 from tests.support.dkimkeys import rsa_key, sign
 from tests.support.dmarcschema import validate_gz
@@ -432,5 +432,129 @@ def test_the_redis_store_counts_bounds_and_leases_as_the_sqlite_one(
         assert await b.groups(YESTERDAY) == [] and await b.intervals() == []
         await a.close()
         await b.close()
+
+    asyncio.run(go())
+
+
+# -- what a sender controls: its rows, its names ------------------------------------------
+
+
+def test_one_senders_unique_rows_leave_room_for_every_other_domain(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """The reviewer's crowd-out at small scale, through a real gateway: a sender
+    makes every message a new row (a new MAIL FROM domain each); with max_rows 6
+    it used to take all six and own.test's mail was dropped. Its share is five:
+    own.test is reported in full, and the sender's report says what it lost."""
+    dns.add({"_dmarc.attacker.test": [("TXT", "v=DMARC1; p=none; rua=mailto:r@attacker.test")]})
+    gw = gateway_factory(
+        config(backend, dns, tmp_path / "dmarc.sqlite", max_rows=6, max_rows_per_domain=5)
+    )
+    for i in range(8):
+        assert send(gw, f"x@e{i}.elsewhere.test", message("attacker.test", i)) == 250
+    signed = sign(message("own.test"), RSA, "own.test", "rsa")
+    for _ in range(3):
+        assert send(gw, "bounces@own.test", signed) == 250
+    assert gw.stop() == 0
+    done = report_command(gw.config_path, "--now", str(after_today()))
+    assert "2 reports, 2 sent" in done.stdout, done.stderr
+    got = {str(m["To"]): ET.fromstring(validate_gz(attachment(m)[1])) for _, m in reports(backend)}
+    own = got["dmarc@own.test"]
+    assert [r.findtext("row/count") for r in own.findall("record")] == ["3"]
+    assert own.findall("report_metadata/error") == []
+    attacker = got["r@attacker.test"]
+    assert len(attacker.findall("record")) == 5
+    assert [e.text for e in attacker.findall("report_metadata/error")] == [
+        "3 messages of this domain were not recorded (limits reached)"
+    ]
+
+
+def test_domains_that_are_no_host_names_never_reach_a_report_mail(
+    backend: Backend, dns: DnsServer, gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """The reviewer's names: a DNS name may hold "/" or controls, and the policy
+    domain goes into the report mail's Subject, Message-ID and file name. Such a
+    domain's mail is not recorded; own.test's report goes as ever."""
+    weird = ["x/y.attacker.test", "x\x01y.attacker.test", "x&y'z.attacker.test"]
+    rua = "v=DMARC1; p=none; rua=mailto:r@attacker.test"
+    dns.add({f"_dmarc.{d}": [("TXT", rua)] for d in weird})
+    gw = gateway_factory(config(backend, dns, tmp_path / "dmarc.sqlite"))
+    for i, domain in enumerate(weird):
+        assert send(gw, "x@elsewhere.test", message(domain, i)) == 250
+        assert dns.asked(f"_dmarc.{domain}", "TXT") == 1  # DMARC found its record
+    assert send(gw, "bounces@own.test", sign(message("own.test"), RSA, "own.test", "rsa")) == 250
+    assert gw.stop() == 0
+
+    async def recorded() -> set[str]:
+        store = SqliteStore(tmp_path / "dmarc.sqlite", 1000)
+        try:
+            return {g.domain for g in await store.groups(int(time.time()) // DAY * DAY)}
+        finally:
+            await store.close()
+
+    assert asyncio.run(recorded()) == {"own.test"}
+    done = report_command(gw.config_path, "--now", str(after_today()))
+    assert "1 reports, 1 sent" in done.stdout, done.stderr
+    [(env, msg)] = reports(backend)
+    assert env["rcpt_tos"] == ["dmarc@own.test"]
+    assert str(msg["Subject"]).startswith("Report Domain: own.test ")
+    assert attachment(msg)[0].startswith("gw.test!own.test!")
+
+
+def test_the_redis_store_gives_each_organisation_a_share_and_reads_one_group_at_a_time(
+    redis_server: RedisServer,
+) -> None:
+    """As the SQLite store (tests/unit/dmarcreports/test_store.py), in a real
+    redis-server: one sender's 200 unique rows fill its share (50) and no more,
+    counted for it alone; another domain's 1,000 messages still count; subdomains
+    share their organisation's share; a deleted group frees it; the lost counts are
+    per domain; rows are read one group at a time; the outbox one message at a time."""
+    attacker = Policy("none", "none", "r", "r", 100, "0", "mailto:r@attacker.test")
+
+    async def go() -> None:
+        s = RedisReportStore(redis_server.url, "share:", 0.5, 200, 50)
+        await s.add(
+            {
+                Key(
+                    YESTERDAY,
+                    f"s{i % 2}.attacker.test",
+                    attacker,
+                    Row(f"2001:db8::{i:x}", *ROW[1:]),
+                ): 1
+                for i in range(200)
+            }
+        )
+        await s.add({Key(YESTERDAY, "own.test", POLICY, ROW): 1000}, {(YESTERDAY, "own.test"): 4})
+        groups = await s.groups(YESTERDAY)
+        assert (groups[0].domain, groups[0].messages, groups[0].rows) == ("own.test", 1000, 1)
+        # The organisation's share, between its subdomains: 50 rows, 150 lost.
+        assert {g.domain for g in groups[1:]} <= {"s0.attacker.test", "s1.attacker.test"}
+        assert sum(g.rows for g in groups[1:]) == sum(g.messages for g in groups[1:]) == 50
+        lost = [await s.dropped(YESTERDAY, f"s{i}.attacker.test") for i in range(2)]
+        assert sum(lost) == 150
+        assert await s.dropped(YESTERDAY, "own.test") == 4
+        assert await s.dropped(YESTERDAY) == 154
+        assert await s.rows(groups[0], 10) == [(ROW, 1000)]
+        # Each group its own hash: a run never reads the interval whole.
+        assert (
+            await s.r.hlen(f"share:dmarc:rows:{YESTERDAY}:{group_id('own.test', POLICY)[0]}") == 1
+        )
+        assert len(await s.rows(groups[1], 10)) == 10
+        await s.delete_group(groups[1])
+        await s.add({Key(YESTERDAY, "s2.attacker.test", attacker, ROW): 2})  # room again
+        assert "s2.attacker.test" in {g.domain for g in await s.groups(YESTERDAY)}
+        for g in await s.groups(YESTERDAY):
+            await s.delete_group(g)
+        await s.clear_dropped(YESTERDAY)
+        assert await s.intervals() == [] and await s.dropped(YESTERDAY) == 0
+        assert await s.r.keys("share:dmarc:*") == []  # nothing left behind
+        await s.outbox_put(Outgoing("r2", "b@x.test", "own.test", b"two\r\n", 0))
+        await s.outbox_put(Outgoing("r1", "a@x.test", "own.test", b"one", 1))
+        assert await s.outbox_keys() == [("r1", "a@x.test"), ("r2", "b@x.test")]
+        assert await s.outbox_get("r2", "b@x.test") == Outgoing(
+            "r2", "b@x.test", "own.test", b"two\r\n", 0
+        )
+        assert await s.outbox_get("r3", "b@x.test") is None
+        await s.close()
 
     asyncio.run(go())

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 from email.message import EmailMessage
+
+import pytest
 
 from gateway.dmarcreports.message import Envelope, compose, filename, stuffed, subject
 
@@ -39,3 +42,19 @@ def test_a_multipart_message_with_a_text_part_and_the_gzip_attachment() -> None:
 def test_stuffing_for_data() -> None:
     assert stuffed(b".a\r\nb\r\n.c") == b"..a\r\nb\r\n..c\r\n"
     assert stuffed(b"x\r\n") == b"x\r\n"
+
+
+@pytest.mark.parametrize(
+    "domain",
+    ["x/y.attacker.test", "x\x01y.attacker.test", "x\r\nBcc: v@victim.test", "=?utf-8?b?SGk=?="],
+)
+def test_a_name_that_is_no_host_name_never_reaches_a_header_or_the_file_name(domain: str) -> None:
+    """Recording already refuses such a policy domain (record.hostname); a row kept
+    before it did, or any other way in, still makes no header of it."""
+    env = dataclasses.replace(ENV, domain=domain)
+    for make in (lambda: subject(env), lambda: filename(env), lambda: compose(env, "O", b"", 0)):
+        with pytest.raises(ValueError, match="not a host name"):
+            make()
+    bad_id = dataclasses.replace(ENV, report_id="../x")
+    with pytest.raises(ValueError, match="letters and digits"):
+        filename(bad_id)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from gateway import metrics
 from gateway.address import NULL
+from gateway.context import Context
 from gateway.dmarcreports.record import (
     Key,
+    Lost,
     Recorder,
+    Unreportable,
     disposition_of,
     dump,
+    hostname,
     interval_start,
     key_of,
     policy_of,
@@ -105,12 +110,14 @@ class ListStore:
 
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[dict[Key, int]] = []
+        self.lost: list[Lost] = []
         self.fail = fail
 
-    async def add(self, batch: dict[Key, int]) -> None:
+    async def add(self, batch: dict[Key, int], lost: Lost | None = None) -> None:
         if self.fail:
             raise OSError("disk full")
         self.batches.append(batch)
+        self.lost.append(lost or {})
 
     # The rest of the interface: never called by the recorder.
     async def intervals(self) -> list[int]: ...  # type: ignore[empty-body]
@@ -162,3 +169,91 @@ def test_a_failing_store_loses_the_batch_counted_and_never_grows_the_buffer() ->
     asyncio.run(rec.flush())
     assert rec.pending == {}
     assert _counter(metrics.DMARC_EVALUATIONS_DROPPED, "store_error") - before == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("own.test", True),
+        ("xn--bcher-kva.example", True),  # an A-label
+        ("a-b.9x.test", True),
+        ("x/y.attacker.test", False),
+        ("x\x01y.attacker.test", False),
+        ("x\x7fy.attacker.test", False),
+        ("=?utf-8?b?SGk=?=.attacker.test", False),
+        ("x&y'z.attacker.test", False),
+        ("-x.test", False),
+        ("x-.test", False),
+        ("a..test", False),
+        ("b\u00fccher.example", False),  # a U-label: DMARC works on A-labels
+        ("a" * 64 + ".test", False),
+        (".".join(["a" * 63] * 4), False),  # 255 octets
+        ("", False),
+    ],
+)
+def test_host_names_are_letters_digits_and_hyphens_in_bounded_labels(name: str, ok: bool) -> None:
+    assert hostname(name) is ok
+
+
+def domains(ctx: Context, policy: str, from_domain: str | None = None) -> Context:
+    """`ctx` with its DMARC outcome's policy domain (and From domain) replaced."""
+    out = ctx.facts.dmarc
+    assert out is not None and out.published is not None
+    ctx.facts.dmarc = dataclasses.replace(
+        out,
+        published=dataclasses.replace(out.published, domain=policy),
+        from_domain=from_domain or policy,
+    )
+    return ctx
+
+
+def test_a_domain_that_is_no_host_name_is_not_recorded_and_is_counted() -> None:
+    rec = Recorder(ListStore(), DAY, 100, 1.0, clock=lambda: NOW)  # type: ignore[arg-type]
+    before = _counter(metrics.DMARC_EVALUATIONS_DROPPED, "bad_domain")
+    policy_domain = domains(context(), "x/y.attacker.test")
+    from_domain = domains(context(), "own.test", "x\x01y.own.test")
+    for ctx in (policy_domain, from_domain):
+        with pytest.raises(Unreportable):
+            key_of(ctx, Action.ACCEPT, "delivered", NOW, DAY)
+        rec.note(ctx, Action.ACCEPT, "delivered")
+    assert rec.pending == {}
+    assert _counter(metrics.DMARC_EVALUATIONS_DROPPED, "bad_domain") - before == 2
+    rec.note(context(), Action.ACCEPT, "delivered")  # a host name is recorded
+    assert len(rec.pending) == 1
+
+
+def test_a_zone_index_is_left_off_the_source() -> None:
+    """It names an interface of this host, not the sender: fe80::1 from eth0 and
+    from eth1 is one sender, one row (feedback.py leaves out what is no address)."""
+    ctx = context()
+    ctx.client_ip = "fe80::1%eth0"
+    key = key_of(ctx, Action.ACCEPT, "delivered", NOW, DAY)
+    assert key is not None and key.row.source_ip == "fe80::1"
+
+
+def test_the_buffer_gives_each_organisation_a_share_and_keeps_what_it_lost_by_domain() -> None:
+    """One sender's unique rows (its subdomains with theirs) fill its own share of
+    the buffer; another domain's rows still go in; what was lost goes to the store
+    by policy domain, for that domain's report."""
+    store = ListStore()
+    rec = Recorder(store, DAY, 10, 1.0, clock=lambda: NOW, per_domain=3)  # type: ignore[arg-type]
+    before = _counter(metrics.DMARC_EVALUATIONS_DROPPED, "domain_full")
+    for i in range(8):
+        ctx = context()
+        ctx.client_ip = f"192.0.2.{i}"
+        domains(ctx, f"s{i % 2}.attacker.test")  # two policy domains, one organisation
+        rec.note(ctx, Action.ACCEPT, "delivered")
+    for _ in range(4):
+        rec.note(context(), Action.ACCEPT, "delivered")  # own.test: one row, four times
+    assert sorted(k.domain for k in rec.pending) == [
+        "own.test",
+        "s0.attacker.test",
+        "s0.attacker.test",
+        "s1.attacker.test",
+    ]
+    assert _counter(metrics.DMARC_EVALUATIONS_DROPPED, "domain_full") - before == 5
+    interval = interval_start(NOW, DAY)
+    assert rec.lost == {(interval, "s0.attacker.test"): 2, (interval, "s1.attacker.test"): 3}
+    asyncio.run(rec.flush())
+    assert store.lost == [{(interval, "s0.attacker.test"): 2, (interval, "s1.attacker.test"): 3}]
+    assert rec.lost == {} and rec.held == {}

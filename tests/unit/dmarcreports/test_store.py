@@ -100,3 +100,69 @@ def test_the_outbox_keeps_messages_until_deleted(tmp_path: Path) -> None:
     run(s.outbox_delete("r1", "a@x.test"))
     assert [o.rcpt for o in run(s.outbox())] == ["b@x.test"]
     run(s.close())
+
+
+def _dropped(reason: str) -> float:
+    metrics.flush()
+    return float(metrics.DMARC_EVALUATIONS_DROPPED.labels(reason)._value.get())
+
+
+ATTACKER = Policy("none", "none", "r", "r", 100, "0", "mailto:r@attacker.test")
+
+
+def test_one_domains_unique_rows_fill_its_share_and_every_other_domain_still_counts(
+    tmp_path: Path,
+) -> None:
+    """The reviewer's crowd-out: 200 unique rows of one sender used to fill max_rows
+    and every other domain's mail was then dropped. Its share is full first: what
+    is lost is its own, counted for it."""
+    s = SqliteStore(tmp_path / "dmarc.sqlite", 200, Clock(), max_rows_per_domain=50)
+    before = (_dropped("domain_full"), _dropped("store_full"))
+    run(s.add({Key(T, "attacker.test", ATTACKER, row(f"2001:db8::{i:x}")): 1 for i in range(200)}))
+    run(s.add({Key(T, "own.test", POLICY, row()): 1000}))
+    assert [(g.domain, g.messages, g.rows) for g in run(s.groups(T))] == [
+        ("own.test", 1000, 1),
+        ("attacker.test", 50, 50),
+    ]
+    assert run(s.dropped(T, "attacker.test")) == 150
+    assert run(s.dropped(T, "own.test")) == 0
+    assert run(s.dropped(T)) == 150
+    assert (_dropped("domain_full") - before[0], _dropped("store_full") - before[1]) == (150, 0)
+
+
+def test_subdomains_share_their_organisations_share_and_a_deleted_group_frees_it(
+    tmp_path: Path,
+) -> None:
+    """A wildcard record makes any number of policy domains under one registered
+    domain: they take one share between them."""
+    s = SqliteStore(tmp_path / "dmarc.sqlite", 1000, Clock(), max_rows_per_domain=4)
+    run(s.add({Key(T, f"s{i}.attacker.test", ATTACKER, row(f"192.0.2.{i}")): 1 for i in range(10)}))
+    groups = run(s.groups(T))
+    assert len(groups) == 4
+    assert run(s.dropped(T)) == 6
+    run(s.delete_group(groups[0]))
+    run(s.add({Key(T, "s9.attacker.test", ATTACKER, row("192.0.2.9")): 1}))  # room again
+    assert "s9.attacker.test" in {g.domain for g in run(s.groups(T))}
+
+
+def test_what_the_buffer_lost_is_kept_by_domain_until_the_interval_is_cleared(
+    tmp_path: Path,
+) -> None:
+    s = store(tmp_path)
+    run(s.add({}, {(T, "own.test"): 3, (T, "b.test"): 1}))
+    run(s.add({Key(T, "own.test", POLICY, row()): 1}, {(T, "own.test"): 2}))
+    assert run(s.intervals()) == [T]
+    assert (run(s.dropped(T, "own.test")), run(s.dropped(T, "b.test"))) == (5, 1)
+    [g] = run(s.groups(T))
+    run(s.delete_group(g))
+    run(s.clear_dropped(T))
+    assert run(s.intervals()) == [] and run(s.dropped(T)) == 0
+
+
+def test_the_outbox_is_read_one_message_at_a_time(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    run(s.outbox_put(Outgoing("r2", "b@x.test", "own.test", b"two", 0)))
+    run(s.outbox_put(Outgoing("r1", "a@x.test", "own.test", b"one", 1)))
+    assert run(s.outbox_keys()) == [("r1", "a@x.test"), ("r2", "b@x.test")]
+    assert run(s.outbox_get("r2", "b@x.test")) == Outgoing("r2", "b@x.test", "own.test", b"two", 0)
+    assert run(s.outbox_get("r3", "b@x.test")) is None
