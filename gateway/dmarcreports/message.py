@@ -79,12 +79,3 @@ def compose(env: Envelope, org_name: str, gz: bytes, now: float) -> bytes:
     )
     msg.add_attachment(gz, maintype="application", subtype="gzip", filename=filename(env))
     return msg.as_bytes()
-
-
-def stuffed(message: bytes) -> bytes:
-    """Dot-stuffed for DATA (RFC 5321 4.5.2), ending in CRLF; the client adds the
-    final dot."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    out = message.replace(b"\r\n.", b"\r\n..")
-    return b"." + out if out.startswith(b".") else out

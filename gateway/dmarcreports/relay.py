@@ -16,8 +16,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway import config
-from gateway.dmarcreports.message import stuffed
+from gateway.forward.backend import client_tls_context
 from gateway.forward.client import BackendError, SmtpClient, SmtpReply
+from gateway.wire import stuff
 
 
 class SendFailed(Exception):
@@ -46,21 +47,25 @@ def relay_of(settings: config.Settings) -> Relay:
     """The relay the configuration names: dmarc_reports.relay.url, else the first
     smtp:// backend with the backend's TLS settings. Reads the password file."""
     rc = settings.dmarc_reports.relay
+    ctx: ssl.SSLContext | None = None
     if rc.url is not None:
         url, tls, ca = rc.url, rc.tls, rc.ca_file
         timeout = rc.timeout
+        if tls is not config.BackendTls.NONE:
+            ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if tls is config.BackendTls.OPPORTUNISTIC and ca is None:
+                # As the backend hop: encryption against listeners, not authentication.
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
     else:
+        # The backend hop exactly as the gateway's own mail takes it (its client
+        # certificate and TLS minimum included): one context builder for it.
         url = next(u for u in settings.backend.url if u.startswith("smtp:"))
-        tls, ca = settings.backend.tls, settings.backend.ca_file
+        tls = settings.backend.tls
         timeout = settings.backend.command_timeout
+        ctx = client_tls_context(settings.backend)
     parts = urlsplit(url)
-    ctx = None
-    if tls is not config.BackendTls.NONE:
-        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if tls is config.BackendTls.OPPORTUNISTIC and ca is None:
-            # As the backend hop: encryption against listeners, not authentication.
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
     password = None
     if rc.password_file is not None and rc.url is not None:
         password = Path(rc.password_file).read_text().strip()
@@ -111,7 +116,7 @@ async def send(relay: Relay, sender: str, rcpt: str, message: bytes) -> str:
         reply, _ = await client.mail(sender, [])
         _check(reply, "MAIL")
         _check(await client.rcpt(rcpt, []), "RCPT")
-        [final] = await client.data(stuffed(message))
+        [final] = await client.data(stuff(message))
         _check(final, "the message")
         await client.quit()
         return str(final)

@@ -147,3 +147,10 @@ def test_a_large_message_is_judged_for_bare_cr_lf_like_a_small_one() -> None:
             assert has_bare_cr_lf(big[:i] + bad + big[i + 1 :]), (i, bad)
     assert has_bare_cr_lf(big[:cut] + b"z" + big[cut + 1 :])  # the CR alone at the cut
     assert has_bare_cr_lf(big[: cut - 1] + b"z" + big[cut:])  # the LF alone after it
+
+
+def test_stuffing_for_data() -> None:
+    """What a mail we write ourselves (a DMARC report) goes out as: stuffed, ending
+    in CRLF."""
+    assert stuff(b".a\r\nb\r\n.c") == b"..a\r\nb\r\n..c\r\n"
+    assert stuff(b"x\r\n") == b"x\r\n"

@@ -1,4 +1,4 @@
-"""The mail that carries a report: subject, file name, parts; stuffed for DATA."""
+"""The mail that carries a report: subject, file name, parts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from gateway.dmarcreports.message import Envelope, compose, filename, stuffed, subject
+from gateway.dmarcreports.message import Envelope, compose, filename, subject
 
 ENV = Envelope(
     "dmarc-reports@gw.example", "agg@own.test", "own.test", "0f1e2d", 1700006400, 1700092799
@@ -37,11 +37,6 @@ def test_a_multipart_message_with_a_text_part_and_the_gzip_attachment() -> None:
     assert part.get_content_type() == "application/gzip"
     assert part.get_filename() == filename(ENV)
     assert part.get_payload(decode=True) == gz
-
-
-def test_stuffing_for_data() -> None:
-    assert stuffed(b".a\r\nb\r\n.c") == b"..a\r\nb\r\n..c\r\n"
-    assert stuffed(b"x\r\n") == b"x\r\n"
 
 
 @pytest.mark.parametrize(
