@@ -228,11 +228,15 @@ def _deciding_reply(said: list[dict[str, Any]], refused_at: str | None) -> list[
     if refused_at is not None:
         start = _STAGE_COMMAND.get(refused_at.split(" ")[0])
         for s in spoken:
-            if start and s["command"].startswith(start) and s["reply"][0][:1] in ("4", "5"):
-                return list(s["reply"])
+            reply = s["reply"]
+            if start and s["command"].startswith(start) and reply and reply[0][:1] in ("4", "5"):
+                return list(reply)
     refusals = [s["reply"] for s in spoken if s["reply"] and s["reply"][0][:1] in ("4", "5")]
-    last = spoken[-1]["reply"]
-    return list(last if last[0][:1] == "2" or not refusals else refusals[0])
+    # A command the session answered by closing has an empty reply: the one before
+    # it decided.
+    answered = [s["reply"] for s in spoken if s["reply"]]
+    last = answered[-1] if answered else []
+    return list(last if (last and last[0][:1] == "2") or not refusals else refusals[0])
 
 
 def run(args: Any) -> int:

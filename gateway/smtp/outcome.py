@@ -41,7 +41,8 @@ def record(
     """Count and log transaction `number` of the session; returns its outcome."""
     outcome = "aborted" if aborted else outcome_of(action)
     metrics.child(metrics.TRANSACTIONS, outcome, reason or "none").inc()
-    took = time.monotonic() - t.started
+    # A transaction that never got to MAIL (a refused MAIL) took no time of its own.
+    took = time.monotonic() - t.started if t.started else 0.0
     if t.started:
         seconds = _SECONDS.get(outcome)
         if seconds is None:

@@ -105,3 +105,17 @@ def test_the_deciding_reply_is_the_refusing_stages_else_the_last() -> None:
     assert _deciding_reply(said, None) == ["550 5.7.1 no"]  # the first refusal, not DATA's
     said[3]["reply"] = ["250 queued"]
     assert _deciding_reply(said, None) == ["250 queued"]
+
+
+def test_a_command_answered_by_closing_leaves_the_reply_before_it_deciding() -> None:
+    """The session closed instead of answering (an empty reply): no IndexError, and
+    the reply before it decided."""
+    said = [
+        {"command": "(connect)", "reply": ["220 hi"]},
+        {"command": "MAIL FROM:<a@s.test>", "reply": ["451 4.7.1 later"]},
+        {"command": "RCPT TO:<b@x.test>", "reply": []},
+    ]
+    assert _deciding_reply(said, "mail") == ["451 4.7.1 later"]
+    assert _deciding_reply(said, "rcpt") == ["451 4.7.1 later"]
+    assert _deciding_reply(said, None) == ["451 4.7.1 later"]
+    assert _deciding_reply([{"command": "(connect)", "reply": []}], None) == []

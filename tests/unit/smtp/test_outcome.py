@@ -116,6 +116,14 @@ def test_an_aborted_transaction_is_aborted_whatever_the_action(logged: io.String
     )
 
 
+def test_a_transaction_that_never_started_took_no_time(logged: io.StringIO) -> None:
+    """A MAIL refused before its transaction began logs 0 ms, not the process's
+    monotonic clock."""
+    ctx = Context("s1", "192.0.2.7", 1, "mx")
+    record("s1", 1, ctx, Transaction(), Action.TEMPFAIL, "ratelimit.exceeded")
+    assert last_line(logged)["duration_ms"] == 0.0
+
+
 def test_the_line_names_what_rewriting_and_the_backend_changed(logged: io.StringIO) -> None:
     ctx = Context("s1", "192.0.2.7", 1, "mx", helo="client.test")
     ctx.mail_from = parse_path("<joe@orig.test>")
