@@ -38,6 +38,7 @@ from gateway.checks.scanner import (
     Scanner,
     ScannerOptions,
     ScannerProtocolError,
+    ScannerRefused,
     ScannerUnavailable,
     ScanResult,
     scanner_symbols,
@@ -190,5 +191,5 @@ class ClamavCheck(Scanner):
                 " clamd's StreamMaxLength above checks.clamav.max_size",
                 len(message),
             )
-            raise ScannerUnavailable(f"clamd: {reply.text} (StreamMaxLength)")
-        raise ScannerUnavailable(f"clamd: {reply.text}")
+            raise ScannerRefused(f"clamd: {reply.text} (StreamMaxLength)")
+        raise ScannerRefused(f"clamd: {reply.text}")

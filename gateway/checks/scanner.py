@@ -150,6 +150,12 @@ class ScannerUnavailable(Exception):
     """The scanner could not be reached or dropped the conversation."""
 
 
+class ScannerRefused(ScannerUnavailable):
+    """The scanner answered that it will not scan this message (clamd's ERROR
+    replies): unavailable all the same, but never tried again on a new connection,
+    which would only send the message a second time to hear the same answer."""
+
+
 class ScannerProtocolError(Exception):
     """The scanner answered something we do not understand (the connection is
     then out of step and discarded)."""
@@ -423,7 +429,7 @@ class Scanner:
                 raise ScannerProtocolError(f"answer not understood: {_describe(e)}"[:200]) from None
             except (ConnectionError, asyncio.IncompleteReadError, ScannerUnavailable) as e:
                 conn.close()
-                if reused:
+                if reused and not isinstance(e, ScannerRefused):
                     # Closed while kept (the scanner's idle timeout, a restart); the
                     # others kept as long are likely closed too: start afresh.
                     pool.drop_idle()

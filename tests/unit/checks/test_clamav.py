@@ -293,3 +293,18 @@ def test_the_virus_reply_names_no_signature() -> None:
     assert "virus" in r.text.lower() and "{" not in r.text
     tf: Callable[[str], replies.Reply] = lambda s: replies.for_action(Action.TEMPFAIL, s)  # noqa: E731
     assert tf("clamav.unavailable").code == 451 and tf("clamav.timeout").code == 451
+
+
+def test_an_error_answer_on_a_kept_connection_is_not_sent_again() -> None:
+    """clamd answered that it will not scan (an ERROR reply): the message is not sent
+    a second time over a new connection to hear the same answer, and the other kept
+    connections are not dropped as if clamd had restarted."""
+    fake = FakeClamd()
+    check = clamav(fake)
+    assert [r for r, _ in scans(check, [b"one\r\n", b"two\r\n"])] == [(), ()]
+    fake.override = b"Can't allocate memory ERROR"
+    [(third, c)] = scans(check, [b"three\r\n"])
+    assert third == ("clamav.unavailable",)
+    assert "Can't allocate memory" in c.facts.scans[0].detail
+    assert len(fake.streams) == 3  # two messages before, this one once
+    assert isinstance(check.pool, FakePool) and len(check.pool.peers) == 1
